@@ -1,0 +1,172 @@
+"""Command line: node_exporter-style flags, each also settable from a GPU_EXPORTER_* variable."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+
+from exporter import __version__
+from exporter.collector import SnapshotCollector
+from exporter.sampler import Sampler
+from exporter.server import ListenAddressError, make_server, parse_listen_address
+from exporter.sources.nvml import NvmlSource
+from exporter.sources.procfs import ProcfsSource
+
+log = logging.getLogger("exporter")
+
+MIN_INTERVAL_S = 0.010
+ENV_PREFIX = "GPU_EXPORTER_"
+
+
+def env_name(flag: str) -> str:
+    """--sample.interval -> GPU_EXPORTER_SAMPLE_INTERVAL"""
+    return ENV_PREFIX + re.sub(r"[.-]", "_", flag.lstrip("-")).upper()
+
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'200ms', '0.2s', '1m' or plain seconds '0.2' -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"invalid duration {text!r}: want e.g. 200ms, 0.5s, 1m")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
+
+
+@dataclass(frozen=True)
+class Config:
+    listen_address: str
+    telemetry_path: str
+    sample_interval: float
+    procfs: str
+    fake_gpus: int
+    log_level: str
+    max_requests: int
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _build_parser() -> _Parser:
+    p = _Parser(
+        prog="gpu-telemetry-exporter",
+        description="Prometheus exporter sampling NVIDIA GPUs (NVML) and host CPU (procfs) several times a second. "
+        f"Every flag can also be set from the environment variable named in brackets ({ENV_PREFIX}...).",
+    )
+
+    def flag(name: str, default: Any, help_text: str, **kw: Any) -> None:
+        env = env_name(name)
+        p.add_argument(name, default=os.environ.get(env, default), help=f"{help_text} [{env}] (default: {default})",
+                       **kw)
+
+    flag("--web.listen-address", ":9445", "address to listen on, [host]:port")
+    flag("--web.telemetry-path", "/metrics", "path under which to expose metrics")
+    flag("--web.max-requests", "40", "maximum concurrent scrape requests; 503 beyond it; 0 = no limit")
+    flag("--sample.interval", "200ms", "sampling interval (>= 10ms)")
+    flag("--path.procfs", "/proc", "procfs mount point (the host's /proc when run in a container)")
+    flag("--fake-gpus", "0", "serve N simulated GPUs instead of real NVML (demos, tests)")
+    flag("--log.level", "info", "log level: debug, info, warn, error")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    parser = _build_parser()
+    a = vars(parser.parse_args(argv))
+    try:
+        interval = parse_duration(a["sample.interval"])
+        if interval < MIN_INTERVAL_S:
+            raise ValueError(f"--sample.interval {a['sample.interval']!r} is below the 10ms minimum")
+        parse_listen_address(a["web.listen_address"])
+        path = a["web.telemetry_path"]
+        if not path.startswith("/") or path in ("/", "/healthz"):
+            raise ValueError(f"--web.telemetry-path {path!r} must start with / and not be / or /healthz")
+        fake = _non_negative_int("--fake-gpus", a["fake_gpus"])
+        max_requests = _non_negative_int("--web.max-requests", a["web.max_requests"])
+        level = str(a["log.level"]).lower()
+        if level not in ("debug", "info", "warn", "warning", "error"):
+            raise ValueError(f"--log.level {level!r}: want debug, info, warn or error")
+        procfs = a["path.procfs"]
+        stat = Path(procfs) / "stat"
+        try:
+            with open(stat, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            raise ValueError(f"--path.procfs {procfs!r}: cannot read {stat}: {exc.strerror or exc}") from None
+    except (ValueError, ListenAddressError) as exc:
+        parser.error(str(exc))
+    return Config(a["web.listen_address"], path, interval, procfs, fake, level, max_requests)
+
+
+def _non_negative_int(flag: str, value: Any) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{flag} {value!r} is not an integer") from None
+    if n < 0:
+        raise ValueError(f"{flag} {value!r} must not be negative")
+    return n
+
+
+def _nvml_module(cfg: Config) -> tuple[Any, str]:
+    if cfg.fake_gpus:
+        from exporter.fake_nvml import FakeNvml
+
+        return FakeNvml(cfg.fake_gpus), "fake"
+    try:
+        import pynvml
+    except ImportError:
+        return None, "absent"
+    return pynvml, "real"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    logging.basicConfig(
+        level={"warn": "WARNING"}.get(cfg.log_level, cfg.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    nvml, mode = _nvml_module(cfg)
+    sampler = Sampler(NvmlSource(nvml, mode), ProcfsSource(cfg.procfs), interval=cfg.sample_interval)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: sampler.snapshot))
+    ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost
+    try:
+        server = make_server(cfg.listen_address, registry, sampler.health, cfg.telemetry_path, cfg.max_requests)
+    except OSError as exc:
+        print(f"gpu-telemetry-exporter: error: cannot listen on {cfg.listen_address}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    sampler.start()
+    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="http",
+                               daemon=True)
+    serving.start()
+    host, port = server.server_address[:2]
+    shown = f"[{host}]" if ":" in host else host
+    log.info("gpu-telemetry-exporter %s listening on http://%s:%d%s (sampling every %gs, NVML: %s)",
+             __version__, shown, port, cfg.telemetry_path, cfg.sample_interval, mode)
+    stop.wait()
+    log.info("shutting down")
+    server.shutdown()
+    server.server_close()
+    sampler.stop()
+    return 0

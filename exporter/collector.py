@@ -1,0 +1,226 @@
+"""Turns the latest Snapshot into Prometheus metric families. Never touches NVML or procfs.
+
+Series of a GPU that vanished simply stop being yielded; nothing is kept in global gauges.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from exporter import __version__
+from exporter.histogram import HistogramSnapshot
+from exporter.snapshot import CLOCK_EVENT_REASONS, PCIE_DIRECTIONS, GpuReading, GpuState, Snapshot
+
+GPU_LABELS = ["gpu", "uuid"]
+
+# Plain per-GPU values: (metric name, kind, help, GpuReading attribute).
+_GPU_VALUES: tuple[tuple[str, str, str, str], ...] = (
+    ("gpu_utilization_ratio", "gauge",
+     "Share of the last driver sample period in which a kernel ran (nvmlDeviceGetUtilizationRates .gpu).",
+     "utilization"),
+    ("gpu_memory_bandwidth_utilization_ratio", "gauge",
+     "Share of the last sample period the memory controller was busy (nvmlDeviceGetUtilizationRates .memory).",
+     "memory_bandwidth_utilization"),
+    ("gpu_memory_used_bytes", "gauge", "Framebuffer memory allocated (nvmlDeviceGetMemoryInfo v2 used).",
+     "memory_used_bytes"),
+    ("gpu_memory_total_bytes", "gauge", "Framebuffer memory installed (nvmlDeviceGetMemoryInfo total).",
+     "memory_total_bytes"),
+    ("gpu_pcie_replay_errors", "counter", "PCIe replays since driver load (nvmlDeviceGetPcieReplayCounter).",
+     "pcie_replay_errors"),
+    ("gpu_temperature_celsius", "gauge", "GPU die temperature (nvmlDeviceGetTemperature).",
+     "temperature_celsius"),
+    ("gpu_power_watts", "gauge", "Board power draw (nvmlDeviceGetPowerUsage).", "power_watts"),
+    ("gpu_power_limit_watts", "gauge", "Enforced power limit (nvmlDeviceGetEnforcedPowerLimit).",
+     "power_limit_watts"),
+    ("gpu_energy_joules", "counter",
+     "Energy consumed since driver load (nvmlDeviceGetTotalEnergyConsumption).", "energy_joules"),
+)
+
+
+def _labels(g: GpuState) -> list[str]:
+    return [str(g.identity.index), g.identity.uuid]
+
+
+def _family(kind: str, name: str, doc: str, labels: list[str]) -> Metric:
+    if kind == "counter":
+        return CounterMetricFamily(name, doc, labels=labels)
+    return GaugeMetricFamily(name, doc, labels=labels)
+
+
+def _buckets(h: HistogramSnapshot) -> list[tuple[str, float]]:
+    return [(repr(b), c) for b, c in zip(h.bounds, h.cumulative)] + [("+Inf", h.cumulative[-1])]
+
+
+class SnapshotCollector(Collector):
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> list[Metric]:
+        return []  # registration must not trigger a collect
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        yield from self._exporter_families(snap)
+        yield from self._gpu_families(snap)
+        yield from self._host_families(snap)
+
+    # ---- the exporter itself -----------------------------------------------------------------------
+    def _exporter_families(self, snap: Snapshot) -> Iterator[Metric]:
+        info = GaugeMetricFamily("exporter_build_info", "Exporter version and NVML backend (real, fake, absent).",
+                                 labels=["version", "nvml"])
+        info.add_metric([__version__, snap.nvml.mode], 1)
+        yield info
+        yield GaugeMetricFamily("exporter_nvml_up", "1 when NVML is initialised.", value=int(snap.nvml.up))
+        yield GaugeMetricFamily("exporter_sample_interval_seconds", "Configured sampling interval.",
+                                value=snap.interval)
+        stats = snap.stats
+        if stats is None:
+            return
+        yield CounterMetricFamily("exporter_samples", "Sampler ticks completed.", value=stats.ticks)
+        yield CounterMetricFamily("exporter_sample_overruns",
+                                  "Scheduled ticks skipped because a tick ran past the next one.",
+                                  value=stats.overruns)
+        errors = CounterMetricFamily("exporter_errors", "Failed source reads, by source and call.",
+                                     labels=["source", "call"])
+        for (source, call), n in stats.errors:
+            errors.add_metric([source, call], n)
+        yield errors
+        dur = HistogramMetricFamily("exporter_sample_duration_seconds",
+                                    "Wall time of each tick's reads, by source (all = whole tick).",
+                                    labels=["source"])
+        for source, h in stats.durations:
+            dur.add_metric([source], _buckets(h), h.sum)
+        yield dur
+        late = HistogramMetricFamily("exporter_sample_lateness_seconds",
+                                     "How late each tick started against its schedule.")
+        late.add_metric([], _buckets(stats.lateness), stats.lateness.sum)
+        yield late
+
+    # ---- GPUs --------------------------------------------------------------------------------------
+    def _gpu_families(self, snap: Snapshot) -> Iterator[Metric]:
+        gpus = snap.gpus
+        info = GaugeMetricFamily("gpu_info", "GPU identity; always 1.",
+                                 labels=GPU_LABELS + ["name", "pci_bus_id", "driver_version"])
+        up = GaugeMetricFamily("gpu_up", "1 when the GPU's last sample succeeded; 0 when lost, failing or stuck.",
+                               labels=GPU_LABELS)
+        for g in gpus:
+            info.add_metric(_labels(g) + [g.identity.name, g.identity.pci_bus_id, snap.nvml.driver_version or ""], 1)
+            up.add_metric(_labels(g), int(g.up))
+        yield info
+        yield up
+
+        # Values are only exported from a fresh, successful read: a lost or stuck GPU's old values would lie.
+        live = [(g, g.reading) for g in gpus if g.up and g.reading is not None]
+        for name, kind, doc, attr in _GPU_VALUES:
+            fam = _family(kind, name, doc, GPU_LABELS)
+            for g, r in live:
+                value = getattr(r, attr)
+                if value is not None:
+                    fam.add_metric(_labels(g), value)
+            yield fam
+
+        yield from self._pcie_families(live)
+        yield from self._clock_families(gpus, live)
+
+        util = HistogramMetricFamily(
+            "gpu_sampled_utilization_ratio",
+            "Every sampled gpu_utilization_ratio; bucket le=0.4 over count = share of time at or below 40 %.",
+            labels=GPU_LABELS)
+        pcie = HistogramMetricFamily("gpu_sampled_pcie_utilization_ratio",
+                                     "Every sampled gpu_pcie_utilization_ratio, per direction.",
+                                     labels=GPU_LABELS + ["direction"])
+        for g in gpus:
+            util.add_metric(_labels(g), _buckets(g.utilization_hist), g.utilization_hist.sum)
+            if g.identity.pcie_link_max_bytes_per_second:
+                for d, h in g.pcie_utilization_hist:
+                    pcie.add_metric(_labels(g) + [d], _buckets(h), h.sum)
+        yield util
+        yield pcie
+
+    def _pcie_families(self, live: list[tuple[GpuState, GpuReading]]) -> Iterator[Metric]:
+        labels = GPU_LABELS + ["direction"]
+        throughput = GaugeMetricFamily(
+            "gpu_pcie_throughput_bytes_per_second",
+            "PCIe payload bytes/s between the last two samples (NVML_FI_DEV_PCIE_COUNT_*_BYTES deltas).",
+            labels=labels)
+        link = GaugeMetricFamily(
+            "gpu_pcie_link_max_bytes_per_second",
+            "Usable bytes/s per direction at the maximum link generation x width.", labels=labels)
+        ratio = GaugeMetricFamily("gpu_pcie_utilization_ratio",
+                                  "gpu_pcie_throughput_bytes_per_second / gpu_pcie_link_max_bytes_per_second.",
+                                  labels=labels)
+        for g, r in live:
+            link_max = g.identity.pcie_link_max_bytes_per_second
+            for d in PCIE_DIRECTIONS:
+                if link_max:
+                    link.add_metric(_labels(g) + [d], link_max)
+                bps = r.pcie_bytes_per_second(d)
+                if bps is None:
+                    continue
+                throughput.add_metric(_labels(g) + [d], bps)
+                if link_max:
+                    ratio.add_metric(_labels(g) + [d], bps / link_max)
+        yield throughput
+        yield link
+        yield ratio
+
+    def _clock_families(self, gpus: tuple[GpuState, ...],
+                        live: list[tuple[GpuState, GpuReading]]) -> Iterator[Metric]:
+        clock = GaugeMetricFamily("gpu_clock_hertz", "Current clock (nvmlDeviceGetClockInfo).",
+                                  labels=GPU_LABELS + ["clock"])
+        active = GaugeMetricFamily("gpu_clock_event_active",
+                                   "1 while the clock event (throttle) reason is active "
+                                   "(nvmlDeviceGetCurrentClocksEventReasons).",
+                                   labels=GPU_LABELS + ["reason"])
+        for g, r in live:
+            if r.sm_clock_hertz is not None:
+                clock.add_metric(_labels(g) + ["sm"], r.sm_clock_hertz)
+            if r.memory_clock_hertz is not None:
+                clock.add_metric(_labels(g) + ["memory"], r.memory_clock_hertz)
+            if r.clock_event_reasons is not None:
+                for bit, name in CLOCK_EVENT_REASONS:
+                    active.add_metric(_labels(g) + [name], int(bool(r.clock_event_reasons & bit)))
+        yield clock
+        yield active
+        seconds = CounterMetricFamily("gpu_clock_event_seconds",
+                                      "Sampled time each clock event reason was active (one interval per tick).",
+                                      labels=GPU_LABELS + ["reason"])
+        for g in gpus:
+            for name, secs in g.clock_event_seconds:
+                seconds.add_metric(_labels(g) + [name], secs)
+        yield seconds
+
+    # ---- host --------------------------------------------------------------------------------------
+    def _host_families(self, snap: Snapshot) -> Iterator[Metric]:
+        host = snap.host
+        if host is None:
+            return
+        if host.cpu_utilization is not None:
+            yield GaugeMetricFamily("host_cpu_utilization_ratio",
+                                    "Busy share of all CPUs over the last interval (/proc/stat deltas).",
+                                    value=host.cpu_utilization)
+        cores = GaugeMetricFamily("host_cpu_core_utilization_ratio",
+                                  "Busy share of one CPU over the last interval (/proc/stat deltas).",
+                                  labels=["cpu"])
+        for cpu, value in host.core_utilization:
+            cores.add_metric([cpu], value)
+        yield cores
+        if host.memory_total_bytes is not None:
+            yield GaugeMetricFamily("host_memory_total_bytes", "MemTotal from /proc/meminfo.",
+                                    value=host.memory_total_bytes)
+        if host.memory_available_bytes is not None:
+            yield GaugeMetricFamily("host_memory_available_bytes", "MemAvailable from /proc/meminfo.",
+                                    value=host.memory_available_bytes)
+        h = snap.host_cpu_hist
+        if h is not None:
+            fam = HistogramMetricFamily("host_sampled_cpu_utilization_ratio",
+                                        "Every sampled host_cpu_utilization_ratio.")
+            fam.add_metric([], _buckets(h), h.sum)
+            yield fam

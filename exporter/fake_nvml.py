@@ -1,0 +1,397 @@
+"""A stand-in for the `pynvml` module (nvidia-ml-py) for demos, tests and benchmarks.
+
+It has the same function names, constants, error classes and result structures as pynvml (the
+constants, `NVMLError_*` classes and ctypes structs are pynvml's own objects), so the real NVML source
+runs on top of it unchanged. Values follow a deterministic TTS-like duty cycle: each period the GPU
+spends `low_fraction` of the time starved (utilisation 8-30 %) and the rest busy (70-98 %). PCIe byte
+counters and the energy counter are exact integrals of that cycle.
+
+Faults are injected per GPU and per call (`inject`, `lose_gpu`): any NVML error code, a delay (the
+blocking 20 ms of nvmlDeviceGetPcieThroughput is on by default), from a given moment, a given number
+of times. Latency is a real sleep, which releases the GIL as a ctypes call into libnvidia-ml does.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pynvml
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FakeGpuSpec:
+    name: str = "NVIDIA H100 80GB HBM3"
+    memory_total_bytes: int = 81559 * MIB  # what an H100 SXM 80GB reports
+    model_memory_bytes: int = 18 * 1024 * MIB  # weights resident while "serving"
+    pcie_generation: int = 5
+    pcie_width: int = 16
+    power_limit_mw: int = 700_000
+    power_low_mw: int = 120_000
+    power_high_mw: int = 520_000
+    duty_period_s: float = 2.0
+    low_fraction: float = 0.3  # share of each period with utilisation below 40 %
+    pcie_rx_low_bps: float = 1.0e9
+    pcie_rx_high_bps: float = 12.0e9
+    pcie_tx_low_bps: float = 0.3e9
+    pcie_tx_high_bps: float = 3.0e9
+    pcie_counters: bool = True  # NVML_FI_DEV_PCIE_COUNT_{TX,RX}_BYTES supported (driver R555+)
+    pcie_counter_start: int = 0  # start near 2**64 to exercise wrap handling
+    replay_counter: int = 0
+
+
+@dataclass
+class _Fault:
+    error: int | None
+    latency_s: float
+    start: float  # fake-clock time from which it applies
+    remaining: int | None  # None: forever
+
+    def apply(self, now: float) -> None:
+        if now < self.start or self.remaining == 0:
+            return
+        if self.remaining is not None:
+            self.remaining -= 1
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        if self.error is not None:
+            raise pynvml.NVMLError(self.error)
+
+
+class FakeHandle:
+    """Opaque device handle, like pynvml's c_nvmlDevice_t pointer."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __repr__(self) -> str:
+        return f"<FakeHandle gpu={self.index}>"
+
+
+def _nvml_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Counts the call, enforces nvmlInit, and applies injected faults, as libnvidia-ml would fail."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(self: FakeNvml, *args: Any, **kwargs: Any) -> Any:
+        gpu = args[0].index if args and isinstance(args[0], FakeHandle) else None
+        self._enter(name, gpu)
+        return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _copy_pynvml_names(target: object) -> None:
+    for attr in dir(pynvml):
+        if attr.startswith(("NVML_", "NVMLError", "nvmlClocks", "nvmlMemory_v")) or attr in (
+            "NVMLLibraryMismatchError",
+        ):
+            setattr(target, attr, getattr(pynvml, attr))
+
+
+class FakeNvml:
+    """Module-like object: pass it wherever the `pynvml` module is expected."""
+
+    def __init__(
+        self,
+        gpu_count: int = 2,
+        *,
+        spec: FakeGpuSpec | None = None,
+        specs: list[FakeGpuSpec] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        pcie_throughput_latency_s: float = 0.020,
+        driver_version: str = "570.124.06",
+        library_present: bool = True,
+    ) -> None:
+        _copy_pynvml_names(self)
+        self.specs = specs if specs is not None else [spec or FakeGpuSpec()] * gpu_count
+        self.gpu_count = len(self.specs)
+        self.clock = clock
+        self.t0 = clock()
+        self.driver_version = driver_version
+        self.library_present = library_present
+        self.calls: Counter[str] = Counter()
+        self._calls_lock = threading.Lock()
+        self._faults: dict[tuple[int | None, str], _Fault] = {}
+        self._init_refcount = 0
+        if pcie_throughput_latency_s:
+            for gpu in range(self.gpu_count):
+                self.inject("nvmlDeviceGetPcieThroughput", gpu=gpu, latency_s=pcie_throughput_latency_s)
+
+    # ---- fault injection -------------------------------------------------------------------------
+    def inject(
+        self,
+        call: str,
+        *,
+        gpu: int | None = None,
+        error: int | None = None,
+        latency_s: float = 0.0,
+        after_s: float = 0.0,
+        times: int | None = None,
+    ) -> None:
+        """Make `call` (or "*": every device call) on `gpu` (None: calls without a device) misbehave."""
+        if call != "*" and not hasattr(pynvml, call):
+            raise ValueError(f"pynvml has no function {call!r}")
+        self._faults[(gpu, call)] = _Fault(error, latency_s, self.clock() + after_s, times)
+
+    def lose_gpu(self, gpu: int, after_s: float = 0.0) -> None:
+        """The GPU falls off the bus: every call on it raises NVMLError_GpuIsLost."""
+        self.inject("*", gpu=gpu, error=pynvml.NVML_ERROR_GPU_IS_LOST, after_s=after_s)
+
+    def clear_faults(self, gpu: int | None = None) -> None:
+        """Remove faults (of one GPU, or all); the default PCIe latency is removed too."""
+        for key in [k for k in self._faults if gpu is None or k[0] == gpu]:
+            del self._faults[key]
+
+    def _enter(self, call: str, gpu: int | None) -> None:
+        with self._calls_lock:
+            self.calls[call] += 1
+        if self._init_refcount == 0 and call not in ("nvmlInit", "nvmlInitWithFlags"):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_UNINITIALIZED)
+        fault = self._faults.get((gpu, call)) or (gpu is not None and self._faults.get((gpu, "*")))
+        if fault:
+            fault.apply(self.clock())
+
+    # ---- the duty cycle --------------------------------------------------------------------------
+    def _phase_offset(self, gpu: int) -> float:
+        return self.specs[gpu].duty_period_s * ((gpu * 0.37) % 1.0)
+
+    def _busy(self, gpu: int, t: float) -> bool:
+        s = self.specs[gpu]
+        u = (t + self._phase_offset(gpu)) % s.duty_period_s
+        return u >= s.low_fraction * s.duty_period_s
+
+    def _busy_seconds(self, gpu: int, t: float) -> float:
+        """Time spent in the busy phase between the fake's start and t (closed form)."""
+        s = self.specs[gpu]
+        low = s.low_fraction * s.duty_period_s
+        high = s.duty_period_s - low
+
+        def h(x: float) -> float:
+            periods, rest = divmod(x, s.duty_period_s)
+            return periods * high + max(0.0, rest - low)
+
+        off = self._phase_offset(gpu)
+        return h(t + off) - h(off)
+
+    def _integral(self, gpu: int, t: float, low_rate: float, high_rate: float) -> float:
+        busy = self._busy_seconds(gpu, t)
+        return low_rate * (t - busy) + high_rate * busy
+
+    def _now(self) -> float:
+        return self.clock() - self.t0
+
+    @staticmethod
+    def _noise(gpu: int, t: float, step: float = 0.1) -> float:
+        """Deterministic pseudo-random value in [0, 1) that changes every `step` seconds."""
+        n = int(t / step) * 2654435761 + gpu * 40503
+        return ((n ^ (n >> 13)) * 1103515245 & 0xFFFF) / 0x10000
+
+    def utilization_at(self, gpu: int, t: float) -> int:
+        """GPU utilisation in percent at fake time t (seconds since start)."""
+        noise = self._noise(gpu, t)
+        return int(70 + 28 * noise) if self._busy(gpu, t) else int(8 + 22 * noise)
+
+    # ---- library ---------------------------------------------------------------------------------
+    @_nvml_call
+    def nvmlInit(self) -> None:
+        if not self.library_present:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+        self._init_refcount += 1
+
+    @_nvml_call
+    def nvmlShutdown(self) -> None:
+        self._init_refcount -= 1
+
+    @_nvml_call
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return self.driver_version
+
+    @_nvml_call
+    def nvmlDeviceGetCount(self) -> int:
+        return self.gpu_count
+
+    @_nvml_call
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeHandle:
+        if not 0 <= index < self.gpu_count:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        # Faults keyed on the device apply to handle lookup too: a lost GPU cannot be re-opened.
+        fault = self._faults.get((index, "*"))
+        if fault:
+            fault.apply(self.clock())
+        return FakeHandle(index)
+
+    # ---- identity --------------------------------------------------------------------------------
+    @_nvml_call
+    def nvmlDeviceGetName(self, handle: FakeHandle) -> str:
+        return self.specs[handle.index].name
+
+    @_nvml_call
+    def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str:
+        i = handle.index
+        return f"GPU-{0xFA4E0000 + i:08x}-0000-4000-8000-{i:012x}"
+
+    @_nvml_call
+    def nvmlDeviceGetPciInfo(self, handle: FakeHandle) -> pynvml.nvmlPciInfo_t:
+        info = pynvml.nvmlPciInfo_t()
+        bus = 0x18 + 0x10 * handle.index
+        info.domain, info.bus, info.device = 0, bus, 0
+        info.pciDeviceId = 0x233010DE
+        info.busId = f"00000000:{bus:02X}:00.0".encode()  # pynvml's struct reads it back as str
+        info.busIdLegacy = f"0000:{bus:02X}:00.0".encode()
+        return info
+
+    # ---- utilisation and memory ------------------------------------------------------------------
+    @_nvml_call
+    def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> pynvml.c_nvmlUtilization_t:
+        t = self._now()
+        util = self.utilization_at(handle.index, t)
+        out = pynvml.c_nvmlUtilization_t()
+        out.gpu, out.memory = util, int(util * 0.55)
+        return out
+
+    def _memory_used(self, gpu: int, t: float) -> int:
+        s = self.specs[gpu]
+        kv_cache = (0.5 + 0.5 * math.sin(t / 7.0 + gpu)) * 6 * 1024 * MIB
+        return int(s.model_memory_bytes + kv_cache)
+
+    @_nvml_call
+    def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle, version: int | None = None) -> Any:
+        s = self.specs[handle.index]
+        used = self._memory_used(handle.index, self._now())
+        reserved = 512 * MIB
+        if version:
+            out = pynvml.c_nvmlMemory_v2_t()
+            out.version = version
+            out.total, out.reserved, out.used = s.memory_total_bytes, reserved, used
+            out.free = s.memory_total_bytes - reserved - used
+        else:
+            out = pynvml.c_nvmlMemory_t()  # v1: "used" includes the driver's reservation
+            out.total, out.used = s.memory_total_bytes, used + reserved
+            out.free = s.memory_total_bytes - used - reserved
+        return out
+
+    # ---- PCIe ------------------------------------------------------------------------------------
+    def _pcie_bytes(self, gpu: int, t: float, direction: str) -> int:
+        s = self.specs[gpu]
+        if direction == "tx":
+            total = self._integral(gpu, t, s.pcie_tx_low_bps, s.pcie_tx_high_bps)
+        else:
+            total = self._integral(gpu, t, s.pcie_rx_low_bps, s.pcie_rx_high_bps)
+        return (s.pcie_counter_start + int(total)) % 2**64
+
+    @_nvml_call
+    def nvmlDeviceGetFieldValues(self, handle: FakeHandle, fieldIds: list[Any]) -> Any:
+        gpu = handle.index
+        s = self.specs[gpu]
+        values = (pynvml.c_nvmlFieldValue_t * len(fieldIds))()
+        now = self.clock()
+        t = now - self.t0
+        for i, field_id in enumerate(fieldIds):
+            values[i].fieldId = field_id
+            values[i].timestamp = int(now * 1e6)
+            counter = {
+                pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES: "tx",
+                pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES: "rx",
+            }.get(field_id)
+            if counter and s.pcie_counters:
+                values[i].nvmlReturn = pynvml.NVML_SUCCESS
+                values[i].valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+                values[i].value.ullVal = self._pcie_bytes(gpu, t, counter)
+            else:
+                values[i].nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+        return values
+
+    @_nvml_call
+    def nvmlDeviceGetPcieThroughput(self, device: FakeHandle, counter: int) -> int:
+        """KB/s over the last 20 ms window (the wait is the injected default latency)."""
+        s = self.specs[device.index]
+        busy = self._busy(device.index, self._now())
+        if counter == pynvml.NVML_PCIE_UTIL_TX_BYTES:
+            bps = s.pcie_tx_high_bps if busy else s.pcie_tx_low_bps
+        else:
+            bps = s.pcie_rx_high_bps if busy else s.pcie_rx_low_bps
+        return int(bps / 1024)
+
+    @_nvml_call
+    def nvmlDeviceGetMaxPcieLinkGeneration(self, handle: FakeHandle) -> int:
+        return self.specs[handle.index].pcie_generation
+
+    @_nvml_call
+    def nvmlDeviceGetMaxPcieLinkWidth(self, handle: FakeHandle) -> int:
+        return self.specs[handle.index].pcie_width
+
+    @_nvml_call
+    def nvmlDeviceGetCurrPcieLinkGeneration(self, handle: FakeHandle) -> int:
+        # The link downtrains when idle, which is why link max comes from the Max* calls.
+        return self.specs[handle.index].pcie_generation if self._busy(handle.index, self._now()) else 1
+
+    @_nvml_call
+    def nvmlDeviceGetCurrPcieLinkWidth(self, handle: FakeHandle) -> int:
+        return self.specs[handle.index].pcie_width
+
+    @_nvml_call
+    def nvmlDeviceGetPcieReplayCounter(self, handle: FakeHandle) -> int:
+        return self.specs[handle.index].replay_counter
+
+    # ---- thermals, power, clocks -----------------------------------------------------------------
+    @_nvml_call
+    def nvmlDeviceGetTemperature(self, handle: FakeHandle, sensor: int) -> int:
+        t = self._now()
+        return int(52 + 8 * math.sin(t / 30.0 + handle.index) + (6 if self._busy(handle.index, t) else 0))
+
+    @_nvml_call
+    def nvmlDeviceGetPowerUsage(self, handle: FakeHandle) -> int:
+        s = self.specs[handle.index]
+        return s.power_high_mw if self._busy(handle.index, self._now()) else s.power_low_mw
+
+    @_nvml_call
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: FakeHandle) -> int:
+        return self.specs[handle.index].power_limit_mw
+
+    @_nvml_call
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: FakeHandle) -> int:
+        s = self.specs[handle.index]
+        # mJ since "driver load": integral of the phase power (mW) over seconds.
+        return 10_000_000 + int(self._integral(handle.index, self._now(), s.power_low_mw, s.power_high_mw))
+
+    @_nvml_call
+    def nvmlDeviceGetClockInfo(self, handle: FakeHandle, type: int) -> int:
+        if type == pynvml.NVML_CLOCK_MEM:
+            return 2619
+        return 1980 if self._busy(handle.index, self._now()) else 1755
+
+    def _clock_event_reasons(self, handle: FakeHandle) -> int:
+        t = self._now()
+        reasons = 0
+        if self.utilization_at(handle.index, t) < 10:
+            reasons |= pynvml.nvmlClocksEventReasonGpuIdle
+        if self._busy(handle.index, t) and self._noise(handle.index, t) > 0.9:
+            reasons |= pynvml.nvmlClocksEventReasonSwPowerCap
+        if handle.index == 1 and t % 30.0 < 1.0:  # a brief thermal event every 30 s on GPU 1
+            reasons |= pynvml.nvmlClocksEventReasonSwThermalSlowdown
+        return reasons
+
+    @_nvml_call
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: FakeHandle) -> int:
+        return self._clock_event_reasons(handle)
+
+    @_nvml_call
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: FakeHandle) -> int:
+        return self._clock_event_reasons(handle)
+
+
+def fake_call_names() -> list[str]:
+    """The pynvml functions the fake implements."""
+    return sorted(n for n, v in vars(FakeNvml).items() if n.startswith("nvml") and callable(v))
+
+
+__all__ = ["FakeGpuSpec", "FakeHandle", "FakeNvml", "fake_call_names"]

@@ -1,0 +1,61 @@
+"""Cumulative histograms fed by the sampler and frozen into each snapshot.
+
+prometheus_client's Histogram is a global, locked, mutable metric; here the sampler thread is the only
+writer, so a plain list of counts is enough, and each tick freezes an immutable copy for the collector.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+# Utilisation buckets: fine below 0.4 and around 0.9 (the RTF checklist's "starved" and "saturated" lines).
+RATIO_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+# Sampler self-timing, in seconds: sub-millisecond reads up to a hung call.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class HistogramSnapshot:
+    """Upper bounds (without +Inf) and the cumulative count at each bound, then the total."""
+
+    bounds: tuple[float, ...]
+    cumulative: tuple[int, ...]  # len(bounds) + 1; the last entry is the +Inf bucket == count
+    sum: float
+
+    @property
+    def count(self) -> int:
+        return self.cumulative[-1]
+
+    def fraction_at_or_below(self, bound: float) -> float | None:
+        """Share of observations <= bound (bound must be one of the bucket bounds)."""
+        if self.count == 0:
+            return None
+        return self.cumulative[self.bounds.index(bound)] / self.count
+
+
+class Histogram:
+    """Single-writer histogram: observe() from the sampler thread, freeze() into a snapshot."""
+
+    __slots__ = ("bounds", "_counts", "_sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        if list(bounds) != sorted(set(bounds)):
+            raise ValueError("bucket bounds must be strictly increasing")
+        self.bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bound's bucket (le = less or equal).
+        self._counts[bisect.bisect_left(self.bounds, value)] += 1
+        self._sum += value
+
+    def freeze(self) -> HistogramSnapshot:
+        cumulative = []
+        running = 0
+        for c in self._counts:
+            running += c
+            cumulative.append(running)
+        return HistogramSnapshot(self.bounds, tuple(cumulative), self._sum)

@@ -1,0 +1,144 @@
+"""HTTP: /metrics (text or OpenMetrics, gzip on request), /healthz and a landing page.
+
+A threaded server with a cap on requests in flight (503 beyond it, as node_exporter's
+--web.max-requests) and a socket read timeout so idle or slow clients cannot hold threads forever.
+"""
+from __future__ import annotations
+
+import gzip
+import html
+import logging
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from exporter import __version__
+
+log = logging.getLogger("exporter.server")
+
+READ_TIMEOUT_S = 10.0
+
+
+class ListenAddressError(ValueError):
+    pass
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """':9445', '127.0.0.1:9445', '[::1]:9445', 'localhost:9445' -> (host, port); '' host = all."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ListenAddressError(f"invalid --web.listen-address {value!r}: want [host]:port, e.g. :9445")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ListenAddressError(f"invalid --web.listen-address {value!r}: port out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ListenAddressError(f"invalid --web.listen-address {value!r}: put IPv6 hosts in brackets")
+    return host, port
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type, family: socket.AddressFamily) -> None:
+        self.address_family = family
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            # "" or "::": accept IPv4 too, like Go's ":9445".
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+def _landing_page(telemetry_path: str) -> bytes:
+    path = html.escape(telemetry_path)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>gpu-telemetry-exporter</title></head>
+<body><h1>gpu-telemetry-exporter {__version__}</h1>
+<p>Samples NVIDIA GPUs (NVML) and the host (procfs) several times a second for Prometheus.</p>
+<ul><li><a href="{path}">{path}</a> &mdash; metrics</li>
+<li><a href="/healthz">/healthz</a> &mdash; sampler health</li></ul>
+</body></html>
+""".encode()
+
+
+def make_server(
+    listen_address: str,
+    registry: CollectorRegistry,
+    health: Callable[[], tuple[bool, str]],
+    telemetry_path: str = "/metrics",
+    max_requests: int = 40,
+) -> ThreadingHTTPServer:
+    """Bind (raises OSError when the port is taken) and return the server, not yet serving."""
+    host, port = parse_listen_address(listen_address)
+    slots = threading.BoundedSemaphore(max_requests) if max_requests > 0 else None
+    landing = _landing_page(telemetry_path)
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = f"gpu-telemetry-exporter/{__version__}"
+        protocol_version = "HTTP/1.1"
+        timeout = READ_TIMEOUT_S
+
+        def log_message(self, fmt: str, *args: object) -> None:
+            log.debug("%s " + fmt, self.address_string(), *args)
+
+        def do_GET(self) -> None:
+            if slots is not None and not slots.acquire(blocking=False):
+                self._send(503, b"too many concurrent requests\n", "text/plain; charset=utf-8")
+                return
+            try:
+                self._route()
+            finally:
+                if slots is not None:
+                    slots.release()
+
+        def do_HEAD(self) -> None:
+            self.do_GET()
+
+        def _route(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == telemetry_path:
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                self._send(200, encoder(registry), content_type)
+            elif path == "/healthz":
+                ok, reason = health()
+                self._send(200 if ok else 503, reason.encode(), "text/plain; charset=utf-8")
+            elif path == "/":
+                self._send(200, landing, "text/html; charset=utf-8")
+            else:
+                self._send(404, b"not found\n", "text/plain; charset=utf-8")
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            gz = "gzip" in self.headers.get("Accept-Encoding", "") and len(body) > 256
+            if gz:
+                body = gzip.compress(body, compresslevel=5)
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            if gz:
+                self.send_header("Content-Encoding", "gzip")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+    if host in ("", "::"):
+        family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET
+        host = "::" if family == socket.AF_INET6 else ""
+    else:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family = infos[0][0]
+        host = infos[0][4][0]
+    try:
+        return _Server((host, port), Handler, family)
+    except OSError:
+        if host == "::":  # no IPv6 in this kernel/container: fall back to IPv4 any
+            return _Server(("", port), Handler, socket.AF_INET)
+        raise

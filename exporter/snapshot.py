@@ -1,0 +1,99 @@
+"""Immutable snapshots: what the sampler publishes each tick and the collector renders on a scrape."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from exporter.histogram import HistogramSnapshot
+from exporter.sources.procfs import HostReading
+
+# Clock event ("throttle") reason bits, from nvml.h's nvmlClocksEventReason*, with the label we export.
+CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
+    (0x1, "gpu_idle"),
+    (0x2, "applications_clocks_setting"),
+    (0x4, "sw_power_cap"),
+    (0x8, "hw_slowdown"),
+    (0x10, "sync_boost"),
+    (0x20, "sw_thermal_slowdown"),
+    (0x40, "hw_thermal_slowdown"),
+    (0x80, "hw_power_brake_slowdown"),
+    (0x100, "display_clock_setting"),
+)
+PCIE_DIRECTIONS = ("tx", "rx")
+
+
+@dataclass(frozen=True, slots=True)
+class GpuIdentity:
+    index: int
+    uuid: str
+    name: str
+    pci_bus_id: str
+    pcie_link_max_bytes_per_second: float | None  # per direction, from the *maximum* link gen x width
+
+
+@dataclass(frozen=True, slots=True)
+class GpuReading:
+    """One read of one GPU, in base units. None: not supported by this GPU, or the call failed."""
+
+    utilization: float | None = None  # ratio
+    memory_bandwidth_utilization: float | None = None  # ratio
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    pcie_tx_bytes_per_second: float | None = None
+    pcie_rx_bytes_per_second: float | None = None
+    pcie_replay_errors: int | None = None
+    temperature_celsius: float | None = None
+    power_watts: float | None = None
+    power_limit_watts: float | None = None
+    energy_joules: float | None = None
+    sm_clock_hertz: float | None = None
+    memory_clock_hertz: float | None = None
+    clock_event_reasons: int | None = None  # bitmask
+    errors: tuple[str, ...] = ()  # NVML calls that failed with something other than NotSupported
+    lost: bool = False  # GpuIsLost / ResetRequired
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors and not self.lost
+
+    def pcie_bytes_per_second(self, direction: str) -> float | None:
+        return self.pcie_tx_bytes_per_second if direction == "tx" else self.pcie_rx_bytes_per_second
+
+
+@dataclass(frozen=True, slots=True)
+class GpuState:
+    identity: GpuIdentity
+    up: bool
+    reading: GpuReading | None  # None while no fresh read came back (stuck call, never opened)
+    utilization_hist: HistogramSnapshot
+    pcie_utilization_hist: tuple[tuple[str, HistogramSnapshot], ...]  # per direction
+    clock_event_seconds: tuple[tuple[str, float], ...]  # per reason, seconds active; () if never reported
+    stuck_call: str | None = None  # the NVML call a worker has been blocked in past the deadline
+
+
+@dataclass(frozen=True, slots=True)
+class NvmlStatus:
+    mode: str  # "real" | "fake" | "absent"
+    up: bool
+    driver_version: str | None
+    message: str  # why NVML is down, or a short description when up
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerStats:
+    ticks: int
+    overruns: int
+    errors: tuple[tuple[tuple[str, str], int], ...]  # ((source, call), count)
+    durations: tuple[tuple[str, HistogramSnapshot], ...]  # per source
+    lateness: HistogramSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    sequence: int  # 0: nothing sampled yet
+    taken_at: float  # time.monotonic() at the end of the tick
+    nvml: NvmlStatus
+    gpus: tuple[GpuState, ...]
+    host: HostReading | None
+    host_cpu_hist: HistogramSnapshot | None
+    stats: SamplerStats | None
+    interval: float = field(default=0.2)

@@ -1,0 +1,1 @@
+"""Sources read hardware into plain dataclasses; they know nothing of Prometheus."""
