@@ -32,6 +32,8 @@ _GPU_VALUES: tuple[tuple[str, str, str, str], ...] = (
      "memory_used_bytes"),
     ("gpu_memory_total_bytes", "gauge", "Framebuffer memory installed (nvmlDeviceGetMemoryInfo total).",
      "memory_total_bytes"),
+    ("gpu_memory_used_ratio", "gauge", "gpu_memory_used_bytes / gpu_memory_total_bytes (OOM headroom).",
+     "memory_used_ratio"),
     ("gpu_pcie_replay_errors", "counter", "PCIe replays since driver load (nvmlDeviceGetPcieReplayCounter).",
      "pcie_replay_errors"),
     ("gpu_temperature_celsius", "gauge", "GPU die temperature (nvmlDeviceGetTemperature).",

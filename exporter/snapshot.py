@@ -52,6 +52,12 @@ class GpuReading:
     lost: bool = False  # GpuIsLost / ResetRequired
 
     @property
+    def memory_used_ratio(self) -> float | None:
+        if self.memory_used_bytes is None or not self.memory_total_bytes:
+            return None
+        return self.memory_used_bytes / self.memory_total_bytes
+
+    @property
     def ok(self) -> bool:
         return not self.errors and not self.lost
 

@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from exporter.collector import SnapshotCollector
+from exporter.fake_nvml import FakeNvml
+from exporter.sampler import Sampler
+from exporter.sources.nvml import NvmlSource
+from exporter.sources.procfs import ProcfsSource
+
+REPO = Path(__file__).resolve().parent.parent
+
+STAT_TEMPLATE = """cpu  {a0} 0 {s0} {i0} 0 0 0 0 0 0
+cpu0 {a1} 0 {s1} {i1} 0 0 0 0 0 0
+cpu1 {a2} 0 {s2} {i2} 0 0 0 0 0 0
+intr 1 2 3
+ctxt 123
+btime 1700000000
+"""
+MEMINFO = "MemTotal:       16384000 kB\nMemFree:         1000000 kB\nMemAvailable:    8192000 kB\n"
+
+
+class ManualClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeProcfs:
+    """A procfs tree in a tmp dir with /proc/stat counters a test can advance."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cores = [[100, 50, 850], [100, 50, 850]]  # user, system, idle per core
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "meminfo").write_text(MEMINFO)
+        self.write()
+
+    def advance(self, busy: list[int], idle: list[int]) -> None:
+        for core, b, i in zip(self.cores, busy, idle):
+            core[0] += b
+            core[2] += i
+        self.write()
+
+    def write(self) -> None:
+        c0, c1 = self.cores
+        agg = [c0[j] + c1[j] for j in range(3)]
+        (self.root / "stat").write_text(STAT_TEMPLATE.format(
+            a0=agg[0], s0=agg[1], i0=agg[2], a1=c0[0], s1=c0[1], i1=c0[2], a2=c1[0], s2=c1[1], i2=c1[2]))
+
+
+@pytest.fixture
+def procfs(tmp_path: Path) -> FakeProcfs:
+    return FakeProcfs(tmp_path / "proc")
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+def make_sampler(nvml: FakeNvml | None, procfs_root: Path, interval: float = 0.2, clock=time.monotonic,
+                 mode: str = "fake") -> Sampler:
+    return Sampler(NvmlSource(nvml, mode, backoff_initial_s=0.01, backoff_max_s=0.02),
+                   ProcfsSource(procfs_root), interval=interval, clock=clock)
+
+
+def families(sampler: Sampler) -> dict:
+    """name -> Metric from one collect(), keyed by the family name as exposed (counters without _total)."""
+    return {m.name: m for m in SnapshotCollector(lambda: sampler.snapshot).collect()}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+class ExporterProcess:
+    """The exporter as a user runs it: `python -m exporter ...` in its own process."""
+
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        self.stderr_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"exporter-{os.getpid()}-{time.time_ns()}.log"
+        self._stderr = open(self.stderr_path, "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "exporter", "--web.listen-address", "127.0.0.1:0", *args],
+            stdout=subprocess.DEVNULL, stderr=self._stderr, cwd=REPO, env={**os.environ, **(env or {})})
+        self.port = self._wait_for_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.stderr_path.read_text()
+
+    def _wait_for_port(self, timeout: float = 15.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", self.log())
+            if m:
+                return int(m.group(1))
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"exporter exited {self.proc.returncode}: {self.log()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"exporter did not start: {self.log()}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+        return self.proc.returncode
+
+
+def find_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise RuntimeError(f"{name} not found: run the suite with `bash tests/run.sh`, which installs it")
+    return path
+
+
+class PrometheusServer:
+    """Debian's prometheus on 127.0.0.1, scraping the given targets every second."""
+
+    def __init__(self, workdir: Path, jobs: dict[str, list[str]], rule_files: list[Path] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = ["global:", "  scrape_interval: 1s", "  evaluation_interval: 1s"]
+        if rule_files:
+            config.append("rule_files:")
+            config += [f"  - {p}" for p in rule_files]
+        config.append("scrape_configs:")
+        for job, targets in jobs.items():
+            config += [f"  - job_name: {job}", "    static_configs:", f"      - targets: {targets!r}"]
+        (workdir / "prometheus.yml").write_text("\n".join(config) + "\n")
+        self._log = open(workdir / "prometheus.log", "w")
+        self.proc = subprocess.Popen(
+            [find_tool("prometheus"), f"--config.file={workdir / 'prometheus.yml'}",
+             f"--storage.tsdb.path={workdir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        self.workdir = workdir
+
+    def query(self, expr: str) -> list[dict]:
+        import json
+        import urllib.parse
+
+        status, _, body = http_get(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+        data = json.loads(body)
+        if status != 200 or data.get("status") != "success":
+            raise AssertionError(f"query {expr!r} failed: {status} {body[:300]!r}")
+        return data["data"]["result"]
+
+    def wait_for(self, expr: str, timeout: float = 30.0, min_results: int = 1) -> list[dict]:
+        """Poll until `expr` returns at least min_results series (bounded by timeout)."""
+        deadline = time.monotonic() + timeout
+        last: list[dict] = []
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("prometheus exited: " + (self.workdir / "prometheus.log").read_text()[-2000:])
+            try:
+                last = self.query(expr)
+            except (OSError, AssertionError):
+                last = []
+            if len(last) >= min_results:
+                return last
+            time.sleep(0.5)
+        raise AssertionError(f"{expr!r} returned {len(last)} series after {timeout}s")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+
+@pytest.fixture
+def exporter_proc() -> Iterator[type[ExporterProcess]]:
+    started: list[ExporterProcess] = []
+
+    class Tracked(ExporterProcess):
+        def __init__(self, *args: str, **kw) -> None:
+            super().__init__(*args, **kw)
+            started.append(self)
+
+    yield Tracked
+    for p in started:
+        p.stop()

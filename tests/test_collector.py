@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import re
+
+import pynvml
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.collector import SnapshotCollector
+from exporter.fake_nvml import FakeNvml
+from tests.conftest import families, make_sampler
+
+GPU_GAUGES = {
+    "gpu_info", "gpu_up", "gpu_utilization_ratio", "gpu_memory_bandwidth_utilization_ratio",
+    "gpu_memory_used_bytes", "gpu_memory_total_bytes", "gpu_memory_used_ratio", "gpu_temperature_celsius", "gpu_power_watts",
+    "gpu_power_limit_watts", "gpu_pcie_throughput_bytes_per_second", "gpu_pcie_link_max_bytes_per_second",
+    "gpu_pcie_utilization_ratio", "gpu_clock_hertz", "gpu_clock_event_active",
+}
+GPU_COUNTERS = {"gpu_energy_joules", "gpu_pcie_replay_errors", "gpu_clock_event_seconds"}
+HISTOGRAMS = {"gpu_sampled_utilization_ratio", "gpu_sampled_pcie_utilization_ratio",
+              "host_sampled_cpu_utilization_ratio", "exporter_sample_duration_seconds",
+              "exporter_sample_lateness_seconds"}
+
+
+def sampled(n_gpus: int, procfs, ticks: int = 3):
+    fake = FakeNvml(n_gpus)
+    s = make_sampler(fake, procfs.root)
+    for _ in range(ticks):
+        s.tick()
+        procfs.advance(busy=[10, 20], idle=[90, 80])
+    return fake, s
+
+
+def test_every_family_has_its_type_and_labels(procfs):
+    _, s = sampled(2, procfs)
+    fams = families(s)
+    for name in GPU_GAUGES:
+        assert fams[name].type == "gauge", name
+    for name in GPU_COUNTERS:
+        assert fams[name].type == "counter", name
+    for name in HISTOGRAMS:
+        assert fams[name].type == "histogram", name
+    for name in GPU_GAUGES | GPU_COUNTERS:
+        for sample in fams[name].samples:
+            assert {"gpu", "uuid"} <= set(sample.labels), (name, sample)
+    info = fams["gpu_info"].samples[0].labels
+    assert set(info) == {"gpu", "uuid", "name", "pci_bus_id", "driver_version"}
+    assert {s.labels["direction"] for s in fams["gpu_pcie_utilization_ratio"].samples} == {"tx", "rx"}
+    assert {s.labels["clock"] for s in fams["gpu_clock_hertz"].samples} == {"sm", "memory"}
+    assert fams["exporter_build_info"].samples[0].labels["nvml"] == "fake"
+    assert fams["exporter_nvml_up"].samples[0].value == 1
+    assert {s.labels["cpu"] for s in fams["host_cpu_core_utilization_ratio"].samples} == {"0", "1"}
+
+
+def test_names_follow_prometheus_conventions(procfs):
+    _, s = sampled(2, procfs)
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(lambda: s.snapshot))
+    text = generate_latest(registry).decode()
+    names = {m.name for m in text_string_to_metric_families(text)}
+    units = ("_ratio", "_bytes", "_bytes_per_second", "_celsius", "_watts", "_joules", "_hertz", "_seconds",
+             "_info", "_up", "_active", "_errors", "_samples", "_overruns")
+    for name in names:
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", name), name
+        assert not re.search(r"percent|_pct|_mib|_mb|_kb|_ms\b|milli|celcius", name), name
+        assert name.endswith(units), f"{name}: no base unit suffix"
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            assert len(line.rsplit(" ", 1)) == 2 and not re.search(r"\}\s+\S+\s+\d+$", line), "no timestamps"
+
+
+def test_ratios_stay_in_range_and_match_the_snapshot(procfs):
+    _, s = sampled(2, procfs)
+    fams = families(s)
+    for name in ("gpu_utilization_ratio", "gpu_memory_bandwidth_utilization_ratio", "gpu_pcie_utilization_ratio",
+                 "gpu_memory_used_ratio",
+                 "host_cpu_utilization_ratio"):
+        for sample in fams[name].samples:
+            assert 0.0 <= sample.value <= 1.0, (name, sample)
+    util = {x.labels["gpu"]: x.value for x in fams["gpu_utilization_ratio"].samples}
+    assert util == {str(g.identity.index): g.reading.utilization for g in s.snapshot.gpus}
+    used = {x.labels["gpu"]: x.value for x in fams["gpu_memory_used_bytes"].samples}
+    total = {x.labels["gpu"]: x.value for x in fams["gpu_memory_total_bytes"].samples}
+    assert all(0 < used[g] < total[g] for g in used)
+
+
+def test_a_scrape_never_calls_nvml(procfs):
+    fake, s = sampled(2, procfs)
+    before = sum(fake.calls.values())
+    registry = CollectorRegistry()
+    registry.register(SnapshotCollector(lambda: s.snapshot))
+    for _ in range(5):
+        generate_latest(registry)
+    assert sum(fake.calls.values()) == before
+
+
+def test_histogram_buckets_are_cumulative_with_inf(procfs):
+    _, s = sampled(1, procfs, ticks=10)
+    fams = families(s)
+    buckets = [x for x in fams["gpu_sampled_utilization_ratio"].samples if x.name.endswith("_bucket")]
+    les = [x.labels["le"] for x in buckets]
+    assert "0.4" in les and "0.9" in les and les[-1] == "+Inf"
+    values = [x.value for x in buckets]
+    assert values == sorted(values) and values[-1] == 10
+
+
+def test_unsupported_metric_is_omitted_only_for_that_gpu(procfs):
+    fake = FakeNvml(2)
+    fake.inject("nvmlDeviceGetPowerUsage", gpu=1, error=pynvml.NVML_ERROR_NOT_SUPPORTED)
+    s = make_sampler(fake, procfs.root)
+    s.tick()
+    fams = families(s)
+    assert [x.labels["gpu"] for x in fams["gpu_power_watts"].samples] == ["0"]
+    assert {x.labels["gpu"]: x.value for x in fams["gpu_up"].samples} == {"0": 1, "1": 1}
+    assert "exporter_errors" not in {f for f in fams if fams[f].samples}
+
+
+def test_lost_gpu_keeps_up_series_drops_values(procfs):
+    fake = FakeNvml(2)
+    s = make_sampler(fake, procfs.root)
+    s.tick()
+    fake.lose_gpu(1)
+    s.tick()
+    fams = families(s)
+    assert {x.labels["gpu"]: x.value for x in fams["gpu_up"].samples} == {"0": 1, "1": 0}
+    assert [x.labels["gpu"] for x in fams["gpu_utilization_ratio"].samples] == ["0"]
+    errors = {(x.labels["source"], x.labels["call"]): x.value for x in fams["exporter_errors"].samples
+              if x.name.endswith("_total")}
+    assert errors[("nvml", "nvmlDeviceGetUtilizationRates")] == 1
+
+
+def test_vanished_gpu_series_disappear(procfs):
+    fake = FakeNvml(2)
+    s = make_sampler(fake, procfs.root)
+    s.tick()
+    assert len(families(s)["gpu_up"].samples) == 2
+    fake.gpu_count = 1
+    fake.specs = fake.specs[:1]
+    s.nvml.status = s.nvml.status.__class__("fake", False, None, "re-init")  # force re-enumeration
+    s.tick()
+    fams = families(s)
+    assert [x.labels["gpu"] for x in fams["gpu_up"].samples] == ["0"]
+    assert all(x.labels.get("gpu") != "1" for f in fams.values() for x in f.samples)

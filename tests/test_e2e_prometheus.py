@@ -1,0 +1,96 @@
+"""End to end: the exporter with fake GPUs, scraped by a real Prometheus, queried through its HTTP API."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from exporter.fake_nvml import FakeGpuSpec
+from tests.conftest import ExporterProcess, PrometheusServer, find_tool, http_get
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    exporter = ExporterProcess("--fake-gpus", "2", "--sample.interval", "100ms")
+    prom = PrometheusServer(tmp_path_factory.mktemp("prom"), {"gpu": [f"127.0.0.1:{exporter.port}"]})
+    try:
+        prom.wait_for('up{job="gpu"} == 1', timeout=30)
+        # Enough scrapes for rate() over several duty cycles (2 s each).
+        prom.wait_for('count_over_time(gpu_up{gpu="0"}[1m]) >= 14', timeout=40)
+        yield exporter, prom
+    finally:
+        prom.stop()
+        exporter.stop()
+
+
+def values(result: list[dict]) -> dict[str, float]:
+    return {r["metric"].get("gpu", ""): float(r["value"][1]) for r in result}
+
+
+def test_gpu_and_cpu_gauges_are_plausible(stack):
+    _, prom = stack
+    assert values(prom.query("gpu_up")) == {"0": 1.0, "1": 1.0}
+    for gpu, v in values(prom.query("gpu_utilization_ratio")).items():
+        assert 0.05 <= v <= 1.0, (gpu, v)
+    for gpu, v in values(prom.query("gpu_memory_used_ratio")).items():
+        assert 0.1 < v < 0.5
+    assert all(20 < v < 100 for v in values(prom.query("gpu_temperature_celsius")).values())
+    assert all(100 <= v <= 700 for v in values(prom.query("gpu_power_watts")).values())
+    cpu = prom.query("host_cpu_utilization_ratio")
+    assert len(cpu) == 1 and 0.0 <= float(cpu[0]["value"][1]) <= 1.0
+    assert len(prom.query("host_cpu_core_utilization_ratio")) >= 1
+    info = prom.query("gpu_info")
+    assert {r["metric"]["name"] for r in info} == {"NVIDIA H100 80GB HBM3"}
+
+
+def test_counters_increase(stack):
+    _, prom = stack
+    energy = values(prom.query("rate(gpu_energy_joules_total[10s])"))
+    assert set(energy) == {"0", "1"}
+    spec = FakeGpuSpec()
+    for v in energy.values():  # average watts over the window lies between the two phases
+        assert spec.power_low_mw / 1000 <= v <= spec.power_high_mw / 1000
+    pcie = prom.query('gpu_pcie_throughput_bytes_per_second{direction="rx"}')
+    assert len(pcie) == 2 and all(float(r["value"][1]) > 0 for r in pcie)
+
+
+def test_fraction_below_40_percent_matches_the_duty_cycle(stack):
+    _, prom = stack
+    expr = ('sum by (gpu) (rate(gpu_sampled_utilization_ratio_bucket{le="0.4"}[10s]))'
+            ' / sum by (gpu) (rate(gpu_sampled_utilization_ratio_count[8s]))')
+    fractions = values(prom.query(expr))
+    assert set(fractions) == {"0", "1"}
+    for gpu, f in fractions.items():
+        assert 0.0 < f < 1.0
+        assert abs(f - FakeGpuSpec().low_fraction) < 0.1, (gpu, f)
+
+
+def test_sub_scrape_resolution(stack):
+    """Prometheus scrapes every 1 s; the histograms hold every 100 ms sample."""
+    _, prom = stack
+    per_scrape = values(prom.query("rate(gpu_sampled_utilization_ratio_count[8s])"))
+    for v in per_scrape.values():
+        assert 8 <= v <= 11  # samples per second at a 100 ms interval
+
+
+def test_promtool_check_metrics_has_no_findings(stack):
+    exporter, _ = stack
+    for accept in ("", "application/openmetrics-text; version=1.0.0"):
+        _, _, body = http_get(exporter.url + "/metrics", headers={"Accept": accept} if accept else {})
+        if accept:
+            continue  # promtool lints the text format; OpenMetrics is covered by the parser test
+        r = subprocess.run([find_tool("promtool"), "check", "metrics"], input=body, capture_output=True,
+                           timeout=30)
+        assert r.returncode == 0 and r.stdout.strip() == b"" and r.stderr.strip() == b"", (r.stdout, r.stderr)
+
+
+def test_exporter_self_metrics(stack):
+    _, prom = stack
+    assert float(prom.query("exporter_nvml_up")[0]["value"][1]) == 1
+    assert prom.query('exporter_build_info{nvml="fake"}')
+    assert prom.query("process_resident_memory_bytes")
+    assert prom.query('rate(exporter_samples_total[10s]) > 5')
+    assert not prom.query("python_gc_objects_collected_total")  # gc/platform collectors dropped

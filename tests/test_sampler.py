@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import time
+
+import pynvml
+import pytest
+
+from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from exporter.histogram import RATIO_BUCKETS
+from tests.conftest import make_sampler
+
+
+def test_tick_publishes_an_immutable_snapshot(procfs):
+    s = make_sampler(FakeNvml(2), procfs.root)
+    assert s.snapshot.sequence == 0
+    s.tick()
+    procfs.advance(busy=[30, 10], idle=[70, 90])
+    snap = s.tick()
+    assert s.snapshot is snap and snap.sequence == 2
+    assert [g.identity.index for g in snap.gpus] == [0, 1]
+    assert all(g.up for g in snap.gpus)
+    assert snap.host.cpu_utilization == pytest.approx(0.2)
+    assert snap.host_cpu_hist.count == 1  # the first tick has no CPU delta
+    with pytest.raises(AttributeError):
+        snap.sequence = 5  # frozen
+
+
+def test_histograms_count_every_sample_against_the_duty_cycle(procfs, clock):
+    fake = FakeNvml(1, spec=FakeGpuSpec(low_fraction=0.3, duty_period_s=2.0), clock=clock)
+    s = make_sampler(fake, procfs.root, interval=0.1, clock=clock)
+    expected_low = 0
+    n = 200  # 20 s of fake time at 100 ms
+    for _ in range(n):
+        util = fake.utilization_at(0, clock() - fake.t0)
+        expected_low += util <= 40
+        s.tick()
+        clock.advance(0.1)
+    h = s.snapshot.gpus[0].utilization_hist
+    assert h.count == n
+    assert h.cumulative[RATIO_BUCKETS.index(0.4)] == expected_low  # every sample, none lost
+    assert h.fraction_at_or_below(0.4) == pytest.approx(0.3, abs=0.03)
+    rx = dict(s.snapshot.gpus[0].pcie_utilization_hist)["rx"]
+    assert rx.count == n - 1  # the first counter read has no rate
+
+
+def test_a_hung_gpu_does_not_stall_the_others(procfs):
+    fake = FakeNvml(3)
+    s = make_sampler(fake, procfs.root, interval=0.1)
+    s.tick()
+    fake.inject("nvmlDeviceGetPowerUsage", gpu=1, latency_s=1.5, times=1)
+    started = time.monotonic()
+    snap = s.tick()
+    elapsed = time.monotonic() - started
+    assert elapsed < 1.0  # the tick gave up on GPU 1 at its deadline instead of waiting 1.5 s
+    by_index = {g.identity.index: g for g in snap.gpus}
+    assert by_index[0].up and by_index[2].up
+    assert not by_index[1].up and by_index[1].stuck_call == "nvmlDeviceGetPowerUsage"
+    assert dict(snap.stats.errors)[("nvml", "nvmlDeviceGetPowerUsage")] == 1
+    ok, reason = s.health()
+    assert "gpu 1: stuck in nvmlDeviceGetPowerUsage" in reason
+    # Once the call returns, the GPU is read again and comes back up.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        snap = s.tick()
+        if all(g.up for g in snap.gpus):
+            break
+        time.sleep(0.1)
+    assert all(g.up for g in snap.gpus)
+    assert dict(snap.stats.errors)[("nvml", "nvmlDeviceGetPowerUsage")] == 1  # counted once, not per tick
+
+
+def test_lost_gpu_is_down_and_others_keep_updating(procfs):
+    fake = FakeNvml(2)
+    s = make_sampler(fake, procfs.root)
+    s.tick()
+    fake.lose_gpu(0)
+    snap = s.tick()
+    g0, g1 = snap.gpus
+    assert not g0.up and g0.reading.lost and g1.up
+    assert snap.gpus[1].utilization_hist.count == 2 and g0.utilization_hist.count == 1
+
+
+def test_no_nvml_still_samples_the_host(procfs):
+    s = make_sampler(FakeNvml(2, library_present=False), procfs.root, mode="real")
+    s.tick()
+    procfs.advance(busy=[10, 10], idle=[90, 90])
+    snap = s.tick()
+    assert snap.gpus == () and not snap.nvml.up and snap.nvml.mode == "absent"
+    assert snap.host.cpu_utilization == pytest.approx(0.1)
+    assert dict(snap.stats.errors)[("nvml", "nvmlInit")] >= 1
+
+
+def test_clock_event_seconds_accumulate_per_tick(procfs, clock):
+    fake = FakeNvml(1, clock=clock)
+    fake.nvmlDeviceGetCurrentClocksEventReasons = lambda h: (
+        pynvml.nvmlClocksEventReasonSwPowerCap | pynvml.nvmlClocksEventReasonHwThermalSlowdown)
+    s = make_sampler(fake, procfs.root, interval=0.25, clock=clock)
+    for _ in range(4):
+        s.tick()
+        clock.advance(0.25)
+    secs = dict(s.snapshot.gpus[0].clock_event_seconds)
+    assert secs["sw_power_cap"] == pytest.approx(1.0) and secs["hw_thermal_slowdown"] == pytest.approx(1.0)
+    assert secs["gpu_idle"] == 0.0
+
+
+def test_loop_keeps_schedule_and_counts_overruns(procfs):
+    s = make_sampler(FakeNvml(1), procfs.root, interval=0.05)
+    slow_once = {"done": False}
+    real_tick = s.tick
+
+    def tick(now=None):
+        if not slow_once["done"]:
+            slow_once["done"] = True
+            time.sleep(0.18)  # runs over three and a bit slots
+        return real_tick(now)
+
+    s.tick = tick
+    s.start()
+    deadline = time.monotonic() + 5
+    while s.snapshot.sequence < 6 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    s.stop()
+    assert s.snapshot.stats.overruns == 3
+    healthy, _ = s.health()
+    assert healthy
+
+
+def test_health_turns_503_when_ticks_stop(procfs, clock):
+    s = make_sampler(FakeNvml(1), procfs.root, interval=0.2, clock=clock)
+    ok, reason = s.health()
+    assert not ok and "not completed a tick" in reason
+    s.tick()
+    assert s.health()[0]
+    clock.advance(1.01)  # more than 5 intervals
+    ok, reason = s.health()
+    assert not ok and "stalled" in reason
