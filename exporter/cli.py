@@ -52,6 +52,7 @@ class Config:
     fake_gpus: int
     log_level: str
     max_requests: int
+    node_name: str
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,6 +79,7 @@ def _build_parser() -> _Parser:
     flag("--path.procfs", "/proc", "procfs mount point (the host's /proc when run in a container)")
     flag("--fake-gpus", "0", "serve N simulated GPUs instead of real NVML (demos, tests)")
     flag("--log.level", "info", "log level: debug, info, warn, error")
+    flag("--node.name", "", "node name for the `node` label of gpu_info (Kubernetes: from the downward API)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -107,7 +109,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
             raise ValueError(f"--path.procfs {procfs!r}: cannot read {stat}: {exc.strerror or exc}") from None
     except (ValueError, ListenAddressError) as exc:
         parser.error(str(exc))
-    return Config(a["web.listen_address"], path, interval, procfs, fake, level, max_requests)
+    return Config(a["web.listen_address"], path, interval, procfs, fake, level, max_requests, a["node.name"])
 
 
 def _non_negative_int(flag: str, value: Any) -> int:
@@ -143,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampler = Sampler(NvmlSource(nvml, mode), ProcfsSource(cfg.procfs), interval=cfg.sample_interval)
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(lambda: sampler.snapshot))
+    registry.register(SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name))
     ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost
     try:
         server = make_server(cfg.listen_address, registry, sampler.health, cfg.telemetry_path, cfg.max_requests)

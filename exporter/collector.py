@@ -61,8 +61,9 @@ def _buckets(h: HistogramSnapshot) -> list[tuple[str, float]]:
 
 
 class SnapshotCollector(Collector):
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(self, snapshot: Callable[[], Snapshot], node_name: str = "") -> None:
         self._snapshot = snapshot
+        self._node = node_name  # an empty label value is the same as no label to Prometheus
 
     def describe(self) -> list[Metric]:
         return []  # registration must not trigger a collect
@@ -109,11 +110,12 @@ class SnapshotCollector(Collector):
     def _gpu_families(self, snap: Snapshot) -> Iterator[Metric]:
         gpus = snap.gpus
         info = GaugeMetricFamily("gpu_info", "GPU identity; always 1.",
-                                 labels=GPU_LABELS + ["name", "pci_bus_id", "driver_version"])
+                                 labels=GPU_LABELS + ["name", "pci_bus_id", "driver_version", "node"])
         up = GaugeMetricFamily("gpu_up", "1 when the GPU's last sample succeeded; 0 when lost, failing or stuck.",
                                labels=GPU_LABELS)
         for g in gpus:
-            info.add_metric(_labels(g) + [g.identity.name, g.identity.pci_bus_id, snap.nvml.driver_version or ""], 1)
+            info.add_metric(_labels(g) + [g.identity.name, g.identity.pci_bus_id, snap.nvml.driver_version or "",
+                                          self._node], 1)
             up.add_metric(_labels(g), int(g.up))
         yield info
         yield up

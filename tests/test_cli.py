@@ -76,9 +76,9 @@ def test_signal_stops_cleanly_within_a_second(exporter_proc, sig):
 
 def test_settings_from_environment(exporter_proc):
     p = exporter_proc(env={"GPU_EXPORTER_FAKE_GPUS": "3", "GPU_EXPORTER_WEB_TELEMETRY_PATH": "/m",
-                           "GPU_EXPORTER_SAMPLE_INTERVAL": "100ms"})
+                           "GPU_EXPORTER_SAMPLE_INTERVAL": "100ms", "GPU_EXPORTER_NODE_NAME": "gpu-node-7"})
     status, _, body = http_get(p.url + "/m")
-    assert status == 200
+    assert status == 200 and b'node="gpu-node-7"' in body
     assert body.count(b"gpu_up{") == 3 and b"exporter_sample_interval_seconds 0.1" in body
 
 

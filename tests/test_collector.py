@@ -44,7 +44,7 @@ def test_every_family_has_its_type_and_labels(procfs):
         for sample in fams[name].samples:
             assert {"gpu", "uuid"} <= set(sample.labels), (name, sample)
     info = fams["gpu_info"].samples[0].labels
-    assert set(info) == {"gpu", "uuid", "name", "pci_bus_id", "driver_version"}
+    assert set(info) == {"gpu", "uuid", "name", "pci_bus_id", "driver_version", "node"}
     assert {s.labels["direction"] for s in fams["gpu_pcie_utilization_ratio"].samples} == {"tx", "rx"}
     assert {s.labels["clock"] for s in fams["gpu_clock_hertz"].samples} == {"sm", "memory"}
     assert fams["exporter_build_info"].samples[0].labels["nvml"] == "fake"

@@ -1,0 +1,172 @@
+"""Deployment artefacts: kustomize renders, objects validate against real Kubernetes schemas offline,
+CRD objects carry what Prometheus Operator needs, alert rules pass promtool, the Dockerfile keeps its
+invariants. (No Docker engine or cluster here: see docs/operations.md for what is not exercised.)"""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import REPO, find_tool
+
+DEPLOY = REPO / "deploy"
+K8S_VERSIONS = ["1.32.0", "1.37.0"]
+
+
+def kustomize(path: str) -> list[dict]:
+    out = subprocess.run([find_tool("kubectl"), "kustomize", str(DEPLOY / path)], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+@pytest.fixture(scope="module")
+def base() -> dict[str, dict]:
+    return {d["kind"]: d for d in kustomize("base")}
+
+
+def test_base_renders_the_whole_install(base):
+    assert set(base) == {"Namespace", "ServiceAccount", "DaemonSet", "Service", "ServiceMonitor", "PrometheusRule"}
+    for kind, doc in base.items():
+        if kind != "Namespace":
+            assert doc["metadata"]["namespace"] == "gpu-telemetry", kind
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_core_objects_validate_strictly(base, version):
+    for kind, doc in base.items():
+        if doc["apiVersion"].startswith("monitoring.coreos.com"):
+            continue  # CRDs: checked field by field below
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_strict_validation_catches_a_typo(base):
+    broken = yaml.safe_load(yaml.safe_dump(base["DaemonSet"]))
+    broken["spec"]["template"]["spec"]["hostPid"] = True  # wrong case: must be hostPID
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
+
+
+def test_daemonset_shape(base):
+    ds = base["DaemonSet"]
+    pod = ds["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert pod["hostPID"] is True
+    assert pod["priorityClassName"] == "system-node-critical"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 65534
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
+    (mount,) = c["volumeMounts"]
+    assert mount["readOnly"] and mount["mountPropagation"] == "HostToContainer"
+    assert f"--path.procfs={mount['mountPath']}" in c["args"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert vol["hostPath"]["path"] == "/proc"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["path"] == "/healthz" and c[probe]["httpGet"]["port"] == "metrics"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9445}
+    env = {e["name"]: e for e in c["env"]}
+    assert env["GPU_EXPORTER_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert c["resources"]["limits"]["memory"] and c["resources"]["requests"]["cpu"]
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"] not in ("100%", None)
+    assert c["image"].endswith(":0.1.0")  # the kustomize images entry applied
+
+
+def test_service_and_servicemonitor_select_the_pods(base):
+    pod_labels = base["DaemonSet"]["spec"]["template"]["metadata"]["labels"]
+    svc = base["Service"]
+    assert all(pod_labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]} == {"metrics": 9445}
+    sm = base["ServiceMonitor"]
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert all(svc["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
+    (ep,) = sm["spec"]["endpoints"]
+    assert ep["port"] == "metrics" and ep["path"] == "/metrics" and ep["interval"] == "15s"
+    assert re.fullmatch(r"\d+s", ep["scrapeTimeout"]) and int(ep["scrapeTimeout"][:-1]) < 15
+
+
+def test_prometheusrule_is_the_rules_file(base):
+    rule = base["PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    plain = yaml.safe_load((DEPLOY / "rules" / "gpu-telemetry.rules.yml").read_text())
+    assert rule["spec"]["groups"] == plain["groups"]
+    for group in rule["spec"]["groups"]:
+        for r in group["rules"]:
+            assert {"alert", "expr", "labels", "annotations"} <= set(r)
+            assert {"summary", "description", "runbook_url"} <= set(r["annotations"])
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sync_rules", DEPLOY / "sync_rules.py")
+    sync_rules = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync_rules)
+    assert sync_rules.TARGET.read_text() == sync_rules.render(), "run python3 deploy/sync_rules.py"
+
+
+def test_runtimeclass_overlay():
+    docs = {d["kind"]: d for d in kustomize("overlays/nvidia-runtimeclass")}
+    assert docs["DaemonSet"]["spec"]["template"]["spec"]["runtimeClassName"] == "nvidia"
+    kubernetes_validate.validate(docs["DaemonSet"], K8S_VERSIONS[-1], strict=True)
+
+
+def test_promtool_checks_and_unit_tests_the_rules():
+    promtool = find_tool("promtool")
+    rules = DEPLOY / "rules"
+    check = subprocess.run([promtool, "check", "rules", "gpu-telemetry.rules.yml"], cwd=rules, capture_output=True,
+                           text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    test = subprocess.run([promtool, "test", "rules", "gpu-telemetry.rules.test.yml"], cwd=rules,
+                          capture_output=True, text=True, timeout=120)
+    assert test.returncode == 0 and "SUCCESS" in test.stdout, test.stdout + test.stderr
+    # Every alert has a unit test.
+    alerts = {r["alert"] for g in yaml.safe_load((rules / "gpu-telemetry.rules.yml").read_text())["groups"]
+              for r in g["rules"]}
+    tested = set(re.findall(r"alertname: (\w+)", (rules / "gpu-telemetry.rules.test.yml").read_text()))
+    assert alerts == tested
+
+
+def test_every_alert_has_a_runbook_section():
+    ops = (REPO / "docs" / "operations.md").read_text()
+    for group in yaml.safe_load((DEPLOY / "rules" / "gpu-telemetry.rules.yml").read_text())["groups"]:
+        for r in group["rules"]:
+            assert f"### {r['alert']}" in ops, r["alert"]
+            assert r["annotations"]["runbook_url"].endswith("#" + r["alert"].lower())
+
+
+def test_compose_sidecar():
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())["services"]
+    exp = compose["gpu-telemetry-exporter"]
+    assert exp["pid"] == "service:tts" and exp["read_only"] is True and "9445:9445" in exp["ports"]
+    assert compose["tts"]["shm_size"]
+
+
+def dockerfile_stages() -> list[list[str]]:
+    lines = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text()).splitlines()
+    stages: list[list[str]] = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.upper().startswith("FROM "):
+            stages.append([])
+        stages[-1].append(line)
+    return stages
+
+
+def test_dockerfile_invariants():
+    stages = dockerfile_stages()
+    assert len(stages) >= 2, "multi-stage: build a wheel, then a runtime image"
+    for stage in stages:
+        image = stage[0].split()[1]
+        assert ":" in image and not image.endswith(":latest"), image
+    final = "\n".join(stages[-1])
+    user = re.search(r"^USER (\S+)", final, re.M).group(1)
+    assert user.split(":")[0].isdigit() and user.split(":")[0] != "0"
+    assert re.search(r"^HEALTHCHECK .*exporter\.healthcheck", final, re.M) and "curl" not in final
+    assert re.search(r"NVIDIA_VISIBLE_DEVICES=all", final) and re.search(r"NVIDIA_DRIVER_CAPABILITIES=utility", final)
+    assert re.search(r"^EXPOSE 9445$", final, re.M)
+    assert re.search(r'^ENTRYPOINT \["gpu-telemetry-exporter"\]', final, re.M)
+    assert not re.search(r"gcc|build-essential|apt-get install", final), "no compilers in the final image"
+    assert "COPY --from=" in final
