@@ -57,7 +57,8 @@ def _family(kind: str, name: str, doc: str, labels: list[str]) -> Metric:
 
 
 def _buckets(h: HistogramSnapshot) -> list[tuple[str, float]]:
-    return [(repr(b), c) for b, c in zip(h.bounds, h.cumulative)] + [("+Inf", h.cumulative[-1])]
+    cumulative = h.cumulative
+    return [(repr(b), c) for b, c in zip(h.bounds, cumulative)] + [("+Inf", cumulative[-1])]
 
 
 class SnapshotCollector(Collector):

@@ -6,6 +6,7 @@ writer, so a plain list of counts is enough, and each tick freezes an immutable 
 from __future__ import annotations
 
 import bisect
+import itertools
 from dataclasses import dataclass
 
 # Utilisation buckets: fine below 0.4 and around 0.9 (the RTF checklist's "starved" and "saturated" lines).
@@ -18,21 +19,30 @@ DURATION_BUCKETS: tuple[float, ...] = (
 
 @dataclass(frozen=True, slots=True)
 class HistogramSnapshot:
-    """Upper bounds (without +Inf) and the cumulative count at each bound, then the total."""
+    """Upper bounds (without +Inf), the count in each bucket (the last is +Inf), and the sum.
+
+    Counts are stored per bucket, not cumulative: freezing is then one tuple copy per tick, and the
+    cumulative form is only computed when a scrape asks for it.
+    """
 
     bounds: tuple[float, ...]
-    cumulative: tuple[int, ...]  # len(bounds) + 1; the last entry is the +Inf bucket == count
+    counts: tuple[int, ...]  # len(bounds) + 1
     sum: float
 
     @property
+    def cumulative(self) -> tuple[int, ...]:
+        return tuple(itertools.accumulate(self.counts))
+
+    @property
     def count(self) -> int:
-        return self.cumulative[-1]
+        return sum(self.counts)
 
     def fraction_at_or_below(self, bound: float) -> float | None:
         """Share of observations <= bound (bound must be one of the bucket bounds)."""
-        if self.count == 0:
+        total = self.count
+        if total == 0:
             return None
-        return self.cumulative[self.bounds.index(bound)] / self.count
+        return sum(self.counts[: self.bounds.index(bound) + 1]) / total
 
 
 class Histogram:
@@ -53,9 +63,4 @@ class Histogram:
         self._sum += value
 
     def freeze(self) -> HistogramSnapshot:
-        cumulative = []
-        running = 0
-        for c in self._counts:
-            running += c
-            cumulative.append(running)
-        return HistogramSnapshot(self.bounds, tuple(cumulative), self._sum)
+        return HistogramSnapshot(self.bounds, tuple(self._counts), self._sum)

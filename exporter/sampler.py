@@ -1,10 +1,11 @@
 """The sampler owns timing: it ticks on a drift-free monotonic schedule and publishes a Snapshot.
 
-Each GPU is read by its own worker thread. A tick hands every idle worker a read, reads procfs
-meanwhile, and waits for the GPUs until a deadline within the tick; a GPU whose worker is still blocked
-in an NVML call (a hang, a GPU falling off the bus) is reported down with the call it is stuck in, and
-is not handed another read until that call returns. So one bad GPU cannot stall the host, the other
-GPUs, or the HTTP server.
+GPUs are read by one shared read thread, in order, one hand-off per tick (a thread per GPU cost more in
+wake-ups and GIL hand-offs than the reads themselves). The tick reads procfs meanwhile and waits for the
+GPUs until a deadline within the tick. If the read thread is still blocked then (a hung NVML call, a GPU
+falling off the bus), it is abandoned to that GPU, which is reported down and "stuck in <call>" and gets
+no more reads until the call returns; a fresh read thread serves the other GPUs from the next tick. So
+one bad GPU cannot stall the host, the other GPUs, or the HTTP server.
 """
 from __future__ import annotations
 
@@ -33,45 +34,49 @@ log = logging.getLogger("exporter.sampler")
 
 GPU_DEADLINE_SHARE = 0.6  # GPU reads must come back within this share of the interval
 HEALTHY_WITHIN_INTERVALS = 5
-LATENESS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+LATENESS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_DONE = -1  # gpu index of the message a read thread posts after its last GPU
 
 
-class _GpuWorker:
-    """A thread that reads one GPU whenever the sampler asks, and posts the result to a shared queue."""
+class _ReadThread:
+    """Reads a list of GPUs whenever dispatched, posting (thread, tick, gpu index, reading) per GPU."""
 
-    def __init__(self, reader: GpuReader, results: queue.SimpleQueue) -> None:
-        self.reader = reader
-        self.busy = False  # set and cleared by the sampler thread only
-        self.tick = 0
-        self.dispatched_at = 0.0
-        self.stuck_reported = False
+    def __init__(self, results: queue.SimpleQueue) -> None:
+        self.abandoned = False  # set by the sampler: finish the current call, report, and exit
+        self.current: GpuReader | None = None
         self._results = results
         self._go = threading.Event()
-        self._stopped = False
-        self._thread = threading.Thread(target=self._run, name=f"gpu-{reader.index}", daemon=True)
+        self._todo: list[GpuReader] = []
+        self._tick = 0
+        self._thread = threading.Thread(target=self._run, name="gpu-reader", daemon=True)
         self._thread.start()
 
-    def dispatch(self, tick: int, now: float) -> None:
-        self.busy, self.tick, self.dispatched_at = True, tick, now
+    def dispatch(self, tick: int, readers: list[GpuReader]) -> None:
+        self._tick, self._todo = tick, readers
         self._go.set()
 
-    def stop(self) -> None:
-        self._stopped = True
+    def abandon(self) -> None:
+        self.abandoned = True
         self._go.set()
 
     def _run(self) -> None:
         while True:
             self._go.wait()
             self._go.clear()
-            if self._stopped:
+            for reader in self._todo if not self.abandoned else ():
+                self.current = reader
+                try:
+                    reading = reader.read()
+                except Exception as exc:  # a bug must cost one GPU one sample, not the thread
+                    log.exception("GPU %d: read failed", reader.index)
+                    reading = GpuReading(errors=(f"internal:{type(exc).__name__}",))
+                self.current = None
+                self._results.put((self, self._tick, reader.index, reading))
+                if self.abandoned:
+                    break
+            self._results.put((self, self._tick, _DONE, None))
+            if self.abandoned:
                 return
-            started = time.perf_counter()
-            try:
-                reading = self.reader.read()
-            except Exception as exc:  # a bug must cost one GPU one sample, not the worker
-                log.exception("GPU %d: read failed", self.reader.index)
-                reading = GpuReading(errors=(f"internal:{type(exc).__name__}",))
-            self._results.put((self, self.tick, reading, time.perf_counter() - started))
 
 
 class _GpuHistory:
@@ -97,8 +102,10 @@ class Sampler:
         self.interval = interval
         self._clock = clock
         self._results: queue.SimpleQueue = queue.SimpleQueue()
-        self._workers: list[_GpuWorker] = []
-        self._worker_generation = -1
+        self._reader_thread: _ReadThread | None = None
+        self._reader_generation = -1
+        self._stuck: dict[int, tuple[_ReadThread, str, float]] = {}  # gpu -> (thread, call, since)
+        self._last_states: dict[int, GpuState] = {}
         self._histories: dict[int, _GpuHistory] = {}
         self._host_cpu = Histogram(RATIO_BUCKETS)
         self._durations = {s: Histogram(DURATION_BUCKETS) for s in ("nvml", "procfs", "all")}
@@ -120,8 +127,8 @@ class Sampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        for w in self._workers:
-            w.stop()
+        if self._reader_thread is not None:
+            self._reader_thread.abandon()
         self.nvml.close()
 
     def _run(self) -> None:
@@ -157,13 +164,11 @@ class Sampler:
         failed = self.nvml.poll(now)
         if failed:
             self._errors[("nvml", failed)] += 1
-        self._sync_workers()
-        self._drain(block_until=None, seq=seq)
-        dispatched = []
-        for w in self._workers:
-            if not w.busy:
-                w.dispatch(seq, now)
-                dispatched.append(w)
+        self._sync_reader()
+        self._collect(seq, deadline=None)  # late results and exits of abandoned threads
+        to_read = [r for r in self.nvml.readers if r.index not in self._stuck]
+        if to_read:
+            self._reader_thread.dispatch(seq, to_read)
 
         procfs_started = time.perf_counter()
         host = self.procfs.read()
@@ -174,11 +179,13 @@ class Sampler:
         if host.cpu_utilization is not None:
             self._host_cpu.observe(host.cpu_utilization)
 
-        fresh = self._drain(block_until=now + GPU_DEADLINE_SHARE * self.interval, seq=seq,
-                            pending={id(w) for w in dispatched})
-        if dispatched:
+        fresh: dict[int, GpuReading] = {}
+        if to_read:
+            done = self._collect(seq, deadline=now + GPU_DEADLINE_SHARE * self.interval, fresh=fresh)
+            if not done:
+                self._abandon_reader(now)
             self._durations["nvml"].observe(time.perf_counter() - procfs_started)
-        gpus = tuple(self._gpu_state(w, fresh.get(id(w)), now) for w in self._workers)
+        gpus = tuple(self._gpu_state(r, fresh.get(r.index), now) for r in self.nvml.readers)
 
         self._durations["all"].observe(time.perf_counter() - tick_started)
         snap = Snapshot(
@@ -200,54 +207,66 @@ class Sampler:
         self.snapshot = snap  # a single reference assignment: scrapes see the old or the new, whole
         return snap
 
-    def _sync_workers(self) -> None:
-        if self._worker_generation == self.nvml.generation:
+    def _sync_reader(self) -> None:
+        """A new set of GPUs (NVML (re)initialised): start from a fresh read thread."""
+        if self._reader_generation == self.nvml.generation:
             return
-        for w in self._workers:
-            w.stop()
-        self._workers = [_GpuWorker(r, self._results) for r in self.nvml.readers]
-        self._worker_generation = self.nvml.generation
+        if self._reader_thread is not None:
+            self._reader_thread.abandon()
+        self._reader_thread = _ReadThread(self._results)
+        self._reader_generation = self.nvml.generation
+        self._stuck.clear()
+        self._last_states.clear()
 
-    def _drain(self, block_until: float | None, seq: int, pending: set[int] | None = None) -> dict:
-        """Collect worker results; with block_until, wait until all `pending` are in or the deadline."""
-        fresh: dict[int, GpuReading] = {}
-        pending = set(pending or ())
+    def _collect(self, seq: int, deadline: float | None, fresh: dict[int, GpuReading] | None = None) -> bool:
+        """Take results off the queue; with a deadline, wait until the current read thread is done.
+
+        Returns True when the current thread reported this tick done (always True without a deadline).
+        """
         while True:
-            timeout = None
-            if block_until is not None and pending:
-                timeout = block_until - self._clock()
-                if timeout <= 0:
-                    break
             try:
-                if timeout is None:
-                    worker, tick, reading, _ = self._results.get_nowait()
+                if deadline is None:
+                    thread, tick, index, reading = self._results.get_nowait()
                 else:
-                    worker, tick, reading, _ = self._results.get(timeout=timeout)
+                    timeout = deadline - self._clock()
+                    if timeout <= 0:
+                        return False
+                    thread, tick, index, reading = self._results.get(timeout=timeout)
             except queue.Empty:
-                break
-            worker.busy = False
-            if tick == seq:
-                fresh[id(worker)] = reading
-                pending.discard(id(worker))
-            elif worker.stuck_reported:
-                worker.stuck_reported = False  # the hung call returned; its stale result is dropped
-            if block_until is not None and not pending:
-                break
-        return fresh
+                return deadline is None
+            if thread is not self._reader_thread:
+                if index == _DONE:  # an abandoned thread's hung call returned: its GPU may be read again
+                    for gpu in [g for g, (t, _, _) in self._stuck.items() if t is thread]:
+                        del self._stuck[gpu]
+                continue  # its late reading is stale and dropped
+            if tick != seq:
+                continue
+            if index == _DONE:
+                return True
+            if fresh is not None:
+                fresh[index] = reading
 
-    def _gpu_state(self, w: _GpuWorker, reading: GpuReading | None, now: float) -> GpuState:
-        index = w.reader.index
+    def _abandon_reader(self, now: float) -> None:
+        thread = self._reader_thread
+        thread.abandon()  # first, so it cannot move on to another GPU unnoticed
+        reader = thread.current
+        if reader is not None:
+            call = reader.current_call or "read"
+            self._stuck[reader.index] = (thread, call, now)
+            self._errors[("nvml", call)] += 1  # once per hang, not per tick
+        self._reader_thread = _ReadThread(self._results)
+
+    def _gpu_state(self, reader: GpuReader, reading: GpuReading | None, now: float) -> GpuState:
+        index = reader.index
         hist = self._histories.setdefault(index, _GpuHistory())
-        identity = w.reader.identity
         key = f"GPU {index}"
+        stuck = self._stuck.get(index)
+        if reading is None and stuck is None and index in self._last_states:
+            return self._last_states[index]  # not reached this tick behind a hung GPU: keep the last state
         stuck_call = None
         if reading is None:
-            stuck_call = w.reader.current_call or "read"
-            if w.busy and not w.stuck_reported:
-                w.stuck_reported = True
-                self._errors[("nvml", stuck_call)] += 1
-            self._transitions.set(
-                key, f"stuck in {stuck_call} for {now - w.dispatched_at:.1f}s; reported down")
+            stuck_call = stuck[1] if stuck else "read"
+            self._transitions.set(key, f"stuck in {stuck_call}; reported down until the call returns")
             up = False
         else:
             for call in reading.errors:
@@ -259,9 +278,9 @@ class Sampler:
                 self._transitions.set(key, "failing calls: " + ", ".join(reading.errors))
             else:
                 self._transitions.set(key, None)
-            self._observe(hist, identity.pcie_link_max_bytes_per_second, reading)
-        return GpuState(
-            identity=identity,
+            self._observe(hist, reader.identity.pcie_link_max_bytes_per_second, reading)
+        state = GpuState(
+            identity=reader.identity,
             up=up,
             reading=reading,
             utilization_hist=hist.utilization.freeze(),
@@ -269,6 +288,8 @@ class Sampler:
             clock_event_seconds=tuple(hist.clock_event_seconds.items()) if hist.clock_events_seen else (),
             stuck_call=stuck_call,
         )
+        self._last_states[index] = state
+        return state
 
     def _observe(self, hist: _GpuHistory, link_max: float | None, r: GpuReading) -> None:
         if r.utilization is not None:
