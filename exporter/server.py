@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__
+from exporter.exposition import TextRenderer
 
 log = logging.getLogger("exporter.server")
 
@@ -81,11 +82,15 @@ def make_server(
     host, port = parse_listen_address(listen_address)
     slots = threading.BoundedSemaphore(max_requests) if max_requests > 0 else None
     landing = _landing_page(telemetry_path)
+    text = TextRenderer()
 
     class Handler(BaseHTTPRequestHandler):
         server_version = f"gpu-telemetry-exporter/{__version__}"
         protocol_version = "HTTP/1.1"
         timeout = READ_TIMEOUT_S
+        # Headers and body go out in one write anyway; without NODELAY a small response can still wait
+        # ~40 ms for the client's delayed ACK (Nagle).
+        disable_nagle_algorithm = True
 
         def log_message(self, fmt: str, *args: object) -> None:
             log.debug("%s " + fmt, self.address_string(), *args)
@@ -106,8 +111,10 @@ def make_server(
         def _route(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == telemetry_path:
-                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                self._send(200, encoder(registry), content_type)
+                # prometheus_client negotiates the format; the cached-label renderer writes it.
+                _, content_type = choose_encoder(self.headers.get("Accept", ""))
+                om = content_type.startswith("application/openmetrics-text")
+                self._send(200, text.render(registry.collect(), openmetrics=om), content_type)
             elif path == "/healthz":
                 ok, reason = health()
                 self._send(200 if ok else 503, reason.encode(), "text/plain; charset=utf-8")
@@ -125,9 +132,10 @@ def make_server(
             self.send_header("Content-Length", str(len(body)))
             if gz:
                 self.send_header("Content-Encoding", "gzip")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
+            self._headers_buffer.append(b"\r\n")  # end_headers() without its separate flush
+            head = b"".join(self._headers_buffer)
+            self._headers_buffer = []
+            self.wfile.write(head if self.command == "HEAD" else head + body)
 
     if host in ("", "::"):
         family = socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET

@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Exporter cost and scrape latency, side by side with node_exporter, on this machine.
+
+    .venv/bin/python bench/run.py            # full run (~3 min), writes bench/results.json
+    .venv/bin/python bench/run.py --quick    # shorter windows, for a smoke run
+
+Everything runs on 127.0.0.1. The exporter runs with simulated GPUs (--fake-gpus N): each fake NVML
+call costs what the fake's Python costs (~1 us, measured by bench/micro.py), in the range of a ctypes
+call into libnvidia-ml for the cheap queries; no real GPU figures are recorded yet (tests/fixtures).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import http.client
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(port: int, path: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", path)
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing answered on 127.0.0.1:{port}{path}")
+
+
+class Target:
+    def __init__(self, name: str, argv: list[str], port: int) -> None:
+        self.name, self.port = name, port
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        wait_http(port, "/metrics")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+    def rss_bytes(self) -> int:
+        return int(Path(f"/proc/{self.proc.pid}/statm").read_text().split()[1]) * PAGE
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def exporter(gpus: int, interval: str = "200ms") -> Target:
+    port = free_port()
+    return Target(f"exporter {gpus} GPU", [sys.executable, "-m", "exporter", "--fake-gpus", str(gpus),
+                                           "--sample.interval", interval, "--web.listen-address",
+                                           f"127.0.0.1:{port}", "--log.level", "error"], port)
+
+
+def node_exporter() -> Target | None:
+    binary = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
+    if binary is None:
+        return None
+    port = free_port()
+    return Target("node_exporter", [binary, f"--web.listen-address=127.0.0.1:{port}"], port)
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+# What Prometheus 2.x sends: OpenMetrics preferred, the text format as fallback.
+PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+                     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1")
+
+
+def scrape_series(port: int, n: int, gzip_ok: bool) -> dict:
+    """n sequential scrapes over one keep-alive connection, with Prometheus's Accept header."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    headers = {"Accept": PROMETHEUS_ACCEPT}
+    if gzip_ok:
+        headers["Accept-Encoding"] = "gzip"
+    times, size, body = [], 0, b""
+    for _ in range(n):
+        t = time.perf_counter()
+        conn.request("GET", "/metrics", headers=headers)
+        r = conn.getresponse()
+        body = r.read()
+        times.append(time.perf_counter() - t)
+        size = len(body)
+        if r.getheader("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+    conn.close()
+    samples = sum(1 for line in body.decode().splitlines() if line and not line.startswith("#"))
+    return {"median_ms": statistics.median(times) * 1e3, "p99_ms": percentile(times, 99) * 1e3,
+            "bytes": size, "samples": samples, "scrapes": n}
+
+
+def metric(port: int, name: str) -> dict[str, float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def lateness(port: int, window: float, load: bool) -> dict:
+    """Tick lateness from the exporter's own histogram over a window, optionally under scrape load."""
+    stop = threading.Event()
+
+    def hammer() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        while not stop.is_set():
+            conn.request("GET", "/metrics")
+            conn.getresponse().read()
+
+    before = metric(port, "exporter_sample_lateness_seconds_bucket")
+    threads = [threading.Thread(target=hammer) for _ in range(2 if load else 0)]
+    for t in threads:
+        t.start()
+    time.sleep(window)
+    stop.set()
+    for t in threads:
+        t.join()
+    after = metric(port, "exporter_sample_lateness_seconds_bucket")
+    buckets = []
+    for key, value in after.items():
+        le = re.search(r'le="([^"]+)"', key).group(1)
+        buckets.append((float(le), value - before.get(key, 0.0)))
+    buckets.sort()
+    total = buckets[-1][1]
+
+    def quantile(q: float) -> float:
+        # histogram_quantile's linear interpolation inside the bucket
+        rank, lo, prev = q * total, 0.0, 0.0
+        for le, count in buckets:
+            if count >= rank:
+                if le == float("inf"):
+                    return lo
+                return lo + (le - lo) * ((rank - prev) / (count - prev) if count > prev else 0)
+            lo, prev = le, count
+        return lo
+
+    nonempty = [le for (le, c), (_, p) in zip(buckets, [(0, 0.0)] + buckets[:-1]) if c > p]
+    return {"ticks": total, "p50_ms": quantile(0.5) * 1e3, "p99_ms": quantile(0.99) * 1e3,
+            "max_bucket_ms": (nonempty[-1] * 1e3) if nonempty else 0.0, "under_scrape_load": load}
+
+
+def sampler_cpu(gpus: int, interval: str, window: float) -> float:
+    t = exporter(gpus, interval)
+    try:
+        time.sleep(2)
+        c0, w0 = t.cpu_seconds(), time.monotonic()
+        time.sleep(window)
+        return (t.cpu_seconds() - c0) / (time.monotonic() - w0)
+    finally:
+        t.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short windows and fewer scrapes (smoke run)")
+    ap.add_argument("--out", default=str(HERE / "results.json"))
+    args = ap.parse_args()
+    scrapes = 100 if args.quick else 500
+    window = 3.0 if args.quick else 10.0
+    memory_scrapes = 1000 if args.quick else 10_000
+    gpu_counts = (1, 8, 64)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                 "python": platform.python_version()},
+                     "quick": args.quick, "scrape": [], "sampler_cpu": [], "lateness": [], "memory": {}}
+
+    print(f"# scrape latency: {scrapes} sequential scrapes per row, keep-alive, Prometheus's Accept header")
+    targets = [lambda n=n: exporter(n) for n in gpu_counts] + [node_exporter]
+    for make in targets:
+        t = make()
+        if t is None:
+            print("node_exporter not installed (apt-get install prometheus-node-exporter): skipped")
+            continue
+        try:
+            time.sleep(1.5)
+            for gz in (False, True):
+                row = {"target": t.name, "gzip": gz, **scrape_series(t.port, scrapes, gz)}
+                results["scrape"].append(row)
+                print(f"{t.name:18} gzip={gz!s:5} median {row['median_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms"
+                      f"  {row['samples']:5} samples  {row['bytes']:7} bytes")
+        finally:
+            t.stop()
+
+    print(f"# sampler CPU while idle (no scrapes), {window:g} s windows")
+    for interval in ("200ms", "50ms"):
+        for n in gpu_counts:
+            share = sampler_cpu(n, interval, window)
+            results["sampler_cpu"].append({"gpus": n, "interval": interval, "core_share": share})
+            print(f"{n:3} GPU @ {interval:5}: {share * 100:5.2f} % of one core")
+
+    print("# tick lateness at 200 ms with 8 GPUs")
+    t = exporter(8)
+    try:
+        time.sleep(1)
+        for load in (False, True):
+            row = lateness(t.port, window, load)
+            results["lateness"].append(row)
+            print(f"scrape load={load!s:5}: p50 {row['p50_ms']:.3f} ms  p99 {row['p99_ms']:.3f} ms  "
+                  f"max bucket <= {row['max_bucket_ms']:.2f} ms  ({row['ticks']:.0f} ticks)")
+    finally:
+        t.stop()
+
+    print(f"# memory with 8 GPUs: RSS after start and after {memory_scrapes} scrapes")
+    t = exporter(8)
+    try:
+        time.sleep(2)
+        rss0 = t.rss_bytes()
+        scrape_series(t.port, memory_scrapes, False)
+        rss1 = t.rss_bytes()
+    finally:
+        t.stop()
+    results["memory"] = {"rss_start_bytes": rss0, "rss_after_bytes": rss1, "scrapes": memory_scrapes}
+    print(f"RSS {rss0 / 1e6:.1f} MB -> {rss1 / 1e6:.1f} MB (+{(rss1 - rss0) / 1e6:.2f} MB)")
+
+    ne = [r for r in results["scrape"] if r["target"] == "node_exporter" and not r["gzip"]]
+    ex8 = [r for r in results["scrape"] if r["target"] == "exporter 8 GPU" and not r["gzip"]]
+    if ne and ex8:
+        results["p99_ratio_8gpu_vs_node_exporter"] = ex8[0]["p99_ms"] / ne[0]["p99_ms"]
+        print(f"# exporter (8 GPU) p99 / node_exporter p99 = {results['p99_ratio_8gpu_vs_node_exporter']:.2f}")
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
