@@ -205,6 +205,40 @@ class PrometheusServer:
         self._log.close()
 
 
+class Stack:
+    """The exporter (2 fake GPUs, 100 ms), the fake TTS service and a real Prometheus scraping both."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.exporter = ExporterProcess("--fake-gpus", "2", "--sample.interval", "100ms")
+        self.tts_port = free_port()
+        self.tts = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_tts.py"), "--port",
+                                     str(self.tts_port), "--seconds", "900"], cwd=REPO)
+        self.prom = PrometheusServer(workdir, {"gpu": [f"127.0.0.1:{self.exporter.port}"],
+                                               "tts": [f"127.0.0.1:{self.tts_port}"]})
+
+    def wait_ready(self, seconds_of_data: int = 14) -> None:
+        self.prom.wait_for('up{job="gpu"} == 1', timeout=30)
+        self.prom.wait_for('up{job="tts"} == 1', timeout=30)
+        # Enough scrapes for rate() windows of 10 s to sit inside the data.
+        self.prom.wait_for(f'count_over_time(gpu_up{{gpu="0"}}[1m]) >= {seconds_of_data}', timeout=60)
+
+    def stop(self) -> None:
+        self.prom.stop()
+        self.tts.terminate()
+        self.tts.wait(5)
+        self.exporter.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("prom"))
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
 @pytest.fixture
 def exporter_proc() -> Iterator[type[ExporterProcess]]:
     started: list[ExporterProcess] = []

@@ -99,10 +99,11 @@ def test_prometheusrule_is_the_rules_file(base):
             assert {"summary", "description", "runbook_url"} <= set(r["annotations"])
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("sync_rules", DEPLOY / "sync_rules.py")
-    sync_rules = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sync_rules)
-    assert sync_rules.TARGET.read_text() == sync_rules.render(), "run python3 deploy/sync_rules.py"
+    spec = importlib.util.spec_from_file_location("sync", DEPLOY / "sync.py")
+    sync = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync)
+    for target, kind in sync.TARGETS.items():
+        assert target.read_text() == sync.render(kind), f"{target} is stale: run python3 deploy/sync.py"
 
 
 def test_runtimeclass_overlay():

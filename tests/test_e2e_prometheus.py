@@ -7,23 +7,9 @@ import time
 import pytest
 
 from exporter.fake_nvml import FakeGpuSpec
-from tests.conftest import ExporterProcess, PrometheusServer, find_tool, http_get
+from tests.conftest import find_tool, http_get
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    exporter = ExporterProcess("--fake-gpus", "2", "--sample.interval", "100ms")
-    prom = PrometheusServer(tmp_path_factory.mktemp("prom"), {"gpu": [f"127.0.0.1:{exporter.port}"]})
-    try:
-        prom.wait_for('up{job="gpu"} == 1', timeout=30)
-        # Enough scrapes for rate() over several duty cycles (2 s each).
-        prom.wait_for('count_over_time(gpu_up{gpu="0"}[1m]) >= 14', timeout=40)
-        yield exporter, prom
-    finally:
-        prom.stop()
-        exporter.stop()
 
 
 def values(result: list[dict]) -> dict[str, float]:
@@ -31,7 +17,7 @@ def values(result: list[dict]) -> dict[str, float]:
 
 
 def test_gpu_and_cpu_gauges_are_plausible(stack):
-    _, prom = stack
+    prom = stack.prom
     assert values(prom.query("gpu_up")) == {"0": 1.0, "1": 1.0}
     for gpu, v in values(prom.query("gpu_utilization_ratio")).items():
         assert 0.05 <= v <= 1.0, (gpu, v)
@@ -47,7 +33,7 @@ def test_gpu_and_cpu_gauges_are_plausible(stack):
 
 
 def test_counters_increase(stack):
-    _, prom = stack
+    prom = stack.prom
     energy = values(prom.query("rate(gpu_energy_joules_total[10s])"))
     assert set(energy) == {"0", "1"}
     spec = FakeGpuSpec()
@@ -58,7 +44,7 @@ def test_counters_increase(stack):
 
 
 def test_fraction_below_40_percent_matches_the_duty_cycle(stack):
-    _, prom = stack
+    prom = stack.prom
     expr = ('sum by (gpu) (rate(gpu_sampled_utilization_ratio_bucket{le="0.4"}[10s]))'
             ' / sum by (gpu) (rate(gpu_sampled_utilization_ratio_count[8s]))')
     fractions = values(prom.query(expr))
@@ -70,14 +56,14 @@ def test_fraction_below_40_percent_matches_the_duty_cycle(stack):
 
 def test_sub_scrape_resolution(stack):
     """Prometheus scrapes every 1 s; the histograms hold every 100 ms sample."""
-    _, prom = stack
+    prom = stack.prom
     per_scrape = values(prom.query("rate(gpu_sampled_utilization_ratio_count[8s])"))
     for v in per_scrape.values():
         assert 8 <= v <= 11  # samples per second at a 100 ms interval
 
 
 def test_promtool_check_metrics_has_no_findings(stack):
-    exporter, _ = stack
+    exporter = stack.exporter
     for accept in ("", "application/openmetrics-text; version=1.0.0"):
         _, _, body = http_get(exporter.url + "/metrics", headers={"Accept": accept} if accept else {})
         if accept:
@@ -88,7 +74,7 @@ def test_promtool_check_metrics_has_no_findings(stack):
 
 
 def test_exporter_self_metrics(stack):
-    _, prom = stack
+    prom = stack.prom
     assert float(prom.query("exporter_nvml_up")[0]["value"][1]) == 1
     assert prom.query('exporter_build_info{nvml="fake"}')
     assert prom.query("process_resident_memory_bytes")

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""In-process micro-benchmark: one sampler tick, collect+render, one fake NVML call, for N GPUs.
+
+    .venv/bin/python bench/micro.py [--gpus 8] [--iterations 500]
+
+Prints figures; asserts nothing (timings belong here, not in tests). Runs in CI as a smoke test.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prometheus_client import CollectorRegistry  # noqa: E402
+
+from exporter.collector import SnapshotCollector  # noqa: E402
+from exporter.exposition import TextRenderer  # noqa: E402
+from exporter.fake_nvml import FakeNvml  # noqa: E402
+from exporter.sampler import Sampler  # noqa: E402
+from exporter.sources.nvml import NvmlSource  # noqa: E402
+from exporter.sources.procfs import ProcfsSource  # noqa: E402
+
+
+def per_call(fn, n: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds per call."""
+    w, c = time.perf_counter(), time.process_time()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - w) / n, (time.process_time() - c) / n
+
+
+def fmt(seconds: float) -> str:
+    return f"{seconds * 1e6:8.1f} us" if seconds < 1e-3 else f"{seconds * 1e3:8.2f} ms"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpus", type=int, default=8)
+    ap.add_argument("--iterations", type=int, default=500)
+    a = ap.parse_args()
+    fake = FakeNvml(a.gpus)
+    sampler = Sampler(NvmlSource(fake, "fake"), ProcfsSource("/proc"), interval=0.2)
+    for _ in range(3):
+        sampler.tick()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: sampler.snapshot))
+    renderer = TextRenderer()
+    handle = fake.nvmlDeviceGetHandleByIndex(0)
+    rows = [
+        ("tick", lambda: sampler.tick()),
+        ("collect+render text", lambda: renderer.render(registry.collect())),
+        ("collect+render openmetrics", lambda: renderer.render(registry.collect(), openmetrics=True)),
+        ("fake NVML call", lambda: fake.nvmlDeviceGetPowerUsage(handle)),
+    ]
+    print(f"# {a.gpus} fake GPUs, {a.iterations} iterations; wall and process CPU per call")
+    for label, fn in rows:
+        wall, cpu = per_call(fn, a.iterations)
+        print(f"{label:28} wall {fmt(wall)}   cpu {fmt(cpu)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,17 @@
+"""Smoke run of bench/micro.py: it must run and print its figures (timings are reported, never asserted)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+
+def test_micro_benchmark_prints_figures():
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "micro.py"), "--iterations", "20"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    for label in ("tick", "collect+render text", "collect+render openmetrics", "fake NVML call"):
+        assert re.search(rf"^{re.escape(label)}\s+.*\d+\.\d+ (us|ms)", r.stdout, re.M), (label, r.stdout)
