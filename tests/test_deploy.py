@@ -141,6 +141,12 @@ def test_compose_sidecar():
     exp = compose["gpu-telemetry-exporter"]
     assert exp["pid"] == "service:tts" and exp["read_only"] is True and "9445:9445" in exp["ports"]
     assert compose["tts"]["shm_size"]
+    # Grafana gets the provisioning and dashboards folders that exist in this repo.
+    for volume in compose["grafana"]["volumes"] + compose["prometheus"]["volumes"]:
+        source = volume.split(":")[0]
+        assert (DEPLOY / "compose" / source).resolve().exists(), volume
+    prom = yaml.safe_load((DEPLOY / "compose" / "prometheus.yml").read_text())
+    assert prom["scrape_configs"][0]["job_name"] == "gpu-telemetry-exporter"  # what the alert rules expect
 
 
 def dockerfile_stages() -> list[list[str]]:
