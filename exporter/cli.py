@@ -18,7 +18,9 @@ from exporter import __version__
 from exporter.collector import SnapshotCollector
 from exporter.sampler import Sampler
 from exporter.server import ListenAddressError, make_server, parse_listen_address
+from exporter.sources.cgroup import CgroupSource
 from exporter.sources.nvml import NvmlSource
+from exporter.sources.processes import ProcessAttributor
 from exporter.sources.procfs import ProcfsSource
 
 log = logging.getLogger("exporter")
@@ -53,6 +55,10 @@ class Config:
     log_level: str
     max_requests: int
     node_name: str
+    processes: bool
+    cgroupfs: str
+    cgroup_path: str
+    shm_path: str
 
 
 class _Parser(argparse.ArgumentParser):
@@ -80,6 +86,14 @@ def _build_parser() -> _Parser:
     flag("--fake-gpus", "0", "serve N simulated GPUs instead of real NVML (demos, tests)")
     flag("--log.level", "info", "log level: debug, info, warn, error")
     flag("--node.name", "", "node name for the `node` label of gpu_info (Kubernetes: from the downward API)")
+    flag("--path.cgroupfs", "/sys/fs/cgroup", "cgroup filesystem mount point")
+    flag("--cgroup.path", "", "cgroup to report CPU throttling and memory for, relative to --path.cgroupfs "
+                             "(default: the exporter's own)")
+    flag("--path.shm", "/dev/shm", "shared-memory mount to report (empty: off)")
+    env = env_name("--collector.processes")
+    p.add_argument("--collector.processes", action=argparse.BooleanOptionalAction,
+                   default=os.environ.get(env, "true").lower() not in ("0", "false", "no", "off"),
+                   help=f"per-process GPU memory and utilisation with container/pod labels [{env}] (default: on)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -109,7 +123,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
             raise ValueError(f"--path.procfs {procfs!r}: cannot read {stat}: {exc.strerror or exc}") from None
     except (ValueError, ListenAddressError) as exc:
         parser.error(str(exc))
-    return Config(a["web.listen_address"], path, interval, procfs, fake, level, max_requests, a["node.name"])
+    return Config(a["web.listen_address"], path, interval, procfs, fake, level, max_requests, a["node.name"],
+                  a["collector.processes"], a["path.cgroupfs"], a["cgroup.path"], a["path.shm"])
 
 
 def _non_negative_int(flag: str, value: Any) -> int:
@@ -141,18 +156,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    nvml, mode = _nvml_module(cfg)
-    sampler = Sampler(NvmlSource(nvml, mode), ProcfsSource(cfg.procfs), interval=cfg.sample_interval)
-
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name))
-    ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost
-    try:
-        server = make_server(cfg.listen_address, registry, sampler.health, cfg.telemetry_path, cfg.max_requests)
+    sampler: Sampler | None = None
+    try:  # bind first: a taken port is a one-line error before anything else is set up or logged
+        server = make_server(cfg.listen_address, registry, lambda: sampler.health(), cfg.telemetry_path,
+                             cfg.max_requests)
     except OSError as exc:
         print(f"gpu-telemetry-exporter: error: cannot listen on {cfg.listen_address}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 2
+
+    nvml, mode = _nvml_module(cfg)
+    try:
+        cgroup: CgroupSource | None = CgroupSource(cfg.cgroupfs, cfg.cgroup_path)
+        if not cgroup.available:
+            cgroup = None
+    except OSError as exc:
+        log.warning("cgroup metrics off: %s", exc)
+        cgroup = None
+    sampler = Sampler(NvmlSource(nvml, mode, collect_processes=cfg.processes), ProcfsSource(cfg.procfs),
+                      interval=cfg.sample_interval, cgroup=cgroup, shm_path=cfg.shm_path or None,
+                      attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None)
+    registry.register(SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name))
+    ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -73,7 +73,9 @@ class SnapshotCollector(Collector):
         snap = self._snapshot()
         yield from self._exporter_families(snap)
         yield from self._gpu_families(snap)
+        yield from self._process_families(snap)
         yield from self._host_families(snap)
+        yield from self._cgroup_families(snap)
 
     # ---- the exporter itself -----------------------------------------------------------------------
     def _exporter_families(self, snap: Snapshot) -> Iterator[Metric]:
@@ -201,6 +203,65 @@ class SnapshotCollector(Collector):
             for name, secs in g.clock_event_seconds:
                 seconds.add_metric(_labels(g) + [name], secs)
         yield seconds
+
+    # ---- processes ---------------------------------------------------------------------------------
+    def _process_families(self, snap: Snapshot) -> Iterator[Metric]:
+        labels = GPU_LABELS + ["pid", "comm", "container_id", "pod_uid"]
+        memory = GaugeMetricFamily("gpu_process_memory_used_bytes",
+                                   "GPU memory held by a process (nvmlDeviceGet{Compute,Graphics}RunningProcesses).",
+                                   labels=labels)
+        sm = GaugeMetricFamily("gpu_process_sm_utilization_ratio",
+                               "SM utilisation of a process, latest driver sample (nvmlDeviceGetProcessUtilization).",
+                               labels=labels)
+        who = dict(snap.processes)
+        for g in snap.gpus:
+            if not g.up or g.reading is None or not g.reading.processes:
+                continue
+            for p in g.reading.processes:
+                ident = who.get(p.pid)
+                values = _labels(g) + [str(p.pid), ident.comm if ident else "", ident.container_id if ident else "",
+                                       ident.pod_uid if ident else ""]
+                if p.used_memory_bytes is not None:
+                    memory.add_metric(values, p.used_memory_bytes)
+                if p.sm_utilization is not None:
+                    sm.add_metric(values, p.sm_utilization)
+        yield memory
+        yield sm
+
+    # ---- cgroup and /dev/shm ------------------------------------------------------------------------
+    def _cgroup_families(self, snap: Snapshot) -> Iterator[Metric]:
+        c = snap.cgroup
+        if c is not None:
+            for kind, name, doc, value in (
+                ("counter", "cgroup_cpu_usage_seconds", "CPU time used by the cgroup (cpu.stat usage_usec; "
+                                                        "v1 cpuacct.usage).", c.cpu_usage_seconds),
+                ("counter", "cgroup_cpu_throttled_seconds", "Time the cgroup was throttled by its CPU quota "
+                                                            "(cpu.stat throttled_usec; v1 throttled_time).",
+                 c.cpu_throttled_seconds),
+                ("counter", "cgroup_cpu_throttled_periods", "Enforcement periods in which the cgroup was throttled "
+                                                            "(cpu.stat nr_throttled).", c.cpu_throttled_periods),
+                ("counter", "cgroup_cpu_periods", "Enforcement periods elapsed (cpu.stat nr_periods).", c.cpu_periods),
+                ("gauge", "cgroup_cpu_limit_cores", "CPU quota in cores (cpu.max; v1 cfs_quota_us / cfs_period_us); "
+                                                    "absent when unlimited.", c.cpu_limit_cores),
+                ("gauge", "cgroup_memory_usage_bytes", "Memory charged to the cgroup (memory.current; "
+                                                       "v1 memory.usage_in_bytes).", c.memory_usage_bytes),
+                ("gauge", "cgroup_memory_limit_bytes", "Memory limit (memory.max; v1 memory.limit_in_bytes); "
+                                                       "absent when unlimited.", c.memory_limit_bytes),
+            ):
+                if value is not None:
+                    fam = _family(kind, name, doc, ["cgroup"])
+                    fam.add_metric([c.path], value)
+                    yield fam
+        shm = snap.shm
+        if shm is not None:
+            size = GaugeMetricFamily("host_shm_size_bytes", "Size of the shared-memory mount (statvfs).",
+                                     labels=["path"])
+            size.add_metric([shm.path], shm.size_bytes)
+            used = GaugeMetricFamily("host_shm_used_bytes", "Bytes used on the shared-memory mount (statvfs).",
+                                     labels=["path"])
+            used.add_metric([shm.path], shm.used_bytes)
+            yield size
+            yield used
 
     # ---- host --------------------------------------------------------------------------------------
     def _host_families(self, snap: Snapshot) -> Iterator[Metric]:

@@ -121,6 +121,7 @@ class FakeNvml:
         self.calls: Counter[str] = Counter()
         self._calls_lock = threading.Lock()
         self._faults: dict[tuple[int | None, str], _Fault] = {}
+        self._processes: dict[int, list[tuple[int, int | None]]] = {}  # set_processes() overrides
         self._init_refcount = 0
         if pcie_throughput_latency_s:
             for gpu in range(self.gpu_count):
@@ -150,6 +151,23 @@ class FakeNvml:
         """Remove faults (of one GPU, or all); the default PCIe latency is removed too."""
         for key in [k for k in self._faults if gpu is None or k[0] == gpu]:
             del self._faults[key]
+
+    def set_processes(self, gpu: int, processes: list[tuple[int, int | None]] | None) -> None:
+        """Fix GPU `gpu`'s compute processes as (pid, used bytes or None); None restores the schedule."""
+        if processes is None:
+            self._processes.pop(gpu, None)
+        else:
+            self._processes[gpu] = list(processes)
+
+    def processes_at(self, gpu: int, t: float) -> list[tuple[int, int | None]]:
+        """Default schedule: the TTS server (pid 4000+gpu) holds the model; every other 10 s a batch job
+        (pid 5000+gpu) appears with 2 GiB, so series come and go."""
+        if gpu in self._processes:
+            return self._processes[gpu]
+        procs: list[tuple[int, int | None]] = [(4000 + gpu, self._memory_used(gpu, t) - 2 * 1024 * MIB)]
+        if int(t // 10) % 2 == 0:
+            procs.append((5000 + gpu, 2 * 1024 * MIB))
+        return procs
 
     def _enter(self, call: str, gpu: int | None) -> None:
         with self._calls_lock:
@@ -278,6 +296,38 @@ class FakeNvml:
             out.total, out.used = s.memory_total_bytes, used + reserved
             out.free = s.memory_total_bytes - used - reserved
         return out
+
+    # ---- processes -------------------------------------------------------------------------------
+    @_nvml_call
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeHandle) -> list[Any]:
+        out = []
+        for pid, used in self.processes_at(handle.index, self._now()):
+            info = pynvml.c_nvmlProcessInfo_v2_t()
+            info.pid, info.usedGpuMemory = pid, pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value if used is None else used
+            obj = pynvml.nvmlStructToFriendlyObject(info)
+            if obj.usedGpuMemory == pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value:
+                obj.usedGpuMemory = None  # as pynvml does
+            out.append(obj)
+        return out
+
+    @_nvml_call
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: FakeHandle) -> list[Any]:
+        return []  # a headless inference server runs no graphics contexts
+
+    @_nvml_call
+    def nvmlDeviceGetProcessUtilization(self, handle: FakeHandle, timeStamp: int) -> list[Any]:
+        """One sample per process, stamped now; NotFound when nothing is newer than timeStamp."""
+        now_us = int(self.clock() * 1e6)
+        if now_us <= timeStamp:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        util = self.utilization_at(handle.index, self._now())
+        samples = []
+        for i, (pid, _) in enumerate(self.processes_at(handle.index, self._now())):
+            sample = pynvml.c_nvmlProcessUtilizationSample_t()
+            sample.pid, sample.timeStamp = pid, now_us
+            sample.smUtil = util if i == 0 else util // 4
+            samples.append(sample)
+        return samples
 
     # ---- PCIe ------------------------------------------------------------------------------------
     def _pcie_bytes(self, gpu: int, t: float, direction: str) -> int:

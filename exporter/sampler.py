@@ -26,8 +26,11 @@ from exporter.snapshot import (
     SamplerStats,
     Snapshot,
 )
+from exporter.sources.cgroup import CgroupSource
 from exporter.sources.nvml import GpuReader, NvmlSource
+from exporter.sources.processes import ProcessAttributor
 from exporter.sources.procfs import ProcfsSource
+from exporter.sources.shm import read_shm
 from exporter.transitions import TransitionLog
 
 log = logging.getLogger("exporter.sampler")
@@ -96,9 +99,16 @@ class Sampler:
         procfs: ProcfsSource,
         interval: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        cgroup: CgroupSource | None = None,
+        shm_path: str | None = None,
+        attributor: ProcessAttributor | None = None,
     ) -> None:
         self.nvml = nvml
         self.procfs = procfs
+        self.cgroup = cgroup
+        self.shm_path = shm_path
+        self.attributor = attributor
         self.interval = interval
         self._clock = clock
         self._results: queue.SimpleQueue = queue.SimpleQueue()
@@ -178,6 +188,10 @@ class Sampler:
         self._transitions.update("procfs", {n: f"cannot read or parse {n}" for n in host.errors})
         if host.cpu_utilization is not None:
             self._host_cpu.observe(host.cpu_utilization)
+        cgroup = self.cgroup.read() if self.cgroup is not None else None
+        for name in cgroup.errors if cgroup else ():
+            self._errors[("cgroup", name)] += 1
+        shm = read_shm(self.shm_path) if self.shm_path else None
 
         fresh: dict[int, GpuReading] = {}
         if to_read:
@@ -186,6 +200,10 @@ class Sampler:
                 self._abandon_reader(now)
             self._durations["nvml"].observe(time.perf_counter() - procfs_started)
         gpus = tuple(self._gpu_state(r, fresh.get(r.index), now) for r in self.nvml.readers)
+        processes: tuple = ()
+        if self.attributor is not None:
+            pids = {p.pid for g in gpus if g.reading and g.reading.processes for p in g.reading.processes}
+            processes = tuple(sorted(self.attributor.lookup(pids).items()))
 
         self._durations["all"].observe(time.perf_counter() - tick_started)
         snap = Snapshot(
@@ -203,6 +221,9 @@ class Sampler:
                 lateness=self._lateness.freeze(),
             ),
             interval=self.interval,
+            processes=processes,
+            cgroup=cgroup,
+            shm=shm,
         )
         self.snapshot = snap  # a single reference assignment: scrapes see the old or the new, whole
         return snap

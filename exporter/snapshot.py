@@ -4,7 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from exporter.histogram import HistogramSnapshot
+from exporter.sources.cgroup import CgroupReading
+from exporter.sources.processes import ProcessIdentity
 from exporter.sources.procfs import HostReading
+from exporter.sources.shm import ShmReading
 
 # Clock event ("throttle") reason bits, from nvml.h's nvmlClocksEventReason*, with the label we export.
 CLOCK_EVENT_REASONS: tuple[tuple[int, str], ...] = (
@@ -31,6 +34,13 @@ class GpuIdentity:
 
 
 @dataclass(frozen=True, slots=True)
+class GpuProcess:
+    pid: int  # host PID, as NVML reports it
+    used_memory_bytes: int | None  # None where NVML cannot tell (usedGpuMemory not available)
+    sm_utilization: float | None  # ratio, from the latest per-process sample; None without one
+
+
+@dataclass(frozen=True, slots=True)
 class GpuReading:
     """One read of one GPU, in base units. None: not supported by this GPU, or the call failed."""
 
@@ -48,6 +58,7 @@ class GpuReading:
     sm_clock_hertz: float | None = None
     memory_clock_hertz: float | None = None
     clock_event_reasons: int | None = None  # bitmask
+    processes: tuple[GpuProcess, ...] | None = None  # None: not collected or not supported
     errors: tuple[str, ...] = ()  # NVML calls that failed with something other than NotSupported
     lost: bool = False  # GpuIsLost / ResetRequired
 
@@ -103,3 +114,6 @@ class Snapshot:
     host_cpu_hist: HistogramSnapshot | None
     stats: SamplerStats | None
     interval: float = field(default=0.2)
+    processes: tuple[tuple[int, ProcessIdentity], ...] = ()  # who each GPU process pid is
+    cgroup: CgroupReading | None = None
+    shm: ShmReading | None = None

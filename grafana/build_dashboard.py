@@ -108,6 +108,23 @@ ROWS: list[tuple[str, list[dict]]] = [
                 .join(["1 - (", ")"]), "{{instance}} GPU {{gpu}} {{direction}} share of samples > 90 %")],
               w=12, max_value=1, thresholds=_thresholds((None, "green"), (0.9, "red")), line=True),
     ]),
+    ("Who uses the GPU, and what starves it", [
+        panel("timeseries", "GPU memory by process", "bytes",
+              [(f"sum by (instance, gpu, pid, comm, pod_uid) (gpu_process_memory_used_bytes{{{SEL}}})",
+                "{{instance}} GPU {{gpu}} {{comm}} ({{pid}}) pod {{pod_uid}}")],
+              w=10, description="Per process from NVML; container and pod from the process's cgroup."),
+        panel("timeseries", "Container CPU: used and throttled", "short",
+              [(f"rate(cgroup_cpu_usage_seconds_total{{{HOST}}}[$__rate_interval])", "{{cgroup}} used (cores)"),
+               (f"rate(cgroup_cpu_throttled_seconds_total{{{HOST}}}[$__rate_interval])",
+                "{{cgroup}} throttled (s/s)")],
+              w=7, description="CPU quota throttling of the watched cgroup (--cgroup.path). Compare with "
+                               "cgroup_cpu_limit_cores where a limit is set."),
+        panel("timeseries", "Shared memory (/dev/shm)", "bytes",
+              [(f"host_shm_size_bytes{{{HOST}}}", "{{instance}} {{path}} size"),
+               (f"host_shm_used_bytes{{{HOST}}}", "{{instance}} {{path}} used")],
+              w=7, thresholds=_thresholds((None, "red"), (1073741824, "green")),
+              description="Under 1 GiB beside a DataLoader: \"Bus error\" (Docker's default is 64 MB)."),
+    ]),
     ("Memory, power, temperature", [
         panel("timeseries", "GPU memory used vs total", "bytes",
               [(f"gpu_memory_used_bytes{{{SEL}}}", "{{instance}} GPU {{gpu}} used"),

@@ -78,9 +78,9 @@ def clock() -> ManualClock:
 
 
 def make_sampler(nvml: FakeNvml | None, procfs_root: Path, interval: float = 0.2, clock=time.monotonic,
-                 mode: str = "fake") -> Sampler:
+                 mode: str = "fake", **extra) -> Sampler:
     return Sampler(NvmlSource(nvml, mode, backoff_initial_s=0.01, backoff_max_s=0.02),
-                   ProcfsSource(procfs_root), interval=interval, clock=clock)
+                   ProcfsSource(procfs_root), interval=interval, clock=clock, **extra)
 
 
 def families(sampler: Sampler) -> dict:

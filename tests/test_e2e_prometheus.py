@@ -80,3 +80,13 @@ def test_exporter_self_metrics(stack):
     assert prom.query("process_resident_memory_bytes")
     assert prom.query('rate(exporter_samples_total[10s]) > 5')
     assert not prom.query("python_gc_objects_collected_total")  # gc/platform collectors dropped
+
+
+def test_process_cgroup_and_shm_series(stack):
+    prom = stack.prom
+    procs = prom.query("gpu_process_memory_used_bytes")
+    assert {r["metric"]["gpu"] for r in procs} == {"0", "1"}
+    assert {"pid", "comm", "container_id", "pod_uid"} <= set(procs[0]["metric"]) | {"comm", "container_id",
+                                                                                      "pod_uid"}
+    assert prom.query("rate(cgroup_cpu_usage_seconds_total[10s]) > 0")  # the exporter's own cgroup, real kernel
+    assert float(prom.query("host_shm_size_bytes")[0]["value"][1]) > 0

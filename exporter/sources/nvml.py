@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from exporter.snapshot import GpuIdentity, GpuReading, NvmlStatus
+from exporter.snapshot import GpuIdentity, GpuProcess, GpuReading, NvmlStatus
 from exporter.sources.pcie import CounterReading, counter_rate, link_bytes_per_second
 from exporter.transitions import TransitionLog
 
@@ -27,6 +27,7 @@ _LOST_ERRORS = ("NVMLError_GpuIsLost", "NVMLError_ResetRequired")
 # Calls that mean "this GPU/driver cannot do that" rather than "it failed this time".
 _UNSUPPORTED_ERRORS = ("NVMLError_NotSupported", "NVMLError_FunctionNotFound")
 _REOPEN_BACKOFF_S = 5.0
+PROCESS_REFRESH_S = 1.0  # process lists change slowly; two list calls per GPU per tick are not worth it
 
 
 class _GpuLost(Exception):
@@ -103,8 +104,13 @@ class BlockingPcieThroughput:
 class GpuReader:
     """Reads one GPU. Not thread-safe: one worker thread owns it."""
 
-    def __init__(self, nvml: Any, index: int, pcie_fallback: BlockingPcieThroughput) -> None:
+    def __init__(self, nvml: Any, index: int, pcie_fallback: BlockingPcieThroughput,
+                 collect_processes: bool = True) -> None:
         self.nvml = nvml
+        self.collect_processes = collect_processes
+        self._processes: tuple[GpuProcess, ...] | None = None
+        self._processes_at = float("-inf")
+        self._process_util_seen = 0  # newest per-process sample timestamp NVML returned (us)
         self.index = index
         self.handle: Any = None
         self.identity = GpuIdentity(index, "", "", "", None)
@@ -116,8 +122,11 @@ class GpuReader:
         self._errors: list[str] = []
 
     # ---- calling NVML ------------------------------------------------------------------------------
-    def _call(self, name: str, *args: Any, key: str | None = None, **kwargs: Any) -> Any:
-        """Call nvml.<name>(handle, ...); None when unsupported or failed (failures are recorded)."""
+    def _call(self, name: str, *args: Any, key: str | None = None, quiet: tuple[str, ...] = (), **kwargs: Any) -> Any:
+        """Call nvml.<name>(handle, ...); None when unsupported or failed (failures are recorded).
+
+        Errors named in `quiet` are answers, not failures (NotFound from a "since" query: nothing new).
+        """
         key = key or name
         if key in self.unsupported:
             return None
@@ -130,6 +139,8 @@ class GpuReader:
             return fn(self.handle, *args, **kwargs)
         except Exception as exc:
             err = _error_name(exc)
+            if err in quiet:
+                return None
             if err in _UNSUPPORTED_ERRORS or isinstance(exc, TypeError):
                 self.unsupported.add(key)
                 log.info("GPU %d: %s not supported (%s); omitted from now on", self.index, key, err)
@@ -219,6 +230,37 @@ class GpuReader:
         if reasons is None and "nvmlDeviceGetCurrentClocksEventReasons" in self.unsupported:
             reasons = self._call("nvmlDeviceGetCurrentClocksThrottleReasons")  # name before R535
         v["clock_event_reasons"] = reasons
+        if self.collect_processes:
+            v["processes"] = self._read_processes()
+
+    def _read_processes(self) -> tuple[GpuProcess, ...] | None:
+        now = time.monotonic()
+        if now - self._processes_at < PROCESS_REFRESH_S:
+            return self._processes
+        self._processes_at = now
+        memory: dict[int, int | None] = {}
+        supported = False
+        for call in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+            procs = self._call(call)
+            if procs is None:
+                continue
+            supported = True
+            for p in procs:  # a process in both lists holds one allocation: keep the larger figure
+                used = p.usedGpuMemory
+                memory[p.pid] = max(used, memory.get(p.pid) or 0) if used is not None else memory.get(p.pid)
+        if not supported:
+            self._processes = None
+            return None
+        util: dict[int, tuple[int, float]] = {}
+        samples = self._call("nvmlDeviceGetProcessUtilization", self._process_util_seen,
+                             quiet=("NVMLError_NotFound",))
+        for sample in samples or ():
+            if sample.timeStamp and sample.smUtil <= 100 and sample.timeStamp >= util.get(sample.pid, (0, 0))[0]:
+                util[sample.pid] = (sample.timeStamp, sample.smUtil / 100.0)
+            self._process_util_seen = max(self._process_util_seen, sample.timeStamp)
+        self._processes = tuple(GpuProcess(pid, used, util[pid][1] if pid in util else None)
+                                for pid, used in sorted(memory.items()))
+        return self._processes
 
     def _read_pcie(self, v: dict[str, Any]) -> None:
         if "pcie_counters" not in self.unsupported:
@@ -266,8 +308,10 @@ class NvmlSource:
         *,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
+        collect_processes: bool = True,
     ) -> None:
         self.nvml = nvml
+        self.collect_processes = collect_processes
         self.mode = mode  # "real" or "fake"; becomes "absent" while the library cannot be loaded
         self.readers: list[GpuReader] = []
         self.status = NvmlStatus(mode, False, None, "not initialised yet")
@@ -302,7 +346,7 @@ class NvmlSource:
                 self._down(self.mode, f"NVML initialisation failed in {call}: {exc} ({err})", now)
             return call
         assert self._pcie_fallback is not None
-        self.readers = [GpuReader(nvml, i, self._pcie_fallback) for i in range(count)]
+        self.readers = [GpuReader(nvml, i, self._pcie_fallback, self.collect_processes) for i in range(count)]
         self.generation += 1
         self._delay = self._backoff_initial
         if self.mode == "absent":

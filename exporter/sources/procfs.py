@@ -5,9 +5,10 @@ a single read gives is exactly the figure that hides jitter.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from exporter.sources.kernfile import KernelFile
 
 # /proc/stat cpu columns: user nice system idle iowait irq softirq steal guest guest_nice.
 # guest and guest_nice are already counted inside user and nice, so they are left out of the total.
@@ -81,42 +82,12 @@ def parse_meminfo(text: str) -> dict[str, int]:
     return fields
 
 
-class _ProcFile:
-    """A procfs file kept open and re-read with pread: the kernel regenerates it on every read."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def read(self) -> str:
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY)
-        try:
-            chunks = []
-            offset = 0
-            while True:
-                chunk = os.pread(self._fd, 65536, offset)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                offset += len(chunk)
-            return b"".join(chunks).decode("ascii")
-        except OSError:
-            self.close()  # reopen next time: the mount may have changed under us
-            raise
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
 class ProcfsSource:
     """Reads /proc/stat and /proc/meminfo; keeps the previous CPU times to compute deltas."""
 
     def __init__(self, procfs: str | Path = "/proc") -> None:
-        self._stat = _ProcFile(Path(procfs) / "stat")
-        self._meminfo = _ProcFile(Path(procfs) / "meminfo")
+        self._stat = KernelFile(Path(procfs) / "stat")
+        self._meminfo = KernelFile(Path(procfs) / "meminfo")
         self._prev: dict[str, CpuTimes] = {}
 
     def read(self) -> HostReading:

@@ -1,0 +1,51 @@
+"""Who a GPU process is: its command name and container/pod, from the (host's) procfs.
+
+NVML reports host PIDs; with hostPID (DaemonSet) or a shared PID namespace (sidecar) they are visible
+under --path.procfs. A process that exits between NVML's list and this read simply gets empty labels
+and is gone from the next list: no error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from exporter.sources.cgroup import container_of, parse_proc_cgroup
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessIdentity:
+    comm: str = ""
+    container_id: str = ""
+    pod_uid: str = ""
+
+
+class ProcessAttributor:
+    def __init__(self, procfs: str | Path = "/proc") -> None:
+        self._procfs = Path(procfs)
+        self._cache: dict[int, ProcessIdentity] = {}
+
+    def lookup(self, pids: Iterable[int]) -> dict[int, ProcessIdentity]:
+        """Identity of each pid; cached while the pid keeps appearing, forgotten once it does not."""
+        out: dict[int, ProcessIdentity] = {}
+        for pid in pids:
+            ident = self._cache.get(pid)
+            if ident is None:
+                ident = self._read(pid)
+                if ident is not None:
+                    self._cache[pid] = ident
+                else:
+                    ident = ProcessIdentity()
+            out[pid] = ident
+        self._cache = {pid: self._cache[pid] for pid in out if pid in self._cache}
+        return out
+
+    def _read(self, pid: int) -> ProcessIdentity | None:
+        base = self._procfs / str(pid)
+        try:
+            comm = (base / "comm").read_text().strip()
+            cgroups = parse_proc_cgroup((base / "cgroup").read_text())
+        except (OSError, UnicodeDecodeError):
+            return None  # exited, or not visible from this PID namespace
+        container, pod = container_of(cgroups)
+        return ProcessIdentity(comm, container, pod)

@@ -1,0 +1,184 @@
+"""cgroup v2/v1 accounting, container/pod attribution for every cgroup layout, /dev/shm."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from exporter.fake_nvml import FakeNvml
+from exporter.sources.cgroup import CgroupSource, container_of, parse_cpu_max, parse_proc_cgroup
+from exporter.sources.processes import ProcessAttributor
+from exporter.sources.shm import read_shm
+from tests.conftest import families, make_sampler
+
+CID = "3f2a" + "0" * 56 + "beef"
+UID = "0e3c6d1a-8a7b-4c2d-9e1f-123456789abc"
+LAYOUTS = {
+    "v2 systemd containerd": (f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+                              f"{UID.replace('-', '_')}.slice/cri-containerd-{CID}.scope\n", CID, UID),
+    "v2 systemd cri-o guaranteed": (f"0::/kubepods.slice/kubepods-pod{UID.replace('-', '_')}.slice/crio-{CID}.scope\n",
+                                    CID, UID),
+    "v1 cgroupfs kubepods": (f"12:memory:/kubepods/burstable/pod{UID}/{CID}\n"
+                             f"4:cpu,cpuacct:/kubepods/burstable/pod{UID}/{CID}\n1:name=systemd:/kubepods/burstable/"
+                             f"pod{UID}/{CID}\n", CID, UID),
+    "v2 docker": (f"0::/system.slice/docker-{CID}.scope\n", CID, ""),
+    "v1 docker": (f"5:cpu,cpuacct:/docker/{CID}\n3:memory:/docker/{CID}\n", CID, ""),
+    "not in a container": ("0::/user.slice/user-1000.slice/session-2.scope\n", "", ""),
+    "v1 host process": ("4:cpu,cpuacct:/\n3:memory:/user.slice\n", "", ""),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_container_and_pod_from_every_cgroup_layout(layout):
+    text, container, pod = LAYOUTS[layout]
+    assert container_of(parse_proc_cgroup(text)) == (container, pod)
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def v2_tree(root: Path, rel: str, usage_us: int, periods: int, throttled: int, throttled_us: int,
+            cpu_max: str = "150000 100000", mem_max: str = "4294967296") -> None:
+    write(root / "cgroup.controllers", "cpu memory\n")
+    d = root / rel.lstrip("/")
+    write(d / "cpu.stat", f"usage_usec {usage_us}\nuser_usec 1\nsystem_usec 1\nnr_periods {periods}\n"
+                          f"nr_throttled {throttled}\nthrottled_usec {throttled_us}\n")
+    write(d / "cpu.max", cpu_max + "\n")
+    write(d / "memory.current", "1048576\n")
+    write(d / "memory.max", mem_max + "\n")
+
+
+def test_v2_counters_advance_and_limits(tmp_path):
+    root = tmp_path / "cgroup"
+    rel = "/kubepods.slice/tts.scope"
+    v2_tree(root, rel, 1_000_000, 10, 2, 50_000)
+    src = CgroupSource(root, path=rel)
+    r = src.read()
+    assert src.v2 and r.path == rel and r.errors == ()
+    assert (r.cpu_usage_seconds, r.cpu_periods, r.cpu_throttled_periods) == (1.0, 10, 2)
+    assert r.cpu_throttled_seconds == pytest.approx(0.05) and r.cpu_limit_cores == 1.5
+    assert (r.memory_usage_bytes, r.memory_limit_bytes) == (1048576, 4294967296)
+    v2_tree(root, rel, 3_500_000, 30, 12, 650_000, cpu_max="max 100000", mem_max="max")
+    r = src.read()  # same open files, new contents
+    assert (r.cpu_usage_seconds, r.cpu_periods, r.cpu_throttled_periods) == (3.5, 30, 12)
+    assert r.cpu_limit_cores is None and r.memory_limit_bytes is None  # unlimited: absent, not infinite
+
+
+def test_v2_own_cgroup_from_proc_self(tmp_path):
+    root = tmp_path / "cgroup"
+    v2_tree(root, "/pod/exporter", 5, 0, 0, 0)
+    self_cgroup = tmp_path / "self-cgroup"
+    self_cgroup.write_text("0::/pod/exporter\n")
+    assert CgroupSource(root, self_cgroup=self_cgroup).read().cpu_usage_seconds == 5e-6
+
+
+def test_v2_private_namespace_falls_back_to_mount_root(tmp_path):
+    root = tmp_path / "cgroup"
+    v2_tree(root, "/", 7, 0, 0, 0)
+    self_cgroup = tmp_path / "self-cgroup"
+    self_cgroup.write_text("0::/\n")
+    assert CgroupSource(root, self_cgroup=self_cgroup).read().cpu_usage_seconds == 7e-6
+
+
+@pytest.mark.parametrize("combined", [True, False])
+def test_v1_fallback(tmp_path, combined):
+    root = tmp_path / "cgroup"
+    rel = f"/kubepods/burstable/pod{UID}/{CID}"
+    cpu = root / ("cpu,cpuacct" if combined else "cpu") / rel.lstrip("/")
+    acct = cpu if combined else root / "cpuacct" / rel.lstrip("/")
+    write(cpu / "cpu.stat", "nr_periods 40\nnr_throttled 10\nthrottled_time 2500000000\n")
+    write(cpu / "cpu.cfs_quota_us", "50000\n")
+    write(cpu / "cpu.cfs_period_us", "100000\n")
+    write(acct / "cpuacct.usage", "12000000000\n")
+    write(root / "memory" / rel.lstrip("/") / "memory.usage_in_bytes", "2048\n")
+    write(root / "memory" / rel.lstrip("/") / "memory.limit_in_bytes", "9223372036854771712\n")
+    self_cgroup = tmp_path / "self"
+    ctrl = "cpu,cpuacct" if combined else "cpu"
+    self_cgroup.write_text(f"4:{ctrl}:{rel}\n3:memory:{rel}\n" + ("" if combined else f"2:cpuacct:{rel}\n"))
+    src = CgroupSource(root, self_cgroup=self_cgroup)
+    r = src.read()
+    assert not src.v2 and r.errors == ()
+    assert (r.cpu_usage_seconds, r.cpu_periods, r.cpu_throttled_periods) == (12.0, 40, 10)
+    assert r.cpu_throttled_seconds == 2.5 and r.cpu_limit_cores == 0.5
+    assert r.memory_usage_bytes == 2048 and r.memory_limit_bytes is None  # PAGE_COUNTER_MAX = unlimited
+
+
+def test_missing_files_are_errors_not_exceptions(tmp_path):
+    root = tmp_path / "cgroup"
+    v2_tree(root, "/x", 1, 0, 0, 0)
+    src = CgroupSource(root, path="/x")
+    (root / "x" / "cpu.stat").unlink()
+    src._files["cpu.stat"].close()
+    r = src.read()
+    assert "cpu.stat" in r.errors and r.cpu_usage_seconds is None and r.memory_usage_bytes == 1048576
+
+
+def test_parse_cpu_max():
+    assert parse_cpu_max("max 100000") is None and parse_cpu_max("250000 100000") == 2.5
+
+
+def test_attribution_of_gpu_processes(tmp_path, procfs):
+    write(procfs.root / "4000" / "comm", "chattts-server\n")
+    write(procfs.root / "4000" / "cgroup", LAYOUTS["v2 systemd containerd"][0])
+    write(procfs.root / "4001" / "comm", "python\n")
+    write(procfs.root / "4001" / "cgroup", LAYOUTS["not in a container"][0])
+    attributor = ProcessAttributor(procfs.root)
+    who = attributor.lookup([4000, 4001, 4999])  # 4999 exited before we looked: empty labels, no error
+    assert who[4000].comm == "chattts-server" and (who[4000].container_id, who[4000].pod_uid) == (CID, UID)
+    assert who[4001].container_id == "" and who[4999].comm == ""
+    (procfs.root / "4000" / "comm").write_text("renamed\n")
+    assert attributor.lookup([4000])[4000].comm == "chattts-server"  # cached while the pid lives
+    attributor.lookup([])  # 4000 exited: forgotten
+    assert attributor.lookup([4000])[4000].comm == "renamed"
+
+
+def test_process_series_appear_and_vanish_with_labels(procfs):
+    write(procfs.root / "4000" / "comm", "chattts-server\n")
+    write(procfs.root / "4000" / "cgroup", LAYOUTS["v1 cgroupfs kubepods"][0])
+    fake = FakeNvml(2)
+    fake.set_processes(0, [(4000, 3 * 2**30), (7777, None)])
+    fake.set_processes(1, [])
+    s = make_sampler(fake, procfs.root, attributor=ProcessAttributor(procfs.root))
+    s.tick()
+    fams = families(s)
+    mem = {(x.labels["gpu"], x.labels["pid"]): x for x in fams["gpu_process_memory_used_bytes"].samples}
+    assert set(mem) == {("0", "4000")}  # 7777's memory is "not available": no value, no made-up zero
+    labels = mem[("0", "4000")].labels
+    assert (labels["comm"], labels["container_id"], labels["pod_uid"]) == ("chattts-server", CID, UID)
+    assert mem[("0", "4000")].value == 3 * 2**30
+    assert {x.labels["pid"] for x in fams["gpu_process_sm_utilization_ratio"].samples} == {"4000", "7777"}
+    fake.set_processes(0, [])
+    for reader in s.nvml.readers:
+        reader._processes_at = float("-inf")  # skip the 1 s refresh wait
+    s.tick()
+    assert families(s)["gpu_process_memory_used_bytes"].samples == []
+
+
+def test_processes_collector_can_be_switched_off(procfs):
+    from exporter.sampler import Sampler
+    from exporter.sources.nvml import NvmlSource
+    from exporter.sources.procfs import ProcfsSource
+
+    fake = FakeNvml(1)
+    s = Sampler(NvmlSource(fake, "fake", collect_processes=False), ProcfsSource(procfs.root))
+    s.tick()
+    assert families(s)["gpu_process_memory_used_bytes"].samples == []
+    assert fake.calls["nvmlDeviceGetComputeRunningProcesses"] == 0
+
+
+def test_cgroup_and_shm_families(tmp_path, procfs):
+    root = tmp_path / "cgroup"
+    v2_tree(root, "/tts", 2_000_000, 100, 25, 400_000)
+    shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path)
+    s = make_sampler(FakeNvml(1), procfs.root, cgroup=CgroupSource(root, path="/tts"), shm_path=shm_dir)
+    s.tick()
+    fams = families(s)
+    assert fams["cgroup_cpu_throttled_periods"].samples[0].value == 25
+    assert fams["cgroup_cpu_throttled_periods"].samples[0].labels == {"cgroup": "/tts"}
+    assert fams["cgroup_cpu_limit_cores"].samples[0].value == 1.5
+    st = os.statvfs(shm_dir)
+    assert fams["host_shm_size_bytes"].samples[0].value == st.f_blocks * st.f_frsize
+    assert read_shm(str(tmp_path / "missing")) is None
