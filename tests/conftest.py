@@ -88,6 +88,18 @@ def families(sampler: Sampler) -> dict:
     return {m.name: m for m in SnapshotCollector(lambda: sampler.snapshot).collect()}
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within timeout; returns the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -130,15 +142,9 @@ class ExporterProcess:
         raise RuntimeError(f"exporter did not start: {self.log()}")
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc)
         self._stderr.close()
-        return self.proc.returncode
+        return code
 
 
 def find_tool(name: str) -> str:
@@ -197,11 +203,7 @@ class PrometheusServer:
         raise AssertionError(f"{expr!r} returned {len(last)} series after {timeout}s")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc, timeout=10)
         self._log.close()
 
 
@@ -224,8 +226,7 @@ class Stack:
 
     def stop(self) -> None:
         self.prom.stop()
-        self.tts.terminate()
-        self.tts.wait(5)
+        stop_process(self.tts)
         self.exporter.stop()
 
 

@@ -67,20 +67,14 @@ def test_v2_counters_advance_and_limits(tmp_path):
     assert r.cpu_limit_cores is None and r.memory_limit_bytes is None  # unlimited: absent, not infinite
 
 
-def test_v2_own_cgroup_from_proc_self(tmp_path):
+@pytest.mark.parametrize("own,usage", [("/pod/exporter", 5), ("/", 7)])
+def test_v2_own_cgroup_from_proc_self(tmp_path, own, usage):
+    """Own cgroup from /proc/self/cgroup; "/" (a private cgroup namespace) is the mount root itself."""
     root = tmp_path / "cgroup"
-    v2_tree(root, "/pod/exporter", 5, 0, 0, 0)
+    v2_tree(root, own, usage, 0, 0, 0)
     self_cgroup = tmp_path / "self-cgroup"
-    self_cgroup.write_text("0::/pod/exporter\n")
-    assert CgroupSource(root, self_cgroup=self_cgroup).read().cpu_usage_seconds == 5e-6
-
-
-def test_v2_private_namespace_falls_back_to_mount_root(tmp_path):
-    root = tmp_path / "cgroup"
-    v2_tree(root, "/", 7, 0, 0, 0)
-    self_cgroup = tmp_path / "self-cgroup"
-    self_cgroup.write_text("0::/\n")
-    assert CgroupSource(root, self_cgroup=self_cgroup).read().cpu_usage_seconds == 7e-6
+    self_cgroup.write_text(f"0::{own}\n")
+    assert CgroupSource(root, self_cgroup=self_cgroup).read().cpu_usage_seconds == usage / 1e6
 
 
 @pytest.mark.parametrize("combined", [True, False])
