@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 
 from exporter import __version__
 from exporter.collector import SnapshotCollector
+from exporter.durations import parse_duration
+from exporter.history import SampleHistory
 from exporter.sampler import Sampler
 from exporter.server import ListenAddressError, make_server, parse_listen_address
 from exporter.sources.cgroup import CgroupSource
@@ -34,17 +36,6 @@ def env_name(flag: str) -> str:
     return ENV_PREFIX + re.sub(r"[.-]", "_", flag.lstrip("-")).upper()
 
 
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m)?\s*$")
-
-
-def parse_duration(text: str) -> float:
-    """'200ms', '0.2s', '1m' or plain seconds '0.2' -> seconds."""
-    m = _DURATION.match(text)
-    if not m:
-        raise ValueError(f"invalid duration {text!r}: want e.g. 200ms, 0.5s, 1m")
-    return float(m.group(1)) * {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}[m.group(2)]
-
-
 @dataclass(frozen=True)
 class Config:
     listen_address: str
@@ -59,6 +50,7 @@ class Config:
     cgroupfs: str
     cgroup_path: str
     shm_path: str
+    history_window: float
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,6 +82,7 @@ def _build_parser() -> _Parser:
     flag("--cgroup.path", "", "cgroup to report CPU throttling and memory for, relative to --path.cgroupfs "
                              "(default: the exporter's own)")
     flag("--path.shm", "/dev/shm", "shared-memory mount to report (empty: off)")
+    flag("--history.window", "5m", "how much full-resolution history the live view at / keeps (0: off)")
     env = env_name("--collector.processes")
     p.add_argument("--collector.processes", action=argparse.BooleanOptionalAction,
                    default=os.environ.get(env, "true").lower() not in ("0", "false", "no", "off"),
@@ -114,6 +107,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         level = str(a["log.level"]).lower()
         if level not in ("debug", "info", "warn", "warning", "error"):
             raise ValueError(f"--log.level {level!r}: want debug, info, warn or error")
+        history = parse_duration(a["history.window"])
+        if history and history < interval:
+            raise ValueError(f"--history.window {a['history.window']!r} is shorter than --sample.interval")
         procfs = a["path.procfs"]
         stat = Path(procfs) / "stat"
         try:
@@ -124,7 +120,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     except (ValueError, ListenAddressError) as exc:
         parser.error(str(exc))
     return Config(a["web.listen_address"], path, interval, procfs, fake, level, max_requests, a["node.name"],
-                  a["collector.processes"], a["path.cgroupfs"], a["cgroup.path"], a["path.shm"])
+                  a["collector.processes"], a["path.cgroupfs"], a["cgroup.path"], a["path.shm"], history)
 
 
 def _non_negative_int(flag: str, value: Any) -> int:
@@ -158,9 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     registry = CollectorRegistry(auto_describe=False)
     sampler: Sampler | None = None
+    history = SampleHistory(cfg.history_window, cfg.sample_interval) if cfg.history_window else None
     try:  # bind first: a taken port is a one-line error before anything else is set up or logged
         server = make_server(cfg.listen_address, registry, lambda: sampler.health(), cfg.telemetry_path,
-                             cfg.max_requests)
+                             cfg.max_requests, history)
     except OSError as exc:
         print(f"gpu-telemetry-exporter: error: cannot listen on {cfg.listen_address}: "
               f"{exc.strerror or exc}", file=sys.stderr)
@@ -176,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cgroup = None
     sampler = Sampler(NvmlSource(nvml, mode, collect_processes=cfg.processes), ProcfsSource(cfg.procfs),
                       interval=cfg.sample_interval, cgroup=cgroup, shm_path=cfg.shm_path or None,
-                      attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None)
+                      attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None, history=history)
     registry.register(SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name))
     ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost
 

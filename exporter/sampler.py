@@ -17,6 +17,7 @@ from collections import Counter
 from typing import Callable
 
 from exporter.histogram import DURATION_BUCKETS, RATIO_BUCKETS, Histogram
+from exporter.history import SampleHistory
 from exporter.snapshot import (
     CLOCK_EVENT_REASONS,
     PCIE_DIRECTIONS,
@@ -103,12 +104,14 @@ class Sampler:
         cgroup: CgroupSource | None = None,
         shm_path: str | None = None,
         attributor: ProcessAttributor | None = None,
+        history: SampleHistory | None = None,
     ) -> None:
         self.nvml = nvml
         self.procfs = procfs
         self.cgroup = cgroup
         self.shm_path = shm_path
         self.attributor = attributor
+        self.history = history
         self.interval = interval
         self._clock = clock
         self._results: queue.SimpleQueue = queue.SimpleQueue()
@@ -226,6 +229,8 @@ class Sampler:
             shm=shm,
         )
         self.snapshot = snap  # a single reference assignment: scrapes see the old or the new, whole
+        if self.history is not None:
+            self.history.append(snap)
         return snap
 
     def _sync_reader(self) -> None:

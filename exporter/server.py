@@ -6,8 +6,9 @@ A threaded server with a cap on requests in flight (503 beyond it, as node_expor
 from __future__ import annotations
 
 import gzip
-import html
+import json
 import logging
+import urllib.parse
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,7 +18,10 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__
+from exporter.durations import parse_duration
 from exporter.exposition import TextRenderer
+from exporter.history import SampleHistory
+from exporter.liveview import live_page
 
 log = logging.getLogger("exporter.server")
 
@@ -59,29 +63,18 @@ class _Server(ThreadingHTTPServer):
         super().server_bind()
 
 
-def _landing_page(telemetry_path: str) -> bytes:
-    path = html.escape(telemetry_path)
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>gpu-telemetry-exporter</title></head>
-<body><h1>gpu-telemetry-exporter {__version__}</h1>
-<p>Samples NVIDIA GPUs (NVML) and the host (procfs) several times a second for Prometheus.</p>
-<ul><li><a href="{path}">{path}</a> &mdash; metrics</li>
-<li><a href="/healthz">/healthz</a> &mdash; sampler health</li></ul>
-</body></html>
-""".encode()
-
-
 def make_server(
     listen_address: str,
     registry: CollectorRegistry,
     health: Callable[[], tuple[bool, str]],
     telemetry_path: str = "/metrics",
     max_requests: int = 40,
+    history: SampleHistory | None = None,
 ) -> ThreadingHTTPServer:
     """Bind (raises OSError when the port is taken) and return the server, not yet serving."""
     host, port = parse_listen_address(listen_address)
     slots = threading.BoundedSemaphore(max_requests) if max_requests > 0 else None
-    landing = _landing_page(telemetry_path)
+    landing = live_page(telemetry_path)
     text = TextRenderer()
 
     class Handler(BaseHTTPRequestHandler):
@@ -120,8 +113,28 @@ def make_server(
                 self._send(200 if ok else 503, reason.encode(), "text/plain; charset=utf-8")
             elif path == "/":
                 self._send(200, landing, "text/html; charset=utf-8")
+            elif path == "/api/v1/samples":
+                self._samples()
             else:
                 self._send(404, b"not found\n", "text/plain; charset=utf-8")
+
+        def _samples(self) -> None:
+            if history is None:
+                self._json(404, {"error": "history is off (--history.window=0)"})
+                return
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+            try:
+                window = parse_duration(query.get("window", ["60s"])[0])
+            except ValueError as exc:
+                self._json(400, {"error": str(exc)})
+                return
+            if not 0 < window <= history.window_s:
+                self._json(400, {"error": f"window must be > 0 and <= {history.window_s:g}s (--history.window)"})
+                return
+            self._json(200, history.query(window))
+
+        def _json(self, code: int, doc: dict) -> None:
+            self._send(code, json.dumps(doc, separators=(",", ":")).encode(), "application/json")
 
         def _send(self, code: int, body: bytes, content_type: str) -> None:
             gz = "gzip" in self.headers.get("Accept-Encoding", "") and len(body) > 256
