@@ -31,13 +31,11 @@ class ProcessAttributor:
         for pid in pids:
             ident = self._cache.get(pid)
             if ident is None:
-                ident = self._read(pid)
-                if ident is not None:
-                    self._cache[pid] = ident
-                else:
-                    ident = ProcessIdentity()
+                # Not visible (exited, or another PID namespace): cached as unknown too, so an invisible
+                # process costs one failed open, not one per tick.
+                ident = self._cache[pid] = self._read(pid) or ProcessIdentity()
             out[pid] = ident
-        self._cache = {pid: self._cache[pid] for pid in out if pid in self._cache}
+        self._cache = {pid: self._cache[pid] for pid in out}
         return out
 
     def _read(self, pid: int) -> ProcessIdentity | None:
