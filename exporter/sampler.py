@@ -298,8 +298,8 @@ class Sampler:
             for call in reading.errors:
                 self._errors[("nvml", call)] += 1
             up = reading.ok
-            if reading.lost:
-                self._transitions.set(key, "lost (" + ", ".join(reading.errors or ("not reopened",)) + ")")
+            if reading.lost:  # one stable message for the whole outage; the failing calls are in errors_total
+                self._transitions.set(key, "lost (fell off the bus or needs a reset); re-opening it periodically")
             elif reading.errors:
                 self._transitions.set(key, "failing calls: " + ", ".join(reading.errors))
             else:
