@@ -190,8 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serving.start()
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
-    log.info("gpu-telemetry-exporter %s listening on http://%s:%d%s (sampling every %gs, NVML: %s)",
-             __version__, shown, port, cfg.telemetry_path, cfg.sample_interval, mode)
+    backend = f"{cfg.fake_gpus} simulated GPUs" if cfg.fake_gpus else "NVML through nvidia-ml-py"
+    log.info("gpu-telemetry-exporter %s listening on http://%s:%d%s (sampling every %gs; GPUs: %s)",
+             __version__, shown, port, cfg.telemetry_path, cfg.sample_interval, backend)
     stop.wait()
     log.info("shutting down")
     server.shutdown()
