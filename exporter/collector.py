@@ -34,6 +34,9 @@ _GPU_VALUES: tuple[tuple[str, str, str, str], ...] = (
      "memory_total_bytes"),
     ("gpu_memory_used_ratio", "gauge", "gpu_memory_used_bytes / gpu_memory_total_bytes (OOM headroom).",
      "memory_used_ratio"),
+    ("gpu_sample_buffer_seconds", "gauge",
+     "How far back the driver's utilisation sample buffer reached at start-up: the longest --sample.interval "
+     "that loses no sample (nvmlDeviceGetSamples).", "sample_buffer_seconds"),
     ("gpu_pcie_replay_errors", "counter", "PCIe replays since driver load (nvmlDeviceGetPcieReplayCounter).",
      "pcie_replay_errors"),
     ("gpu_temperature_celsius", "gauge", "GPU die temperature (nvmlDeviceGetTemperature).",
@@ -138,7 +141,8 @@ class SnapshotCollector(Collector):
 
         util = HistogramMetricFamily(
             "gpu_sampled_utilization_ratio",
-            "Every sampled gpu_utilization_ratio; bucket le=0.4 over count = share of time at or below 40 %.",
+            "Every driver utilisation sample (nvmlDeviceGetSamples; the polled value where unsupported); "
+            "bucket le=0.4 over count = share of time at or below 40 %.",
             labels=GPU_LABELS)
         pcie = HistogramMetricFamily("gpu_sampled_pcie_utilization_ratio",
                                      "Every sampled gpu_pcie_utilization_ratio, per direction.",

@@ -43,6 +43,8 @@ class FakeGpuSpec:
     pcie_tx_high_bps: float = 3.0e9
     pcie_counters: bool = True  # NVML_FI_DEV_PCIE_COUNT_{TX,RX}_BYTES supported (driver R555+)
     pcie_counter_start: int = 0  # start near 2**64 to exercise wrap handling
+    driver_sample_period_s: float = 1 / 6  # utilisation sample period of the driver's buffer
+    driver_sample_depth: int = 120  # samples the driver keeps (20 s at 1/6 s)
     replay_counter: int = 0
 
 
@@ -296,6 +298,32 @@ class FakeNvml:
             out.total, out.used = s.memory_total_bytes, used + reserved
             out.free = s.memory_total_bytes - used - reserved
         return out
+
+    @_nvml_call
+    def nvmlDeviceGetSamples(self, device: FakeHandle, sampling_type: int, timeStamp: int) -> tuple[int, list[Any]]:
+        """The driver's sample buffer: one sample every driver_sample_period_s, the last
+        driver_sample_depth of them, those newer than timeStamp (us); NotFound when there are none."""
+        gpu = device.index
+        s = self.specs[gpu]
+        if sampling_type not in (pynvml.NVML_GPU_UTILIZATION_SAMPLES, pynvml.NVML_MEMORY_UTILIZATION_SAMPLES):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        now = self.clock()
+        newest = math.floor(now / s.driver_sample_period_s)
+        samples = []
+        first_new = math.floor(timeStamp / 1e6 / s.driver_sample_period_s)  # the ts check below settles edges
+        for k in range(max(0, newest - s.driver_sample_depth + 1, first_new), newest + 1):
+            t_abs = k * s.driver_sample_period_s
+            ts = int(round(t_abs * 1e6))
+            if ts <= timeStamp:  # the buffer predates the exporter, as a real driver's does
+                continue
+            util = self.utilization_at(gpu, t_abs - self.t0)
+            sample = pynvml.c_nvmlSample_t()
+            sample.timeStamp = ts
+            sample.sampleValue.uiVal = util if sampling_type == pynvml.NVML_GPU_UTILIZATION_SAMPLES else int(util * 0.55)
+            samples.append(sample)
+        if not samples:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        return pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, samples
 
     # ---- processes -------------------------------------------------------------------------------
     @_nvml_call

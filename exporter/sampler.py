@@ -318,7 +318,10 @@ class Sampler:
         return state
 
     def _observe(self, hist: _GpuHistory, link_max: float | None, r: GpuReading) -> None:
-        if r.utilization is not None:
+        if r.utilization_samples is not None:  # every sample the driver took since the last tick
+            for value in r.utilization_samples:
+                hist.utilization.observe(value)
+        elif r.utilization is not None:  # no driver buffer (MIG, old boards): the polled value
             hist.utilization.observe(r.utilization)
         if link_max:
             for d in PCIE_DIRECTIONS:

@@ -59,6 +59,10 @@ class GpuReading:
     memory_clock_hertz: float | None = None
     clock_event_reasons: int | None = None  # bitmask
     processes: tuple[GpuProcess, ...] | None = None  # None: not collected or not supported
+    # Every driver utilisation sample (ratio) since the previous read; None where the driver buffer is
+    # not supported (MIG, old boards), so the histograms fall back to the polled value.
+    utilization_samples: tuple[float, ...] | None = None
+    sample_buffer_seconds: float | None = None  # how far back the driver's buffer reached at start-up
     errors: tuple[str, ...] = ()  # NVML calls that failed with something other than NotSupported
     lost: bool = False  # GpuIsLost / ResetRequired
 

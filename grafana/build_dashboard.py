@@ -78,9 +78,9 @@ ROWS: list[tuple[str, list[dict]]] = [
         panel("timeseries", "Time at or below 40 % utilisation", "percentunit",
               [(fraction_below("0.4", "gpu_sampled_utilization_ratio"), "{{instance}} GPU {{gpu}}")],
               w=12, max_value=1, thresholds=_thresholds((None, "green"), (0.5, "red")), line=True,
-              description="From every 200 ms sample (gpu_sampled_utilization_ratio), not one gauge per "
-                          "scrape: share of samples at or below 40 %. Spikes line up with RTF jitter when "
-                          "the GPU is starved by the CPU side."),
+              description="From every driver utilisation sample (gpu_sampled_utilization_ratio), not one "
+                          "gauge per scrape: share of samples at or below 40 %. Spikes line up with RTF "
+                          "jitter when the GPU is starved by the CPU side."),
         panel("heatmap", "Utilisation distribution (every sample)", "percentunit",
               [(f"sum by (le) (increase(gpu_sampled_utilization_ratio_bucket{{{SEL}}}[$__rate_interval]))",
                 "{{le}}")],

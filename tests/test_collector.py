@@ -95,7 +95,11 @@ def test_a_scrape_never_calls_nvml(procfs):
 
 
 def test_histogram_buckets_are_cumulative_with_inf(procfs):
-    _, s = sampled(1, procfs, ticks=10)
+    fake = FakeNvml(1)
+    fake.inject("nvmlDeviceGetSamples", gpu=0, error=pynvml.NVML_ERROR_NOT_SUPPORTED)  # one polled value a tick
+    s = make_sampler(fake, procfs.root)
+    for _ in range(10):
+        s.tick()
     fams = families(s)
     buckets = [x for x in fams["gpu_sampled_utilization_ratio"].samples if x.name.endswith("_bucket")]
     les = [x.labels["le"] for x in buckets]

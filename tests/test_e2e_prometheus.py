@@ -54,11 +54,14 @@ def test_fraction_below_40_percent_matches_the_duty_cycle(stack):
 
 
 def test_sub_scrape_resolution(stack):
-    """Prometheus scrapes every 1 s; the histograms hold every 100 ms sample."""
+    """Prometheus scrapes every 1 s; the histograms hold every sample of the driver's buffer
+    (one per 1/6 s on the simulated H100), and the sampler's own histograms every 100 ms tick."""
     prom = stack.prom
-    per_scrape = values(prom.query("rate(gpu_sampled_utilization_ratio_count[8s])"))
-    for v in per_scrape.values():
-        assert 8 <= v <= 11  # samples per second at a 100 ms interval
+    driver = 1 / FakeGpuSpec().driver_sample_period_s
+    for v in values(prom.query("rate(gpu_sampled_utilization_ratio_count[8s])")).values():
+        assert driver - 1 <= v <= driver + 1
+    ticks = prom.query('rate(exporter_sample_duration_seconds_count{source="all"}[8s])')
+    assert 8 <= float(ticks[0]["value"][1]) <= 11  # a 100 ms interval
 
 
 def test_promtool_check_metrics_has_no_findings(stack):

@@ -25,8 +25,10 @@ def test_tick_publishes_an_immutable_snapshot(procfs):
         snap.sequence = 5  # frozen
 
 
-def test_histograms_count_every_sample_against_the_duty_cycle(procfs, clock):
+def test_polled_histograms_without_a_driver_buffer(procfs, clock):
+    """MIG or old boards: no nvmlDeviceGetSamples, so each tick's polled value is observed."""
     fake = FakeNvml(1, spec=FakeGpuSpec(low_fraction=0.3, duty_period_s=2.0), clock=clock)
+    fake.inject("nvmlDeviceGetSamples", gpu=0, error=pynvml.NVML_ERROR_NOT_SUPPORTED)
     s = make_sampler(fake, procfs.root, interval=0.1, clock=clock)
     expected_low = 0
     n = 200  # 20 s of fake time at 100 ms
@@ -77,7 +79,8 @@ def test_lost_gpu_is_down_and_others_keep_updating(procfs):
     snap = s.tick()
     g0, g1 = snap.gpus
     assert not g0.up and g0.reading.lost and g1.up
-    assert snap.gpus[1].utilization_hist.count == 2 and g0.utilization_hist.count == 1
+    assert g1.reading.utilization is not None and g0.reading.utilization is None
+    assert s.tick().gpus[0].utilization_hist == g0.utilization_hist  # nothing observed while lost
 
 
 def test_no_nvml_still_samples_the_host(procfs):
@@ -134,3 +137,55 @@ def test_health_turns_503_when_ticks_stop(procfs, clock):
     clock.advance(1.01)  # more than 5 intervals
     ok, reason = s.health()
     assert not ok and "stalled" in reason
+
+
+def test_driver_samples_catch_a_dip_between_ticks(procfs, clock):
+    """Ticks 1 s apart; the driver samples every 62.5 ms; a 150 ms dip to 10 % in each second falls
+    between ticks. The polled value never sees it; the histogram counts every dip sample exactly."""
+    spec = FakeGpuSpec(driver_sample_period_s=1 / 16, driver_sample_depth=120)
+    fake = FakeNvml(1, spec=spec, clock=clock)
+    fake.utilization_at = lambda gpu, t: 10 if 0.375 <= t % 1.0 < 0.525 else 90
+    s = make_sampler(fake, procfs.root, interval=1.0, clock=clock)
+    first = s.tick()  # reads the whole buffer: measures its reach, counts nothing
+    assert first.gpus[0].utilization_hist.count == 0
+    assert first.gpus[0].reading.sample_buffer_seconds == 119 / 16
+    n = 10
+    for _ in range(n):
+        clock.advance(1.0)
+        snap = s.tick()
+        assert snap.gpus[0].reading.utilization == 0.9  # the tick itself lands outside the dip
+    h = snap.gpus[0].utilization_hist
+    assert h.count == 16 * n  # every driver sample, none twice
+    assert h.cumulative[RATIO_BUCKETS.index(0.4)] == 3 * n  # the three samples of each 150 ms dip
+    assert h.fraction_at_or_below(0.4) == 3 / 16
+
+
+def test_driver_sample_quirks_are_filtered(procfs, clock):
+    fake = FakeNvml(1, clock=clock)
+    batches = [
+        [(1_000_000, 50), (2_000_000, 60)],  # first read: the buffer
+        [(0, 10), (2_000_000, 60), (3_000_000, 250), (4_000_000, 20)],  # ts 0, repeat, value > 100
+        "NotFound",  # nothing new
+        [(5_000_000, 30)],
+    ]
+    seen = []
+
+    def samples(handle, sampling_type, timeStamp):
+        seen.append(timeStamp)
+        batch = batches[len(seen) - 1]
+        if batch == "NotFound":
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        out = []
+        for ts, value in batch:
+            sample = pynvml.c_nvmlSample_t()
+            sample.timeStamp, sample.sampleValue.uiVal = ts, value
+            out.append(sample)
+        return pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, out
+
+    fake.nvmlDeviceGetSamples = samples
+    s = make_sampler(fake, procfs.root, clock=clock)
+    readings = [s.tick().gpus[0].reading for _ in range(4)]
+    assert [r.utilization_samples for r in readings] == [(), (0.2,), (), (0.3,)]
+    assert seen == [0, 2_000_000, 4_000_000, 4_000_000]  # last_seen only from returned timestamps
+    assert readings[0].sample_buffer_seconds == 1.0
+    assert all(r.ok for r in readings)  # NotFound is not an error

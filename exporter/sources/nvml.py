@@ -111,6 +111,8 @@ class GpuReader:
         self._processes: tuple[GpuProcess, ...] | None = None
         self._processes_at = float("-inf")
         self._process_util_seen = 0  # newest per-process sample timestamp NVML returned (us)
+        self._util_seen = 0  # newest utilisation sample timestamp NVML returned (us); 0 = not read yet
+        self._buffer_seconds: float | None = None
         self.index = index
         self.handle: Any = None
         self.identity = GpuIdentity(index, "", "", "", None)
@@ -201,6 +203,10 @@ class GpuReader:
         if util is not None:
             v["utilization"] = util.gpu / 100.0
             v["memory_bandwidth_utilization"] = util.memory / 100.0
+        samples = self._read_utilization_samples()
+        if samples is not None:
+            v["utilization_samples"] = samples
+            v["sample_buffer_seconds"] = self._buffer_seconds
 
         # v2 (R510+) reports "used" without the driver's reservation, as nvidia-smi does; v1 fallback.
         mem = self._call("nvmlDeviceGetMemoryInfo", key="memory_v2", version=getattr(nvml, "nvmlMemory_v2", 0))
@@ -232,6 +238,36 @@ class GpuReader:
         v["clock_event_reasons"] = reasons
         if self.collect_processes:
             v["processes"] = self._read_processes()
+
+    def _read_utilization_samples(self) -> tuple[float, ...] | None:
+        """Every driver utilisation sample since the last read, as ratios; None where unsupported.
+
+        last_seen only ever comes from timestamps NVML returned. Samples with timestamp 0 or a value over
+        100 are skipped. The first read returns the whole buffer: it measures how far back the buffer
+        reaches and is not counted (those samples predate the exporter).
+        """
+        if "samples_gpu" in self.unsupported:
+            return None
+        got = self._call("nvmlDeviceGetSamples", self.nvml.NVML_GPU_UTILIZATION_SAMPLES, self._util_seen,
+                         key="samples_gpu", quiet=("NVMLError_NotFound",))
+        if got is None:
+            return None if "samples_gpu" in self.unsupported else ()
+        value_type, samples = got
+        values: list[float] = []
+        stamps: list[int] = []
+        for sample in samples:
+            ts = int(sample.timeStamp)
+            value = sample.sampleValue.uiVal if value_type == 1 else sample.sampleValue.ullVal
+            if ts == 0 or ts <= self._util_seen or value > 100:
+                continue
+            stamps.append(ts)
+            values.append(value / 100.0)
+        first = self._util_seen == 0
+        if stamps:
+            if first:
+                self._buffer_seconds = (max(stamps) - min(stamps)) / 1e6
+            self._util_seen = max(self._util_seen, *stamps)
+        return () if first else tuple(values)
 
     def _read_processes(self) -> tuple[GpuProcess, ...] | None:
         now = time.monotonic()
