@@ -138,6 +138,7 @@ class SnapshotCollector(Collector):
 
         yield from self._pcie_families(live)
         yield from self._clock_families(gpus, live)
+        yield from self._health_families(snap, live)
 
         util = HistogramMetricFamily(
             "gpu_sampled_utilization_ratio",
@@ -207,6 +208,38 @@ class SnapshotCollector(Collector):
             for name, secs in g.clock_event_seconds:
                 seconds.add_metric(_labels(g) + [name], secs)
         yield seconds
+
+    def _health_families(self, snap: Snapshot, live: list[tuple[GpuState, GpuReading]]) -> Iterator[Metric]:
+        identity = {g.identity.index: g for g in snap.gpus}
+        xid = CounterMetricFamily("gpu_xid_errors", "XID critical errors reported by the driver "
+                                  "(NVML event nvmlEventTypeXidCriticalError), per XID code.",
+                                  labels=GPU_LABELS + ["xid"])
+        for (index, code), n in snap.xid_errors:
+            if index in identity:
+                xid.add_metric(_labels(identity[index]) + [str(code)], n)
+        yield xid
+        ecc = CounterMetricFamily("gpu_ecc_errors", "ECC memory errors (nvmlDeviceGetTotalEccErrors); "
+                                  "scope=volatile since driver load, aggregate over the board's life.",
+                                  labels=GPU_LABELS + ["error", "scope"])
+        rows = GaugeMetricFamily("gpu_remapped_rows", "Memory rows remapped (nvmlDeviceGetRemappedRows), "
+                                 "by the cause of the remap.", labels=GPU_LABELS + ["cause"])
+        pending = GaugeMetricFamily("gpu_row_remap_pending", "1 when a row remap waits for a GPU reset.",
+                                    labels=GPU_LABELS)
+        failed = GaugeMetricFamily("gpu_row_remap_failure", "1 when a row remap failed: replace the board.",
+                                   labels=GPU_LABELS)
+        for g, r in live:
+            for (error, scope), n in r.ecc_errors or ():
+                ecc.add_metric(_labels(g) + [error, scope], n)
+            if r.remapped_rows is not None:
+                corr, unc, is_pending, is_failed = r.remapped_rows
+                rows.add_metric(_labels(g) + ["correctable"], corr)
+                rows.add_metric(_labels(g) + ["uncorrectable"], unc)
+                pending.add_metric(_labels(g), int(bool(is_pending)))
+                failed.add_metric(_labels(g), int(bool(is_failed)))
+        yield ecc
+        yield rows
+        yield pending
+        yield failed
 
     # ---- processes ---------------------------------------------------------------------------------
     def _process_families(self, snap: Snapshot) -> Iterator[Metric]:

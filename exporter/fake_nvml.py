@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import queue
 import threading
 import time
 from collections import Counter
@@ -44,6 +45,9 @@ class FakeGpuSpec:
     pcie_counters: bool = True  # NVML_FI_DEV_PCIE_COUNT_{TX,RX}_BYTES supported (driver R555+)
     pcie_counter_start: int = 0  # start near 2**64 to exercise wrap handling
     driver_sample_period_s: float = 1 / 6  # utilisation sample period of the driver's buffer
+    ecc_corrected: tuple[int, int] = (0, 3)  # (volatile, aggregate) corrected ECC errors
+    ecc_uncorrected: tuple[int, int] = (0, 0)
+    remapped_rows: tuple[int, int, int, int] = (0, 0, 0, 0)  # correctable, uncorrectable, pending, failed
     driver_sample_depth: int = 120  # samples the driver keeps (20 s at 1/6 s)
     replay_counter: int = 0
 
@@ -64,6 +68,14 @@ class _Fault:
             time.sleep(self.latency_s)
         if self.error is not None:
             raise pynvml.NVMLError(self.error)
+
+
+class FakeEventSet:
+    """An NVML event set: the devices registered on it and the events waiting to be read."""
+
+    def __init__(self) -> None:
+        self.devices: set[int] = set()
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
 
 
 class FakeHandle:
@@ -93,7 +105,7 @@ def _nvml_call(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _copy_pynvml_names(target: object) -> None:
     for attr in dir(pynvml):
-        if attr.startswith(("NVML_", "NVMLError", "nvmlClocks", "nvmlMemory_v")) or attr in (
+        if attr.startswith(("NVML_", "NVMLError", "nvmlClocks", "nvmlMemory_v", "nvmlEventType")) or attr in (
             "NVMLLibraryMismatchError",
         ):
             setattr(target, attr, getattr(pynvml, attr))
@@ -124,6 +136,7 @@ class FakeNvml:
         self._calls_lock = threading.Lock()
         self._faults: dict[tuple[int | None, str], _Fault] = {}
         self._processes: dict[int, list[tuple[int, int | None]]] = {}  # set_processes() overrides
+        self._event_sets: list[FakeEventSet] = []
         self._init_refcount = 0
         if pcie_throughput_latency_s:
             for gpu in range(self.gpu_count):
@@ -170,6 +183,14 @@ class FakeNvml:
         if int(t // 10) % 2 == 0:
             procs.append((5000 + gpu, 2 * 1024 * MIB))
         return procs
+
+    def emit_xid(self, gpu: int, xid: int) -> None:
+        """The driver reports XID `xid` on `gpu` to every event set that registered the GPU."""
+        for es in self._event_sets:
+            if gpu in es.devices:
+                data = pynvml.nvmlStructToFriendlyObject(pynvml.c_nvmlEventData_t())
+                data.device, data.eventType, data.eventData = FakeHandle(gpu), pynvml.nvmlEventTypeXidCriticalError, xid
+                es.events.put(data)
 
     def _enter(self, call: str, gpu: int | None) -> None:
         with self._calls_lock:
@@ -324,6 +345,44 @@ class FakeNvml:
         if not samples:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
         return pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, samples
+
+    # ---- events and health -----------------------------------------------------------------------
+    @_nvml_call
+    def nvmlDeviceGetIndex(self, handle: FakeHandle) -> int:
+        return handle.index
+
+    @_nvml_call
+    def nvmlEventSetCreate(self) -> FakeEventSet:
+        es = FakeEventSet()
+        self._event_sets.append(es)
+        return es
+
+    @_nvml_call
+    def nvmlDeviceRegisterEvents(self, handle: FakeHandle, eventTypes: int, eventSet: FakeEventSet) -> None:
+        if eventTypes & pynvml.nvmlEventTypeXidCriticalError:
+            eventSet.devices.add(handle.index)
+
+    @_nvml_call
+    def nvmlEventSetWait(self, eventSet: FakeEventSet, timeoutms: int) -> Any:
+        try:
+            return eventSet.events.get(timeout=timeoutms / 1000)
+        except queue.Empty:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_TIMEOUT) from None
+
+    @_nvml_call
+    def nvmlEventSetFree(self, eventSet: FakeEventSet) -> None:
+        if eventSet in self._event_sets:
+            self._event_sets.remove(eventSet)
+
+    @_nvml_call
+    def nvmlDeviceGetTotalEccErrors(self, handle: FakeHandle, errorType: int, counterType: int) -> int:
+        s = self.specs[handle.index]
+        pair = s.ecc_corrected if errorType == pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED else s.ecc_uncorrected
+        return pair[0] if counterType == pynvml.NVML_VOLATILE_ECC else pair[1]
+
+    @_nvml_call
+    def nvmlDeviceGetRemappedRows(self, device: FakeHandle) -> tuple[int, int, int, int]:
+        return self.specs[device.index].remapped_rows
 
     # ---- processes -------------------------------------------------------------------------------
     @_nvml_call

@@ -227,6 +227,7 @@ class Sampler:
             processes=processes,
             cgroup=cgroup,
             shm=shm,
+            xid_errors=self.nvml.xid.counts() if self.nvml.xid is not None else (),
         )
         self.snapshot = snap  # a single reference assignment: scrapes see the old or the new, whole
         if self.history is not None:

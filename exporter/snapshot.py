@@ -63,6 +63,8 @@ class GpuReading:
     # not supported (MIG, old boards), so the histograms fall back to the polled value.
     utilization_samples: tuple[float, ...] | None = None
     sample_buffer_seconds: float | None = None  # how far back the driver's buffer reached at start-up
+    ecc_errors: tuple[tuple[tuple[str, str], int], ...] | None = None  # ((corrected|uncorrected, scope), n)
+    remapped_rows: tuple[int, int, int, int] | None = None  # correctable, uncorrectable, pending, failed
     errors: tuple[str, ...] = ()  # NVML calls that failed with something other than NotSupported
     lost: bool = False  # GpuIsLost / ResetRequired
 
@@ -121,3 +123,4 @@ class Snapshot:
     processes: tuple[tuple[int, ProcessIdentity], ...] = ()  # who each GPU process pid is
     cgroup: CgroupReading | None = None
     shm: ShmReading | None = None
+    xid_errors: tuple[tuple[tuple[int, int], int], ...] = ()  # ((gpu index, xid), count)

@@ -28,6 +28,8 @@ _LOST_ERRORS = ("NVMLError_GpuIsLost", "NVMLError_ResetRequired")
 _UNSUPPORTED_ERRORS = ("NVMLError_NotSupported", "NVMLError_FunctionNotFound")
 _REOPEN_BACKOFF_S = 5.0
 PROCESS_REFRESH_S = 1.0  # process lists change slowly; two list calls per GPU per tick are not worth it
+HEALTH_REFRESH_S = 5.0  # ECC counters and remapped rows: health, not jitter
+XID_WAIT_MS = 500
 
 
 class _GpuLost(Exception):
@@ -101,6 +103,66 @@ class BlockingPcieThroughput:
             self._stop.wait(max(0.0, self._period - (time.monotonic() - started)))
 
 
+class XidWatcher:
+    """Waits on an NVML event set for XID critical errors, in its own thread, and counts them per
+    (GPU, XID). Counters, not a "last XID" gauge: every event is counted and nothing needs resetting."""
+
+    def __init__(self, nvml: Any, gpu_count: int) -> None:
+        self._nvml = nvml
+        self._gpu_count = gpu_count
+        self._counts: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.supported: frozenset[int] = frozenset()
+        self._thread = threading.Thread(target=self._run, name="xid-events", daemon=True)
+        self._thread.start()
+
+    def counts(self) -> tuple[tuple[tuple[int, int], int], ...]:
+        with self._lock:
+            return tuple(sorted(self._counts.items()))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        nvml = self._nvml
+        try:
+            events = nvml.nvmlEventSetCreate()
+        except Exception as exc:
+            log.info("XID events unavailable: %s (%s)", exc, _error_name(exc))
+            return
+        supported = set()
+        for index in range(self._gpu_count):
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                nvml.nvmlDeviceRegisterEvents(handle, nvml.nvmlEventTypeXidCriticalError, events)
+                supported.add(index)
+            except Exception as exc:  # NotSupported on some boards; a lost GPU
+                log.info("GPU %d: XID events not available (%s)", index, _error_name(exc))
+        self.supported = frozenset(supported)
+        while supported and not self._stop.is_set():
+            try:
+                data = nvml.nvmlEventSetWait(events, XID_WAIT_MS)
+            except Exception as exc:
+                if _error_name(exc) != "NVMLError_Timeout":  # a timeout is the normal quiet case
+                    self._stop.wait(1.0)
+                continue
+            if not data.eventType & nvml.nvmlEventTypeXidCriticalError:
+                continue
+            try:
+                index = nvml.nvmlDeviceGetIndex(data.device)
+            except Exception:
+                continue
+            xid = int(data.eventData)
+            log.warning("GPU %d: XID %d", index, xid)
+            with self._lock:
+                self._counts[(index, xid)] = self._counts.get((index, xid), 0) + 1
+        try:
+            nvml.nvmlEventSetFree(events)
+        except Exception:  # shutting down anyway
+            pass
+
+
 class GpuReader:
     """Reads one GPU. Not thread-safe: one worker thread owns it."""
 
@@ -112,6 +174,8 @@ class GpuReader:
         self._processes_at = float("-inf")
         self._process_util_seen = 0  # newest per-process sample timestamp NVML returned (us)
         self._util_seen = 0  # newest utilisation sample timestamp NVML returned (us); 0 = not read yet
+        self._health: dict[str, Any] = {}
+        self._health_at = float("-inf")
         self._buffer_seconds: float | None = None
         self.index = index
         self.handle: Any = None
@@ -238,6 +302,26 @@ class GpuReader:
         v["clock_event_reasons"] = reasons
         if self.collect_processes:
             v["processes"] = self._read_processes()
+        v.update(self._read_health())
+
+    def _read_health(self) -> dict[str, Any]:
+        """ECC error counters and remapped rows, every HEALTH_REFRESH_S (NotSupported: omitted)."""
+        now = time.monotonic()
+        if now - self._health_at < HEALTH_REFRESH_S:
+            return self._health
+        self._health_at = now
+        nvml = self.nvml
+        ecc = []
+        for error, etype in (("corrected", nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
+                             ("uncorrected", nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED)):
+            for scope, ctype in (("volatile", nvml.NVML_VOLATILE_ECC), ("aggregate", nvml.NVML_AGGREGATE_ECC)):
+                n = self._call("nvmlDeviceGetTotalEccErrors", etype, ctype, key="ecc")
+                if n is not None:
+                    ecc.append(((error, scope), int(n)))
+        rows = self._call("nvmlDeviceGetRemappedRows")
+        self._health = {"ecc_errors": tuple(ecc) if ecc else None,
+                        "remapped_rows": tuple(int(x) for x in rows) if rows is not None else None}
+        return self._health
 
     def _read_utilization_samples(self) -> tuple[float, ...] | None:
         """Every driver utilisation sample since the last read, as ratios; None where unsupported.
@@ -358,6 +442,7 @@ class NvmlSource:
         self._next_try = 0.0
         self._pcie_fallback = BlockingPcieThroughput(nvml) if nvml is not None else None
         self._transitions = TransitionLog(log)
+        self.xid: XidWatcher | None = None
 
     def poll(self, now: float) -> str | None:
         """Try to initialise when due. Returns the name of a failed call, for error counting."""
@@ -383,6 +468,7 @@ class NvmlSource:
             return call
         assert self._pcie_fallback is not None
         self.readers = [GpuReader(nvml, i, self._pcie_fallback, self.collect_processes) for i in range(count)]
+        self.xid = XidWatcher(nvml, count) if count else None
         self.generation += 1
         self._delay = self._backoff_initial
         if self.mode == "absent":
@@ -403,6 +489,8 @@ class NvmlSource:
     def close(self) -> None:
         if self._pcie_fallback is not None:
             self._pcie_fallback.stop()
+        if self.xid is not None:
+            self.xid.stop()
         if self.status.up and self.nvml is not None:
             try:
                 self.nvml.nvmlShutdown()

@@ -1,0 +1,72 @@
+"""Device health: XID events counted per code by the event thread; ECC counters and remapped rows."""
+from __future__ import annotations
+
+import time
+
+import pynvml
+
+from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from tests.conftest import families, make_sampler
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def xid_series(s) -> dict[tuple[str, str], float]:
+    return {(x.labels["gpu"], x.labels["xid"]): x.value for x in families(s)["gpu_xid_errors"].samples
+            if x.name.endswith("_total")}
+
+
+def test_xids_are_counters_per_gpu_and_code(procfs):
+    fake = FakeNvml(2)
+    s = make_sampler(fake, procfs.root)
+    s.tick()
+    watcher = s.nvml.xid
+    assert wait_for(lambda: watcher.supported == {0, 1})
+    assert xid_series(s) == {}  # no XID yet: no series, no "last XID" gauge stuck at a value
+    fake.emit_xid(1, 79)
+    fake.emit_xid(1, 79)
+    fake.emit_xid(0, 31)
+    assert wait_for(lambda: len(watcher.counts()) == 2 and sum(n for _, n in watcher.counts()) == 3)
+    s.tick()
+    assert xid_series(s) == {("1", "79"): 2, ("0", "31"): 1}
+    s.stop()
+
+
+def test_xid_registration_not_supported_on_one_gpu(procfs):
+    fake = FakeNvml(2)
+    fake.inject("nvmlDeviceRegisterEvents", gpu=0, error=pynvml.NVML_ERROR_NOT_SUPPORTED)
+    s = make_sampler(fake, procfs.root)
+    s.tick()
+    assert wait_for(lambda: s.nvml.xid.supported == {1})
+    fake.emit_xid(1, 48)
+    assert wait_for(lambda: s.nvml.xid.counts() == (((1, 48), 1),))
+    s.stop()
+
+
+def test_ecc_and_remapped_rows(procfs):
+    specs = [FakeGpuSpec(ecc_corrected=(2, 40), ecc_uncorrected=(0, 1), remapped_rows=(3, 1, 1, 0)),
+             FakeGpuSpec()]
+    fake = FakeNvml(specs=specs)
+    fake.inject("nvmlDeviceGetTotalEccErrors", gpu=1, error=pynvml.NVML_ERROR_NOT_SUPPORTED)  # ECC off
+    fake.inject("nvmlDeviceGetRemappedRows", gpu=1, error=pynvml.NVML_ERROR_NOT_SUPPORTED)  # pre-Ampere
+    s = make_sampler(fake, procfs.root)
+    for _ in range(3):
+        s.tick()
+    fams = families(s)
+    ecc = {(x.labels["gpu"], x.labels["error"], x.labels["scope"]): x.value for x in fams["gpu_ecc_errors"].samples
+           if x.name.endswith("_total")}
+    assert ecc == {("0", "corrected", "volatile"): 2, ("0", "corrected", "aggregate"): 40,
+                   ("0", "uncorrected", "volatile"): 0, ("0", "uncorrected", "aggregate"): 1}
+    rows = {(x.labels["gpu"], x.labels["cause"]): x.value for x in fams["gpu_remapped_rows"].samples}
+    assert rows == {("0", "correctable"): 3, ("0", "uncorrectable"): 1}
+    assert [(x.labels["gpu"], x.value) for x in fams["gpu_row_remap_pending"].samples] == [("0", 1)]
+    assert [(x.labels["gpu"], x.value) for x in fams["gpu_row_remap_failure"].samples] == [("0", 0)]
+    assert {x.labels["gpu"]: x.value for x in fams["gpu_up"].samples} == {"0": 1, "1": 1}
+    assert fake.calls["nvmlDeviceGetRemappedRows"] == 2  # every 5 s, not every tick; NotSupported once
