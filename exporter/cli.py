@@ -51,6 +51,7 @@ class Config:
     cgroup_path: str
     shm_path: str
     history_window: float
+    fake_mig: tuple[str, ...]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,6 +77,8 @@ def _build_parser() -> _Parser:
     flag("--sample.interval", "200ms", "sampling interval (>= 10ms)")
     flag("--path.procfs", "/proc", "procfs mount point (the host's /proc when run in a container)")
     flag("--fake-gpus", "0", "serve N simulated GPUs instead of real NVML (demos, tests)")
+    flag("--fake-mig", "", "with --fake-gpus: put simulated GPU 0 in MIG mode with these instances, "
+                           "e.g. 3g.40gb,2g.20gb,1g.10gb,1g.10gb")
     flag("--log.level", "info", "log level: debug, info, warn, error")
     flag("--node.name", "", "node name for the `node` label of gpu_info (Kubernetes: from the downward API)")
     flag("--path.cgroupfs", "/sys/fs/cgroup", "cgroup filesystem mount point")
@@ -107,6 +110,12 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         level = str(a["log.level"]).lower()
         if level not in ("debug", "info", "warn", "warning", "error"):
             raise ValueError(f"--log.level {level!r}: want debug, info, warn or error")
+        fake_mig = tuple(p for p in a["fake_mig"].split(",") if p)
+        if fake_mig and not fake:
+            raise ValueError("--fake-mig needs --fake-gpus")
+        bad = [p for p in fake_mig if not re.fullmatch(r"[1-7]g\.\d+gb", p)]
+        if bad or len(fake_mig) > 7:
+            raise ValueError(f"--fake-mig {a['fake_mig']!r}: want up to 7 profiles like 3g.40gb,1g.10gb")
         history = parse_duration(a["history.window"])
         if history and history < interval:
             raise ValueError(f"--history.window {a['history.window']!r} is shorter than --sample.interval")
@@ -120,7 +129,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     except (ValueError, ListenAddressError) as exc:
         parser.error(str(exc))
     return Config(a["web.listen_address"], path, interval, procfs, fake, level, max_requests, a["node.name"],
-                  a["collector.processes"], a["path.cgroupfs"], a["cgroup.path"], a["path.shm"], history)
+                  a["collector.processes"], a["path.cgroupfs"], a["cgroup.path"], a["path.shm"], history,
+                  fake_mig)
 
 
 def _non_negative_int(flag: str, value: Any) -> int:
@@ -135,9 +145,10 @@ def _non_negative_int(flag: str, value: Any) -> int:
 
 def _nvml_module(cfg: Config) -> tuple[Any, str]:
     if cfg.fake_gpus:
-        from exporter.fake_nvml import FakeNvml
+        from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 
-        return FakeNvml(cfg.fake_gpus), "fake"
+        specs = [FakeGpuSpec(mig_profiles=cfg.fake_mig if i == 0 else ()) for i in range(cfg.fake_gpus)]
+        return FakeNvml(specs=specs), "fake"
     try:
         import pynvml
     except ImportError:

@@ -16,7 +16,8 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.histogram import HistogramSnapshot
-from exporter.snapshot import CLOCK_EVENT_REASONS, PCIE_DIRECTIONS, GpuReading, GpuState, Snapshot
+from exporter.snapshot import CLOCK_EVENT_REASONS, PCIE_DIRECTIONS, GpuProcess, GpuReading, GpuState, Snapshot
+from exporter.sources.processes import ProcessIdentity
 
 GPU_LABELS = ["gpu", "uuid"]
 
@@ -46,6 +47,9 @@ _GPU_VALUES: tuple[tuple[str, str, str, str], ...] = (
      "power_limit_watts"),
     ("gpu_energy_joules", "counter",
      "Energy consumed since driver load (nvmlDeviceGetTotalEnergyConsumption).", "energy_joules"),
+    ("gpu_power_from_energy_watts", "gauge",
+     "Average power over the last sampling interval: energy counter delta / time delta.",
+     "power_from_energy_watts"),
 )
 
 
@@ -62,6 +66,18 @@ def _family(kind: str, name: str, doc: str, labels: list[str]) -> Metric:
 def _buckets(h: HistogramSnapshot) -> list[tuple[str, float]]:
     cumulative = h.cumulative
     return [(repr(b), c) for b, c in zip(h.bounds, cumulative)] + [("+Inf", cumulative[-1])]
+
+
+def _add_processes(memory: Metric, sm: Metric | None, base: list[str],
+                   processes: tuple[GpuProcess, ...] | None, who: dict[int, ProcessIdentity]) -> None:
+    """One row per process: base labels, then pid, comm, container_id, pod_uid."""
+    for p in processes or ():
+        ident = who.get(p.pid) or ProcessIdentity()
+        values = base + [str(p.pid), ident.comm, ident.container_id, ident.pod_uid]
+        if p.used_memory_bytes is not None:
+            memory.add_metric(values, p.used_memory_bytes)
+        if sm is not None and p.sm_utilization is not None:
+            sm.add_metric(values, p.sm_utilization)
 
 
 class SnapshotCollector(Collector):
@@ -148,10 +164,12 @@ class SnapshotCollector(Collector):
         pcie = HistogramMetricFamily("gpu_sampled_pcie_utilization_ratio",
                                      "Every sampled gpu_pcie_utilization_ratio, per direction.",
                                      labels=GPU_LABELS + ["direction"])
+        # A histogram appears with its first sample: a GPU without utilisation (MIG mode) exports none.
         for g in gpus:
-            util.add_metric(_labels(g), _buckets(g.utilization_hist), g.utilization_hist.sum)
-            if g.identity.pcie_link_max_bytes_per_second:
-                for d, h in g.pcie_utilization_hist:
+            if g.utilization_hist.count:
+                util.add_metric(_labels(g), _buckets(g.utilization_hist), g.utilization_hist.sum)
+            for d, h in g.pcie_utilization_hist:
+                if h.count:
                     pcie.add_metric(_labels(g) + [d], _buckets(h), h.sum)
         yield util
         yield pcie
@@ -243,27 +261,33 @@ class SnapshotCollector(Collector):
 
     # ---- processes ---------------------------------------------------------------------------------
     def _process_families(self, snap: Snapshot) -> Iterator[Metric]:
-        labels = GPU_LABELS + ["pid", "comm", "container_id", "pod_uid"]
+        who = dict(snap.processes)
+        process_labels = ["pid", "comm", "container_id", "pod_uid"]
         memory = GaugeMetricFamily("gpu_process_memory_used_bytes",
                                    "GPU memory held by a process (nvmlDeviceGet{Compute,Graphics}RunningProcesses).",
-                                   labels=labels)
+                                   labels=GPU_LABELS + process_labels)
         sm = GaugeMetricFamily("gpu_process_sm_utilization_ratio",
                                "SM utilisation of a process, latest driver sample (nvmlDeviceGetProcessUtilization).",
-                               labels=labels)
-        who = dict(snap.processes)
+                               labels=GPU_LABELS + process_labels)
+        mig_labels = GPU_LABELS + ["mig_uuid", "gpu_instance_id", "compute_instance_id"]
+        mig_used = GaugeMetricFamily("gpu_mig_memory_used_bytes", "Memory used on a MIG device "
+                                     "(nvmlDeviceGetMemoryInfo on the MIG handle).", labels=mig_labels)
+        mig_total = GaugeMetricFamily("gpu_mig_memory_total_bytes", "Memory of a MIG device.", labels=mig_labels)
+        mig_memory = GaugeMetricFamily("gpu_mig_process_memory_used_bytes", "GPU memory held by a process on a "
+                                       "MIG device (nvmlDeviceGetComputeRunningProcesses on the MIG handle).",
+                                       labels=mig_labels + process_labels)
         for g in snap.gpus:
-            if not g.up or g.reading is None or not g.reading.processes:
+            if not g.up or g.reading is None:
                 continue
-            for p in g.reading.processes:
-                ident = who.get(p.pid)
-                values = _labels(g) + [str(p.pid), ident.comm if ident else "", ident.container_id if ident else "",
-                                       ident.pod_uid if ident else ""]
-                if p.used_memory_bytes is not None:
-                    memory.add_metric(values, p.used_memory_bytes)
-                if p.sm_utilization is not None:
-                    sm.add_metric(values, p.sm_utilization)
-        yield memory
-        yield sm
+            _add_processes(memory, sm, _labels(g), g.reading.processes, who)
+            for m in g.reading.mig or ():
+                base = _labels(g) + [m.uuid, str(m.gpu_instance_id), str(m.compute_instance_id)]
+                if m.memory_used_bytes is not None:
+                    mig_used.add_metric(base, m.memory_used_bytes)
+                if m.memory_total_bytes is not None:
+                    mig_total.add_metric(base, m.memory_total_bytes)
+                _add_processes(mig_memory, None, base, m.processes, who)
+        yield from (memory, sm, mig_used, mig_total, mig_memory)
 
     # ---- cgroup and /dev/shm ------------------------------------------------------------------------
     def _cgroup_families(self, snap: Snapshot) -> Iterator[Metric]:

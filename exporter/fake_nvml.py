@@ -48,6 +48,7 @@ class FakeGpuSpec:
     ecc_corrected: tuple[int, int] = (0, 3)  # (volatile, aggregate) corrected ECC errors
     ecc_uncorrected: tuple[int, int] = (0, 0)
     remapped_rows: tuple[int, int, int, int] = (0, 0, 0, 0)  # correctable, uncorrectable, pending, failed
+    mig_profiles: tuple[str, ...] = ()  # MIG mode on with these instances, e.g. ("3g.40gb", "1g.10gb")
     driver_sample_depth: int = 120  # samples the driver keeps (20 s at 1/6 s)
     replay_counter: int = 0
 
@@ -88,6 +89,25 @@ class FakeHandle:
 
     def __repr__(self) -> str:
         return f"<FakeHandle gpu={self.index}>"
+
+
+class FakeMigHandle(FakeHandle):
+    """A MIG device's handle; `index` is the parent's, so faults injected on the parent apply to it."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, index: int, slot: int) -> None:
+        super().__init__(index)
+        self.slot = slot
+
+
+def mig_memory_bytes(profile: str) -> int:
+    """'3g.40gb' -> 40 GiB."""
+    return int(profile.split(".")[1].rstrip("gb")) * 1024 * MIB
+
+
+_MIG_ONLY_PARENT_UNSUPPORTED = ("nvmlDeviceGetUtilizationRates", "nvmlDeviceGetSamples",
+                                "nvmlDeviceGetProcessUtilization")
 
 
 def _nvml_call(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -200,6 +220,8 @@ class FakeNvml:
         fault = self._faults.get((gpu, call)) or (gpu is not None and self._faults.get((gpu, "*")))
         if fault:
             fault.apply(self.clock())
+        if gpu is not None and self.specs[gpu].mig_profiles and call in _MIG_ONLY_PARENT_UNSUPPORTED:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)  # utilisation is not available with MIG on
 
     # ---- the duty cycle --------------------------------------------------------------------------
     def _phase_offset(self, gpu: int) -> float:
@@ -278,6 +300,8 @@ class FakeNvml:
     @_nvml_call
     def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str:
         i = handle.index
+        if isinstance(handle, FakeMigHandle):
+            return f"MIG-{0xFA4E0000 + i:08x}-{handle.slot:04x}-4000-8000-{i:012x}"
         return f"GPU-{0xFA4E0000 + i:08x}-0000-4000-8000-{i:012x}"
 
     @_nvml_call
@@ -307,7 +331,12 @@ class FakeNvml:
     @_nvml_call
     def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle, version: int | None = None) -> Any:
         s = self.specs[handle.index]
-        used = self._memory_used(handle.index, self._now())
+        if isinstance(handle, FakeMigHandle):
+            total = mig_memory_bytes(s.mig_profiles[handle.slot])
+            s = FakeGpuSpec(memory_total_bytes=total)
+            used = total // 2
+        else:
+            used = self._memory_used(handle.index, self._now())
         reserved = 512 * MIB
         if version:
             out = pynvml.c_nvmlMemory_v2_t()
@@ -345,6 +374,34 @@ class FakeNvml:
         if not samples:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
         return pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, samples
+
+    # ---- MIG -------------------------------------------------------------------------------------
+    @_nvml_call
+    def nvmlDeviceGetMigMode(self, device: FakeHandle) -> list[int]:
+        on = int(bool(self.specs[device.index].mig_profiles))
+        return [on, on]  # [current, pending]
+
+    @_nvml_call
+    def nvmlDeviceGetMaxMigDeviceCount(self, device: FakeHandle) -> int:
+        return 7
+
+    @_nvml_call
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, device: FakeHandle, index: int) -> FakeMigHandle:
+        if index >= len(self.specs[device.index].mig_profiles):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)  # an empty slot
+        return FakeMigHandle(device.index, index)
+
+    @_nvml_call
+    def nvmlDeviceIsMigDeviceHandle(self, device: FakeHandle) -> bool:
+        return isinstance(device, FakeMigHandle)
+
+    @_nvml_call
+    def nvmlDeviceGetGpuInstanceId(self, device: FakeMigHandle) -> int:
+        return (1, 5, 13, 14, 9, 10, 11)[device.slot]  # the ids an H100 gives 3g, 2g and 1g instances
+
+    @_nvml_call
+    def nvmlDeviceGetComputeInstanceId(self, device: FakeMigHandle) -> int:
+        return 0
 
     # ---- events and health -----------------------------------------------------------------------
     @_nvml_call
@@ -388,7 +445,12 @@ class FakeNvml:
     @_nvml_call
     def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeHandle) -> list[Any]:
         out = []
-        for pid, used in self.processes_at(handle.index, self._now()):
+        if isinstance(handle, FakeMigHandle):  # one worker per MIG instance, using most of it
+            profile = self.specs[handle.index].mig_profiles[handle.slot]
+            listed = [(6000 + 10 * handle.index + handle.slot, mig_memory_bytes(profile) // 2)]
+        else:
+            listed = self.processes_at(handle.index, self._now())
+        for pid, used in listed:
             info = pynvml.c_nvmlProcessInfo_v2_t()
             info.pid, info.usedGpuMemory = pid, pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value if used is None else used
             obj = pynvml.nvmlStructToFriendlyObject(info)

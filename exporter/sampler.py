@@ -205,7 +205,7 @@ class Sampler:
         gpus = tuple(self._gpu_state(r, fresh.get(r.index), now) for r in self.nvml.readers)
         processes: tuple = ()
         if self.attributor is not None:
-            pids = {p.pid for g in gpus if g.reading and g.reading.processes for p in g.reading.processes}
+            pids = set().union(*(g.reading.pids() for g in gpus if g.reading))
             processes = tuple(sorted(self.attributor.lookup(pids).items()))
 
         self._durations["all"].observe(time.perf_counter() - tick_started)

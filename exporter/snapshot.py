@@ -41,6 +41,18 @@ class GpuProcess:
 
 
 @dataclass(frozen=True, slots=True)
+class MigReading:
+    """One MIG device of a MIG-enabled GPU."""
+
+    uuid: str  # "MIG-..."
+    gpu_instance_id: int
+    compute_instance_id: int
+    memory_used_bytes: int | None
+    memory_total_bytes: int | None
+    processes: tuple[GpuProcess, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
 class GpuReading:
     """One read of one GPU, in base units. None: not supported by this GPU, or the call failed."""
 
@@ -55,6 +67,7 @@ class GpuReading:
     power_watts: float | None = None
     power_limit_watts: float | None = None
     energy_joules: float | None = None
+    power_from_energy_watts: float | None = None  # ΔE/Δt since the previous read
     sm_clock_hertz: float | None = None
     memory_clock_hertz: float | None = None
     clock_event_reasons: int | None = None  # bitmask
@@ -65,6 +78,7 @@ class GpuReading:
     sample_buffer_seconds: float | None = None  # how far back the driver's buffer reached at start-up
     ecc_errors: tuple[tuple[tuple[str, str], int], ...] | None = None  # ((corrected|uncorrected, scope), n)
     remapped_rows: tuple[int, int, int, int] | None = None  # correctable, uncorrectable, pending, failed
+    mig: tuple[MigReading, ...] | None = None  # None: MIG mode off or unsupported
     errors: tuple[str, ...] = ()  # NVML calls that failed with something other than NotSupported
     lost: bool = False  # GpuIsLost / ResetRequired
 
@@ -80,6 +94,13 @@ class GpuReading:
 
     def pcie_bytes_per_second(self, direction: str) -> float | None:
         return self.pcie_tx_bytes_per_second if direction == "tx" else self.pcie_rx_bytes_per_second
+
+    def pids(self) -> set[int]:
+        """Every process pid on the GPU and its MIG devices."""
+        found = {p.pid for p in self.processes or ()}
+        for m in self.mig or ():
+            found.update(p.pid for p in m.processes or ())
+        return found
 
 
 @dataclass(frozen=True, slots=True)

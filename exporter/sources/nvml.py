@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from exporter.snapshot import GpuIdentity, GpuProcess, GpuReading, NvmlStatus
+from exporter.snapshot import GpuIdentity, GpuProcess, GpuReading, MigReading, NvmlStatus
 from exporter.sources.pcie import CounterReading, counter_rate, link_bytes_per_second
 from exporter.transitions import TransitionLog
 
@@ -176,6 +176,9 @@ class GpuReader:
         self._util_seen = 0  # newest utilisation sample timestamp NVML returned (us); 0 = not read yet
         self._health: dict[str, Any] = {}
         self._health_at = float("-inf")
+        self._energy_prev: tuple[float, float] | None = None  # (joules, monotonic seconds)
+        self._mig: list[tuple[Any, str, int, int]] | None = None  # (handle, uuid, gi, ci), re-enumerated
+        self._mig_at = float("-inf")
         self._buffer_seconds: float | None = None
         self.index = index
         self.handle: Any = None
@@ -188,10 +191,12 @@ class GpuReader:
         self._errors: list[str] = []
 
     # ---- calling NVML ------------------------------------------------------------------------------
-    def _call(self, name: str, *args: Any, key: str | None = None, quiet: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    def _call(self, name: str, *args: Any, key: str | None = None, quiet: tuple[str, ...] = (), on: Any = None,
+              **kwargs: Any) -> Any:
         """Call nvml.<name>(handle, ...); None when unsupported or failed (failures are recorded).
 
         Errors named in `quiet` are answers, not failures (NotFound from a "since" query: nothing new).
+        `on` calls it on another handle (a MIG device of this GPU) instead of the GPU's own.
         """
         key = key or name
         if key in self.unsupported:
@@ -202,7 +207,7 @@ class GpuReader:
             return None
         self.current_call = name
         try:
-            return fn(self.handle, *args, **kwargs)
+            return fn(self.handle if on is None else on, *args, **kwargs)
         except Exception as exc:
             err = _error_name(exc)
             if err in quiet:
@@ -289,7 +294,13 @@ class GpuReader:
         limit = self._call("nvmlDeviceGetEnforcedPowerLimit")
         v["power_limit_watts"] = limit / 1000.0 if limit is not None else None
         energy = self._call("nvmlDeviceGetTotalEnergyConsumption")
-        v["energy_joules"] = energy / 1000.0 if energy is not None else None
+        if energy is not None:
+            joules, at = energy / 1000.0, time.monotonic()
+            v["energy_joules"] = joules
+            prev = self._energy_prev
+            if prev is not None and at > prev[1] and joules >= prev[0]:  # a driver reload resets the counter
+                v["power_from_energy_watts"] = (joules - prev[0]) / (at - prev[1])
+            self._energy_prev = (joules, at)
 
         sm = self._call("nvmlDeviceGetClockInfo", nvml.NVML_CLOCK_SM, key="clock_sm")
         v["sm_clock_hertz"] = sm * 1e6 if sm is not None else None
@@ -300,9 +311,49 @@ class GpuReader:
         if reasons is None and "nvmlDeviceGetCurrentClocksEventReasons" in self.unsupported:
             reasons = self._call("nvmlDeviceGetCurrentClocksThrottleReasons")  # name before R535
         v["clock_event_reasons"] = reasons
-        if self.collect_processes:
+        mig = self._read_mig()
+        if mig is not None:
+            v["mig"] = mig
+        elif self.collect_processes:  # with MIG on, processes are listed per MIG device instead
             v["processes"] = self._read_processes()
         v.update(self._read_health())
+
+    def _read_mig(self) -> tuple[MigReading, ...] | None:
+        """MIG devices with their memory and processes; None when MIG mode is off or unsupported.
+
+        Instances are re-enumerated every HEALTH_REFRESH_S, so created or destroyed ones are picked up.
+        """
+        now = time.monotonic()
+        if now - self._mig_at >= HEALTH_REFRESH_S:
+            self._mig_at = now
+            mode = self._call("nvmlDeviceGetMigMode")
+            self._mig = self._enumerate_mig() if mode is not None and mode[0] else None
+        if self._mig is None:
+            return None
+        out = []
+        for handle, uuid, gi, ci in self._mig:
+            mem = self._call("nvmlDeviceGetMemoryInfo", on=handle, key="mig_memory")
+            procs = None
+            if self.collect_processes:
+                listed = self._call("nvmlDeviceGetComputeRunningProcesses", on=handle, key="mig_processes")
+                if listed is not None:
+                    procs = tuple(GpuProcess(p.pid, p.usedGpuMemory, None) for p in listed)
+            out.append(MigReading(uuid, gi, ci, int(mem.used) if mem is not None else None,
+                                  int(mem.total) if mem is not None else None, procs))
+        return tuple(out)
+
+    def _enumerate_mig(self) -> list[tuple[Any, str, int, int]]:
+        found = []
+        for slot in range(self._call("nvmlDeviceGetMaxMigDeviceCount") or 0):
+            handle = self._call("nvmlDeviceGetMigDeviceHandleByIndex", slot, key="mig_handle",
+                                quiet=("NVMLError_NotFound",))  # NotFound: an empty slot
+            if handle is None:
+                continue
+            uuid = self._call("nvmlDeviceGetUUID", on=handle, key="mig_uuid") or f"unknown-mig-{slot}"
+            gi = self._call("nvmlDeviceGetGpuInstanceId", on=handle)
+            ci = self._call("nvmlDeviceGetComputeInstanceId", on=handle)
+            found.append((handle, str(uuid), int(gi) if gi is not None else -1, int(ci) if ci is not None else -1))
+        return found
 
     def _read_health(self) -> dict[str, Any]:
         """ECC error counters and remapped rows, every HEALTH_REFRESH_S (NotSupported: omitted)."""
