@@ -147,7 +147,9 @@ def _nvml_module(cfg: Config) -> tuple[Any, str]:
     if cfg.fake_gpus:
         from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 
-        specs = [FakeGpuSpec(mig_profiles=cfg.fake_mig if i == 0 else ()) for i in range(cfg.fake_gpus)]
+        # GPU 1 reports XID 31 (an application's GPU memory page fault) after 5 s, then every minute.
+        specs = [FakeGpuSpec(mig_profiles=cfg.fake_mig if i == 0 else (),
+                             xid_schedule=(5.0, 60.0, 31) if i == 1 else None) for i in range(cfg.fake_gpus)]
         return FakeNvml(specs=specs), "fake"
     try:
         import pynvml

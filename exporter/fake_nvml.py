@@ -49,6 +49,7 @@ class FakeGpuSpec:
     ecc_uncorrected: tuple[int, int] = (0, 0)
     remapped_rows: tuple[int, int, int, int] = (0, 0, 0, 0)  # correctable, uncorrectable, pending, failed
     mig_profiles: tuple[str, ...] = ()  # MIG mode on with these instances, e.g. ("3g.40gb", "1g.10gb")
+    xid_schedule: tuple[float, float, int] | None = None  # (first after s, then every s, XID code)
     driver_sample_depth: int = 120  # samples the driver keeps (20 s at 1/6 s)
     replay_counter: int = 0
 
@@ -77,6 +78,7 @@ class FakeEventSet:
     def __init__(self) -> None:
         self.devices: set[int] = set()
         self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.scheduled_sent: dict[int, int] = {}  # gpu -> scheduled XIDs delivered so far
 
 
 class FakeHandle:
@@ -99,6 +101,13 @@ class FakeMigHandle(FakeHandle):
     def __init__(self, index: int, slot: int) -> None:
         super().__init__(index)
         self.slot = slot
+
+
+def _xid_event(gpu: int, xid: int) -> Any:
+    """Event data as nvmlEventSetWait returns it (a friendly object, since a fake handle is no pointer)."""
+    data = pynvml.nvmlStructToFriendlyObject(pynvml.c_nvmlEventData_t())
+    data.device, data.eventType, data.eventData = FakeHandle(gpu), pynvml.nvmlEventTypeXidCriticalError, xid
+    return data
 
 
 def mig_memory_bytes(profile: str) -> int:
@@ -208,9 +217,7 @@ class FakeNvml:
         """The driver reports XID `xid` on `gpu` to every event set that registered the GPU."""
         for es in self._event_sets:
             if gpu in es.devices:
-                data = pynvml.nvmlStructToFriendlyObject(pynvml.c_nvmlEventData_t())
-                data.device, data.eventType, data.eventData = FakeHandle(gpu), pynvml.nvmlEventTypeXidCriticalError, xid
-                es.events.put(data)
+                es.events.put(_xid_event(gpu, xid))
 
     def _enter(self, call: str, gpu: int | None) -> None:
         with self._calls_lock:
@@ -419,8 +426,20 @@ class FakeNvml:
         if eventTypes & pynvml.nvmlEventTypeXidCriticalError:
             eventSet.devices.add(handle.index)
 
+    def _deliver_scheduled_xids(self, es: FakeEventSet) -> None:
+        t = self._now()
+        for gpu in es.devices:
+            sched = self.specs[gpu].xid_schedule
+            if not sched or t < sched[0]:
+                continue
+            due = int((t - sched[0]) // sched[1]) + 1
+            for _ in range(due - es.scheduled_sent.get(gpu, 0)):
+                es.events.put(_xid_event(gpu, sched[2]))
+            es.scheduled_sent[gpu] = due
+
     @_nvml_call
     def nvmlEventSetWait(self, eventSet: FakeEventSet, timeoutms: int) -> Any:
+        self._deliver_scheduled_xids(eventSet)
         try:
             return eventSet.events.get(timeout=timeoutms / 1000)
         except queue.Empty:

@@ -92,3 +92,13 @@ def test_process_cgroup_and_shm_series(stack):
                                                                                       "pod_uid"}
     assert prom.query("rate(cgroup_cpu_usage_seconds_total[10s]) > 0")  # the exporter's own cgroup, real kernel
     assert float(prom.query("host_shm_size_bytes")[0]["value"][1]) > 0
+
+
+def test_xid_and_health_series(stack):
+    """The demo fake's GPU 1 reports XID 31 five seconds after start; counters reach Prometheus."""
+    prom = stack.prom
+    xid = prom.wait_for('gpu_xid_errors_total{gpu="1",xid="31"}', timeout=20)
+    assert float(xid[0]["value"][1]) >= 1
+    assert {r["metric"]["scope"] for r in prom.query("gpu_ecc_errors_total")} == {"volatile", "aggregate"}
+    assert prom.query("gpu_sample_buffer_seconds > 10")  # the simulated driver keeps 20 s
+    assert prom.query("gpu_power_from_energy_watts > 0")

@@ -82,3 +82,16 @@ def test_power_from_the_energy_counter(procfs):
     # The fake's energy integral and the reader's clock are both real time here: 520 W within timing noise.
     assert abs(reading.power_from_energy_watts - 520) < 520 * 0.05
     assert reading.power_watts == 520
+
+
+def test_scheduled_xids_are_delivered(procfs, clock):
+    fake = FakeNvml(specs=[FakeGpuSpec(), FakeGpuSpec(xid_schedule=(5.0, 60.0, 31))], clock=clock)
+    s = make_sampler(fake, procfs.root, clock=clock)
+    s.tick()
+    assert wait_for(lambda: s.nvml.xid.supported == {0, 1})
+    clock.advance(4.0)
+    time.sleep(0.6)  # at least one event wait has run: nothing is due yet
+    assert s.nvml.xid.counts() == ()
+    clock.advance(126.0)  # t = 130 s: due at 5, 65 and 125 s
+    assert wait_for(lambda: s.nvml.xid.counts() == (((1, 31), 3),))
+    s.stop()
