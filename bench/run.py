@@ -227,17 +227,21 @@ def main() -> int:
     finally:
         t.stop()
 
-    print(f"# memory with 8 GPUs: RSS after start and after {memory_scrapes} scrapes")
+    print(f"# memory with 8 GPUs: RSS after start, after {memory_scrapes} scrapes, after {memory_scrapes} more")
     t = exporter(8)
     try:
         time.sleep(2)
         rss0 = t.rss_bytes()
         scrape_series(t.port, memory_scrapes, False)
         rss1 = t.rss_bytes()
+        scrape_series(t.port, memory_scrapes, False)  # warm-up over: what is left is growth
+        rss2 = t.rss_bytes()
     finally:
         t.stop()
-    results["memory"] = {"rss_start_bytes": rss0, "rss_after_bytes": rss1, "scrapes": memory_scrapes}
-    print(f"RSS {rss0 / 1e6:.1f} MB -> {rss1 / 1e6:.1f} MB (+{(rss1 - rss0) / 1e6:.2f} MB)")
+    results["memory"] = {"rss_start_bytes": rss0, "rss_after_bytes": rss1, "rss_after_twice_bytes": rss2,
+                         "scrapes": memory_scrapes}
+    print(f"RSS {rss0 / 1e6:.1f} MB -> {rss1 / 1e6:.1f} MB (+{(rss1 - rss0) / 1e6:.2f} MB) "
+          f"-> {rss2 / 1e6:.1f} MB (+{(rss2 - rss1) / 1e6:.2f} MB)")
 
     ne = [r for r in results["scrape"] if r["target"] == "node_exporter" and not r["gzip"]]
     ex8 = [r for r in results["scrape"] if r["target"] == "exporter 8 GPU" and not r["gzip"]]
