@@ -117,7 +117,7 @@ class Sampler:
         self._results: queue.SimpleQueue = queue.SimpleQueue()
         self._reader_thread: _ReadThread | None = None
         self._reader_generation = -1
-        self._stuck: dict[int, tuple[_ReadThread, str, float]] = {}  # gpu -> (thread, call, since)
+        self._stuck: dict[int, tuple[_ReadThread, str]] = {}  # gpu -> (abandoned thread, call it is in)
         self._last_states: dict[int, GpuState] = {}
         self._histories: dict[int, _GpuHistory] = {}
         self._host_cpu = Histogram(RATIO_BUCKETS)
@@ -200,7 +200,7 @@ class Sampler:
         if to_read:
             done = self._collect(seq, deadline=now + GPU_DEADLINE_SHARE * self.interval, fresh=fresh)
             if not done:
-                self._abandon_reader(now)
+                self._abandon_reader()
             self._durations["nvml"].observe(time.perf_counter() - procfs_started)
         gpus = tuple(self._gpu_state(r, fresh.get(r.index), now) for r in self.nvml.readers)
         processes: tuple = ()
@@ -263,7 +263,7 @@ class Sampler:
                 return deadline is None
             if thread is not self._reader_thread:
                 if index == _DONE:  # an abandoned thread's hung call returned: its GPU may be read again
-                    for gpu in [g for g, (t, _, _) in self._stuck.items() if t is thread]:
+                    for gpu in [g for g, (t, _) in self._stuck.items() if t is thread]:
                         del self._stuck[gpu]
                 continue  # its late reading is stale and dropped
             if tick != seq:
@@ -273,13 +273,13 @@ class Sampler:
             if fresh is not None:
                 fresh[index] = reading
 
-    def _abandon_reader(self, now: float) -> None:
+    def _abandon_reader(self) -> None:
         thread = self._reader_thread
         thread.abandon()  # first, so it cannot move on to another GPU unnoticed
         reader = thread.current
         if reader is not None:
             call = reader.current_call or "read"
-            self._stuck[reader.index] = (thread, call, now)
+            self._stuck[reader.index] = (thread, call)
             self._errors[("nvml", call)] += 1  # once per hang, not per tick
         self._reader_thread = _ReadThread(self._results)
 

@@ -146,7 +146,7 @@ def test_process_series_appear_and_vanish_with_labels(procfs):
     assert {x.labels["pid"] for x in fams["gpu_process_sm_utilization_ratio"].samples} == {"4000", "7777"}
     fake.set_processes(0, [])
     for reader in s.nvml.readers:
-        reader._processes_at = float("-inf")  # skip the 1 s refresh wait
+        reader._last_refresh.clear()  # skip the 1 s refresh wait
     s.tick()
     assert families(s)["gpu_process_memory_used_bytes"].samples == []
 

@@ -171,14 +171,12 @@ class GpuReader:
         self.nvml = nvml
         self.collect_processes = collect_processes
         self._processes: tuple[GpuProcess, ...] | None = None
-        self._processes_at = float("-inf")
+        self._last_refresh: dict[str, float] = {}  # what -> monotonic time of its last refresh (see _due)
         self._process_util_seen = 0  # newest per-process sample timestamp NVML returned (us)
         self._util_seen = 0  # newest utilisation sample timestamp NVML returned (us); 0 = not read yet
         self._health: dict[str, Any] = {}
-        self._health_at = float("-inf")
         self._energy_prev: tuple[float, float] | None = None  # (joules, monotonic seconds)
         self._mig: list[tuple[Any, str, int, int]] | None = None  # (handle, uuid, gi, ci), re-enumerated
-        self._mig_at = float("-inf")
         self._buffer_seconds: float | None = None
         self.index = index
         self.handle: Any = None
@@ -189,6 +187,14 @@ class GpuReader:
         self._pcie_prev: dict[str, CounterReading] = {}
         self._reopen_at = 0.0
         self._errors: list[str] = []
+
+    def _due(self, what: str, period: float) -> bool:
+        """True at most once per `period` seconds for `what`; the first ask is always due."""
+        now = time.monotonic()
+        if now - self._last_refresh.get(what, float("-inf")) < period:
+            return False
+        self._last_refresh[what] = now
+        return True
 
     # ---- calling NVML ------------------------------------------------------------------------------
     def _call(self, name: str, *args: Any, key: str | None = None, quiet: tuple[str, ...] = (), on: Any = None,
@@ -323,9 +329,7 @@ class GpuReader:
 
         Instances are re-enumerated every HEALTH_REFRESH_S, so created or destroyed ones are picked up.
         """
-        now = time.monotonic()
-        if now - self._mig_at >= HEALTH_REFRESH_S:
-            self._mig_at = now
+        if self._due("mig", HEALTH_REFRESH_S):
             mode = self._call("nvmlDeviceGetMigMode")
             self._mig = self._enumerate_mig() if mode is not None and mode[0] else None
         if self._mig is None:
@@ -357,10 +361,8 @@ class GpuReader:
 
     def _read_health(self) -> dict[str, Any]:
         """ECC error counters and remapped rows, every HEALTH_REFRESH_S (NotSupported: omitted)."""
-        now = time.monotonic()
-        if now - self._health_at < HEALTH_REFRESH_S:
+        if not self._due("health", HEALTH_REFRESH_S):
             return self._health
-        self._health_at = now
         nvml = self.nvml
         ecc = []
         for error, etype in (("corrected", nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
@@ -405,10 +407,8 @@ class GpuReader:
         return () if first else tuple(values)
 
     def _read_processes(self) -> tuple[GpuProcess, ...] | None:
-        now = time.monotonic()
-        if now - self._processes_at < PROCESS_REFRESH_S:
+        if not self._due("processes", PROCESS_REFRESH_S):
             return self._processes
-        self._processes_at = now
         memory: dict[int, int | None] = {}
         supported = False
         for call in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
