@@ -195,8 +195,9 @@ class SnapshotCollector(Collector):
                 if bps is None:
                     continue
                 throughput.add_metric(_labels(g) + [d], bps)
-                if link_max:
-                    ratio.add_metric(_labels(g) + [d], bps / link_max)
+                share = r.pcie_utilization(d, link_max)
+                if share is not None:
+                    ratio.add_metric(_labels(g) + [d], share)
         yield throughput
         yield link
         yield ratio

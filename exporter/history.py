@@ -25,9 +25,7 @@ def _gpu_values(g: GpuState) -> tuple[float | None, ...]:
     if r is None or not g.up:
         return (None,) * len(GPU_FIELDS)
     link = g.identity.pcie_link_max_bytes_per_second
-    tx, rx = r.pcie_tx_bytes_per_second, r.pcie_rx_bytes_per_second
-    return (r.utilization, r.memory_used_ratio,
-            tx / link if tx is not None and link else None, rx / link if rx is not None and link else None)
+    return (r.utilization, r.memory_used_ratio, r.pcie_utilization("tx", link), r.pcie_utilization("rx", link))
 
 
 def _nullable(v: float) -> float | None:

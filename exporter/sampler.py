@@ -324,11 +324,10 @@ class Sampler:
                 hist.utilization.observe(value)
         elif r.utilization is not None:  # no driver buffer (MIG, old boards): the polled value
             hist.utilization.observe(r.utilization)
-        if link_max:
-            for d in PCIE_DIRECTIONS:
-                bps = r.pcie_bytes_per_second(d)
-                if bps is not None:
-                    hist.pcie[d].observe(bps / link_max)
+        for d in PCIE_DIRECTIONS:
+            ratio = r.pcie_utilization(d, link_max)
+            if ratio is not None:
+                hist.pcie[d].observe(ratio)
         if r.clock_event_reasons is not None:
             hist.clock_events_seen = True
             for bit, name in CLOCK_EVENT_REASONS:

@@ -95,6 +95,11 @@ class GpuReading:
     def pcie_bytes_per_second(self, direction: str) -> float | None:
         return self.pcie_tx_bytes_per_second if direction == "tx" else self.pcie_rx_bytes_per_second
 
+    def pcie_utilization(self, direction: str, link_max: float | None) -> float | None:
+        """Throughput as a share of the link's maximum; None without a rate or a known link."""
+        bps = self.pcie_bytes_per_second(direction)
+        return bps / link_max if bps is not None and link_max else None
+
     def pids(self) -> set[int]:
         """Every process pid on the GPU and its MIG devices."""
         found = {p.pid for p in self.processes or ()}
