@@ -130,6 +130,15 @@ class ExporterProcess:
     def log(self) -> str:
         return self.stderr_path.read_text()
 
+    def wait_for_sample(self, path: str = "/metrics", needle: bytes = b"gpu_up{", timeout: float = 10.0) -> bytes:
+        """Poll until `needle` is served: the port is open before the sampler's first tick is done."""
+        deadline = time.monotonic() + timeout
+        body = b""
+        while needle not in body and time.monotonic() < deadline:
+            body = http_get(self.url + path)[2]
+            time.sleep(0.05)
+        return body
+
     def _wait_for_port(self, timeout: float = 15.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -77,6 +77,7 @@ def test_signal_stops_cleanly_within_a_second(exporter_proc, sig):
 def test_settings_from_environment(exporter_proc):
     p = exporter_proc(env={"GPU_EXPORTER_FAKE_GPUS": "3", "GPU_EXPORTER_WEB_TELEMETRY_PATH": "/m",
                            "GPU_EXPORTER_SAMPLE_INTERVAL": "100ms", "GPU_EXPORTER_NODE_NAME": "gpu-node-7"})
+    p.wait_for_sample("/m")
     status, _, body = http_get(p.url + "/m")
     assert status == 200 and b'node="gpu-node-7"' in body
     assert body.count(b"gpu_up{") == 3 and b"exporter_sample_interval_seconds 0.1" in body
@@ -103,6 +104,7 @@ def test_without_gpu_it_serves_host_metrics_and_says_so(exporter_proc):
 
 def test_http_endpoints(exporter_proc):
     p = exporter_proc("--fake-gpus", "1")
+    p.wait_for_sample()
     status, headers, body = http_get(p.url + "/")
     assert status == 200 and b'href="/metrics"' in body and b'href="/healthz"' in body
     assert http_get(p.url + "/nope")[0] == 404

@@ -54,7 +54,7 @@ def test_memory_is_bounded_by_window_over_interval(procfs):
 
 def test_api_window_bounds(exporter_proc):
     p = exporter_proc("--fake-gpus", "1", "--sample.interval", "100ms", "--history.window", "30s")
-    time.sleep(0.5)
+    p.wait_for_sample("/api/v1/samples?window=5s", needle=b'"gpu":"0"')
     status, headers, body = http_get(p.url + "/api/v1/samples?window=5s")
     assert status == 200 and headers["Content-Type"] == "application/json"
     assert json.loads(body)["gpus"][0]["gpu"] == "0"
