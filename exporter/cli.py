@@ -20,11 +20,13 @@ from exporter.collector import SnapshotCollector
 from exporter.durations import parse_duration
 from exporter.history import SampleHistory
 from exporter.sampler import Sampler
-from exporter.server import ListenAddressError, make_server, parse_listen_address
+from exporter.httpd import Limits
+from exporter.server import ListenAddressError, ServerCollector, make_server, parse_listen_address
 from exporter.sources.cgroup import CgroupSource
 from exporter.sources.nvml import NvmlSource
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.procfs import ProcfsSource
+from exporter.webconfig import WebConfigError, WebConfigWatcher
 
 log = logging.getLogger("exporter")
 
@@ -53,6 +55,8 @@ class Config:
     shm_path: str
     history_window: float
     fake_mig: tuple[str, ...]
+    max_connections: int
+    web_config: WebConfigWatcher | None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,6 +79,9 @@ def _build_parser() -> _Parser:
     flag("--web.listen-address", ":9445", "address to listen on, [host]:port")
     flag("--web.telemetry-path", "/metrics", "path under which to expose metrics")
     flag("--web.max-requests", "40", "maximum concurrent scrape requests; 503 beyond it; 0 = no limit")
+    flag("--web.max-connections", "512", "maximum open client connections; at the limit the oldest idle or "
+                                         "slow one is closed for a new one")
+    flag("--web.config.file", "", "exporter-toolkit web config (YAML) for TLS and basic auth; empty: plain HTTP")
     flag("--sample.interval", "200ms", "sampling interval (>= 10ms)")
     flag("--path.procfs", "/proc", "procfs mount point (the host's /proc when run in a container)")
     flag("--fake-gpus", "0", "serve N simulated GPUs instead of real NVML (demos, tests)")
@@ -108,6 +115,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
             raise ValueError(f"--web.telemetry-path {path!r} must start with / and not be / or /healthz")
         fake = _non_negative_int("--fake-gpus", a["fake_gpus"])
         max_requests = _non_negative_int("--web.max-requests", a["web.max_requests"])
+        max_connections = _non_negative_int("--web.max-connections", a["web.max_connections"])
+        if max_connections < 1:
+            raise ValueError("--web.max-connections must be at least 1")
         level = str(a["log.level"]).lower()
         if level not in ("debug", "info", "warn", "warning", "error"):
             raise ValueError(f"--log.level {level!r}: want debug, info, warn or error")
@@ -127,11 +137,17 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
                 f.read(1)
         except OSError as exc:
             raise ValueError(f"--path.procfs {procfs!r}: cannot read {stat}: {exc.strerror or exc}") from None
+        web_config = None
+        if a["web.config.file"]:
+            try:
+                web_config = WebConfigWatcher(a["web.config.file"])
+            except WebConfigError as exc:
+                raise ValueError(f"--web.config.file {a['web.config.file']!r}: {exc}") from None
     except (ValueError, ListenAddressError) as exc:
         parser.error(str(exc))
     return Config(a["web.listen_address"], path, interval, procfs, fake, level, max_requests, a["node.name"],
                   a["collector.processes"], a["path.cgroupfs"], a["cgroup.path"], a["path.shm"], history,
-                  fake_mig)
+                  fake_mig, max_connections, web_config)
 
 
 def _non_negative_int(flag: str, value: Any) -> int:
@@ -174,7 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     history = SampleHistory(cfg.history_window, cfg.sample_interval) if cfg.history_window else None
     try:  # bind first: a taken port is a one-line error before anything else is set up or logged
         server = make_server(cfg.listen_address, registry, lambda: sampler.health(), cfg.telemetry_path,
-                             cfg.max_requests, history)
+                             history=history, generation=lambda: sampler.snapshot, web_config=cfg.web_config,
+                             limits=Limits(max_requests=cfg.max_requests, max_connections=cfg.max_connections))
     except OSError as exc:
         print(f"gpu-telemetry-exporter: error: cannot listen on {cfg.listen_address}: "
               f"{exc.strerror or exc}", file=sys.stderr)
@@ -193,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None, history=history)
     registry.register(SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name))
     ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost
+    registry.register(ServerCollector(server))
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -208,8 +226,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
     backend = f"{cfg.fake_gpus} simulated GPUs" if cfg.fake_gpus else "NVML through nvidia-ml-py"
-    log.info("gpu-telemetry-exporter %s listening on http://%s:%d%s (sampling every %gs; GPUs: %s)",
-             __version__, shown, port, cfg.telemetry_path, cfg.sample_interval, backend)
+    scheme = "https" if cfg.web_config and cfg.web_config.ssl_context else "http"
+    auth = " with basic auth" if cfg.web_config and cfg.web_config.auth.enabled else ""
+    log.info("gpu-telemetry-exporter %s listening on %s://%s:%d%s%s (sampling every %gs; GPUs: %s)",
+             __version__, scheme, shown, port, cfg.telemetry_path, auth, cfg.sample_interval, backend)
+    if auth and scheme == "http":
+        log.warning("basic auth without TLS: passwords cross the network in clear text")
     stop.wait()
     log.info("shutting down")
     server.shutdown()

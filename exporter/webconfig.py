@@ -1,0 +1,316 @@
+"""`--web.config.file`: TLS and basic auth in the exporter-toolkit format Prometheus users already keep.
+
+    tls_server_config:
+      cert_file: server.crt          # relative paths are relative to this file
+      key_file: server.key
+      client_auth_type: RequireAndVerifyClientCert   # or VerifyClientCertIfGiven, NoClientCert
+      client_ca_file: ca.crt
+      min_version: TLS12             # TLS10..TLS13; default TLS12
+      max_version: TLS13
+    http_server_config:
+      headers: {Strict-Transport-Security: max-age=31536000}
+    basic_auth_users:
+      prometheus: $2y$10$...         # bcrypt, e.g. `htpasswd -nBC 10 prometheus`
+
+Unknown keys and settings Python's TLS stack cannot honour (cipher_suites, RequestClientCert, ...) are
+errors, not silently ignored. The file and the files it names are re-read when they change (checked
+every second): certificates rotated by cert-manager or a Secret update are served to new connections
+without a restart. A broken update is logged and the previous configuration kept.
+
+Basic auth: bcrypt is slow on purpose (~50-100 ms at cost 10), too slow for every scrape, so the last
+password verified for each user is remembered as an HMAC under a per-process random key and compared in
+constant time; bcrypt runs only when it differs. Unknown users still cost one bcrypt check, so timing
+does not reveal which user names exist. /healthz is exempt: kubelet probes carry no credentials, and it
+reveals only whether the sampler is on schedule.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from exporter.httpd import Request, Response
+
+log = logging.getLogger("exporter.webconfig")
+
+_TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
+                 "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
+_CLIENT_AUTH = {"NoClientCert": ssl.CERT_NONE, "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+                "RequireAndVerifyClientCert": ssl.CERT_REQUIRED}
+# exporter-toolkit settings with no faithful equivalent in Python's ssl module
+_UNSUPPORTED = {"cipher_suites", "curve_preferences", "prefer_server_cipher_suites", "cert", "key", "client_ca",
+                "client_allowed_sans"}
+_ALLOWED_HEADERS = {"Strict-Transport-Security", "X-Frame-Options", "X-Content-Type-Options",
+                    "X-XSS-Protection", "Content-Security-Policy"}
+_BCRYPT = re.compile(r"^\$2[abxy]\$\d{2}\$[./A-Za-z0-9]{53}$")
+_EXEMPT_PATHS = frozenset({"/healthz"})
+
+
+class WebConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert_file: Path
+    key_file: Path
+    verify_mode: ssl.VerifyMode
+    client_ca_file: Path | None
+    min_version: ssl.TLSVersion
+    max_version: ssl.TLSVersion | None
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    tls: TlsSettings | None
+    users: dict[str, bytes]
+    headers: tuple[tuple[str, str], ...]
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise WebConfigError(f"{where}: want a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(doc: dict, allowed: set[str], where: str) -> None:
+    for key in doc:
+        if key in _UNSUPPORTED:
+            raise WebConfigError(f"{where}.{key} is not supported by this exporter (Python's TLS stack); remove it")
+        if key not in allowed:
+            raise WebConfigError(f"{where}: unknown key {key!r}")
+
+
+def parse_web_config(text: str, base_dir: Path) -> WebConfig:
+    import yaml  # only needed with --web.config.file
+
+    try:
+        doc = _mapping(yaml.safe_load(text), "web config")
+    except yaml.YAMLError as exc:
+        raise WebConfigError(f"not valid YAML: {str(exc).splitlines()[0]}") from None
+    _check_keys(doc, {"tls_server_config", "basic_auth_users", "http_server_config"}, "web config")
+
+    tls = None
+    tls_doc = _mapping(doc.get("tls_server_config"), "tls_server_config")
+    if tls_doc:
+        _check_keys(tls_doc, {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
+                              "max_version"}, "tls_server_config")
+        for key in ("cert_file", "key_file"):
+            if not tls_doc.get(key):
+                raise WebConfigError(f"tls_server_config.{key} is required")
+        auth_type = tls_doc.get("client_auth_type") or "NoClientCert"
+        if auth_type not in _CLIENT_AUTH:
+            hint = " (Python's TLS stack cannot request a certificate without verifying it)" \
+                if auth_type in ("RequestClientCert", "RequireAnyClientCert") else ""
+            raise WebConfigError(f"tls_server_config.client_auth_type {auth_type!r}: want one of "
+                                 f"{', '.join(_CLIENT_AUTH)}{hint}")
+        ca = tls_doc.get("client_ca_file")
+        if _CLIENT_AUTH[auth_type] != ssl.CERT_NONE and not ca:
+            raise WebConfigError(f"tls_server_config.client_ca_file is required with client_auth_type {auth_type}")
+        if ca and _CLIENT_AUTH[auth_type] == ssl.CERT_NONE:
+            raise WebConfigError("tls_server_config.client_ca_file is set but client_auth_type is NoClientCert: "
+                                 "set VerifyClientCertIfGiven or RequireAndVerifyClientCert")
+        versions = []
+        for key, default in (("min_version", "TLS12"), ("max_version", None)):
+            v = tls_doc.get(key, default)
+            if v is not None and v not in _TLS_VERSIONS:
+                raise WebConfigError(f"tls_server_config.{key} {v!r}: want one of {', '.join(_TLS_VERSIONS)}")
+            versions.append(_TLS_VERSIONS[v] if v else None)
+        if versions[1] is not None and versions[1] < versions[0]:
+            raise WebConfigError("tls_server_config.max_version is below min_version")
+        tls = TlsSettings(base_dir / str(tls_doc["cert_file"]), base_dir / str(tls_doc["key_file"]),
+                          _CLIENT_AUTH[auth_type], base_dir / str(ca) if ca else None, versions[0], versions[1])
+
+    users: dict[str, bytes] = {}
+    for user, hashed in _mapping(doc.get("basic_auth_users"), "basic_auth_users").items():
+        if not isinstance(hashed, str) or not _BCRYPT.match(hashed):
+            raise WebConfigError(f"basic_auth_users.{user}: not a bcrypt hash (make one with htpasswd -nBC 10 {user})")
+        users[str(user)] = hashed.encode()
+
+    http_doc = _mapping(doc.get("http_server_config"), "http_server_config")
+    _check_keys(http_doc, {"headers", "http2"}, "http_server_config")
+    headers = []
+    for name, value in _mapping(http_doc.get("headers"), "http_server_config.headers").items():
+        if name not in _ALLOWED_HEADERS:
+            raise WebConfigError(f"http_server_config.headers: {name!r} is not one of {', '.join(sorted(_ALLOWED_HEADERS))}")
+        if not isinstance(value, str) or "\r" in value or "\n" in value:
+            raise WebConfigError(f"http_server_config.headers.{name}: want a one-line string")
+        headers.append((name, value))
+    return WebConfig(tls, users, tuple(headers))
+
+
+def load_web_config(path: str | Path) -> WebConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise WebConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return parse_web_config(text, path.parent)
+
+
+def configure_tls(ctx: ssl.SSLContext, tls: TlsSettings) -> None:
+    """Apply settings to a (new or live) server context; new connections see the change."""
+    ctx.minimum_version = tls.min_version
+    ctx.maximum_version = tls.max_version or ssl.TLSVersion.MAXIMUM_SUPPORTED
+    try:
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    except FileNotFoundError as exc:
+        raise WebConfigError(f"tls_server_config: cannot read {exc.filename}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise WebConfigError(f"tls_server_config: cannot load {tls.cert_file} with {tls.key_file}: "
+                             f"{getattr(exc, 'reason', None) or exc}") from None
+    if tls.client_ca_file is not None:
+        try:
+            ctx.load_verify_locations(cafile=str(tls.client_ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise WebConfigError(f"tls_server_config: cannot load client_ca_file {tls.client_ca_file}: "
+                                 f"{getattr(exc, 'reason', None) or exc.strerror or exc}") from None
+    ctx.verify_mode = tls.verify_mode
+
+
+def new_tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    configure_tls(ctx, tls)
+    return ctx
+
+
+class BasicAuth:
+    def __init__(self, users: dict[str, bytes]) -> None:
+        self._key = secrets.token_bytes(32)
+        self._lock = threading.Lock()
+        self.set_users(users)
+
+    def set_users(self, users: dict[str, bytes]) -> None:
+        if users:
+            import bcrypt  # only needed when basic_auth_users is configured
+
+            self._bcrypt = bcrypt
+            # checked against for unknown users, so they cost as much as known ones
+            self._dummy = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=10))
+        with self._lock:
+            self.users = dict(users)
+            self._verified: dict[str, bytes] = {}  # user -> HMAC of the last password bcrypt accepted
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.users)
+
+    def exempt(self, request: Request) -> bool:
+        return not self.users or request.path in _EXEMPT_PATHS
+
+    @staticmethod
+    def _credentials(request: Request) -> tuple[str, bytes] | None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "basic":
+            return None
+        try:
+            user, sep, password = base64.b64decode(token.strip(), validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return None
+        if not sep:
+            return None
+        return user.decode("utf-8", "replace"), password
+
+    def _mac(self, user: str, password: bytes) -> bytes:
+        return hmac.new(self._key, user.encode() + b"\0" + password, hashlib.sha256).digest()
+
+    def check_cached(self, request: Request) -> bool | None:
+        creds = self._credentials(request)
+        if creds is None:
+            return False
+        user, password = creds
+        with self._lock:
+            known = self._verified.get(user)
+        if known is not None and hmac.compare_digest(known, self._mac(user, password)):
+            return True
+        return None
+
+    def check(self, request: Request) -> bool:
+        creds = self._credentials(request)
+        if creds is None:
+            return False
+        user, password = creds
+        with self._lock:
+            hashed = self.users.get(user)
+        try:
+            ok = self._bcrypt.checkpw(password, hashed or self._dummy) and hashed is not None
+        except ValueError:  # a password bcrypt refuses (e.g. over 72 bytes in bcrypt >= 5)
+            ok = False
+        if ok:
+            with self._lock:
+                if self.users.get(user) == hashed:
+                    self._verified[user] = self._mac(user, password)
+        return ok
+
+    def challenge(self) -> Response:
+        return Response(401, b"unauthorized\n", headers=(("WWW-Authenticate", 'Basic realm="gpu-telemetry-exporter"'),))
+
+
+class WebConfigWatcher:
+    """Holds the live configuration and re-reads the files when their stat signature changes."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.config = load_web_config(self.path)
+        self.ssl_context = new_tls_context(self.config.tls) if self.config.tls else None
+        self.auth = BasicAuth(self.config.users)
+        self._signature = self._stat()
+        self._failed: str | None = None
+
+    def _files(self) -> list[Path]:
+        tls = self.config.tls
+        files = [self.path]
+        if tls is not None:
+            files += [tls.cert_file, tls.key_file] + ([tls.client_ca_file] if tls.client_ca_file else [])
+        return files
+
+    def _stat(self) -> tuple:
+        sig = []
+        for f in self._files():
+            try:
+                st = os.stat(f)
+                sig.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                sig.append(None)
+        return tuple(sig)
+
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return self.config.headers
+
+    def poll(self) -> bool:
+        """Reload when a file changed; True when a new configuration took effect."""
+        signature = self._stat()
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        try:
+            new = load_web_config(self.path)
+            if (new.tls is None) != (self.ssl_context is None):
+                raise WebConfigError("turning TLS on or off needs a restart")
+            if new.tls is not None:
+                new_tls_context(new.tls)  # a bad pair must fail here, not half-replace the live certificate
+                configure_tls(self.ssl_context, new.tls)
+        except WebConfigError as exc:
+            if str(exc) != self._failed:
+                log.error("web config %s not reloaded, keeping the previous one: %s", self.path, exc)
+                self._failed = str(exc)
+            return False
+        self._failed = None
+        if new.users != self.config.users:
+            self.auth.set_users(new.users)
+        self.config = new
+        self._signature = self._stat()
+        log.info("web config %s reloaded", self.path)
+        return True
