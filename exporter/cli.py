@@ -55,6 +55,7 @@ class Config:
     shm_path: str
     history_window: float
     fake_mig: tuple[str, ...]
+    fake_churn: float
     max_connections: int
     web_config: WebConfigWatcher | None
 
@@ -87,6 +88,8 @@ def _build_parser() -> _Parser:
     flag("--fake-gpus", "0", "serve N simulated GPUs instead of real NVML (demos, tests)")
     flag("--fake-mig", "", "with --fake-gpus: put simulated GPU 0 in MIG mode with these instances, "
                            "e.g. 3g.40gb,2g.20gb,1g.10gb,1g.10gb")
+    flag("--fake-churn", "0", "with --fake-gpus: a new batch process (new PID) every other DURATION on each "
+                              "GPU, for label-churn soak tests; 0: the default 10 s schedule with fixed PIDs")
     flag("--log.level", "info", "log level: debug, info, warn, error")
     flag("--node.name", "", "node name for the `node` label of gpu_info (Kubernetes: from the downward API)")
     flag("--path.cgroupfs", "/sys/fs/cgroup", "cgroup filesystem mount point")
@@ -127,6 +130,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         bad = [p for p in fake_mig if not re.fullmatch(r"[1-7]g\.\d+gb", p)]
         if bad or len(fake_mig) > 7:
             raise ValueError(f"--fake-mig {a['fake_mig']!r}: want up to 7 profiles like 3g.40gb,1g.10gb")
+        fake_churn = parse_duration(a["fake_churn"])
+        if fake_churn and not fake:
+            raise ValueError("--fake-churn needs --fake-gpus")
         history = parse_duration(a["history.window"])
         if history and history < interval:
             raise ValueError(f"--history.window {a['history.window']!r} is shorter than --sample.interval")
@@ -147,7 +153,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         parser.error(str(exc))
     return Config(a["web.listen_address"], path, interval, procfs, fake, level, max_requests, a["node.name"],
                   a["collector.processes"], a["path.cgroupfs"], a["cgroup.path"], a["path.shm"], history,
-                  fake_mig, max_connections, web_config)
+                  fake_mig, fake_churn, max_connections, web_config)
 
 
 def _non_negative_int(flag: str, value: Any) -> int:
@@ -165,8 +171,10 @@ def _nvml_module(cfg: Config) -> tuple[Any, str]:
         from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 
         # GPU 1 reports XID 31 (an application's GPU memory page fault) after 5 s, then every minute.
+        churn = {"batch_period_s": cfg.fake_churn, "batch_new_pid": True} if cfg.fake_churn else {}
         specs = [FakeGpuSpec(mig_profiles=cfg.fake_mig if i == 0 else (),
-                             xid_schedule=(5.0, 60.0, 31) if i == 1 else None) for i in range(cfg.fake_gpus)]
+                             xid_schedule=(5.0, 60.0, 31) if i == 1 else None, **churn)
+                 for i in range(cfg.fake_gpus)]
         return FakeNvml(specs=specs), "fake"
     try:
         import pynvml

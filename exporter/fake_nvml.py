@@ -52,6 +52,8 @@ class FakeGpuSpec:
     xid_schedule: tuple[float, float, int] | None = None  # (first after s, then every s, XID code)
     driver_sample_depth: int = 120  # samples the driver keeps (20 s at 1/6 s)
     replay_counter: int = 0
+    batch_period_s: float = 10.0  # a batch job runs every other period
+    batch_new_pid: bool = False  # each batch job a new PID (label churn, as real jobs), not the same one
 
 
 @dataclass
@@ -204,13 +206,16 @@ class FakeNvml:
             self._processes[gpu] = list(processes)
 
     def processes_at(self, gpu: int, t: float) -> list[tuple[int, int | None]]:
-        """Default schedule: the TTS server (pid 4000+gpu) holds the model; every other 10 s a batch job
-        (pid 5000+gpu) appears with 2 GiB, so series come and go."""
+        """Default schedule: the TTS server (pid 4000+gpu) holds the model; every other batch period
+        (10 s) a batch job (pid 5000+gpu, or a new PID each time) appears with 2 GiB, so series come and go."""
         if gpu in self._processes:
             return self._processes[gpu]
         procs: list[tuple[int, int | None]] = [(4000 + gpu, self._memory_used(gpu, t) - 2 * 1024 * MIB)]
-        if int(t // 10) % 2 == 0:
-            procs.append((5000 + gpu, 2 * 1024 * MIB))
+        spec = self.specs[gpu]
+        cycle = int(t // spec.batch_period_s)
+        if cycle % 2 == 0:
+            pid = 5000 + gpu + (1000 * (cycle // 2) % 4_000_000 if spec.batch_new_pid else 0)
+            procs.append((pid, 2 * 1024 * MIB))
         return procs
 
     def emit_xid(self, gpu: int, xid: int) -> None:

@@ -142,7 +142,7 @@ class ExporterProcess:
     def _wait_for_port(self, timeout: float = 15.0) -> int:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", self.log())
+            m = re.search(r"listening on https?://127\.0\.0\.1:(\d+)/", self.log())
             if m:
                 return int(m.group(1))
             if self.proc.poll() is not None:
