@@ -1,0 +1,254 @@
+"""The HTTP server's bounds, in-process with small limits so each case takes well under a second: header
+deadline (slowloris), idle timeout, connection cap with eviction, write timeout, request cap, and a
+4xx for every kind of bad request. Raw sockets, 127.0.0.1 only, every loop bounded."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from exporter.httpd import BadRequest, HttpServer, Limits, Request, Response, parse_head
+from exporter.server import bind
+
+
+class App:
+    def __init__(self, body: bytes = b"ok\n", delay: float = 0.0) -> None:
+        self.body = body
+        self.delay = delay
+
+    def inline(self, request: Request) -> Response | None:
+        return Response(200, b"inline\n") if request.path == "/fast" else None
+
+    def handle(self, request: Request) -> Response:
+        time.sleep(self.delay)
+        return Response(200, self.body)
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(app: App | None = None, **limits) -> HttpServer:
+        server = HttpServer(bind("127.0.0.1:0"), app or App(), Limits(**limits))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def connect(server: HttpServer) -> socket.socket:
+    return socket.create_connection(server.server_address[:2], timeout=5)
+
+
+def read_response(s: socket.socket) -> bytes:
+    """Everything until the server closes (or 5 s)."""
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except (ConnectionResetError, socket.timeout):
+        pass
+    return data
+
+
+def status_of(raw: bytes) -> int:
+    return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.1 ") else 0
+
+
+def ask(server: HttpServer, raw: bytes) -> bytes:
+    with connect(server) as s:
+        s.sendall(raw)
+        return read_response(s)
+
+
+GOOD = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+
+def closed_within(s: socket.socket, seconds: float, trickle: bytes = b"") -> bool:
+    """True when the server closes s within `seconds`, while we send one byte of `trickle` per 0.1 s."""
+    s.settimeout(0.1)
+    deadline = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < deadline:
+        if trickle:
+            try:
+                s.send(trickle[i % len(trickle):i % len(trickle) + 1])
+                i += 1
+            except OSError:
+                return True
+        try:
+            if s.recv(4096) == b"":
+                return True
+        except socket.timeout:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def test_slowloris_is_cut_at_the_header_deadline(serve):
+    server = serve(header_timeout_s=0.5, idle_timeout_s=30)
+    with connect(server) as s:
+        # a byte every 0.1 s would keep a per-read timeout happy forever; the head deadline cuts it
+        assert closed_within(s, 3.0, trickle=b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"a" * 1000)
+    assert server.stats.closed["header_timeout"] == 1
+    assert status_of(ask(server, GOOD)) == 200
+
+
+def test_idle_connection_is_closed_after_the_idle_timeout(serve):
+    server = serve(idle_timeout_s=0.5)
+    with connect(server) as s:
+        assert closed_within(s, 3.0)
+    assert server.stats.closed["idle_timeout"] == 1
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(serve):
+    server = serve()
+    with connect(server) as s:
+        for _ in range(5):
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while not data.endswith(b"ok\n"):
+                data += s.recv(4096)
+            assert status_of(data) == 200
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\nConnection: close\r\n\r\n")
+        both = read_response(s)  # pipelined: answered in order
+    assert both.count(b"HTTP/1.1 200") == 2 and both.endswith(b"inline\n")
+
+
+def test_at_the_connection_cap_the_oldest_idle_then_the_oldest_slow_connection_makes_room(serve):
+    server = serve(max_connections=4)
+    slow = [connect(server) for _ in range(3)]
+    for s in slow:
+        s.sendall(b"GET /metrics HTTP/1.1\r\n")  # a head that never ends
+    idle = connect(server)  # the newest, but idle: it goes first
+    time.sleep(0.2)
+    assert status_of(ask(server, GOOD)) == 200
+    assert closed_within(idle, 1.0) and not closed_within(slow[0], 0.2)
+    time.sleep(0.1)  # the server sees the scraper's close: 3 slow connections left
+    fillers = [connect(server)]
+    fillers[0].sendall(b"GET /metrics HTTP/1.1\r\n")
+    time.sleep(0.1)
+    assert status_of(ask(server, GOOD)) == 200  # full of slow heads: the oldest is cut
+    assert closed_within(slow[0], 1.0) and not closed_within(slow[1], 0.2)
+    assert server.stats.closed["evicted"] == 2
+    for s in slow + fillers + [idle]:
+        s.close()
+
+
+def test_when_every_connection_is_busy_a_new_one_gets_503(serve):
+    server = serve(App(delay=1.0), max_connections=2)
+    busy = [connect(server) for _ in range(2)]
+    for s in busy:
+        s.sendall(GOOD)
+    time.sleep(0.3)
+    assert status_of(ask(server, GOOD)) == 503
+    assert all(status_of(read_response(s)) == 200 for s in busy)
+    assert server.stats.closed["connection_limit"] == 1
+    for s in busy:
+        s.close()
+
+
+def test_request_cap_refuses_at_once_and_health_is_never_refused(serve):
+    server = serve(App(delay=1.0), max_requests=2)
+    results: list[tuple[int, float]] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        t0 = time.monotonic()
+        status = status_of(ask(server, GOOD))
+        with lock:
+            results.append((status, time.monotonic() - t0))
+
+    threads = [threading.Thread(target=one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    assert status_of(ask(server, b"GET /fast HTTP/1.1\r\nConnection: close\r\n\r\n")) == 200  # inline: not capped
+    for t in threads:
+        t.join(10)
+    ok = [e for s, e in results if s == 200]
+    busy = [e for s, e in results if s == 503]
+    assert len(ok) == 2 and len(busy) == 4 and max(busy) < min(ok)
+
+
+def test_a_client_that_does_not_read_is_cut_and_its_slot_freed(serve):
+    server = serve(App(body=b"x" * 8_000_000), write_timeout_s=0.5, max_requests=1)
+    s = connect(server)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")  # ...and never read
+    deadline = time.monotonic() + 5
+    while server.stats.closed["write_timeout"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.stats.closed["write_timeout"] == 1 and server.stats.in_flight == 0
+    s.close()
+    server.app.body = b"ok\n"
+    assert status_of(ask(server, GOOD)) == 200  # the only slot is free again
+
+
+def test_threads_stay_bounded_under_many_connections(serve):
+    before = threading.active_count()
+    server = serve(App(delay=0.05), max_requests=4, max_connections=1000)
+    socks = [connect(server) for _ in range(150)]
+    for s in socks:
+        s.sendall(GOOD)
+    statuses = [status_of(read_response(s)) for s in socks]
+    for s in socks:
+        s.close()
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 4
+    assert threading.active_count() - before <= 4 + 2  # the loop thread, 4 workers, (the auth thread)
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431),
+    (b"GET /metrics HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+    (b"GET /" + b"a" * 17_000 + b" HTTP/1.1\r\n\r\n", 431),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n", 400),  # TLS to a plain port
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),  # HTTP/2 prior knowledge: we speak 1.1
+    (b"GET /metrics HTTP/1.2\r\n\r\n", 505),
+    (b"GET /metrics\r\n\r\n", 400),  # HTTP/0.9
+    (b"GET  /metrics HTTP/1.1\r\n\r\n", 400),
+    (b"G(T /metrics HTTP/1.1\r\n\r\n", 400),
+    (b"GET metrics HTTP/1.1\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nX-A: b\r\n  folded\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nBad Name: x\r\n\r\n", 400),
+    (b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", 405),
+    (b"GET /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", 413),
+    (b"GET /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 413),
+])
+def test_bad_requests_get_a_4xx_and_the_server_goes_on(serve, raw, status):
+    server = serve()
+    answer = ask(server, raw)
+    assert status_of(answer) == status, answer[:200]
+    assert b"Connection: close" in answer
+    assert status_of(ask(server, GOOD)) == 200
+
+
+def test_head_http10_and_half_close(serve):
+    server = serve()
+    head = ask(server, b"HEAD /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert status_of(head) == 200 and b"Content-Length: 3\r\n" in head and head.endswith(b"\r\n\r\n")
+    assert ask(server, b"GET /metrics HTTP/1.0\r\n\r\n").endswith(b"ok\n")  # 1.0: answered, then closed
+    with connect(server) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        s.shutdown(socket.SHUT_WR)  # like `printf ... | nc -N`
+        assert read_response(s).endswith(b"ok\n")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300) | st.text(max_size=300).map(lambda t: t.encode("utf-8")))
+def test_parse_head_only_ever_raises_bad_request(head):
+    try:
+        request = parse_head(head, "-", 100)
+    except BadRequest as exc:
+        assert 400 <= exc.status < 600
+    else:
+        assert request.method and request.target.startswith("/")
