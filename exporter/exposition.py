@@ -13,7 +13,7 @@ from typing import Iterable
 
 from prometheus_client.metrics_core import Metric
 
-_MAX_CACHED_LABEL_SETS = 50_000  # a bound for label churn; cleared when exceeded
+_RENDERS_PER_GENERATION = 64  # label sets unused for 64-128 renders are forgotten
 
 
 def _escape_value(v: str) -> str:
@@ -32,20 +32,32 @@ def _format_value(v: float) -> str:
 
 
 class TextRenderer:
+    """Label strings are cached in two generations: every _RENDERS_PER_GENERATION renders the current one
+    becomes the old one and the old one is dropped; a hit in the old one moves back. Label sets of exited
+    processes (new PIDs all the time) are thus forgotten, and the cache stays the size of what is served."""
+
     def __init__(self) -> None:
         self._labels: dict[tuple[tuple[str, str], ...], str] = {}
+        self._old: dict[tuple[tuple[str, str], ...], str] = {}
+        self._renders = 0
 
     def _label_string(self, labels: dict[str, str]) -> str:
         key = tuple(labels.items())
         text = self._labels.get(key)
         if text is None:
-            if len(self._labels) >= _MAX_CACHED_LABEL_SETS:
-                self._labels.clear()
-            text = "{" + ",".join(f'{k}="{_escape_value(v)}"' for k, v in sorted(labels.items())) + "}"
+            text = self._old.pop(key, None)
+            if text is None:
+                text = "{" + ",".join(f'{k}="{_escape_value(v)}"' for k, v in sorted(labels.items())) + "}"
             self._labels[key] = text
         return text
 
+    def cached_label_sets(self) -> int:
+        return len(self._labels) + len(self._old)
+
     def render(self, metrics: Iterable[Metric], openmetrics: bool = False) -> bytes:
+        self._renders += 1
+        if self._renders % _RENDERS_PER_GENERATION == 0:
+            self._old, self._labels = self._labels, {}
         out: list[str] = []
         append = out.append
         label_string = self._label_string

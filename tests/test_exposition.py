@@ -61,3 +61,18 @@ def test_render_speed_is_printed_not_asserted(procfs, capsys):
     with capsys.disabled():
         print(f"\n[micro-benchmark] collect+render, 8 GPUs: generate_latest {slow * 1e3:.2f} ms, "
               f"TextRenderer {fast * 1e3:.2f} ms")
+
+
+def test_label_cache_forgets_label_sets_of_exited_processes():
+    from prometheus_client.core import GaugeMetricFamily
+
+    from exporter.exposition import TextRenderer
+
+    renderer = TextRenderer()
+    for i in range(1000):  # a new PID every render, as with short-lived jobs
+        fam = GaugeMetricFamily("gpu_process_memory_used_bytes", "x", labels=["gpu", "pid"])
+        fam.add_metric(["0", "1"], 1.0)  # the long-lived server
+        fam.add_metric(["0", str(10_000 + i)], 2.0)
+        out = renderer.render([fam]).decode()
+        assert f'pid="{10_000 + i}"' in out and 'pid="1"' in out
+    assert renderer.cached_label_sets() <= 2 * 64 + 1  # not 1001
