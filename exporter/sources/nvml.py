@@ -26,6 +26,8 @@ _VALUE_MODULUS = {1: 2**32, 2: 2**64, 3: 2**64}
 _LOST_ERRORS = ("NVMLError_GpuIsLost", "NVMLError_ResetRequired")
 # Calls that mean "this GPU/driver cannot do that" rather than "it failed this time".
 _UNSUPPORTED_ERRORS = ("NVMLError_NotSupported", "NVMLError_FunctionNotFound")
+# Lacking a privilege does not change while the process runs: counted and logged once, then not asked again.
+_DENIED_ERRORS = ("NVMLError_NoPermission",)
 _REOPEN_BACKOFF_S = 5.0
 PROCESS_REFRESH_S = 1.0  # process lists change slowly; two list calls per GPU per tick are not worth it
 HEALTH_REFRESH_S = 5.0  # ECC counters and remapped rows: health, not jitter
@@ -223,6 +225,11 @@ class GpuReader:
                 log.info("GPU %d: %s not supported (%s); omitted from now on", self.index, key, err)
                 return None
             self._errors.append(name)
+            if err in _DENIED_ERRORS:
+                self.unsupported.add(key)
+                log.warning("GPU %d: %s: no permission; omitted until restart (the exporter lacks a privilege "
+                            "this call needs, see docs/operations.md)", self.index, name)
+                return None
             if err in _LOST_ERRORS:
                 raise _GpuLost(err) from exc
             return None
