@@ -112,6 +112,45 @@ def test_runtimeclass_overlay():
     kubernetes_validate.validate(docs["DaemonSet"], K8S_VERSIONS[-1], strict=True)
 
 
+def test_tls_overlay_serves_https_from_the_certificate_secret(tmp_path):
+    import base64
+
+    from exporter.webconfig import parse_web_config
+
+    docs = kustomize("overlays/tls")
+    for doc in docs:
+        if not doc["apiVersion"].startswith("monitoring.coreos.com"):
+            kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+    by_kind = {d["kind"]: d for d in docs if d["kind"] != "Secret"}
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    pod = by_kind["DaemonSet"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert all(m["readOnly"] for m in mounts.values())
+    # the config file the exporter is told to read is in the mounted web-config Secret
+    config_path = env["GPU_EXPORTER_WEB_CONFIG_FILE"]
+    assert config_path.startswith(mounts["web-config"]["mountPath"] + "/")
+    assert volumes["web-config"]["secret"]["secretName"] == secret["metadata"]["name"]
+    config_text = base64.b64decode(secret["data"][config_path.rsplit("/", 1)[1]]).decode()
+    tls = parse_web_config(config_text, tmp_path).tls
+    # ...and it points at the certificate Secret's keys, where cert-manager's Certificate writes them
+    certificate = yaml.safe_load((DEPLOY / "overlays/tls/certificate.yaml").read_text())
+    assert volumes["tls"]["secret"]["secretName"] == certificate["spec"]["secretName"]
+    assert str(tls.cert_file) == mounts["tls"]["mountPath"] + "/tls.crt"
+    assert str(tls.key_file) == mounts["tls"]["mountPath"] + "/tls.key"
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"]["scheme"] == "HTTPS" and c[probe]["httpGet"]["path"] == "/healthz"
+    (endpoint,) = by_kind["ServiceMonitor"]["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"]["ca"]["secret"]["name"] == certificate["spec"]["secretName"]
+    assert endpoint["tlsConfig"]["serverName"] in certificate["spec"]["dnsNames"]
+    service = by_kind["Service"]["metadata"]
+    assert endpoint["tlsConfig"]["serverName"] == f"{service['name']}.{service['namespace']}.svc"
+    assert "server auth" in certificate["spec"]["usages"]
+
+
 def test_promtool_checks_and_unit_tests_the_rules():
     promtool = find_tool("promtool")
     rules = DEPLOY / "rules"
