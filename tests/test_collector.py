@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import threading
 import re
 
 import pynvml
@@ -175,3 +176,31 @@ def test_every_exported_metric_is_documented(procfs, tmp_path):
     missing = sorted(n for n in emitted if f"`{n}`" not in docs and f"`{n}{{" not in docs)
     assert not missing, f"undocumented metrics: {missing}"
     s.stop()
+
+
+def test_server_metrics_are_documented_and_count():
+    from prometheus_client import CollectorRegistry
+
+    from exporter.server import ServerCollector, make_server
+    from tests.conftest import REPO, http_get
+
+    registry = CollectorRegistry(auto_describe=False)
+    server = make_server("127.0.0.1:0", registry, lambda: (True, "ok\n"))
+    registry.register(ServerCollector(server))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert http_get(url + "/nope")[0] == 404
+        assert http_get(url + "/metrics")[0] == 200
+        body = http_get(url + "/metrics")[2].decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert 'exporter_http_requests_total{code="404"} 1.0' in body
+    assert 'exporter_http_requests_total{code="200"} 1.0' in body  # the first scrape; this one is in flight
+    assert "exporter_http_requests_in_flight 1.0" in body
+    docs = (REPO / "docs" / "metrics.md").read_text()
+    for name in ("exporter_http_requests_total", "exporter_http_connections_closed_total",
+                 "exporter_http_connections_open", "exporter_http_requests_in_flight"):
+        assert f"# TYPE {name.removesuffix('_total')}" in body or f"# TYPE {name} " in body, name
+        assert f"`{name}`" in docs, name
