@@ -252,3 +252,27 @@ def test_parse_head_only_ever_raises_bad_request(head):
         assert 400 <= exc.status < 600
     else:
         assert request.method and request.target.startswith("/")
+
+
+def test_concurrent_scrapes_of_one_snapshot_share_one_render():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from exporter.server import _RenderCache
+
+    renders = []
+    generation = [object()]
+
+    def render(openmetrics: bool) -> bytes:
+        renders.append(openmetrics)
+        time.sleep(0.05)  # long enough for the others to arrive while it runs
+        return b"page %d\n" % len(renders)
+
+    cache = _RenderCache(render, lambda: generation[0])
+    with ThreadPoolExecutor(20) as pool:
+        pages = list(pool.map(lambda _: cache.get(False, False), range(20)))
+    assert renders == [False] and set(pages) == {b"page 1\n"}
+    assert cache.get(True, False) == b"page 2\n"  # the other format is its own entry
+    generation[0] = object()  # the sampler's next snapshot
+    assert cache.get(False, False) == b"page 3\n"
+    import gzip
+    assert gzip.decompress(cache.get(False, True)) == b"page 4\n"
