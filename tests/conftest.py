@@ -166,7 +166,9 @@ def find_tool(name: str) -> str:
 class PrometheusServer:
     """Debian's prometheus on 127.0.0.1, scraping the given targets every second."""
 
-    def __init__(self, workdir: Path, jobs: dict[str, list[str]], rule_files: list[Path] | None = None) -> None:
+    def __init__(self, workdir: Path, jobs: dict[str, list[str]], rule_files: list[Path] | None = None,
+                 job_settings: dict[str, list[str]] | None = None) -> None:
+        """job_settings: extra YAML lines per job (scheme, tls_config, basic_auth, ...), unindented."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
@@ -177,6 +179,7 @@ class PrometheusServer:
         config.append("scrape_configs:")
         for job, targets in jobs.items():
             config += [f"  - job_name: {job}", "    static_configs:", f"      - targets: {targets!r}"]
+            config += [f"    {line}" for line in (job_settings or {}).get(job, [])]
         (workdir / "prometheus.yml").write_text("\n".join(config) + "\n")
         self._log = open(workdir / "prometheus.log", "w")
         self.proc = subprocess.Popen(

@@ -3,6 +3,7 @@ certificates made by openssl in the test and Python's real TLS client."""
 from __future__ import annotations
 
 import base64
+import json
 import http.client
 import os
 import socket
@@ -304,3 +305,34 @@ def test_watcher_keeps_serving_the_old_config_when_the_new_one_is_broken(tmp_pat
     path.write_text("basic_auth_users: {}\n")
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert watcher.poll() is True and not watcher.auth.enabled
+
+
+def test_real_prometheus_scrapes_over_tls_with_basic_auth(pki, tls_auth_exporter, tmp_path):
+    """Prometheus's own Go TLS client and basic auth against ours: up == 1 and data, and a job with the
+    wrong password is down with a 401."""
+    from tests.conftest import PrometheusServer
+
+    (tmp_path / "password").write_text(PASSWORD)
+    (tmp_path / "wrong").write_text("wrong")
+    target = [f"127.0.0.1:{tls_auth_exporter.port}"]
+    tls = ["scheme: https", "tls_config:", f"  ca_file: {pki}/ca.crt"]
+    prom = PrometheusServer(tmp_path / "prom", {"gpu": target, "intruder": target}, job_settings={
+        "gpu": tls + ["basic_auth:", "  username: prometheus", f"  password_file: {tmp_path}/password"],
+        "intruder": tls + ["basic_auth:", "  username: prometheus", f"  password_file: {tmp_path}/wrong"],
+    })
+    try:
+        prom.wait_for('up{job="gpu"} == 1', timeout=30)
+        assert prom.wait_for('gpu_up{job="gpu",gpu="0"}', timeout=15)
+        assert prom.wait_for('up{job="intruder"} == 0', timeout=15)
+        assert not prom.query('gpu_up{job="intruder"}')
+        targets = json.loads(http_get_plain(f"{prom.url}/api/v1/targets"))["data"]["activeTargets"]
+        errors = {t["labels"]["job"]: t["lastError"] for t in targets}
+        assert errors["gpu"] == "" and "401" in errors["intruder"], errors
+    finally:
+        prom.stop()
+
+
+def http_get_plain(url: str) -> bytes:
+    from tests.conftest import http_get
+
+    return http_get(url)[2]
