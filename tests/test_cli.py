@@ -32,6 +32,9 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["--log.level", "loud"], "--log.level"),
     (["--web.telemetry-path", "metrics"], "--web.telemetry-path"),
     (["--no-such-flag"], "unrecognized arguments"),
+    (["--web.max-connections", "0"], "--web.max-connections must be at least 1"),
+    (["--web.config.file", "/nonexistent/web.yml"], "cannot read /nonexistent/web.yml"),
+    (["--fake-churn", "1s"], "--fake-churn needs --fake-gpus"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, needle):
     r = run_cli(*args)
