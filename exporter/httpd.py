@@ -181,9 +181,10 @@ class _Connection(asyncio.Protocol):
         if self.state == "busy":  # the client half-closed after its request: answer, then close
             self.eof = True
             return True
-        if self.state != "linger":
+        if self.state == "linger":
+            self.close_now()
+        else:
             self.close("client_closed")
-        self.close_now()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:

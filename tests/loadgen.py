@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import http_get
+from tests.conftest import http_get, read_until_closed
 
 PROM_ACCEPT = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1"
 
@@ -112,9 +112,7 @@ def burst(port: int, n: int) -> list[tuple[object, float]]:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
                 s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\nConnection: close\r\n\r\n")
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
+                data = read_until_closed(s)
             status: object = int(data.split(b" ", 2)[1])
         except (OSError, IndexError, ValueError) as exc:
             status = repr(exc)

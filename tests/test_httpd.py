@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from exporter.httpd import BadRequest, HttpServer, Limits, Request, Response, parse_head
 from exporter.server import bind
+from tests.conftest import read_until_closed
 
 
 class App:
@@ -47,17 +48,6 @@ def connect(server: HttpServer) -> socket.socket:
     return socket.create_connection(server.server_address[:2], timeout=5)
 
 
-def read_response(s: socket.socket) -> bytes:
-    """Everything until the server closes (or 5 s)."""
-    data = b""
-    try:
-        while chunk := s.recv(65536):
-            data += chunk
-    except (ConnectionResetError, socket.timeout):
-        pass
-    return data
-
-
 def status_of(raw: bytes) -> int:
     return int(raw.split(b" ", 2)[1]) if raw.startswith(b"HTTP/1.1 ") else 0
 
@@ -65,7 +55,7 @@ def status_of(raw: bytes) -> int:
 def ask(server: HttpServer, raw: bytes) -> bytes:
     with connect(server) as s:
         s.sendall(raw)
-        return read_response(s)
+        return read_until_closed(s)
 
 
 GOOD = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
@@ -119,7 +109,7 @@ def test_keep_alive_serves_many_requests_on_one_connection(serve):
                 data += s.recv(4096)
             assert status_of(data) == 200
         s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\nConnection: close\r\n\r\n")
-        both = read_response(s)  # pipelined: answered in order
+        both = read_until_closed(s)  # pipelined: answered in order
     assert both.count(b"HTTP/1.1 200") == 2 and both.endswith(b"inline\n")
 
 
@@ -150,7 +140,7 @@ def test_when_every_connection_is_busy_a_new_one_gets_503(serve):
         s.sendall(GOOD)
     time.sleep(0.3)
     assert status_of(ask(server, GOOD)) == 503
-    assert all(status_of(read_response(s)) == 200 for s in busy)
+    assert all(status_of(read_until_closed(s)) == 200 for s in busy)
     assert server.stats.closed["connection_limit"] == 1
     for s in busy:
         s.close()
@@ -199,7 +189,7 @@ def test_threads_stay_bounded_under_many_connections(serve):
     socks = [connect(server) for _ in range(150)]
     for s in socks:
         s.sendall(GOOD)
-    statuses = [status_of(read_response(s)) for s in socks]
+    statuses = [status_of(read_until_closed(s)) for s in socks]
     for s in socks:
         s.close()
     assert set(statuses) <= {200, 503} and statuses.count(200) >= 4
@@ -240,7 +230,7 @@ def test_head_http10_and_half_close(serve):
     with connect(server) as s:
         s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
         s.shutdown(socket.SHUT_WR)  # like `printf ... | nc -N`
-        assert read_response(s).endswith(b"ok\n")
+        assert read_until_closed(s).endswith(b"ok\n")
 
 
 @settings(max_examples=400, deadline=None)

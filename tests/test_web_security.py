@@ -18,7 +18,7 @@ import pytest
 
 from exporter.httpd import Request
 from exporter.webconfig import BasicAuth, WebConfigError, WebConfigWatcher, parse_web_config
-from tests.conftest import REPO, ExporterProcess, stop_process
+from tests.conftest import REPO, ExporterProcess, read_until_closed, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -129,12 +129,7 @@ def test_tls_with_basic_auth(pki, tls_auth_exporter):
 def test_plain_http_to_a_tls_port_gets_no_metrics(tls_auth_exporter):
     with socket.create_connection(("127.0.0.1", tls_auth_exporter.port), timeout=5) as s:
         s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = b""
-        try:
-            while chunk := s.recv(4096):
-                data += chunk
-        except (ConnectionResetError, socket.timeout):
-            pass
+        data = read_until_closed(s)
     assert b"gpu_" not in data and not data.startswith(b"HTTP/1.1 200")
 
 
