@@ -266,3 +266,15 @@ def test_concurrent_scrapes_of_one_snapshot_share_one_render():
     assert cache.get(False, False) == b"page 3\n"
     import gzip
     assert gzip.decompress(cache.get(False, True)) == b"page 4\n"
+
+
+def test_serves_on_ipv6_loopback():
+    server = HttpServer(bind("[::1]:0"), App(), Limits())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(("::1", server.server_address[1]), timeout=5) as s:
+            s.sendall(GOOD)
+            assert status_of(read_until_closed(s)) == 200
+    finally:
+        server.shutdown()
+        server.server_close()
