@@ -17,7 +17,8 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER 65534:65534
 EXPOSE 9445
-# No curl in the image: the exporter checks its own /healthz (honours GPU_EXPORTER_WEB_LISTEN_ADDRESS).
+# No curl in the image: the exporter checks its own /healthz (honours GPU_EXPORTER_WEB_LISTEN_ADDRESS, and
+# GPU_EXPORTER_WEB_CONFIG_FILE for HTTPS).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=5s --retries=3 \
     CMD ["python", "-m", "exporter.healthcheck"]
 ENTRYPOINT ["gpu-telemetry-exporter"]
