@@ -2,8 +2,14 @@
 second on every GPU, scraped every 100 ms with the live view polled too. After a warm-up, memory must
 stay flat and series of exited processes must not pile up.
 
-CI runs a short version (3 000 ticks, about a minute). The full one, 100 000 ticks (about 35 minutes):
+CI runs a short version (4 500 ticks, about 1.5 minutes). The full one, 100 000 ticks (about 35 minutes):
     GPU_EXPORTER_SOAK_TICKS=100000 bash tests/run.sh -m soak -s
+
+The bound on RSS growth is 1 MB for the full run and 2 MB for the short one: Python's allocator takes
+memory in 1 MiB arenas, so over a minute RSS moves in steps of up to 1 MiB with no leak at all (+0.2 and
++1.2 MB seen on the same code). The short run catches fast leaks (over ~30 KB/s); slow ones, like the
+label cache's ~250 B per exited process, show only in the full run (tests/test_exposition.py guards
+that one directly).
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ from tests.conftest import ExporterProcess, stop_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.soak]
 
-TICKS = int(os.environ.get("GPU_EXPORTER_SOAK_TICKS", "3000"))
+TICKS = int(os.environ.get("GPU_EXPORTER_SOAK_TICKS", "4500"))
+GROWTH_LIMIT = (1 if TICKS >= 100_000 else 2) * 2**20
 GPUS = 16
 INTERVAL_S = 0.020
 
@@ -81,6 +88,6 @@ def test_soak_memory_flat_and_no_stale_series():
         assert done >= TICKS
         assert len(pids_seen) > 2 * GPUS  # churn happened: batch jobs came with new PIDs
         assert series_now <= 2 * GPUS  # ... and exited ones left no series behind (TTS server + one batch per GPU)
-        assert growth < 1 * 2**20
+        assert growth < GROWTH_LIMIT
     finally:
         stop_process(e.proc)
