@@ -228,8 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # full collection under scrape load scans less and pauses the sampler less.
     gc.freeze()
     sampler.start()
-    serving = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="http",
-                               daemon=True)
+    serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     serving.start()
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host

@@ -251,13 +251,11 @@ class _Connection(asyncio.Protocol):
     def _try_request(self) -> None:
         limits = self.server.limits
         end = self.buf.find(_END_OF_HEAD)
-        if end < 0:
-            if len(self.buf) > limits.max_head_bytes:
-                self._reject(BadRequest(431, "request head too large"))
-            return
-        if end > limits.max_head_bytes:
+        if (end if end >= 0 else len(self.buf)) > limits.max_head_bytes:
             self._reject(BadRequest(431, "request head too large"))
             return
+        if end < 0:
+            return  # the head is not complete yet
         head = bytes(self.buf[:end])
         del self.buf[: end + len(_END_OF_HEAD)]
         self._set_state("busy", None, "")
@@ -332,8 +330,7 @@ class HttpServer:
         self.on_tick = on_tick  # called every second on the loop (config reload checks)
         self.stats = ServerStats()
         self._connections: dict[_Connection, None] = {}  # insertion-ordered: oldest first
-        self._workers = max(limits.max_requests, 1) if limits.max_requests else 64
-        self._pool = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="http-worker")
+        self._pool = ThreadPoolExecutor(max_workers=limits.max_requests or 64, thread_name_prefix="http-worker")
         self._auth_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-auth")
         self._auth_pending = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -422,8 +419,7 @@ class HttpServer:
         return head if head_only else head + r.body
 
     # -- lifecycle
-    def serve_forever(self, poll_interval: float | None = None) -> None:
-        del poll_interval  # accepted for socketserver compatibility
+    def serve_forever(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
@@ -463,8 +459,3 @@ class HttpServer:
 
     def server_close(self) -> None:
         self.socket.close()
-
-    def call_soon(self, fn: Callable[[], object]) -> None:
-        """Run fn on the loop thread (tests and the collector read stats consistently this way)."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(fn)

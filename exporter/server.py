@@ -196,7 +196,6 @@ def make_server(
     registry: CollectorRegistry,
     health: Callable[[], tuple[bool, str]],
     telemetry_path: str = "/metrics",
-    max_requests: int = 40,
     history: SampleHistory | None = None,
     generation: Callable[[], object] | None = None,
     web_config: WebConfigWatcher | None = None,
@@ -206,10 +205,9 @@ def make_server(
 
     generation: returns an object that changes when the metrics do (the sampler's snapshot); with it,
     rendered pages are shared between scrapes of the same generation."""
-    limits = limits or Limits(max_requests=max_requests)
     app = ExporterApp(registry, health, telemetry_path, history, generation)
     return HttpServer(
-        bind(listen_address), app, limits,
+        bind(listen_address), app, limits or Limits(),
         ssl_context=web_config.ssl_context if web_config else None,
         auth=web_config.auth if web_config else None,
         extra_headers=web_config.headers if web_config else (lambda: ()),

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
 from exporter.fake_nvml import FakeNvml, fake_call_names
+from exporter.httpd import Limits
 from exporter.server import make_server
 from tests.conftest import families, http_get, make_sampler
 
@@ -30,8 +31,8 @@ class SlowCollector:
 def test_request_cap_answers_503_without_waiting():
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SlowCollector(1.5))
-    server = make_server("127.0.0.1:0", registry, lambda: (True, "ok\n"), max_requests=2)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server = make_server("127.0.0.1:0", registry, lambda: (True, "ok\n"), limits=Limits(max_requests=2))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
     results: list[tuple[int, float]] = []
     lock = threading.Lock()
