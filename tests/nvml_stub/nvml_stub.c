@@ -58,7 +58,7 @@ typedef struct { uint32_t fieldId, scopeId; int64_t timestamp, latencyUsec; unsi
 typedef struct device { int gpu; int gi; } *nvmlDevice_t;  /* gi < 0: the GPU itself, else a MIG device */
 typedef struct { nvmlDevice_t device; unsigned long long eventType, eventData; unsigned gpuInstanceId,
                  computeInstanceId; } nvmlEventData_t;
-typedef struct eventset { int registered[MAX_GPUS]; } *nvmlEventSet_t;
+typedef struct eventset { int registered[MAX_GPUS]; unsigned long long seen; } *nvmlEventSet_t;
 typedef struct { unsigned version, isSupportedDevice; } nvmlGpmSupport_t;
 typedef struct gpmsample { unsigned magic; int gpu, gi; double t; } *nvmlGpmSample_t;
 typedef struct { char *shortName, *longName, *unit; } nvmlGpmMetricInfo_t;
@@ -76,8 +76,9 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static int init_count;
 static double t_first_init = -1, t_loaded;
 static struct device devices[MAX_GPUS], mig_devices[MAX_GPUS][MAX_MIG];
-static struct { int gpu; unsigned long long xid; } xids[64];
+static struct { int gpu; unsigned long long xid, seq; } xids[64];  /* seq: 1, 2, ... over all loads */
 static int n_xids;
+static unsigned long long xid_seq;
 
 static double now_s(void) {
     struct timespec ts;
@@ -103,7 +104,11 @@ static void queue_xids(const char *list) {
     while (p && *p && n_xids < 64) {
         int gpu;
         unsigned long long xid;
-        if (sscanf(p, "%d:%llu", &gpu, &xid) == 2) { xids[n_xids].gpu = gpu; xids[n_xids].xid = xid; n_xids++; }
+        if (sscanf(p, "%d:%llu", &gpu, &xid) == 2) {
+            xids[n_xids].gpu = gpu;
+            xids[n_xids].xid = xid;
+            xids[n_xids++].seq = ++xid_seq;
+        }
         p = strchr(p, ',');
         if (p) p++;
     }
@@ -134,7 +139,7 @@ static void reload(void) {
     cfg_mtime = st.st_mtim;
     cfg_size = st.st_size;
     t_loaded = now_s();
-    n_xids = 0;  /* a new file replaces the events still queued */
+    n_xids = 0;  /* a new file replaces the events of the old one */
     const char *x = lookup(c, "xid");
     if (x) queue_xids(x);
 }
@@ -533,7 +538,8 @@ nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t d, unsigned long long types, 
     return OK;
 }
 
-/* Hands out a queued XID of a registered GPU, polling every 10 ms until timeout_ms. */
+/* Hands out the next XID of a GPU registered on this set, polling every 10 ms until timeout_ms. Like the
+ * driver, every set with the GPU registered sees every event. */
 nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned timeout_ms) {
     ENTER(NULL);
     if (!set || !data) return INVALID_ARGUMENT;
@@ -542,10 +548,9 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
         reload();
         for (int i = 0; i < n_xids; i++) {
             int gpu = xids[i].gpu;
-            if (gpu < 0 || gpu >= MAX_GPUS || !set->registered[gpu]) continue;
+            if (xids[i].seq <= set->seen || gpu < 0 || gpu >= MAX_GPUS || !set->registered[gpu]) continue;
             *data = (nvmlEventData_t){ &devices[gpu], XID_EVENT, xids[i].xid, 0xFFFFFFFFu, 0xFFFFFFFFu };
-            memmove(&xids[i], &xids[i + 1], (size_t)(n_xids - i - 1) * sizeof xids[0]);
-            n_xids--;
+            set->seen = xids[i].seq;
             pthread_mutex_unlock(&mu);
             return OK;
         }
