@@ -62,7 +62,7 @@ def test_a_metric_that_fails_or_is_not_finite_is_absent_not_zero(stub):
     assert act.sm_active == 0.425 and act.graphics_engine_active == 0.20
 
 
-@pytest.mark.parametrize("config", [{"gpm": 0}, {"fail.nvmlGpmQueryDeviceSupport": 3},
+@pytest.mark.parametrize("config", [{"gpm_supported": 0}, {"fail.nvmlGpmQueryDeviceSupport": 3},
                                     {"fail.nvmlGpmQueryDeviceSupport": 13}, {"fail.nvmlGpmQueryDeviceSupport": 25},
                                     {"fail.nvmlGpmSampleGet": 3}, {"fail.nvmlGpmMetricsGet": 25}],
                          ids=["not-a-gpm-device", "NotSupported", "FunctionNotFound", "VersionMismatch",
@@ -100,7 +100,7 @@ def test_nvlink_from_gpm_totals(stub):
 
 def test_nvlink_from_field_counters_without_gpm(stub):
     # 1 and 3 GiB/s per link: whole-KiB counters then round off under 1e-5 of a 120 ms delta
-    _, (r0, r1) = open_stub(stub, gpm=0, nvlink_links=4, nvlink_tx_kib_s=2**20, nvlink_rx_kib_s=3 * 2**20,
+    _, (r0, r1) = open_stub(stub, gpm_supported=0, nvlink_links=4, nvlink_tx_kib_s=2**20, nvlink_rx_kib_s=3 * 2**20,
                             **{"nvlink_links.1": 0, "gpm.60": 1})
     first, second = two_ticks(r0)
     assert first.nvlink_tx_bytes_per_second is None  # one counter reading so far

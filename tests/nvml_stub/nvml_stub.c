@@ -12,7 +12,7 @@
  *   reasons=4  pcie_gen=5  pcie_width=16  pcie_tx_bps=1e9  pcie_rx_bps=2e9  replay=0
  *   samples=10,90,50  sample_period_s=0.1667  sample_depth=120   (the driver's utilisation buffer)
  *   procs=1234:1048576,99:0        processes (pid:bytes)
- *   gpm=1                          nvmlGpmQueryDeviceSupport's isSupportedDevice
+ *   gpm_supported=1                nvmlGpmQueryDeviceSupport's isSupportedDevice
  *   gpm.<id>=42.5  gpm.<id>.gi<N>=..   GPM metric values (per GPU instance); unset -> per-metric NotSupported
  *   nvlink_links=18  nvlink_tx_kib_s=1000  nvlink_rx_kib_s=2000   per-link counters (fields 91, 138, 139)
  *   mig=1,2                        MIG mode on with these GPU instance ids
@@ -571,7 +571,7 @@ nvmlReturn_t nvmlGpmQueryDeviceSupport(nvmlDevice_t d, nvmlGpmSupport_t *s) {
     ENTER(d);
     if (!s) return INVALID_ARGUMENT;
     if (s->version != 1) return ARGUMENT_VERSION_MISMATCH;
-    s->isSupportedDevice = (unsigned)num("gpm", d->gpu, 1);
+    s->isSupportedDevice = (unsigned)num("gpm_supported", d->gpu, 1);
     return OK;
 }
 
@@ -594,7 +594,7 @@ nvmlReturn_t nvmlGpmSampleFree(nvmlGpmSample_t s) {
 
 static nvmlReturn_t gpm_sample(nvmlDevice_t d, int gi, nvmlGpmSample_t s) {
     if (!s || s->magic != GPM_MAGIC) return INVALID_ARGUMENT;
-    if (!num("gpm", d->gpu, 1)) return NOT_SUPPORTED;
+    if (!num("gpm_supported", d->gpu, 1)) return NOT_SUPPORTED;
     s->gpu = d->gpu;
     s->gi = gi;
     s->t = now_s();
