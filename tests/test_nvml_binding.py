@@ -168,3 +168,24 @@ def test_a_hung_call_stalls_only_its_gpu(backend, procfs):
         assert g0.up and not g1.up and g1.stuck_call == "nvmlDeviceGetPowerUsage"
     finally:
         s.nvml.close()
+
+
+def test_mig_devices_and_process_lists_through_real_pynvml(nvml_stub):
+    """Struct-heavy paths on the real binding only: MIG handles, nvmlProcessInfo_t arrays (two-call,
+    NVML_VALUE_NOT_AVAILABLE as None)."""
+    nvml_stub.configure({"gpus": 2, "mig.0": "1,2", "procs.0": "77:1048576", "mem_used.0": 3e9,
+                         "procs.1": f"4242:1073741824,4243:{2**64 - 1}"})
+    src = NvmlSource(nvml_stub.bind(), "real")
+    src.poll(0.0)
+    try:
+        mig = src.readers[0].read()
+        assert [(m.gpu_instance_id, m.compute_instance_id) for m in mig.mig] == [(1, 0), (2, 0)]
+        # MIG memory is read with v1 (no version argument), whose "used" includes the driver's reservation
+        assert all(m.uuid.startswith("MIG-") and m.memory_used_bytes == 3e9 + 2**29 for m in mig.mig)
+        assert mig.mig[0].processes[0].pid == 77 and mig.mig[0].processes[0].used_memory_bytes == 1048576
+        assert mig.processes is None  # listed per MIG device instead
+        plain = src.readers[1].read()
+        assert plain.mig is None and [(p.pid, p.used_memory_bytes) for p in plain.processes] == [
+            (4242, 1073741824), (4243, None)]
+    finally:
+        src.close()
