@@ -135,7 +135,7 @@ static void reload(void) {
         c->n++;
     }
     fclose(f);
-    cfg = c;
+    __atomic_store_n(&cfg, c, __ATOMIC_RELEASE);
     cfg_mtime = st.st_mtim;
     cfg_size = st.st_size;
     t_loaded = now_s();
@@ -144,17 +144,16 @@ static void reload(void) {
     if (x) queue_xids(x);
 }
 
-static const struct config *current(void) {
+/* Re-reads the file if it changed: once per call, in enter(), so a call sees one configuration. */
+static void refresh(void) {
     pthread_mutex_lock(&mu);
     reload();
-    const struct config *c = cfg;
     pthread_mutex_unlock(&mu);
-    return c;
 }
 
 /* "key.gpu" first, then "key". */
 static const char *get(const char *key, int gpu) {
-    const struct config *c = current();
+    const struct config *c = __atomic_load_n(&cfg, __ATOMIC_ACQUIRE);
     char k[96];
     snprintf(k, sizeof k, "%s.%d", key, gpu);
     const char *v = gpu >= 0 ? lookup(c, k) : NULL;
@@ -184,6 +183,7 @@ static int valid(nvmlDevice_t d) {
 /* Every call starts here: initialised?, a hung call, an injected error, a lost GPU. */
 static nvmlReturn_t enter(const char *fn, nvmlDevice_t d) {
     if (!init_count) return UNINITIALIZED;
+    refresh();
     if (d && !valid(d)) return INVALID_ARGUMENT;
     int gpu = d ? d->gpu : -1;
     char k[128];
@@ -257,8 +257,8 @@ nvmlReturn_t nvmlSystemGetDriverVersion(char *buf, unsigned len) {
 nvmlReturn_t nvmlDeviceGetCount_v2(unsigned *count) { ENTER(NULL); PUT(count, (unsigned)gpu_count()); return OK; }
 
 nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned index, nvmlDevice_t *out) {
-    if (index >= (unsigned)gpu_count()) return init_count ? INVALID_ARGUMENT : UNINITIALIZED;
-    ENTER_GPU(index);
+    if (index >= MAX_GPUS) return init_count ? INVALID_ARGUMENT : UNINITIALIZED;
+    ENTER_GPU(index);  /* an index past `gpus` is not a valid device: INVALID_ARGUMENT */
     PUT(out, &devices[index]);
     return OK;
 }
