@@ -189,3 +189,23 @@ def test_mig_devices_and_process_lists_through_real_pynvml(nvml_stub):
             (4242, 1073741824), (4243, None)]
     finally:
         src.close()
+
+
+def test_unbinding_leaves_this_processes_pynvml_as_it_was(nvml_stub):
+    """Once a test is done with the stand-in, pynvml in this process is as it was, and loading
+    libnvidia-ml.so.1 by name never yields the stand-in (it has a soname of its own), so later tests that
+    expect "no NVIDIA GPU" (or a real driver, on a GPU machine) still get that."""
+    import ctypes
+
+    had = pynvml.nvmlLib
+    nvml = nvml_stub.bind()
+    nvml.nvmlInit()
+    nvml.nvmlShutdown()
+    nvml_stub.unbind()
+    assert pynvml.nvmlLib is had
+    stand_in = ctypes.CDLL(str(nvml_stub.lib))._handle
+    try:
+        by_name = ctypes.CDLL("libnvidia-ml.so.1")._handle
+    except OSError:  # no driver on this machine
+        by_name = None
+    assert by_name != stand_in

@@ -18,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 SOURCE = Path(__file__).with_name("nvml_stub.c")
-LIBRARY_NAME = "libnvidia-ml.so.1"
+LIBRARY_NAME = "libnvidia-ml.so.1"  # the file name pynvml's CDLL looks for on LD_LIBRARY_PATH
+# A soname of its own: had it libnvidia-ml.so.1's, once bound here glibc would hand the stand-in to any
+# later CDLL("libnvidia-ml.so.1") in this process, and tests expecting "no NVML" would find two GPUs.
+SONAME = "libnvml-stand-in.so"
 
 
 def build(out_dir: Path) -> Path:
@@ -28,7 +31,7 @@ def build(out_dir: Path) -> Path:
         raise RuntimeError("gcc not found: the NVML stand-in is built with it (apt-get install gcc)")
     out_dir.mkdir(parents=True, exist_ok=True)
     lib = out_dir / LIBRARY_NAME
-    r = subprocess.run([gcc, "-shared", "-fPIC", "-O1", "-Wall", "-Wextra", f"-Wl,-soname,{LIBRARY_NAME}",
+    r = subprocess.run([gcc, "-shared", "-fPIC", "-O1", "-Wall", "-Wextra", f"-Wl,-soname,{SONAME}",
                         "-o", str(lib), str(SOURCE), "-lpthread", "-lm"], capture_output=True, text=True, timeout=120)
     if r.returncode != 0 or r.stderr.strip():
         raise RuntimeError(f"building the NVML stand-in failed:\n{r.stderr}")
@@ -41,7 +44,7 @@ class NvmlStub:
     def __init__(self, lib: Path, config: Path) -> None:
         self.lib = lib
         self.config = config
-        self._saved: tuple[Any, dict] | None = None
+        self._saved: tuple[Any, dict, str | None] | None = None
         self.configure()
 
     def configure(self, values: dict[str, Any] | None = None, **more: Any) -> None:
@@ -69,8 +72,9 @@ class NvmlStub:
         """Make this process's pynvml call the stand-in; returns the pynvml module."""
         import pynvml
 
+        self._saved = (pynvml.nvmlLib, dict(pynvml._nvmlGetFunctionPointer_cache),
+                       os.environ.get("NVML_STUB_CONFIG"))
         os.environ["NVML_STUB_CONFIG"] = str(self.config)
-        self._saved = (pynvml.nvmlLib, dict(pynvml._nvmlGetFunctionPointer_cache))
         pynvml.nvmlLib = ctypes.CDLL(str(self.lib))
         pynvml._nvmlGetFunctionPointer_cache.clear()
         return pynvml
@@ -79,7 +83,11 @@ class NvmlStub:
         import pynvml
 
         if self._saved is not None:
-            pynvml.nvmlLib, cache = self._saved
+            pynvml.nvmlLib, cache, config = self._saved
             pynvml._nvmlGetFunctionPointer_cache.clear()
             pynvml._nvmlGetFunctionPointer_cache.update(cache)
+            if config is None:
+                os.environ.pop("NVML_STUB_CONFIG", None)
+            else:
+                os.environ["NVML_STUB_CONFIG"] = config
             self._saved = None
