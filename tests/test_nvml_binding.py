@@ -174,7 +174,7 @@ def test_mig_devices_and_process_lists_through_real_pynvml(nvml_stub):
     """Struct-heavy paths on the real binding only: MIG handles, nvmlProcessInfo_t arrays (two-call,
     NVML_VALUE_NOT_AVAILABLE as None)."""
     nvml_stub.configure({"gpus": 2, "mig.0": "1,2", "procs.0": "77:1048576", "mem_used.0": 3e9,
-                         "procs.1": f"4242:1073741824,4243:{2**64 - 1}"})
+                         "procs.1": f"4242:1073741824,4243:{2**64 - 1}", "proc_util.1": "4242:55"})
     src = NvmlSource(nvml_stub.bind(), "real")
     src.poll(0.0)
     try:
@@ -185,8 +185,20 @@ def test_mig_devices_and_process_lists_through_real_pynvml(nvml_stub):
         assert mig.mig[0].processes[0].pid == 77 and mig.mig[0].processes[0].used_memory_bytes == 1048576
         assert mig.processes is None  # listed per MIG device instead
         plain = src.readers[1].read()
-        assert plain.mig is None and [(p.pid, p.used_memory_bytes) for p in plain.processes] == [
-            (4242, 1073741824), (4243, None)]
+        assert plain.mig is None and [(p.pid, p.used_memory_bytes, p.sm_utilization) for p in plain.processes] == [
+            (4242, 1073741824, 0.55), (4243, None, None)]
+    finally:
+        src.close()
+
+
+def test_a_gpu_falls_off_the_bus_at_a_chosen_moment(nvml_stub):
+    nvml_stub.configure({"gpus": 2, "lost_gpu": 1, "lost_after_s": 0.5})
+    src = NvmlSource(nvml_stub.bind(), "real")
+    src.poll(0.0)
+    try:
+        assert src.readers[1].read().ok
+        time.sleep(0.6)
+        assert src.readers[1].read().lost and src.readers[0].read().ok
     finally:
         src.close()
 

@@ -12,6 +12,7 @@
  *   reasons=4  pcie_gen=5  pcie_width=16  pcie_tx_bps=1e9  pcie_rx_bps=2e9  replay=0
  *   samples=10,90,50  sample_period_s=0.1667  sample_depth=120   (the driver's utilisation buffer)
  *   procs=1234:1048576,99:0        processes (pid:bytes)
+ *   proc_util=1234:55              per-process SM utilisation samples (pid:percent)
  *   gpm_supported=1                nvmlGpmQueryDeviceSupport's isSupportedDevice
  *   gpm.<id>=42.5  gpm.<id>.gi<N>=..   GPM metric values (per GPU instance); unset -> per-metric NotSupported
  *   nvlink_links=18  nvlink_tx_kib_s=1000  nvlink_rx_kib_s=2000   per-link counters (fields 91, 138, 139)
@@ -53,6 +54,8 @@ typedef struct { char busIdLegacy[16]; unsigned domain, bus, device, pciDeviceId
 typedef struct { unsigned pid; unsigned long long usedGpuMemory; unsigned gpuInstanceId, computeInstanceId; }
     nvmlProcessInfo_t;
 typedef struct { unsigned long long timeStamp; nvmlValue_t sampleValue; } nvmlSample_t;
+typedef struct { unsigned pid; unsigned long long timeStamp; unsigned smUtil, memUtil, encUtil, decUtil; }
+    nvmlProcessUtilizationSample_t;
 typedef struct { uint32_t fieldId, scopeId; int64_t timestamp, latencyUsec; unsigned valueType;
                  nvmlReturn_t nvmlReturn; nvmlValue_t value; } nvmlFieldValue_t;
 typedef struct device { int gpu; int gi; } *nvmlDevice_t;  /* gi < 0: the GPU itself, else a MIG device */
@@ -445,11 +448,25 @@ nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t d, unsigned *
     *count = 0;  /* no graphics processes */
     return OK;
 }
-nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t d, void *samples, unsigned *count,
-                                             unsigned long long last_seen) {
+/* Per-process samples: one per "pid:sm%" of proc_util, stamped now; NotFound when none is newer than
+ * last_seen. The sizing call (NULL buffer) answers InsufficientSize with the count, as the driver does. */
+nvmlReturn_t nvmlDeviceGetProcessUtilization(nvmlDevice_t d, nvmlProcessUtilizationSample_t *samples,
+                                             unsigned *count, unsigned long long last_seen) {
     ENTER(d);
-    (void)samples; (void)count; (void)last_seen;
-    return NOT_FOUND;  /* no per-process samples */
+    if (!count) return INVALID_ARGUMENT;
+    unsigned long long now_us = (unsigned long long)(now_s() * 1e6);
+    const char *list = get("proc_util", d->gpu);
+    unsigned n = 0, cap = samples ? *count : 0;
+    for (const char *p = list; p && *p && now_us > last_seen; n++) {
+        unsigned pid, sm;
+        if (sscanf(p, "%u:%u", &pid, &sm) != 2) break;
+        if (n < cap) samples[n] = (nvmlProcessUtilizationSample_t){ pid, now_us, sm, sm / 2, 0, 0 };
+        p = strchr(p, ',');
+        if (p) p++;
+    }
+    if (!n) return NOT_FOUND;
+    *count = n;
+    return n > cap ? INSUFFICIENT_SIZE : OK;
 }
 
 /* ---- MIG ---------------------------------------------------------------------------------------- */
