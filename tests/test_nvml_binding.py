@@ -221,3 +221,24 @@ def test_unbinding_leaves_this_processes_pynvml_as_it_was(nvml_stub):
     except OSError:  # no driver on this machine
         by_name = None
     assert by_name != stand_in
+
+
+@pytest.mark.parametrize("c_type, ctypes_type", [
+    ("nvmlValue_t", pynvml.c_nvmlValue_t), ("nvmlUtilization_t", pynvml.c_nvmlUtilization_t),
+    ("nvmlMemory_t", pynvml.c_nvmlMemory_t), ("nvmlMemory_v2_t", pynvml.c_nvmlMemory_v2_t),
+    ("nvmlPciInfo_t", pynvml.nvmlPciInfo_t), ("nvmlProcessInfo_t", pynvml.c_nvmlProcessInfo_v3_t),
+    ("nvmlSample_t", pynvml.c_nvmlSample_t),
+    ("nvmlProcessUtilizationSample_t", pynvml.c_nvmlProcessUtilizationSample_t),
+    ("nvmlFieldValue_t", pynvml.c_nvmlFieldValue_t), ("nvmlEventData_t", pynvml.c_nvmlEventData_t),
+    ("nvmlGpmSupport_t", pynvml.c_nvmlGpmSupport_t), ("nvmlGpmMetric_t", pynvml.c_nvmlGpmMetric_t),
+])
+def test_the_stand_ins_structs_have_pynvmls_layout(nvml_stub_lib, c_type, ctypes_type):
+    import ctypes
+
+    sizeof = ctypes.CDLL(str(nvml_stub_lib)).nvmlStubSizeof
+    sizeof.restype, sizeof.argtypes = ctypes.c_size_t, [ctypes.c_char_p]
+    assert sizeof(c_type.encode()) == ctypes.sizeof(ctypes_type)
+    if c_type == "nvmlGpmMetric_t":  # the metrics-get struct: a header, then pynvml's NVML_GPM_METRIC_MAX entries
+        header = sizeof(b"nvmlGpmMetricsGet_t")
+        assert header + pynvml.NVML_GPM_METRIC_MAX * ctypes.sizeof(ctypes_type) == ctypes.sizeof(
+            pynvml.c_nvmlGpmMetricsGet_t)

@@ -23,7 +23,6 @@
  *   block.<function>=2.5           that call sleeps this long first (a hung driver call)
  */
 #define _GNU_SOURCE
-#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -69,6 +68,16 @@ typedef struct { unsigned metricId; nvmlReturn_t nvmlReturn; double value; nvmlG
     nvmlGpmMetric_t;
 typedef struct { unsigned version, numMetrics; nvmlGpmSample_t sample1, sample2; nvmlGpmMetric_t metrics[]; }
     nvmlGpmMetricsGet_t;
+
+/* For the test that compares these layouts with pynvml's ctypes ones (not an NVML function). */
+size_t nvmlStubSizeof(const char *type) {
+#define SIZE(t) if (!strcmp(type, #t)) return sizeof(t);
+    SIZE(nvmlValue_t) SIZE(nvmlUtilization_t) SIZE(nvmlMemory_t) SIZE(nvmlMemory_v2_t) SIZE(nvmlPciInfo_t)
+    SIZE(nvmlProcessInfo_t) SIZE(nvmlSample_t) SIZE(nvmlProcessUtilizationSample_t) SIZE(nvmlFieldValue_t)
+    SIZE(nvmlEventData_t) SIZE(nvmlGpmSupport_t) SIZE(nvmlGpmMetric_t) SIZE(nvmlGpmMetricsGet_t)
+#undef SIZE
+    return 0;
+}
 
 /* ---- configuration ------------------------------------------------------------------------------ */
 struct config { int n; char key[MAX_ENTRIES][64]; char val[MAX_ENTRIES][192]; };
