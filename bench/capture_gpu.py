@@ -149,15 +149,34 @@ def measure(fn: Callable[[], Any], repeat: int) -> dict[str, Any]:
     return result
 
 
+def gpu_instance_ids(h: Any) -> list[int]:
+    """The GPU instances of a GPU in MIG mode; [] otherwise."""
+    try:
+        if not P.nvmlDeviceGetMigMode(h)[0]:
+            return []
+        slots = P.nvmlDeviceGetMaxMigDeviceCount(h)
+    except pynvml.NVMLError:
+        return []
+    ids = set()
+    for slot in range(slots):
+        try:
+            ids.add(P.nvmlDeviceGetGpuInstanceId(P.nvmlDeviceGetMigDeviceHandleByIndex(h, slot)))
+        except pynvml.NVMLError:  # NotFound: an empty slot
+            continue
+    return sorted(ids)
+
+
 def capture_gpm(h: Any, index: int, ticks: int, interval: float) -> dict[str, Any]:
-    """Runs the exporter's own GPM reader at its cadence: what it reports and what one tick costs."""
+    """Runs the exporter's own GPM reader at its cadence: what it reports and what one tick costs
+    (with MIG on, that tick includes one nvmlGpmMigSampleGet per GPU instance)."""
     reader = GpmReader(pynvml, h, index)
+    instances = gpu_instance_ids(h)
     costs: list[int] = []
     reading = None
     try:
         for _ in range(ticks):
             t = time.perf_counter_ns()
-            reading = reader.read()
+            reading = reader.read(instances)
             costs.append(time.perf_counter_ns() - t)
             time.sleep(interval)
     finally:
@@ -165,6 +184,7 @@ def capture_gpm(h: Any, index: int, ticks: int, interval: float) -> dict[str, An
     assert reading is not None
     activity = reading.activity
     return {"activity": dataclasses.asdict(activity) if activity is not None else None,
+            "mig": {str(gi): dataclasses.asdict(a) for gi, a in reading.mig},
             "nvlink_tx_bytes_per_second": reading.nvlink_tx_bytes_per_second,
             "nvlink_rx_bytes_per_second": reading.nvlink_rx_bytes_per_second,
             "nvlink_source": reading.nvlink_source, "errors": list(reading.errors),

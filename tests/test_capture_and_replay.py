@@ -20,7 +20,7 @@ from tests.conftest import REPO, families, make_sampler
 
 STAND_IN = {"gpus": 2, "util.0": 37, "util.1": 64, "power_mw.0": 312500, "temp.1": 55, "mem_used.1": 5e9,
             "gpm.1": 20, "gpm.2": 42.5, "gpm.3": 30, "gpm.5": 17.5, "gpm.10": 60, "gpm_supported.1": 0,
-            "nvlink_links.0": 4, "nvlink_tx_kib_s": 2**20, "nvlink_rx_kib_s": 2**20,
+            "nvlink_links.0": 4, "mig.0": "1,2", "gpm.2.gi2": 70, "nvlink_tx_kib_s": 2**20, "nvlink_rx_kib_s": 2**20,
             "fail.nvmlDeviceGetPowerUsage.1": 3, "fail.nvmlDeviceGetTemperature.0": 3,
             "fail.nvmlDeviceGetCurrentClocksThrottleReasons": 13}
 FIXTURES = sorted((REPO / "tests" / "fixtures").glob("*.json"))
@@ -63,6 +63,7 @@ def test_capture_records_values_errors_latency_and_gpm(stand_in_capture):
     assert g0["gpm"]["activity"] == {"sm_active": 0.425, "sm_occupancy": 0.30, "tensor_active": 0.175,
                                      "dram_active": 0.60, "graphics_engine_active": 0.20}
     assert g0["gpm"]["tick_cost_us"]["p50"] > 0 and g0["gpm"]["errors"] == []
+    assert {gi: a["sm_active"] for gi, a in g0["gpm"]["mig"].items()} == {"1": 0.425, "2": 0.70}
     assert g1["gpm"] is None and g1["calls"]["nvmlGpmQueryDeviceSupport"]["value"]["isSupportedDevice"] == 0
     assert g0["nvlink_links"] == 4 and g1["nvlink_links"] == 0
     per_link = g0["calls"]["nvmlDeviceGetFieldValues[NVLINK_THROUGHPUT_DATA_TX,RX per link]"]["value"]
