@@ -62,6 +62,13 @@ class GpmReading:
     lost: bool = False  # GpuIsLost: call rebind() with a fresh handle
 
 
+def _integer(entry: Any) -> int:
+    """An nvmlFieldValue_t's value as its valueType says (1 uint, 2 ulong, 3 ulonglong, 4 slonglong, 5 sint,
+    6 ushort)."""
+    kind = {1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}.get(entry.valueType, "ullVal")
+    return int(getattr(entry.value, kind))
+
+
 class _Unsupported(Exception):
     pass
 
@@ -282,7 +289,7 @@ class GpmReader:
         if got is None:
             return None
         entry = got[0]
-        links = int(entry.value.uiVal) if entry.nvmlReturn == 0 else 0
+        links = _integer(entry) if entry.nvmlReturn == 0 else 0
         if not links:
             self._log_once("NVLink", "no links")
         self._link_fields = [(f, link) for link in range(links) for f in (FI_NVLINK_TX, FI_NVLINK_RX)]
@@ -304,8 +311,8 @@ class GpmReader:
                 self._link_prev.pop(key, None)
                 sums[field] = None
                 continue
-            cur = CounterReading(int(entry.value.ullVal), int(entry.timestamp))
-            rate = counter_rate(self._link_prev.get(key), cur, 2**64, None)
+            cur = CounterReading(_integer(entry), int(entry.timestamp))
+            rate = counter_rate(self._link_prev.get(key), cur, 2**32 if entry.valueType == 1 else 2**64, None)
             self._link_prev[key] = cur
             if rate is None or sums[field] is None:
                 sums[field] = None
