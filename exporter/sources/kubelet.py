@@ -65,8 +65,9 @@ def holders_from(response: Any) -> tuple[tuple[str, tuple[ContainerRef, ...]], .
                 if not devices.resource_name.startswith(GPU_RESOURCE_PREFIX):
                     continue
                 for device_id in devices.device_ids:
-                    if 0 < len(device_id) <= MAX_DEVICE_ID_CHARS:
-                        found.setdefault(device_uuid(device_id), set()).add(ref)
+                    uuid = device_uuid(device_id) if len(device_id) <= MAX_DEVICE_ID_CHARS else ""
+                    if uuid:
+                        found.setdefault(uuid, set()).add(ref)
     return tuple((uuid, tuple(sorted(refs))) for uuid, refs in sorted(found.items()))
 
 
