@@ -1,7 +1,6 @@
 """The kubelet pod-resources source against a real gRPC server (grpcio on a unix socket), and its faults."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 
 from exporter.sources import podresources_v1_pb2 as pb
 from exporter.sources.kubelet import ContainerRef, PodResources, PodResourcesPoller, holders_from
-from tests.conftest import REPO, stop_process
+from tests.conftest import REPO, start_fake_kubelet, stop_process
 from tests.fake_kubelet import FakeKubelet, GarbageServer, response
 
 GPU_A = "GPU-aaaaaaaa-0000-4000-8000-000000000000"
@@ -189,18 +188,9 @@ def test_absent_at_start_then_present(sock_dir, caplog):
     assert len(not_found) == 1 and not_found[0].levelno == logging.INFO
 
 
-def start_kubelet_process(path: Path, state: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_kubelet.py"), "--socket", str(path),
-                             "--state", str(state)], cwd=REPO, stdout=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.stdout.readline().strip() == b"serving"
-    return proc
-
-
 def test_kubelet_killed_mid_run_then_restarted(sock_dir):
-    path, state = sock_dir / "kubelet.sock", sock_dir / "state.json"
-    state.write_text(json.dumps({"tts/synth-0/model": {"nvidia.com/gpu": [GPU_A]}}))
-    proc = start_kubelet_process(path, state)
+    path = sock_dir / "kubelet.sock"
+    proc = start_fake_kubelet(path, {"tts/synth-0/model": {"nvidia.com/gpu": [GPU_A]}})
     poller = poller_for(path, period=0.05)
     poller.start()
     try:
@@ -210,9 +200,8 @@ def test_kubelet_killed_mid_run_then_restarted(sock_dir):
         assert wait_until(lambda: poller.latest is not None and not poller.latest.up)
         assert poller.latest.holders == ()  # stale owners are not kept
         # The kubelet comes back on a new socket at the same path, with the GPU moved to another pod.
-        state.write_text(json.dumps({"tts/synth-1/model": {"nvidia.com/gpu": [GPU_A]}}))
         path.unlink()
-        proc = start_kubelet_process(path, state)
+        proc = start_fake_kubelet(path, {"tts/synth-1/model": {"nvidia.com/gpu": [GPU_A]}})
         assert wait_until(lambda: poller.latest is not None and poller.latest.up)
         assert poller.latest.by_device() == {GPU_A: (SYNTH_1,)}
     finally:
