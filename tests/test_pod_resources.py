@@ -230,6 +230,17 @@ def test_a_file_that_is_not_a_socket(sock_dir):
     assert reading is not None and not reading.up
 
 
+def test_reasons_are_stable_one_liners():
+    """The log shows each change of state once, so a reason must not vary between polls of one fault."""
+    from exporter.sources.kubelet import _describe
+
+    # As UID 65534 (the base DaemonSet) connecting to the kubelet's root-only socket fails so; root (CI) cannot
+    # provoke it, hence this check of the words alone.
+    assert "root-only" in _describe(PermissionError(13, "Permission denied"), 2)
+    assert _describe(TimeoutError(), 2) == "List timed out after 2s"
+    assert _describe(ConnectionRefusedError(111, "refused"), 2) == "List failed: ConnectionRefusedError"
+
+
 def test_grpc_library_is_imported_only_when_the_socket_exists(sock_dir):
     code = ("import sys; from exporter.sources.kubelet import PodResourcesPoller as P; "
             f"p = P({str(sock_dir / 'absent.sock')!r}); p.poll_now(); p.stop(); "

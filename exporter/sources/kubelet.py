@@ -111,6 +111,8 @@ def _describe(exc: BaseException, timeout: float) -> str:
     """A stable one-line reason (no addresses or counters in it), so the log shows each change once."""
     if isinstance(exc, asyncio.TimeoutError):
         return f"List timed out after {timeout:g}s"
+    if isinstance(exc, PermissionError):  # the kubelet makes the socket root-only
+        return "permission denied: the socket is root-only (deploy/overlays/pod-resources runs as UID 0)"
     status = getattr(exc, "status", None)  # grpclib's GRPCError
     if status is not None:
         return f"List failed: {getattr(status, 'name', status)}"
@@ -176,13 +178,15 @@ class PodResourcesPoller:
     async def _read(self) -> PodResources | None:
         try:
             st = os.stat(self.socket_path)
-        except OSError:
+        except FileNotFoundError:
             self._drop_client()
             if self._seen:
                 self._transitions.set(_KEY, f"{self.socket_path} is gone: no pod labels until it is back")
             elif not self.polls:  # off Kubernetes this is normal: said once, quietly
                 log.info("%s not found: pod labels start when it appears", self.socket_path)
             return None
+        except OSError as exc:  # there, but not for us (a directory we may not search)
+            return self._failed(exc)
         self._seen = True
         if (st.st_dev, st.st_ino) != self._socket_id:  # a new socket: the kubelet restarted
             self._drop_client()
@@ -192,12 +196,15 @@ class PodResourcesPoller:
                 self._client = PodResourcesClient(self.socket_path)
             holders = await self._client.list(self.timeout)
         except Exception as exc:  # whatever the kubelet (or a stranger on the socket) does, only pod info is lost
-            problem = _describe(exc, self.timeout)
-            self._drop_client()
-            self._transitions.set(_KEY, f"{self.socket_path}: {problem}")
-            return PodResources(up=False, problem=problem)
+            return self._failed(exc)
         self._transitions.set(_KEY, None)
         return PodResources(up=True, holders=holders)
+
+    def _failed(self, exc: BaseException) -> PodResources:
+        problem = _describe(exc, self.timeout)
+        self._drop_client()
+        self._transitions.set(_KEY, f"{self.socket_path}: {problem}")
+        return PodResources(up=False, problem=problem)
 
     def _drop_client(self) -> None:
         if self._client is not None:
