@@ -10,29 +10,35 @@ from typing import Callable, Iterator
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from exporter.snapshot import Snapshot
 from exporter.sources.kubelet import ContainerRef
 
-POD_LABELS = ("namespace", "pod", "container")
-INFO_LABELS = ["gpu", "uuid", "mig_uuid", "gpu_instance_id", "compute_instance_id", *POD_LABELS]
 Owners = dict[str, tuple[ContainerRef, ...]]
 
 
 def pod_info_family(snap: Snapshot, owners: Owners) -> Metric:
-    """One series per (device, container holding it); none for an unallocated device."""
+    """One series per (device, container holding it); none for an unallocated device. A whole GPU's series
+    has gpu, uuid, namespace, pod, container; a MIG device's also mig_uuid, gpu_instance_id,
+    compute_instance_id, as on its gpu_mig_* series."""
     info = GaugeMetricFamily(
         "gpu_pod_info", "Container holding the GPU (or MIG device), from the kubelet pod-resources API; "
-        "always 1. Several with time-slicing or MPS, none when unallocated.", labels=INFO_LABELS)
+        "always 1. Several with time-slicing or MPS, none when unallocated.")
     for g in snap.gpus:
-        gpu = [str(g.identity.index), g.identity.uuid]
+        gpu = {"gpu": str(g.identity.index), "uuid": g.identity.uuid}
         for ref in owners.get(g.identity.uuid, ()):
-            info.add_metric(gpu + ["", "", "", ref.namespace, ref.pod, ref.container], 1)
+            info.samples.append(Sample("gpu_pod_info", {**gpu, **_pod_labels(ref)}, 1))
         for m in (g.reading.mig or ()) if g.reading is not None else ():
-            mig = gpu + [m.uuid, str(m.gpu_instance_id), str(m.compute_instance_id)]
+            mig = {**gpu, "mig_uuid": m.uuid, "gpu_instance_id": str(m.gpu_instance_id),
+                   "compute_instance_id": str(m.compute_instance_id)}
             for ref in owners.get(m.uuid, ()):
-                info.add_metric(mig + [ref.namespace, ref.pod, ref.container], 1)
+                info.samples.append(Sample("gpu_pod_info", {**mig, **_pod_labels(ref)}, 1))
     return info
+
+
+def _pod_labels(ref: ContainerRef) -> dict[str, str]:
+    return {"namespace": ref.namespace, "pod": ref.pod, "container": ref.container}
 
 
 def stamp(metric: Metric, owners: Owners, gpu_series: bool) -> Metric:
@@ -47,8 +53,7 @@ def stamp(metric: Metric, owners: Owners, gpu_series: bool) -> Metric:
         holders = owners.get(device, ()) if device else ()
         if len(holders) == 1 and (gpu_series or "pid" in s.labels):
             (ref,) = holders
-            s = s._replace(labels={**s.labels, "namespace": ref.namespace, "pod": ref.pod,
-                                   "container": ref.container})
+            s = s._replace(labels={**s.labels, **_pod_labels(ref)})
             changed = True
         samples.append(s)
     if not changed:

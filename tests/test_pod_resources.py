@@ -222,6 +222,33 @@ def test_garbage_on_the_socket_is_a_failed_list(sock_dir):
         garbage.stop()
 
 
+def test_an_oversized_response_is_refused(kubelet, sock_dir):
+    """Over MAX_RESPONSE_BYTES the answer is not decoded: a failed List, not a memory blow-up in protobuf."""
+    from exporter.sources.kubelet import MAX_RESPONSE_BYTES
+
+    ids = [f"GPU-{i:08d}-" + "x" * 230 for i in range(MAX_RESPONSE_BYTES // 240 + 100)]
+    kubelet.set({"tts/synth-0/model": {"nvidia.com/gpu": ids}})
+    poller = poller_for(sock_dir / "kubelet.sock", timeout=10)
+    try:
+        reading = poller.poll_now()
+        assert reading == PodResources(up=False, problem="List failed: DecodeError")
+        kubelet.set({"tts/synth-0/model": {"nvidia.com/gpu": ids[:10]}})  # the same kubelet, within bounds
+        assert len(poller.poll_now().holders) == 10
+    finally:
+        poller.stop()
+
+
+def test_stop_cancels_a_list_in_flight(kubelet, sock_dir):
+    kubelet.delay = 3.0
+    poller = poller_for(sock_dir / "kubelet.sock", timeout=2.5)
+    poller.start()
+    assert wait_until(lambda: kubelet.calls >= 1)
+    started = time.monotonic()
+    poller.stop(timeout=2.0)
+    assert not poller._thread.is_alive() and time.monotonic() - started < 2.0
+    assert poller.polls == 0  # it was cut, not waited out
+
+
 def test_a_file_that_is_not_a_socket(sock_dir):
     (sock_dir / "kubelet.sock").write_text("not a socket")
     poller = poller_for(sock_dir / "kubelet.sock")

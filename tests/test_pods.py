@@ -54,12 +54,15 @@ def test_pod_info_one_series_per_device_and_container(setup):
     pods.set({uuids[1]: (A,), uuids[2]: (A, B), migs[0]: (C,), "GPU-not-on-this-node": (B,)})
     sampler.tick()
     info = collect(sampler)["gpu_pod_info"]
-    rows = sorted((s.labels["gpu"], s.labels["mig_uuid"], s.labels["pod"], s.labels["container"]) for s in info.samples)
+    rows = sorted((s.labels["gpu"], s.labels.get("mig_uuid", ""), s.labels["pod"], s.labels["container"])
+                  for s in info.samples)
     assert rows == [("0", migs[0], "whisper-0", "main"), ("1", "", "synth-0", "model"),
                     ("2", "", "synth-0", "model"), ("2", "", "synth-1", "model")]
     (mig,) = labels_of(info, mig_uuid=migs[0])
     assert mig["namespace"] == "asr" and mig["gpu_instance_id"] == "1" and mig["compute_instance_id"] == "0"
     assert all(s.value == 1 for s in info.samples)
+    (whole,) = labels_of(info, gpu="1")  # a whole GPU: just the labels the issue names
+    assert set(whole) == {"gpu", "uuid", "namespace", "pod", "container"}
     assert collect(sampler)["exporter_pod_resources_up"].samples[0].value == 1
 
 
@@ -102,7 +105,6 @@ def test_pod_labels_flag_stamps_per_gpu_series_of_a_sole_holder(setup):
     assert {s.labels["gpu"]: s.labels.get("pod") for s in fams["gpu_info"].samples}["1"] == "synth-0"
     assert {s.labels.get("pod") for s in fams["gpu_clock_event_active"].samples if s.labels["gpu"] == "1"} == {"synth-0"}
     assert {s.labels.get("pod") for s in fams["gpu_mig_memory_used_bytes"].samples} == {"whisper-0", None}
-    assert all("pod" not in s.labels for s in fams["gpu_pod_info"].samples if not s.labels["pod"])
 
 
 def test_off_or_no_socket_leaves_the_exposition_as_it_was(setup):

@@ -136,22 +136,33 @@ class PodResourcesPoller:
         self._seen = False  # the socket existed at some poll
         self._transitions = TransitionLog(log)
         self._loop = asyncio.new_event_loop()  # one loop for the poller's life: the connection is bound to it
-        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop.run_until_complete, args=(self._run(),),
-                                        name="pod-resources", daemon=True)
+        self._thread = threading.Thread(target=self._thread_main, name="pod-resources", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Ends the polling thread, cancelling a List in flight (a hung kubelet must not hold up shutdown)."""
         self._stopping = True
-        if self._thread is None:
+        if self._thread is not None:
+            task = self._task
+            if task is not None:
+                self._loop.call_soon_threadsafe(task.cancel)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # a daemon thread: it goes with the process
+        else:
             self._drop_client()
-            return
-        self._loop.call_soon_threadsafe(self._wake.set)
-        self._thread.join(timeout)
+        self._loop.close()
+
+    def _thread_main(self) -> None:
+        try:
+            self._loop.run_until_complete(self._run())
+        except asyncio.CancelledError:
+            pass
 
     def poll_now(self) -> PodResources | None:
         """One poll on the calling thread (tests, benchmarks); only while the polling thread is not started."""
@@ -159,13 +170,17 @@ class PodResourcesPoller:
         return self._loop.run_until_complete(self.poll())
 
     async def _run(self) -> None:
+        self._task = asyncio.current_task()
+        if self._stopping:  # stopped before the loop started
+            return
         try:
             while not self._stopping:
-                await self.poll()
                 try:
-                    await asyncio.wait_for(self._wake.wait(), self.period)
-                except asyncio.TimeoutError:
-                    pass
+                    await self.poll()
+                except Exception:  # a bug here must cost the pod labels, not the thread
+                    log.exception("pod-resources poll failed")
+                    self.latest = None
+                await asyncio.sleep(self.period)
         finally:
             self._drop_client()
 
