@@ -147,9 +147,8 @@ ROWS: list[tuple[str, list[dict]]] = [
         panel("table", "Which pod holds each GPU", "none",
               [(f"gpu_pod_info{{{POD}}}", "")], w=12,
               extra={"options": {"showHeader": True},
-                     "transformations": [{"id": "labelsToFields", "options": {}},
-                                         {"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True,
-                                                                                         "__name__": True}}}]},
+                     "transformations": [{"id": "organize", "options": {"excludeByName": {
+                         "Time": True, "Value": True, "__name__": True, "job": True}}}]},
               description="gpu_pod_info: one row per (GPU or MIG device, container holding it)."),
     ]),
     ("Memory, power, temperature", [
@@ -210,6 +209,9 @@ def build() -> dict:
             if p["type"] == "heatmap":  # bucket series rendered as a heatmap, not as lines
                 for t in p["targets"]:
                     t["format"] = "heatmap"
+            if p["type"] == "table":  # one row per series, its labels as columns
+                for t in p["targets"]:
+                    t["format"], t["instant"] = "table", True
             w, h = p["gridPos"]["w"], p["gridPos"]["h"]
             if x + w > 24:
                 x, y, row_h = 0, y + row_h, 0
