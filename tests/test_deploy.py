@@ -60,11 +60,21 @@ def test_daemonset_shape(base):
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 65534
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
-    (mount,) = c["volumeMounts"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(mounts) == set(volumes) == {"proc", "pod-resources"}
+    mount = mounts["proc"]
     assert mount["readOnly"] and mount["mountPropagation"] == "HostToContainer"
     assert f"--path.procfs={mount['mountPath']}" in c["args"]
-    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-    assert vol["hostPath"]["path"] == "/proc"
+    assert volumes["proc"]["hostPath"]["path"] == "/proc"
+    # The kubelet's pod-resources directory (not the socket: it is recreated on a kubelet restart), read-only,
+    # and the flag points into it.
+    kubelet = mounts["pod-resources"]
+    assert kubelet["readOnly"] and kubelet["mountPath"] == "/var/lib/kubelet/pod-resources"
+    assert volumes["pod-resources"]["hostPath"]["path"] == "/var/lib/kubelet/pod-resources"
+    assert volumes["pod-resources"]["hostPath"].get("type", "") in ("", "Directory")
+    (flag,) = [a for a in c["args"] if a.startswith("--kubernetes.pod-resources-socket=")]
+    assert flag.split("=", 1)[1] == kubelet["mountPath"] + "/kubelet.sock"
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"]["path"] == "/healthz" and c[probe]["httpGet"]["port"] == "metrics"
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9445}
@@ -85,6 +95,7 @@ def test_service_and_servicemonitor_select_the_pods(base):
     assert all(svc["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
     (ep,) = sm["spec"]["endpoints"]
     assert ep["port"] == "metrics" and ep["path"] == "/metrics" and ep["interval"] == "15s"
+    assert ep["honorLabels"] is True  # gpu_pod_info's namespace/pod are the workload's, not the exporter's
     assert re.fullmatch(r"\d+s", ep["scrapeTimeout"]) and int(ep["scrapeTimeout"][:-1]) < 15
 
 
@@ -104,6 +115,18 @@ def test_prometheusrule_is_the_rules_file(base):
     spec.loader.exec_module(sync)
     for target, kind in sync.TARGETS.items():
         assert target.read_text() == sync.render(kind), f"{target} is stale: run python3 deploy/sync.py"
+
+
+def test_pod_resources_overlay_runs_as_uid_0_without_capabilities():
+    docs = {d["kind"]: d for d in kustomize("overlays/pod-resources")}
+    pod = docs["DaemonSet"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["runAsUser"] == 0 and sc["runAsNonRoot"] is False  # the kubelet's socket is root-only
+    assert sc["capabilities"]["drop"] == ["ALL"] and not sc["allowPrivilegeEscalation"] and sc["readOnlyRootFilesystem"]
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(docs["DaemonSet"], version, strict=True)
 
 
 def test_runtimeclass_overlay():
