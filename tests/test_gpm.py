@@ -80,15 +80,24 @@ def test_unsupported_gpm_is_absent_and_logged_once(stub, caplog, config):
 
 
 def test_ticks_closer_than_100ms_report_the_last_pair_that_was(stub):
-    _, (r0, _) = open_stub(stub, **ACTIVITY)
-    assert two_ticks(r0)[1].activity.sm_active == 0.425
+    """The reader decides "too close" on its own clock (a manual one here, so a slow machine cannot turn
+    the close ticks into far ones); the stand-in, on real time, refuses any pair under 100 ms."""
+    nvml, _ = open_stub(stub, **ACTIVITY)
+    clock = ManualClock()
+    r0 = GpmReader(nvml, nvml.nvmlDeviceGetHandleByIndex(0), 0, clock=clock)
+    r0.read()
+    time.sleep(GAP)
+    clock.advance(GAP)
+    assert r0.read().activity.sm_active == 0.425
     stub.configure({"gpus": 2, **ACTIVITY, "gpm.2": 80})
-    for _ in range(2):  # too close to the last sample: the stand-in would refuse such a pair
-        time.sleep(0.03)
+    for _ in range(2):  # 30 and 60 ms after the last pair: no new pair, the last one again
+        clock.advance(0.03)
         close = r0.read()
         assert close.errors == () and close.activity.sm_active == 0.425
-    time.sleep(MIN_SAMPLE_GAP_S)
+    time.sleep(GAP)
+    clock.advance(0.05)  # 110 ms after the last pair's second sample
     assert r0.read().activity.sm_active == 0.80
+    r0.close()
 
 
 def test_nvlink_from_gpm_totals(stub):

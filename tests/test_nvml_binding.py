@@ -118,13 +118,17 @@ def test_values_are_what_nvml_answers_in_base_units(backend, source):
 
 def test_driver_sample_buffer_through_the_two_call_get_samples(backend, source):
     reader = source.readers[0]
+    started = time.monotonic()
     assert reader.read().utilization_samples == ()  # the first read measures the buffer, counts nothing
-    assert reader.identity.index == 0
+    first_done = time.monotonic()
     backend.advance(0.3)
+    second_started = time.monotonic()
     samples = reader.read().utilization_samples
+    ended = time.monotonic()
     assert samples and all(0.0 <= s <= 1.0 for s in samples)
-    if backend.name == "stub":  # one every 20 ms, cycling 10/90/50 %
-        assert set(samples) <= {0.1, 0.9, 0.5} and 5 <= len(samples) <= 40, samples
+    if backend.name == "stub":  # one every 20 ms, cycling 10/90/50 %: as many as fit between the reads
+        assert set(samples) <= {0.1, 0.9, 0.5}, samples
+        assert (second_started - first_done) / 0.02 - 1 <= len(samples) <= (ended - started) / 0.02 + 1
 
 
 def test_not_supported_is_omitted_and_the_rest_still_read(backend, source):
@@ -192,12 +196,12 @@ def test_mig_devices_and_process_lists_through_real_pynvml(nvml_stub):
 
 
 def test_a_gpu_falls_off_the_bus_at_a_chosen_moment(nvml_stub):
-    nvml_stub.configure({"gpus": 2, "lost_gpu": 1, "lost_after_s": 0.5})
+    nvml_stub.configure({"gpus": 2, "lost_gpu": 1, "lost_after_s": 1.0})
     src = NvmlSource(nvml_stub.bind(), "real")
     src.poll(0.0)
     try:
         assert src.readers[1].read().ok
-        time.sleep(0.6)
+        time.sleep(1.1)
         assert src.readers[1].read().lost and src.readers[0].read().ok
     finally:
         src.close()
