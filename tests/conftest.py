@@ -300,3 +300,21 @@ def exporter_proc() -> Iterator[type[ExporterProcess]]:
     yield Tracked
     for p in started:
         p.stop()
+
+
+@pytest.fixture(scope="session")
+def nvml_stub_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The C stand-in for libnvidia-ml.so.1, built once per session (tests/nvml_stub)."""
+    from tests.nvml_stub import build
+
+    return build(tmp_path_factory.mktemp("nvml-stub"))
+
+
+@pytest.fixture
+def nvml_stub(nvml_stub_lib: Path, tmp_path: Path) -> Iterator["NvmlStub"]:
+    """A stand-in with its own config file; `bind()` points this process's pynvml at it until the test ends."""
+    from tests.nvml_stub import NvmlStub
+
+    stub = NvmlStub(nvml_stub_lib, tmp_path / "nvml-stub.conf")
+    yield stub
+    stub.unbind()
