@@ -224,6 +224,10 @@ class FakeNvml:
             if gpu in es.devices:
                 es.events.put(_xid_event(gpu, xid))
 
+    def xid_registered(self) -> set[int]:
+        """GPUs registered for XID events on an event set that is still allocated."""
+        return set().union(*(es.devices for es in self._event_sets))
+
     def _enter(self, call: str, gpu: int | None) -> None:
         with self._calls_lock:
             self.calls[call] += 1

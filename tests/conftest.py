@@ -15,6 +15,7 @@ import pytest
 
 from exporter.collector import SnapshotCollector
 from exporter.fake_nvml import FakeNvml
+from exporter.histogram import HistogramSnapshot
 from exporter.sampler import Sampler
 from exporter.sources.nvml import NvmlSource
 from exporter.sources.procfs import ProcfsSource
@@ -79,8 +80,15 @@ def clock() -> ManualClock:
 
 def make_sampler(nvml: FakeNvml | None, procfs_root: Path, interval: float = 0.2, clock=time.monotonic,
                  mode: str = "fake", **extra) -> Sampler:
-    return Sampler(NvmlSource(nvml, mode, backoff_initial_s=0.01, backoff_max_s=0.02),
+    return Sampler(NvmlSource(nvml, mode, backoff_initial_s=0.01, backoff_max_s=0.02, clock=clock),
                    ProcfsSource(procfs_root), interval=interval, clock=clock, **extra)
+
+
+def fraction_at_or_below(h: HistogramSnapshot, bound: float) -> float | None:
+    """Share of a histogram's observations <= bound (one of its bucket bounds), as PromQL's bucket/count."""
+    if h.count == 0:
+        return None
+    return h.cumulative[h.bounds.index(bound)] / h.count
 
 
 def families(sampler: Sampler) -> dict:

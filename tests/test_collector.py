@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.collector import SnapshotCollector
 from exporter.fake_nvml import FakeNvml
+from exporter.sources.nvml.specs import UTILIZATION
 from tests.conftest import families, make_sampler
 
 GPU_GAUGES = {
@@ -79,7 +80,7 @@ def test_ratios_stay_in_range_and_match_the_snapshot(procfs):
         for sample in fams[name].samples:
             assert 0.0 <= sample.value <= 1.0, (name, sample)
     util = {x.labels["gpu"]: x.value for x in fams["gpu_utilization_ratio"].samples}
-    assert util == {str(g.identity.index): g.reading.utilization for g in s.snapshot.gpus}
+    assert util == {str(g.identity.index): g.reading[UTILIZATION] for g in s.snapshot.gpus}
     used = {x.labels["gpu"]: x.value for x in fams["gpu_memory_used_bytes"].samples}
     total = {x.labels["gpu"]: x.value for x in fams["gpu_memory_total_bytes"].samples}
     assert all(0 < used[g] < total[g] for g in used)
@@ -164,7 +165,7 @@ def test_every_exported_metric_is_documented(procfs, tmp_path):
     s.tick()
     fake.emit_xid(1, 79)
     deadline = _time.monotonic() + 5
-    while not s.nvml.xid.counts() and _time.monotonic() < deadline:
+    while not s.nvml.xid_counts() and _time.monotonic() < deadline:
         _time.sleep(0.02)
     for _ in range(3):
         _time.sleep(0.2)

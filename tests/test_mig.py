@@ -51,7 +51,7 @@ def test_mig_instances_are_re_enumerated(procfs, monkeypatch):
     fake, s = mig_sampler(procfs, profiles=("3g.40gb",))
     assert len(families(s)["gpu_mig_memory_total_bytes"].samples) == 1
     fake.specs[0] = FakeGpuSpec(mig_profiles=("3g.40gb", "3g.40gb"))  # an admin adds an instance
-    monkeypatch.setattr("exporter.sources.nvml.HEALTH_REFRESH_S", 0.0)
+    monkeypatch.setattr("exporter.sources.nvml.reader.HEALTH_REFRESH_S", 0.0)
     s.tick()
     assert len(families(s)["gpu_mig_memory_total_bytes"].samples) == 2
     fake.specs[0] = FakeGpuSpec()  # MIG turned off

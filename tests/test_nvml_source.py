@@ -5,13 +5,15 @@ import pytest
 
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 from exporter.sources.nvml import GpuReader, NvmlSource
+from exporter.sources.nvml.reader import REOPEN_BACKOFF_S
+from exporter.sources.nvml.specs import ENERGY, MEMORY_BANDWIDTH_UTILIZATION, MEMORY_CLOCK, MEMORY_TOTAL, MEMORY_USED, POWER, POWER_LIMIT, SM_CLOCK, TEMPERATURE, UTILIZATION
 
 
 def open_reader(fake: FakeNvml, index: int = 0) -> GpuReader:
-    src = NvmlSource(fake, "fake")
+    src = NvmlSource(fake, "fake", clock=fake.clock)
     src.poll(0.0)
     assert src.status.up
-    return src.readers[index]
+    return src.gpus[index]
 
 
 def test_values_are_converted_to_base_units(clock):
@@ -23,16 +25,16 @@ def test_values_are_converted_to_base_units(clock):
     assert reading.ok
     h = fake.nvmlDeviceGetHandleByIndex(0)
     util = fake.nvmlDeviceGetUtilizationRates(h)
-    assert reading.utilization == util.gpu / 100
-    assert reading.memory_bandwidth_utilization == util.memory / 100
+    assert reading[UTILIZATION] == util.gpu / 100
+    assert reading[MEMORY_BANDWIDTH_UTILIZATION] == util.memory / 100
     mem = fake.nvmlDeviceGetMemoryInfo(h, version=pynvml.nvmlMemory_v2)
-    assert reading.memory_used_bytes == mem.used and reading.memory_total_bytes == mem.total
-    assert reading.power_watts == fake.nvmlDeviceGetPowerUsage(h) / 1000
-    assert reading.power_limit_watts == 700.0
-    assert reading.energy_joules == fake.nvmlDeviceGetTotalEnergyConsumption(h) / 1000
-    assert reading.sm_clock_hertz == fake.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM) * 1e6
-    assert reading.memory_clock_hertz == 2619e6
-    assert reading.temperature_celsius == fake.nvmlDeviceGetTemperature(h, 0)
+    assert reading[MEMORY_USED] == mem.used and reading[MEMORY_TOTAL] == mem.total
+    assert reading[POWER] == fake.nvmlDeviceGetPowerUsage(h) / 1000
+    assert reading[POWER_LIMIT] == 700.0
+    assert reading[ENERGY] == fake.nvmlDeviceGetTotalEnergyConsumption(h) / 1000
+    assert reading[SM_CLOCK] == fake.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM) * 1e6
+    assert reading[MEMORY_CLOCK] == 2619e6
+    assert reading[TEMPERATURE] == fake.nvmlDeviceGetTemperature(h, 0)
     # PCIe from the byte counters: the first read has no previous value, the second gives a rate.
     assert first.pcie_rx_bytes_per_second is None
     busy = fake._busy(0, clock() - fake.t0)
@@ -51,8 +53,8 @@ def test_not_supported_is_omitted_and_probed_once(clock):
     for _ in range(5):
         reading = r.read()
         clock.advance(0.2)
-    assert reading.ok and reading.power_watts is None and reading.energy_joules is None
-    assert reading.utilization is not None
+    assert reading.ok and reading[POWER] is None and reading[ENERGY] is None
+    assert reading[UTILIZATION] is not None
     assert fake.calls["nvmlDeviceGetPowerUsage"] == 1
     assert fake.calls["nvmlDeviceGetTotalEnergyConsumption"] == 1
 
@@ -70,7 +72,7 @@ def test_memory_info_v2_falls_back_to_v1(clock):
     reading = open_reader(fake).read()
     assert reading.ok
     h = fake.nvmlDeviceGetHandleByIndex(0)
-    assert reading.memory_used_bytes == real(h).used  # v1 "used", reservation included
+    assert reading[MEMORY_USED] == real(h).used  # v1 "used", reservation included
 
 
 def test_transient_error_omits_value_and_marks_failure(clock):
@@ -78,8 +80,8 @@ def test_transient_error_omits_value_and_marks_failure(clock):
     r = open_reader(fake)
     fake.inject("nvmlDeviceGetTemperature", gpu=0, error=pynvml.NVML_ERROR_UNKNOWN, times=1)
     bad = r.read()
-    assert not bad.ok and bad.errors == ("nvmlDeviceGetTemperature",) and bad.temperature_celsius is None
-    assert bad.utilization is not None  # the rest of the read went on
+    assert not bad.ok and bad.errors == ("nvmlDeviceGetTemperature",) and bad[TEMPERATURE] is None
+    assert bad[UTILIZATION] is not None  # the rest of the read went on
     assert r.read().ok  # not cached as unsupported: it is retried and recovers
 
 
@@ -89,15 +91,14 @@ def test_lost_gpu_aborts_the_read_and_reopens_after_reset(clock, monkeypatch):
     assert r.read().ok
     fake.lose_gpu(0)
     lost = r.read()
-    assert lost.lost and not lost.ok and lost.utilization is None
+    assert lost.lost and not lost.ok and lost[UTILIZATION] is None
     calls_while_lost = sum(fake.calls.values())
     assert r.read().lost  # within the re-open backoff: no NVML call at all
     assert sum(fake.calls.values()) == calls_while_lost
     fake.clear_faults(0)  # the GPU is reset and comes back
-    monkeypatch.setattr("exporter.sources.nvml._REOPEN_BACKOFF_S", 0.0)
-    r._reopen_at = 0.0
+    clock.advance(REOPEN_BACKOFF_S)
     back = r.read()
-    assert back.ok and back.utilization is not None
+    assert back.ok and back[UTILIZATION] is not None
 
 
 def test_nvml_absent_then_present_is_picked_up():
@@ -111,7 +112,7 @@ def test_nvml_absent_then_present_is_picked_up():
     fake.library_present = True
     assert src.poll(2.5) is None and not src.status.up
     assert src.poll(3.0) is None
-    assert src.status.up and src.status.mode == "real" and len(src.readers) == 2
+    assert src.status.up and src.status.mode == "real" and len(src.gpus) == 2
 
 
 def test_init_unknown_error_then_success():
