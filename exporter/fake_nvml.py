@@ -52,6 +52,7 @@ class FakeGpuSpec:
     xid_schedule: tuple[float, float, int] | None = None  # (first after s, then every s, XID code)
     driver_sample_depth: int = 120  # samples the driver keeps (20 s at 1/6 s)
     replay_counter: int = 0
+    fan_speed_percent: int | None = None  # None: NotSupported, as on the fanless H100 SXM
     batch_period_s: float = 10.0  # a batch job runs every other period
     batch_new_pid: bool = False  # each batch job a new PID (label churn, as real jobs), not the same one
 
@@ -589,6 +590,13 @@ class FakeNvml:
         s = self.specs[handle.index]
         # mJ since "driver load": integral of the phase power (mW) over seconds.
         return 10_000_000 + int(self._integral(handle.index, self._now(), s.power_low_mw, s.power_high_mw))
+
+    @_nvml_call
+    def nvmlDeviceGetFanSpeed_v2(self, handle: FakeHandle, fan: int) -> int:
+        speed = self.specs[handle.index].fan_speed_percent
+        if speed is None or fan != 0:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return speed
 
     @_nvml_call
     def nvmlDeviceGetClockInfo(self, handle: FakeHandle, type: int) -> int:

@@ -131,10 +131,14 @@ SM_CLOCK = GpuScalar(
 MEMORY_CLOCK = GpuScalar(
     "gpu_clock_hertz", "gauge", "Current clock (nvmlDeviceGetClockInfo).",
     NvmlCall("nvmlDeviceGetClockInfo", ("NVML_CLOCK_MEM",)), _mega, labels=(("clock", "memory"),))
+FAN_SPEED = GpuScalar(
+    "gpu_fan_speed_ratio", "gauge", "Fan speed the driver targets, as a share of its maximum "
+    "(nvmlDeviceGetFanSpeed_v2, fan 0); absent on boards without fans.",
+    NvmlCall("nvmlDeviceGetFanSpeed_v2", (0,)), _percent)
 
 # Rendering order; rows that share a name (the clocks) must be adjacent.
 GPU_SCALARS: tuple[GpuScalar, ...] = (
     UTILIZATION, MEMORY_BANDWIDTH_UTILIZATION, MEMORY_USED, MEMORY_TOTAL, MEMORY_USED_RATIO,
     SAMPLE_BUFFER_SECONDS, PCIE_REPLAY_ERRORS, TEMPERATURE, POWER, POWER_LIMIT, ENERGY, POWER_FROM_ENERGY,
-    SM_CLOCK, MEMORY_CLOCK,
+    SM_CLOCK, MEMORY_CLOCK, FAN_SPEED,
 )
