@@ -1,12 +1,30 @@
 from __future__ import annotations
 
+import threading
+import time
+
 import pynvml
 import pytest
 
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 from exporter.sources.nvml import GpuReader, NvmlSource
 from exporter.sources.nvml.reader import REOPEN_BACKOFF_S
-from exporter.sources.nvml.specs import ENERGY, MEMORY_BANDWIDTH_UTILIZATION, MEMORY_CLOCK, MEMORY_TOTAL, MEMORY_USED, POWER, POWER_LIMIT, SM_CLOCK, TEMPERATURE, UTILIZATION
+from exporter.sources.nvml.specs import (
+    ENERGY,
+    FAN_SPEED,
+    MEMORY_BANDWIDTH_UTILIZATION,
+    MEMORY_CLOCK,
+    MEMORY_TOTAL,
+    MEMORY_USED,
+    POWER,
+    POWER_LIMIT,
+    SM_CLOCK,
+    TEMPERATURE,
+    UTILIZATION,
+    FieldValue,
+    GpuScalar,
+)
+from tests.conftest import families, make_sampler
 
 
 def open_reader(fake: FakeNvml, index: int = 0) -> GpuReader:
@@ -165,3 +183,90 @@ def test_pcie_fallback_uses_blocking_call_off_the_read_path(clock):
     assert reading.pcie_rx_bytes_per_second is not None and reading.pcie_rx_bytes_per_second > 0
     assert callers == {"pcie-fallback"}  # the 20 ms call never runs on the reading thread
     assert fake.calls["nvmlDeviceGetFieldValues"] == 1  # unsupported: probed once
+
+
+def test_fan_speed_is_a_ratio_and_omitted_where_not_supported(clock):
+    fake = FakeNvml(specs=[FakeGpuSpec(), FakeGpuSpec(fan_speed_percent=45)], clock=clock)
+    fanless, fanned = open_reader(fake, 0), open_reader(fake, 1)
+    for _ in range(3):
+        without, with_fan = fanless.read(), fanned.read()
+    assert without.ok and without[FAN_SPEED] is None  # H100 SXM: NotSupported, omitted, never 0
+    assert with_fan.ok and with_fan[FAN_SPEED] == 0.45
+    assert fake.calls["nvmlDeviceGetFanSpeed_v2"] == 1 + 3  # the fanless board was asked once
+
+
+def test_specs_sharing_a_call_make_it_once_per_read(clock):
+    fake = FakeNvml(1, clock=clock)
+    r = open_reader(fake)
+    before = dict(fake.calls)
+    reading = r.read()
+    assert reading[UTILIZATION] is not None and reading[MEMORY_BANDWIDTH_UTILIZATION] is not None
+    assert reading[MEMORY_USED] is not None and reading[MEMORY_TOTAL] is not None
+    assert fake.calls["nvmlDeviceGetUtilizationRates"] - before.get("nvmlDeviceGetUtilizationRates", 0) == 1
+    assert fake.calls["nvmlDeviceGetMemoryInfo"] - before.get("nvmlDeviceGetMemoryInfo", 0) == 1
+
+
+def test_field_value_specs_are_read_in_one_batch(clock):
+    tx = GpuScalar("test_tx_bytes", "counter", "PCIe tx counter as a field spec.", FieldValue(197))
+    rx = GpuScalar("test_rx_bytes", "counter", "PCIe rx counter as a field spec.", FieldValue(198))
+    nope = GpuScalar("test_unsupported", "gauge", "A field the board does not have.", FieldValue(9999))
+    fake = FakeNvml(1, clock=clock)
+    src = NvmlSource(fake, "fake", specs=(tx, nope, rx), clock=clock)
+    src.poll(0.0)
+    reader = src.gpus[0]
+    seen = []
+    real = fake.nvmlDeviceGetFieldValues
+    fake.nvmlDeviceGetFieldValues = lambda h, ids: seen.append(list(ids)) or real(h, ids)
+    first = reader.read()
+    clock.advance(0.2)
+    second = reader.read()
+    assert first.ok and second.ok
+    assert second[tx] > first[tx] >= 0 and second[rx] > first[rx] >= 0
+    assert second[nope] is None
+    # One batch for the specs (the unsupported field dropped after the first), one for the PCIe rates.
+    assert [ids for ids in seen if 9999 in ids] == [[197, 9999, 198]]
+    assert [197, 198] in seen
+
+
+def test_a_type_error_from_our_own_call_is_a_bug_logged_once_and_counted(procfs, caplog):
+    fake = FakeNvml(1)
+    fake.nvmlDeviceGetPowerUsage = lambda: 0  # a binding whose signature does not fit our call
+    s = make_sampler(fake, procfs.root)
+    for _ in range(3):
+        s.tick()
+    s.stop()
+    bugs = [r for r in caplog.records if r.levelname == "ERROR" and "nvmlDeviceGetPowerUsage" in r.getMessage()]
+    assert len(bugs) == 1 and bugs[0].exc_info is not None
+    assert dict(s.snapshot.stats.errors)[("nvml", "nvmlDeviceGetPowerUsage")] == 1
+    g = s.snapshot.gpus[0]
+    assert g.up and g.reading[POWER] is None and g.reading[TEMPERATURE] is not None  # the rest goes on
+
+
+def test_driver_reload_initialises_nvml_again_and_re_enumerates(procfs):
+    def xid_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "xid-events"}
+
+    fake = FakeNvml(2)
+    before = xid_threads()
+    s = make_sampler(fake, procfs.root)
+    s.tick()
+    first_watcher = xid_threads() - before
+    assert len(first_watcher) == 1
+    for gpu in (0, 1):  # the driver is unloaded: NVML answers Uninitialized until initialised again
+        fake.inject("*", gpu=gpu, error=pynvml.NVML_ERROR_UNINITIALIZED)
+    deadline = time.monotonic() + 10
+    while s.snapshot.nvml.up and time.monotonic() < deadline:
+        s.tick()
+    assert not s.snapshot.nvml.up and "driver went away" in s.snapshot.nvml.message
+    assert not any(t.is_alive() for t in first_watcher)  # stopped and joined, not leaked
+    fake.clear_faults()  # it comes back with one GPU
+    fake.gpu_count, fake.specs = 1, fake.specs[:1]
+    while not (s.snapshot.nvml.up and s.snapshot.gpus and s.snapshot.gpus[0].up) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        s.tick()
+    fams = families(s)
+    assert [x.labels["gpu"] for x in fams["gpu_up"].samples] == ["0"]
+    assert [x.value for x in fams["gpu_up"].samples] == [1]
+    assert all(x.labels.get("gpu") != "1" for f in fams.values() for x in f.samples)
+    assert len(xid_threads() - before) == 1
+    s.stop()

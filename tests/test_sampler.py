@@ -193,3 +193,20 @@ def test_driver_sample_quirks_are_filtered(procfs, clock):
     assert seen == [0, 2_000_000, 4_000_000, 4_000_000]  # last_seen only from returned timestamps
     assert readings[0][SAMPLE_BUFFER_SECONDS] == 1.0
     assert all(r.ok for r in readings)  # NotFound is not an error
+
+
+def test_nvml_duration_is_the_gpu_reads_only(procfs):
+    s = make_sampler(FakeNvml(1), procfs.root)
+    real_read = s.procfs.read
+
+    def slow_read():
+        time.sleep(0.05)  # procfs runs while the GPUs are read: it must not count as NVML time
+        return real_read()
+
+    s.procfs.read = slow_read
+    for _ in range(3):
+        s.tick()
+    s.stop()
+    durations = dict(s.snapshot.stats.durations)
+    assert durations["nvml"].count == durations["procfs"].count == 3
+    assert durations["nvml"].sum < 0.15 <= durations["procfs"].sum

@@ -43,6 +43,8 @@ PROCESS_REFRESH_S = 1.0  # process lists change slowly; two list calls per GPU p
 HEALTH_REFRESH_S = 5.0  # ECC counters and remapped rows: health, not jitter
 _CLOCK_EVENT_REASONS = NvmlCall("nvmlDeviceGetCurrentClocksEventReasons",
                                 fallback=NvmlCall("nvmlDeviceGetCurrentClocksThrottleReasons"))  # before R535
+_NVML_SUCCESS = 0
+_NVML_ERROR_NOT_SUPPORTED = 3
 _UNRESOLVED = object()  # a call's pynvml constant is missing from this binding
 
 
@@ -232,11 +234,18 @@ class GpuReader:
     def _read_fields(self, out: dict[GpuScalar, float]) -> None:
         ids = [s.source.field_id for s in self._fields if isinstance(s.source, FieldValue)]
         got = self._call("nvmlDeviceGetFieldValues", ids, key="fields")
+        unsupported = []
         for spec, fv in zip(self._fields, got or ()):
-            if fv.nvmlReturn == 0:  # per-entry status: NVML_SUCCESS is 0; otherwise unsupported here
+            if fv.nvmlReturn == _NVML_SUCCESS:  # each entry has its own status
                 value = spec.convert(_field_value(fv))
                 if value is not None:
                     out[spec] = value
+            elif fv.nvmlReturn == _NVML_ERROR_NOT_SUPPORTED:
+                unsupported.append(spec)
+        if unsupported:  # probed once, like any other call
+            log.info("GPU %d: fields not supported: %s; omitted from now on", self.index,
+                     ", ".join(s.name for s in unsupported))
+            self._fields = tuple(s for s in self._fields if s not in unsupported)
 
     def _read_values(self, v: dict[str, Any], scalars: dict[GpuScalar, float]) -> None:
         samples = self._read_utilization_samples()
@@ -377,7 +386,7 @@ class GpuReader:
                 max_rate = link * 1.5 if link else None
                 supported = 0
                 for direction, fv in zip(("tx", "rx"), fields):
-                    if fv.nvmlReturn != 0:  # per-entry status: NVML_SUCCESS is 0
+                    if fv.nvmlReturn != _NVML_SUCCESS:  # each entry has its own status
                         continue
                     supported += 1
                     modulus = _VALUE_MODULUS.get(fv.valueType, 2**64)
