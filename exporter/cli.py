@@ -174,7 +174,7 @@ def _nvml_module(cfg: Config) -> tuple[Any, str]:
         from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 
         # GPU 1 reports XID 31 (an application's GPU memory page fault) after 5 s, then every minute.
-        churn = {"batch_period_s": cfg.fake_churn, "batch_new_pid": True} if cfg.fake_churn else {}
+        churn: dict[str, Any] = {"batch_period_s": cfg.fake_churn, "batch_new_pid": True} if cfg.fake_churn else {}
         specs = [FakeGpuSpec(mig_profiles=cfg.fake_mig if i == 0 else (),
                              xid_schedule=(5.0, 60.0, 31) if i == 1 else None, **churn)
                  for i in range(cfg.fake_gpus)]

@@ -4,7 +4,7 @@ Series of a GPU that vanished simply stop being yielded; nothing is kept in glob
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -28,7 +28,7 @@ def _labels(g: GpuState) -> list[str]:
     return [str(g.identity.index), g.identity.uuid]
 
 
-def _family(kind: str, name: str, doc: str, labels: list[str]) -> Metric:
+def _family(kind: str, name: str, doc: str, labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
     if kind == "counter":
         return CounterMetricFamily(name, doc, labels=labels)
     return GaugeMetricFamily(name, doc, labels=labels)
@@ -37,7 +37,7 @@ def _family(kind: str, name: str, doc: str, labels: list[str]) -> Metric:
 def _scalar_families(specs: tuple[GpuScalar, ...],
                      live: list[tuple[GpuState, GpuReading]]) -> Iterator[Metric]:
     """One family per spec name (rows sharing a name, like the clocks, are adjacent and differ by labels)."""
-    fam: Metric | None = None
+    fam: CounterMetricFamily | GaugeMetricFamily | None = None
     for spec in specs:
         if fam is None or fam.name != spec.name:
             if fam is not None:
@@ -52,12 +52,12 @@ def _scalar_families(specs: tuple[GpuScalar, ...],
         yield fam
 
 
-def _buckets(h: HistogramSnapshot) -> list[tuple[str, float]]:
+def _buckets(h: HistogramSnapshot) -> Sequence[tuple[str, float]]:
     cumulative = h.cumulative
     return [(repr(b), c) for b, c in zip(h.bounds, cumulative)] + [("+Inf", cumulative[-1])]
 
 
-def _add_processes(memory: Metric, sm: Metric | None, base: list[str],
+def _add_processes(memory: GaugeMetricFamily, sm: GaugeMetricFamily | None, base: list[str],
                    processes: tuple[GpuProcess, ...] | None, who: dict[int, ProcessIdentity]) -> None:
     """One row per process: base labels, then pid, comm, container_id, pod_uid."""
     for p in processes or ():

@@ -474,6 +474,7 @@ class FakeNvml:
     @_nvml_call
     def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeHandle) -> list[Any]:
         out = []
+        listed: list[tuple[int, int | None]]
         if isinstance(handle, FakeMigHandle):  # one worker per MIG instance, using most of it
             profile = self.specs[handle.index].mig_profiles[handle.slot]
             listed = [(6000 + 10 * handle.index + handle.slot, mig_memory_bytes(profile) // 2)]

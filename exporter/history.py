@@ -66,7 +66,7 @@ class SampleHistory:
             since = rows[-1][0] - window_s
             rows = [r for r in rows if r[0] > since]
         gpu_ids = sorted({gpu for _, ids, _ in rows for gpu in ids}, key=int)
-        series = {gpu: {f: [] for f in GPU_FIELDS} for gpu in gpu_ids}
+        series: dict[str, dict[str, list[float | None]]] = {gpu: {f: [] for f in GPU_FIELDS} for gpu in gpu_ids}
         width = len(GPU_FIELDS)
         for _, ids, values in rows:
             where = {gpu: 1 + i * width for i, gpu in enumerate(ids)}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite from a fresh machine: installs what it needs (Debian packages when missing,
-# Python deps in .venv), then runs pytest. Extra arguments go to pytest.
+# Python deps in .venv), type-checks exporter/ with mypy (settings in pyproject.toml), then runs pytest.
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,4 +22,5 @@ if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m mypy
 exec .venv/bin/python -m pytest "$@"

@@ -66,6 +66,7 @@ def test_helpers():
     assert parse_duration("1m") == 60 and parse_duration("0.5") == 0.5
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_within_a_second(exporter_proc, sig):
     p = exporter_proc("--fake-gpus", "2")
@@ -77,6 +78,7 @@ def test_signal_stops_cleanly_within_a_second(exporter_proc, sig):
     assert "Traceback" not in p.log()
 
 
+@pytest.mark.e2e
 def test_settings_from_environment(exporter_proc):
     p = exporter_proc(env={"GPU_EXPORTER_FAKE_GPUS": "3", "GPU_EXPORTER_WEB_TELEMETRY_PATH": "/m",
                            "GPU_EXPORTER_SAMPLE_INTERVAL": "100ms", "GPU_EXPORTER_NODE_NAME": "gpu-node-7"})
@@ -86,6 +88,7 @@ def test_settings_from_environment(exporter_proc):
     assert body.count(b"gpu_up{") == 3 and b"exporter_sample_interval_seconds 0.1" in body
 
 
+@pytest.mark.e2e
 def test_without_gpu_it_serves_host_metrics_and_says_so(exporter_proc):
     """Real pynvml, no --fake-gpus: on a machine without the NVIDIA driver (CI) NVML is absent."""
     p = exporter_proc("--sample.interval", "100ms")
@@ -105,6 +108,7 @@ def test_without_gpu_it_serves_host_metrics_and_says_so(exporter_proc):
         assert b"exporter_nvml_up 1.0" in body
 
 
+@pytest.mark.e2e
 def test_http_endpoints(exporter_proc):
     p = exporter_proc("--fake-gpus", "1")
     p.wait_for_sample()

@@ -52,6 +52,7 @@ def test_memory_is_bounded_by_window_over_interval(procfs):
     assert len(history.query(2.0)["t"]) == 20  # 60 ticks appended, 20 kept
 
 
+@pytest.mark.e2e
 def test_api_window_bounds(exporter_proc):
     p = exporter_proc("--fake-gpus", "1", "--sample.interval", "100ms", "--history.window", "30s")
     p.wait_for_sample("/api/v1/samples?window=5s", needle=b'"gpu":"0"')
@@ -63,6 +64,7 @@ def test_api_window_bounds(exporter_proc):
         assert status == 400 and "error" in json.loads(body), window
 
 
+@pytest.mark.e2e
 def test_api_off_when_history_is_off(exporter_proc):
     p = exporter_proc("--fake-gpus", "1", "--history.window", "0")
     assert http_get(p.url + "/api/v1/samples")[0] == 404
@@ -90,6 +92,7 @@ def live_exporter(exporter_proc):
     return p
 
 
+@pytest.mark.e2e
 def test_page_draws_every_gpu_in_a_real_browser(live_exporter, tmp_path):
     r = chromium(["--dump-dom", live_exporter.url + "/"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
