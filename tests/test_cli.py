@@ -125,3 +125,16 @@ def test_http_endpoints(exporter_proc):
     assert headers["Content-Type"].startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
     status, _, body = http_get(p.url + "/healthz")
     assert status == 200 and b"sampler ok" in body
+
+
+def test_healthcheck_does_not_import_the_exporter():
+    """The container's health check runs every few seconds: it must not load the sampler, NVML, the
+    collector or prometheus_client."""
+    code = ("import sys, exporter.healthcheck; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('exporter', 'prometheus_client', 'pynvml')))))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    loaded = set(r.stdout.split())
+    assert "exporter.healthcheck" in loaded
+    assert not loaded & {"exporter.cli", "exporter.sampler", "exporter.collector", "exporter.server",
+                         "exporter.sources", "prometheus_client", "pynvml"}, sorted(loaded)
