@@ -69,7 +69,10 @@ class GpuReader:
         self.identity = GpuIdentity(index, "", "", "", None)
         self.collect_processes = collect_processes
         self._specs = specs
+        # Split once by source: the read is on every tick.
+        self._called = tuple((s, s.source) for s in specs if isinstance(s.source, NvmlCall))
         self._fields = tuple(s for s in specs if isinstance(s.source, FieldValue))
+        self._derived = tuple((s, s.source) for s in specs if isinstance(s.source, Derived))
         self._clock = clock
         self._processes: tuple[GpuProcess, ...] | None = None
         self._last_refresh: dict[str, float] = {}  # what -> clock() of its last refresh (see _due)
@@ -80,6 +83,7 @@ class GpuReader:
         self._mig: list[tuple[Any, str, int, int]] | None = None  # (handle, uuid, gi, ci), re-enumerated
         self._buffer_seconds: float | None = None
         self._handle: Any = None
+        self._arguments: dict[NvmlCall, tuple[tuple[Any, ...], dict[str, Any]] | None] = {}
         self._unsupported: set[str] = set()  # call keys not asked again (NotSupported, NoPermission, bugs)
         self._current_call: str | None = None
         self._pcie_fallback = pcie_fallback
@@ -146,21 +150,32 @@ class GpuReader:
         finally:
             self._current_call = None
 
-    def _query(self, call: NvmlCall) -> Any:
+    def _query(self, call: NvmlCall | None) -> Any:
         """Ask a declared call (or its fallback once it is unsupported); None without an answer."""
-        if call.key not in self._unsupported:
-            args = [self._resolve(a) for a in call.args]
-            kwargs = {k: self._resolve(v) for k, v in call.kwargs}
-            if _UNRESOLVED in args or _UNRESOLVED in kwargs.values():
-                self._unsupported.add(call.key)  # a binding too old to name the constant
-            else:
-                answer = self._call(call.function, *args, key=call.key, **kwargs)
-                if answer is not None or call.key not in self._unsupported:
-                    return answer
-        return self._query(call.fallback) if call.fallback is not None else None
+        while call is not None:
+            if call.key not in self._unsupported:
+                if call not in self._arguments:
+                    self._arguments[call] = self._resolve(call)
+                resolved = self._arguments[call]
+                if resolved is None:
+                    self._unsupported.add(call.key)  # a binding too old to name the constant
+                else:
+                    answer = self._call(call.function, *resolved[0], key=call.key, **resolved[1])
+                    if answer is not None or call.key not in self._unsupported:
+                        return answer
+            call = call.fallback
+        return None
 
-    def _resolve(self, arg: int | str) -> Any:
-        return getattr(self.nvml, arg, _UNRESOLVED) if isinstance(arg, str) else arg
+    def _resolve(self, call: NvmlCall) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The call's arguments with pynvml constant names looked up; None when one is missing."""
+        def value(arg: int | str) -> Any:
+            return getattr(self.nvml, arg, _UNRESOLVED) if isinstance(arg, str) else arg
+
+        args = tuple(value(a) for a in call.args)
+        kwargs = {k: value(v) for k, v in call.kwargs}
+        if _UNRESOLVED in args or _UNRESOLVED in kwargs.values():
+            return None
+        return args, kwargs
 
     def _open(self) -> None:
         nvml = self.nvml
@@ -214,22 +229,19 @@ class GpuReader:
     def _read_scalars(self, out: dict[GpuScalar, float]) -> None:
         """Every scalar spec: one NVML call per distinct call (specs may share one), fields in one batch."""
         answers: dict[NvmlCall, Any] = {}
-        for spec in self._specs:
-            source = spec.source
-            if isinstance(source, NvmlCall):
-                if source not in answers:
-                    answers[source] = self._query(source)
-                raw = answers[source]
-                value = spec.convert(raw) if raw is not None else None
-                if value is not None:
-                    out[spec] = value
+        for spec, call in self._called:
+            if call not in answers:
+                answers[call] = self._query(call)
+            raw = answers[call]
+            value = spec.convert(raw) if raw is not None else None
+            if value is not None:
+                out[spec] = value
         if self._fields:
             self._read_fields(out)
-        for spec in self._specs:
-            if isinstance(spec.source, Derived):
-                value = spec.source.compute(out)
-                if value is not None:
-                    out[spec] = value
+        for spec, derived in self._derived:
+            value = derived.compute(out)
+            if value is not None:
+                out[spec] = value
 
     def _read_fields(self, out: dict[GpuScalar, float]) -> None:
         ids = [s.source.field_id for s in self._fields if isinstance(s.source, FieldValue)]

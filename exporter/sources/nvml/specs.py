@@ -10,26 +10,25 @@ collector switch can drop both its families and the NVML calls behind them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: specs that share one call object share one NVML call per read
 class NvmlCall:
     """nvml.<function>(handle, *args, **kwargs). A str argument names a pynvml constant (resolved on the
-    module at call time, so the fake and the real binding both work); `fallback` is asked instead once
+    module once per GPU, so the fake and the real binding both work); `fallback` is asked instead once
     this call is not supported (an older driver or binding)."""
 
     function: str
     args: tuple[int | str, ...] = ()
     kwargs: tuple[tuple[str, int | str], ...] = ()
     fallback: NvmlCall | None = None
+    key: str = field(init=False)  # names the call in the not-supported set and in logs
 
-    @property
-    def key(self) -> str:
-        """Identifies the call in the not-supported set and in logs."""
+    def __post_init__(self) -> None:
         params = [str(a) for a in self.args] + [f"{k}={v}" for k, v in self.kwargs]
-        return f"{self.function}({', '.join(params)})" if params else self.function
+        object.__setattr__(self, "key", f"{self.function}({', '.join(params)})" if params else self.function)
 
 
 @dataclass(frozen=True)
