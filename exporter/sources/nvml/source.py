@@ -57,7 +57,7 @@ class NvmlSource:
         error counting."""
         if self.status.up:
             if any(g.driver_gone for g in self.gpus):
-                self._release()
+                self._release(wait=True)
                 self._down(self.mode, "the NVIDIA driver went away (unloaded or reloaded); initialising again", now)
             return None
         if now < self._next_try:
@@ -101,13 +101,14 @@ class NvmlSource:
         self._transitions.set("NVML", f"{message}; retrying with backoff up to {self._backoff_max:g}s")
         self._delay = min(self._delay * 2, self._backoff_max)
 
-    def _release(self) -> None:
-        """Stop the threads of this initialisation (waiting for the XID thread: no leak across re-inits)."""
+    def _release(self, wait: bool) -> None:
+        """Stop the threads of this initialisation; before initialising again, wait for the XID thread
+        (it wakes every XID_WAIT_MS), so none leaks across re-inits."""
         if self._pcie_fallback is not None:
             self._pcie_fallback.stop()
             self._pcie_fallback = None
         if self._xid is not None:
-            self._xid.stop(timeout=2 * XID_WAIT_MS / 1000)
+            self._xid.stop(timeout=2 * XID_WAIT_MS / 1000 if wait else 0.0)
             self._xid = None
         self.gpus = ()
         if self.status.up and self.nvml is not None:
@@ -117,4 +118,4 @@ class NvmlSource:
                 pass
 
     def close(self) -> None:
-        self._release()
+        self._release(wait=False)  # exiting: the daemon threads end with the process
