@@ -270,3 +270,16 @@ def test_driver_reload_initialises_nvml_again_and_re_enumerates(procfs):
     assert all(x.labels.get("gpu") != "1" for f in fams.values() for x in f.samples)
     assert len(xid_threads() - before) == 1
     s.stop()
+
+
+def test_sources_never_import_the_snapshot_or_the_sampler():
+    """Imports run one way: sources read into their own types; snapshot.py composes them."""
+    import ast
+
+    from tests.conftest import REPO
+
+    for path in sorted((REPO / "exporter" / "sources").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & {"exporter.snapshot", "exporter.sampler", "exporter.collector"}, path
