@@ -1,5 +1,5 @@
 """The NVML source through both NVML stand-ins: the Python fake, and the real pynvml (ctypes structs,
-versioned calls, two-call buffers, event sets) loaded against the C stand-in in tests/nvml_stub.
+versioned calls, two-call buffers, event sets) loaded against the C stand-in in testkit/nvml_stub.
 
 Each test drives the backend through the same small interface, so what passes on the fake has to pass
 through pynvml's real struct layouts too.
