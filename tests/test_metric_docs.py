@@ -5,10 +5,13 @@ from __future__ import annotations
 import re
 import time
 
+from exporter.collector import SnapshotCollector
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from exporter.pods import PodCollector
+from exporter.sources.kubelet import ContainerRef, PodResources
 from exporter.sources.cgroup import CgroupSource
 from exporter.sources.nvml.specs import GPU_SCALARS
-from tests.conftest import REPO, families, make_sampler
+from tests.conftest import REPO, make_sampler
 from tests.test_cgroup_processes import v2_tree
 
 _ROW = re.compile(r"^\| `([a-z_]+)` \|")
@@ -48,8 +51,12 @@ def test_every_emitted_family_is_documented_and_every_documented_metric_exists(p
     root = tmp_path / "cgroup"
     v2_tree(root, "/tts", 1, 1, 1, 1)
     fake = FakeNvml(specs=[FakeGpuSpec(mig_profiles=("3g.40gb",)), FakeGpuSpec(fan_speed_percent=40)])
-    s = make_sampler(fake, procfs.root, cgroup=CgroupSource(root, path="/tts"), shm_path=str(tmp_path))
+    pods: list[PodResources] = []  # filled once the GPUs' UUIDs are known
+    s = make_sampler(fake, procfs.root, cgroup=CgroupSource(root, path="/tts"), shm_path=str(tmp_path),
+                     pods=lambda: pods[0] if pods else None)
     s.tick()
+    pods.append(PodResources(up=True, holders=((s.snapshot.gpus[1].identity.uuid,
+                                                 (ContainerRef("tts", "synth-0", "model"),)),)))
     fake.emit_xid(1, 79)
     deadline = time.monotonic() + 5
     while not s.nvml.xid_counts() and time.monotonic() < deadline:
@@ -58,7 +65,8 @@ def test_every_emitted_family_is_documented_and_every_documented_metric_exists(p
         time.sleep(0.2)
         s.tick()
         procfs.advance(busy=[10, 20], idle=[90, 80])
-    fams = families(s).values()
+    # Everything main() registers that renders the snapshot: the snapshot collector inside the pod one.
+    fams = list(PodCollector(SnapshotCollector(lambda: s.snapshot), lambda: s.snapshot, False).collect())
     s.stop()
     emitted = {exposed(m.name, m.type): m.type for m in fams if m.samples}
     assert len(emitted) > 40
