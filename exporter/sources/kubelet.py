@@ -139,11 +139,11 @@ class PodResourcesPoller:
         self._loop = asyncio.new_event_loop()  # one loop for the poller's life: the connection is bound to it
         self._task: asyncio.Task | None = None
         self._stopping = False
+        self._thread: threading.Thread | None = None
 
     def latest_reading(self) -> PodResources | None:
         """What the sampler calls each tick: the last published reading, never waiting on the kubelet."""
         return self.latest
-        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._thread_main, name="pod-resources", daemon=True)
