@@ -28,6 +28,7 @@ from exporter.server import ServerCollector, bind, make_server
 from exporter.sources.cgroup import CgroupSource
 from exporter.sources.kubelet import DEFAULT_SOCKET, PodResourcesPoller
 from exporter.sources.nvml import NvmlSource
+from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.procfs import ProcfsSource
 from exporter.webconfig import WebConfigError, WebConfigWatcher
@@ -60,6 +61,7 @@ class Config:
     web_config_file: str  # "": plain HTTP
     pod_resources_socket: str = DEFAULT_SOCKET
     pod_labels: bool = False
+    nvlink_per_link: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -106,6 +108,10 @@ def _build_parser() -> _Parser:
     flag("--kubernetes.pod-resources-socket", DEFAULT_SOCKET,
          "kubelet pod-resources socket for gpu_pod_info (which pod holds each GPU); polled every 5 s while it "
          "exists; empty: off")
+    env = env_name("--collector.nvlink-per-link")
+    p.add_argument("--collector.nvlink-per-link", action=argparse.BooleanOptionalAction,
+                   default=os.environ.get(env, "false").lower() in ("1", "true", "yes", "on"),
+                   help=f"NVLink throughput per link too (a `link` label; 36 series per H100) [{env}] (default: off)")
     env = env_name("--kubernetes.pod-labels")
     p.add_argument("--kubernetes.pod-labels", action=argparse.BooleanOptionalAction,
                    default=os.environ.get(env, "false").lower() in ("1", "true", "yes", "on"),
@@ -164,7 +170,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
                   node_name=a["node.name"], processes=a["collector.processes"], cgroupfs=a["path.cgroupfs"],
                   cgroup_path=a["cgroup.path"], shm_path=a["path.shm"], history_window=history, fake_mig=fake_mig,
                   fake_churn=fake_churn, max_connections=max_connections, web_config_file=a["web.config.file"],
-                  pod_resources_socket=a["kubernetes.pod_resources_socket"], pod_labels=a["kubernetes.pod_labels"])
+                  pod_resources_socket=a["kubernetes.pod_resources_socket"], pod_labels=a["kubernetes.pod_labels"],
+                  nvlink_per_link=a["collector.nvlink_per_link"])
 
 
 def _web_config(path: str) -> WebConfigWatcher:
@@ -233,7 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     history = SampleHistory(cfg.history_window, cfg.sample_interval) if cfg.history_window else None
     pods = PodResourcesPoller(cfg.pod_resources_socket) if cfg.pod_resources_socket else None
-    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collect_processes=cfg.processes), ProcfsSource(cfg.procfs),
+    specs = GPU_SCALARS + (NVLINK_PER_LINK_SCALARS if cfg.nvlink_per_link else ())
+    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collect_processes=cfg.processes, specs=specs),
+                      ProcfsSource(cfg.procfs),
                       interval=cfg.sample_interval, cgroup=_cgroup_source(cfg), shm_path=cfg.shm_path or None,
                       attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None, history=history,
                       pods=pods.latest_reading if pods else None)
@@ -241,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = make_server(sock, registry, sampler.health, cfg.telemetry_path, history=history,
                          generation=lambda: sampler.snapshot, web_config=web_config,
                          limits=Limits(max_requests=cfg.max_requests, max_connections=cfg.max_connections))
-    snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name)
+    snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name, specs=specs)
     registry.register(PodCollector(snapshot_collector, lambda: sampler.snapshot, cfg.pod_labels) if pods
                       else snapshot_collector)
     ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost
