@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from exporter import __version__
 from exporter.collector import SnapshotCollector
 from exporter.durations import parse_duration
+from exporter.fake_scenarios import SCENARIOS, ScenarioNvml, scenario_help
 from exporter.history import SampleHistory
 from exporter.sampler import Sampler
 from exporter.httpd import Limits
@@ -58,6 +59,7 @@ class Config:
     fake_churn: float
     max_connections: int
     web_config: WebConfigWatcher | None
+    fake_scenario: str = ""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,6 +92,8 @@ def _build_parser() -> _Parser:
                            "e.g. 3g.40gb,2g.20gb,1g.10gb,1g.10gb")
     flag("--fake-churn", "0", "with --fake-gpus: a new batch process (new PID) every other DURATION on each "
                               "GPU, for label-churn soak tests; 0: the default 10 s schedule with fixed PIDs")
+    flag("--fake-scenario", "", "with --fake-gpus: drive every simulated GPU into one condition for the "
+                                "diagnosis (" + scenario_help() + ")")
     flag("--log.level", "info", "log level: debug, info, warn, error")
     flag("--node.name", "", "node name for the `node` label of gpu_info (Kubernetes: from the downward API)")
     flag("--path.cgroupfs", "/sys/fs/cgroup", "cgroup filesystem mount point")
@@ -133,6 +137,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         fake_churn = parse_duration(a["fake_churn"])
         if fake_churn and not fake:
             raise ValueError("--fake-churn needs --fake-gpus")
+        if a["fake_scenario"] and (not fake or a["fake_scenario"] not in SCENARIOS):
+            raise ValueError(f"--fake-scenario {a['fake_scenario']!r}: needs --fake-gpus and one of "
+                             + ", ".join(SCENARIOS))
         history = parse_duration(a["history.window"])
         if history and history < interval:
             raise ValueError(f"--history.window {a['history.window']!r} is shorter than --sample.interval")
@@ -153,7 +160,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         parser.error(str(exc))
     return Config(a["web.listen_address"], path, interval, procfs, fake, level, max_requests, a["node.name"],
                   a["collector.processes"], a["path.cgroupfs"], a["cgroup.path"], a["path.shm"], history,
-                  fake_mig, fake_churn, max_connections, web_config)
+                  fake_mig, fake_churn, max_connections, web_config, a["fake_scenario"])
 
 
 def _non_negative_int(flag: str, value: Any) -> int:
@@ -167,6 +174,8 @@ def _non_negative_int(flag: str, value: Any) -> int:
 
 
 def _nvml_module(cfg: Config) -> tuple[Any, str]:
+    if cfg.fake_scenario:
+        return ScenarioNvml(cfg.fake_scenario, cfg.fake_gpus), "fake"
     if cfg.fake_gpus:
         from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 
@@ -184,6 +193,11 @@ def _nvml_module(cfg: Config) -> tuple[Any, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["diagnose"]:
+        from exporter.diagnose_cli import main as diagnose_main
+
+        return diagnose_main(argv[1:])
     cfg = parse_config(argv)
     # A thread waiting for the GIL gets it after the switch interval (5 ms by default): while a scrape
     # renders, the sampler would start its tick up to 5 ms late. 1 ms keeps ticks on time.

@@ -1,31 +1,66 @@
-"""The last minutes of samples at full resolution, for the built-in live view (/api/v1/samples).
+"""The last minutes of samples at full resolution, for the built-in live view (/api/v1/samples) and the
+diagnosis (/api/v1/diagnosis).
 
 Prometheus sees one point per scrape; this ring keeps every tick: one row per tick (wall time, host
-CPU, and per GPU utilisation, memory used ratio, PCIe tx/rx ratio). The sampler appends, HTTP threads
-read; a lock guards the deque. Memory is bounded by window / interval rows, each a flat array of doubles
-(8 bytes a value; NaN for "no value"), about 0.6 MB for 5 minutes of 8 GPUs at 200 ms.
+CPU, the container's CFS-throttled share, and per GPU the charted ratios of GPU_FIELDS plus what the
+diagnosis reads: clock event bits, health, XID count, GPM activity ratios where a reading has them).
+The sampler appends, HTTP threads read; a lock guards the deque. Memory is bounded by window / interval
+rows, each a flat array of doubles (8 bytes a value; NaN for "no value"), about 1.5 MB for 5 minutes of
+8 GPUs at 200 ms.
 """
 from __future__ import annotations
 
 import threading
 import time
 from array import array
-from collections import deque
+from collections import Counter, deque
+from dataclasses import dataclass
 
 from exporter.snapshot import GpuState, Snapshot
+from exporter.sources.cgroup import CgroupReading
 
-GPU_FIELDS = ("utilization", "memory_used_ratio", "pcie_tx_utilization", "pcie_rx_utilization")
+GPU_FIELDS = ("utilization", "memory_used_ratio", "pcie_tx_utilization", "pcie_rx_utilization")  # charted
+# Kept for the diagnosis only. health: 0 up, 1 down (failing or stuck call), 2 lost. The GPM ratios are
+# read from GpuReading attributes of the same name when a reading has them (absent: no value).
+GPM_FIELDS = ("sm_active", "tensor_active", "dram_active")
+DIAGNOSIS_FIELDS = ("clock_event_reasons", "health", "xid_errors", *GPM_FIELDS)
+ALL_GPU_FIELDS = GPU_FIELDS + DIAGNOSIS_FIELDS
+HOST_FIELDS = ("host_cpu_utilization", "cgroup_cpu_throttled_ratio")
 
 
 _NAN = float("nan")
 
 
-def _gpu_values(g: GpuState) -> tuple[float | None, ...]:
+def _gpu_values(g: GpuState, xids: int) -> tuple[float | None, ...]:
     r = g.reading
+    health = 2.0 if r is not None and r.lost else 0.0 if g.up else 1.0
     if r is None or not g.up:
-        return (None,) * len(GPU_FIELDS)
+        return (None,) * len(GPU_FIELDS) + (None, health, xids) + (None,) * len(GPM_FIELDS)
     link = g.identity.pcie_link_max_bytes_per_second
-    return (r.utilization, r.memory_used_ratio, r.pcie_utilization("tx", link), r.pcie_utilization("rx", link))
+    return (r.utilization, r.memory_used_ratio, r.pcie_utilization("tx", link), r.pcie_utilization("rx", link),
+            r.clock_event_reasons, health, xids, *(getattr(r, f, None) for f in GPM_FIELDS))
+
+
+def _throttled_ratio(prev: CgroupReading | None, cur: CgroupReading | None) -> float | None:
+    """Share of the CFS periods since the previous tick in which the cgroup was throttled."""
+    if prev is None or cur is None or None in (prev.cpu_periods, cur.cpu_periods, prev.cpu_throttled_periods,
+                                               cur.cpu_throttled_periods):
+        return None
+    periods = cur.cpu_periods - prev.cpu_periods
+    throttled = cur.cpu_throttled_periods - prev.cpu_throttled_periods
+    return min(1.0, throttled / periods) if periods > 0 and throttled >= 0 else None
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A window of the ring as aligned columns (oldest first): what the diagnosis reads."""
+
+    t: list[float]
+    host: dict[str, list[float | None]]  # HOST_FIELDS
+    gpus: dict[str, dict[str, list[float | None]]]  # gpu index -> ALL_GPU_FIELDS
+    names: dict[str, tuple[str, str]]  # gpu index -> (uuid, name)
+    mig: frozenset[str]  # GPUs in MIG mode (utilisation is not supported there)
+    latest: Snapshot | None  # for what does not change per tick: /dev/shm, the cgroup's limits, NVML status
 
 
 def _nullable(v: float) -> float | None:
@@ -36,10 +71,13 @@ class SampleHistory:
     def __init__(self, window_s: float, interval_s: float, wall_clock=time.time) -> None:
         self.window_s = window_s
         self.interval_s = interval_s
-        # Each row: (unix time, gpu ids, array [host cpu, gpu0 field0..3, gpu1 field0..3, ...]).
+        # Each row: (unix time, gpu ids, array [HOST_FIELDS, gpu0 ALL_GPU_FIELDS, gpu1 ..., ...]).
         self._rows: deque[tuple[float, tuple[str, ...], array]] = deque(maxlen=max(1, int(round(window_s / interval_s))))
         self._ids: tuple[str, ...] = ()  # shared by consecutive rows while the GPU set is unchanged
         self._names: dict[str, tuple[str, str]] = {}  # gpu -> (uuid, name)
+        self._mig: set[str] = set()
+        self._latest: Snapshot | None = None
+        self._prev_cgroup: CgroupReading | None = None
         self._lock = threading.Lock()
         self._wall = wall_clock
 
@@ -51,44 +89,62 @@ class SampleHistory:
         ids = tuple(str(g.identity.index) for g in snap.gpus)
         if ids != self._ids:
             self._ids = ids
-        values = [snap.host.cpu_utilization if snap.host else None]
+        values = [snap.host.cpu_utilization if snap.host else None, _throttled_ratio(self._prev_cgroup, snap.cgroup)]
+        self._prev_cgroup = snap.cgroup
+        xids: Counter[int] = Counter()
+        for (gpu, _), n in snap.xid_errors:
+            xids[gpu] += n
         for g in snap.gpus:
-            values.extend(_gpu_values(g))
+            values.extend(_gpu_values(g, xids[g.identity.index]))
         row = (self._wall(), self._ids, array("d", [_NAN if v is None else v for v in values]))
         with self._lock:
             self._rows.append(row)
+            self._latest = snap
             for g in snap.gpus:
-                self._names[str(g.identity.index)] = (g.identity.uuid, g.identity.name)
+                gpu = str(g.identity.index)
+                self._names[gpu] = (g.identity.uuid, g.identity.name)
+                if g.reading is not None and g.up:
+                    (self._mig.add if g.reading.mig is not None else self._mig.discard)(gpu)
 
-    def query(self, window_s: float) -> dict:
-        """The documented JSON shape (docs/live-view.md): columns aligned on `t`."""
+    def columns(self, window_s: float, gpu_fields: tuple[str, ...] = ALL_GPU_FIELDS) -> Columns:
+        """The rows newer than (newest - window_s) as columns."""
         with self._lock:
             rows = list(self._rows)
             names = dict(self._names)
+            mig = frozenset(self._mig)
+            latest = self._latest
         if rows:
             since = rows[-1][0] - window_s
             rows = [r for r in rows if r[0] > since]
         gpu_ids = sorted({gpu for _, ids, _ in rows for gpu in ids}, key=int)
-        series = {gpu: {f: [] for f in GPU_FIELDS} for gpu in gpu_ids}
-        width = len(GPU_FIELDS)
+        series: dict[str, dict[str, list[float | None]]] = {gpu: {f: [] for f in gpu_fields} for gpu in gpu_ids}
+        offsets = [(f, ALL_GPU_FIELDS.index(f)) for f in gpu_fields]
+        width, first = len(ALL_GPU_FIELDS), len(HOST_FIELDS)
         for _, ids, values in rows:
-            where = {gpu: 1 + i * width for i, gpu in enumerate(ids)}
+            where = {gpu: first + i * width for i, gpu in enumerate(ids)}
             for gpu in gpu_ids:
                 at = where.get(gpu)
-                for k, f in enumerate(GPU_FIELDS):
+                for f, k in offsets:
                     series[gpu][f].append(None if at is None else _nullable(values[at + k]))
+        host = {f: [_nullable(values[k]) for _, _, values in rows] for k, f in enumerate(HOST_FIELDS)}
+        return Columns([t for t, _, _ in rows], host, series, names, mig, latest)
+
+    def query(self, window_s: float) -> dict:
+        """The documented JSON shape (docs/live-view.md): columns aligned on `t`."""
+        cols = self.columns(window_s, GPU_FIELDS)
         gpus = []
-        for gpu in gpu_ids:
-            util = [v for v in series[gpu]["utilization"] if v is not None]
+        for gpu, series in cols.gpus.items():
+            util = [v for v in series["utilization"] if v is not None]
             gpus.append({
-                "gpu": gpu, "uuid": names.get(gpu, ("", ""))[0], "name": names.get(gpu, ("", ""))[1],
-                **series[gpu],
+                "gpu": gpu, "uuid": cols.names.get(gpu, ("", ""))[0], "name": cols.names.get(gpu, ("", ""))[1],
+                "mig": gpu in cols.mig, **series,
                 "below_40_fraction": (sum(1 for v in util if v <= 0.4) / len(util)) if util else None,
             })
         return {
             "interval_seconds": self.interval_s,
             "window_seconds": window_s,
-            "t": [round(t, 3) for t, _, _ in rows],
-            "host_cpu_utilization": [_nullable(values[0]) for _, _, values in rows],
+            "history_seconds": self.window_s,
+            "t": [round(t, 3) for t in cols.t],
+            "host_cpu_utilization": cols.host["host_cpu_utilization"],
             "gpus": gpus,
         }

@@ -107,6 +107,6 @@ refresh(); setInterval(refresh, 1000);
 """
 
 
-def live_page(telemetry_path: str) -> bytes:
+def live_page(telemetry_path: str, history_s: float = 0.0) -> bytes:
     return (_PAGE.replace("__VERSION__", __version__)
             .replace("__TELEMETRY__", html.escape(telemetry_path))).encode()
