@@ -1,0 +1,183 @@
+"""Each scenario, end to end: real exporter processes (fake GPUs driven by --fake-scenario; host CPU,
+CPU quota and /dev/shm from files and a tmpfs the test makes) → /api/v1/diagnosis of each process, and a
+real Prometheus scraping them all → `gpu-telemetry-exporter diagnose` names the same finding first, and
+says when the fake TTS service's RTF crossed 0.7 and which finding coincides."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import REPO, ExporterProcess, FakeProcfs, PrometheusServer, free_port, http_get, stop_process
+from tests.test_cgroup_processes import v2_tree
+
+pytestmark = pytest.mark.e2e
+SHM_MIB = 64  # Docker's default /dev/shm
+WINDOW = "20s"
+
+
+def small_tmpfs_prefix(mountpoint: Path) -> tuple[str, ...]:
+    """Run the exporter in its own mount namespace with a 64 MiB tmpfs at mountpoint (user namespaces
+    make this work unprivileged; root works directly)."""
+    unshare = shutil.which("unshare")
+    assert unshare, "unshare (util-linux) is needed to give the exporter a small tmpfs as /dev/shm"
+    script = f'mount -t tmpfs -o size={SHM_MIB}m tmpfs "$0" && exec "$@"'
+    return (unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script, str(mountpoint))
+
+
+class Writers:
+    """Advances the fake /proc/stat and cgroup cpu.stat counters every 50 ms until stopped."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.jobs: list = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        k = 0
+        while not self.stop.wait(0.05):
+            k += 1
+            for job in self.jobs:
+                job(k)
+
+
+class Scenarios:
+    EXPECTED = {  # name -> (--fake-scenario, host condition, first finding)
+        "healthy": ("healthy", None, "nothing_abnormal"),
+        "cpu-starved": ("starved", "host-busy", "cpu_starvation"),
+        "cpu-quota": ("starved", "quota", "cpu_quota_throttled"),
+        "pcie": ("pcie-saturated", None, "pcie_saturated"),
+        "throttled": ("throttled", None, "clocks_throttled"),
+        "near-oom": ("near-oom", None, "near_oom"),
+        "shm": ("healthy", "small-shm", "shm_too_small"),
+    }
+
+    def __init__(self, tmp: Path) -> None:
+        self.writers = Writers()
+        self.exporters: dict[str, ExporterProcess] = {}
+        self.tts: subprocess.Popen | None = None
+        self.prom: PrometheusServer | None = None
+        try:
+            self._start(tmp)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, tmp: Path) -> None:
+        for name, (scenario, host, _) in self.EXPECTED.items():
+            d = tmp / name
+            procfs = FakeProcfs(d / "proc")
+            (d / "cgroup").mkdir()
+            (d / "shm").mkdir()
+            args = ["--fake-gpus", "1", "--fake-scenario", scenario, "--sample.interval", "100ms",
+                    "--no-collector.processes", "--path.procfs", str(procfs.root),
+                    "--path.cgroupfs", str(d / "cgroup"), "--path.shm", str(d / "shm")]
+            busy = host == "host-busy"
+            self.writers.jobs.append(lambda k, p=procfs, busy=busy: p.advance(
+                busy=[5, 5] if busy else [1, 1], idle=[0, 0] if busy else [4, 4]))
+            if host == "quota":
+                v2_tree(d / "cgroup", "/tts", 0, 0, 0, 0)
+                args += ["--cgroup.path", "/tts"]
+                self.writers.jobs.append(lambda k, root=d / "cgroup": v2_tree(
+                    root, "/tts", k * 40_000, k * 5, k * 4, k * 30_000))
+            prefix = small_tmpfs_prefix(d / "shm") if host == "small-shm" else ()
+            self.exporters[name] = ExporterProcess(*args, prefix=prefix)
+        self.writers.thread.start()
+        tts_port = free_port()
+        self.tts = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_tts.py"), "--port", str(tts_port),
+                                     "--seconds", "300", "--spike-after", "12"], cwd=REPO)
+        self.prom = PrometheusServer(tmp / "prom", {
+            "gpu": [f"127.0.0.1:{p.port}" for p in self.exporters.values()], "tts": [f"127.0.0.1:{tts_port}"]})
+        self.prom.wait_for('up{job="gpu"} == 1', timeout=60, min_results=len(self.exporters))
+        self.prom.wait_for(f'count_over_time(gpu_up[1m]) >= 22', timeout=90, min_results=len(self.exporters))
+
+    def close(self) -> None:
+        self.writers.stop.set()
+        if self.prom:
+            self.prom.stop()
+        if self.tts:
+            stop_process(self.tts)
+        for p in self.exporters.values():
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory) -> Iterator[Scenarios]:
+    s = Scenarios(tmp_path_factory.mktemp("diag"))
+    yield s
+    s.close()
+
+
+def diagnose_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exporter", "diagnose", *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
+def summary(findings: list[dict]) -> str:
+    return "; ".join(f"{f['rule']} {f['score']}: {f['evidence']}" for f in findings)
+
+
+@pytest.mark.parametrize("name", Scenarios.EXPECTED)
+def test_scenario_named_by_the_live_endpoint(scenarios, name):
+    p = scenarios.exporters[name]
+    status, headers, body = http_get(p.url + f"/api/v1/diagnosis?window={WINDOW}")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    doc = json.loads(body)
+    assert doc["findings"][0]["rule"] == Scenarios.EXPECTED[name][2], summary(doc["findings"])
+
+
+@pytest.mark.parametrize("name", Scenarios.EXPECTED)
+def test_scenario_named_by_diagnose_from_prometheus(scenarios, name):
+    instance = f"127.0.0.1:{scenarios.exporters[name].port}"
+    r = diagnose_cli("--prometheus", scenarios.prom.url, "--instance", instance, "--window", WINDOW,
+                     "--rtf-selector", '{job="tts"}', "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["instance"] == instance and doc["gpus"] == ["0"]
+    assert doc["findings"][0]["rule"] == Scenarios.EXPECTED[name][2], summary(doc["findings"])
+
+
+def test_diagnose_says_when_rtf_crossed_and_what_coincides(scenarios):
+    instance = f"127.0.0.1:{scenarios.exporters['cpu-starved'].port}"
+    r = diagnose_cli("--prometheus", scenarios.prom.url, "--instance", instance, "--window", "1m",
+                     "--rtf-selector", '{job="tts"}')
+    assert r.returncode == 0, r.stderr
+    assert "RTF: p95 crossed 0.7 at " in r.stdout, r.stdout
+    assert "coinciding finding: GPU 0 starved by the CPU side (host CPU busy) (cpu_starvation)" in r.stdout
+    assert r.stdout.startswith(f"Diagnosis of {instance} from ")
+
+
+def test_diagnose_needs_an_instance_when_several(scenarios):
+    r = diagnose_cli("--prometheus", scenarios.prom.url, "--window", WINDOW)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "several exporter instances; pick one with --instance" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prometheus", "ftp://prom"], "invalid --prometheus URL"),
+    (["--prometheus", "http://127.0.0.1:1"], "cannot reach Prometheus at http://127.0.0.1:1"),
+    (["--prometheus", "http://prom:99999"], "bad port"),
+    (["--prometheus", "http://127.0.0.1:1", "--at", "yesterday"], "invalid time 'yesterday'"),
+    (["--prometheus", "http://127.0.0.1:1", "--from", "now-5m"], "--from and --to go together"),
+    (["--prometheus", "http://127.0.0.1:1", "--from", "now", "--to", "now-5m"], "empty window"),
+    (["--prometheus", "http://127.0.0.1:1", "--at", "now", "--from", "now-1m", "--to", "now"], "either --at"),
+    (["--prometheus", "http://127.0.0.1:1", "--window", "fast"], "--window: invalid duration"),
+    (["--prometheus", "http://127.0.0.1:1", "--rtf-selector", "job=tts"], "invalid --rtf-selector"),
+    (["--prometheus", "http://127.0.0.1:1", "--bogus"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    r = diagnose_cli(*args)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_server_that_is_not_prometheus(exporter_proc):
+    p = exporter_proc("--fake-gpus", "1")  # answers /api/v1/query with 404
+    r = diagnose_cli("--prometheus", p.url)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "answered 404" in r.stderr, r.stderr
