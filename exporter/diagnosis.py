@@ -104,9 +104,9 @@ def _pct(x: float) -> str:
 
 
 def _duration(seconds: float) -> str:
-    if seconds >= 120 and seconds % 60 == 0:
-        return f"{seconds / 60:g} min"
-    return f"{seconds:g} s"
+    if seconds >= 120 and round(seconds) % 60 == 0:
+        return f"{round(seconds) // 60} min"
+    return f"{seconds:.1f} s" if seconds < 10 else f"{round(seconds)} s"
 
 
 def _values(series: Series | None) -> list[float]:

@@ -50,8 +50,9 @@ def window_from_history(history: SampleHistory, window_s: float, th: Thresholds 
             **{f: s[f] if any(v is not None for v in s[f]) else None for f in ("sm_active", "tensor_active", "dram_active")},
         ))
     shm = snap.shm if snap else None
+    covered = cols.t[-1] - cols.t[0] + history.interval_s if cols.t else 0.0
     return Window(
-        seconds=window_s, interval_s=history.interval_s, host_cpu=cols.host["host_cpu_utilization"],
+        seconds=round(min(window_s, covered), 3), interval_s=history.interval_s, host_cpu=cols.host["host_cpu_utilization"],
         cgroup_throttled=cols.host["cgroup_cpu_throttled_ratio"], gpus=tuple(gpus),
         shm_path=shm.path if shm else None, shm_size_bytes=shm.size_bytes if shm else None,
         shm_used_bytes=shm.used_bytes if shm else None,
@@ -69,7 +70,8 @@ def diagnosis_endpoint(history: SampleHistory | None, query: str) -> tuple[int, 
         return 400, {"error": str(exc)}
     if window <= 0:
         return 400, {"error": "window must be > 0"}
-    w = window_from_history(history, min(window, history.window_s))
-    doc = report(w, diagnose(w))
-    doc["history_seconds"] = history.window_s
+    requested = min(window, history.window_s)
+    w = window_from_history(history, requested)
+    doc = report(w, diagnose(w))  # window_seconds: what the samples cover (less while the history fills)
+    doc.update(requested_seconds=requested, history_seconds=history.window_s)
     return 200, doc

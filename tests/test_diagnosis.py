@@ -171,7 +171,8 @@ def test_shm_too_small_from_the_live_window(tmp_path, procfs):
 def test_endpoint_caps_the_window_to_the_history(tmp_path, procfs):
     history = live_history(tmp_path, procfs, "healthy", ticks=20)
     code, doc = diagnosis_endpoint(history, "window=1h")
-    assert code == 200 and doc["window_seconds"] == 60.0 and doc["history_seconds"] == 60.0
+    assert code == 200 and doc["requested_seconds"] == 60.0 and doc["history_seconds"] == 60.0
+    assert doc["window_seconds"] == pytest.approx(2.0)  # 20 ticks of 0.1 s kept so far
     assert doc["findings"][0]["rule"] == "nothing_abnormal" and doc["gpus"] == ["0", "1"]
     assert diagnosis_endpoint(history, "window=soon")[0] == 400
     assert diagnosis_endpoint(history, "window=0s")[0] == 400
