@@ -101,8 +101,8 @@ class Prometheus:
             doc = json.loads(body)
             if doc["status"] != "success":
                 raise DiagnoseError(f"Prometheus at {self.url}: {doc.get('error', 'query failed')}")
-            return doc["data"]["result"]
-        except (ValueError, KeyError, TypeError):
+            return _checked(doc["data"]["result"], "values" if path.endswith("_range") else "value")
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             raise DiagnoseError(f"{self.url} did not answer like a Prometheus server ({path})") from None
 
     def instant(self, expr: str, at: float) -> list[dict]:
@@ -111,6 +111,19 @@ class Prometheus:
     def range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
         return self._get("/api/v1/query_range", {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}",
                                                  "step": f"{step:.3f}"})
+
+
+def _checked(result: list, key: str) -> list[dict]:
+    """The vector/matrix shape this module reads, with every sample a number: else ValueError."""
+    if not isinstance(result, list):
+        raise ValueError("result is not a list")
+    for series in result:
+        labels = series["metric"]
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            raise ValueError("bad labels")
+        for t, v in series["values"] if key == "values" else [series["value"]]:
+            float(t), float(v)
+    return result
 
 
 def _scalar(result: list[dict]) -> float | None:
@@ -231,14 +244,15 @@ def _gpu_order(gpu: str) -> tuple[int, str]:
 
 
 def rtf_crossing(prom: Prometheus, selector: str, start: float, end: float, step: float,
-                 rate_w: str) -> tuple[float, float] | None:
-    """(first time the RTF p95 went above 0.7 in [start, end], peak p95), or None when it never did."""
+                 rate_w: str) -> tuple[float, float, bool] | None:
+    """(first time the RTF p95 was above 0.7 in [start, end], peak p95, whether it already was at the
+    first point), or None when it never was."""
     expr = (f"histogram_quantile({RTF_QUANTILE}, sum by (le) "
             f"(rate(tts_real_time_factor_bucket{selector}[{rate_w}])))")
     points = [(float(t), float(v)) for r in prom.range(expr, start, end, step) for t, v in r["values"]]
     points = sorted(p for p in points if not math.isnan(p[1]))
     above = [t for t, v in points if v > RTF_LIMIT]
-    return (above[0], max(v for _, v in points)) if above else None
+    return (above[0], max(v for _, v in points), above[0] == points[0][0]) if above else None
 
 
 def find_instance(prom: Prometheus, end: float, span: str) -> str:
@@ -312,13 +326,15 @@ def run(argv: Sequence[str], now: float | None = None) -> str:
         text.append(f"RTF: p{RTF_QUANTILE * 100:g} of tts_real_time_factor{a.rtf_selector} stayed at or below "
                     f"{RTF_LIMIT} (or is not scraped).")
     else:
-        at, peak = crossing
+        at, peak, already = crossing
         around = (round(max(start, at - COINCIDE_BEFORE_S), 3), round(min(end, at + COINCIDE_AFTER_S), 3))
         near = diagnose(source.build(*around)) if around[1] - around[0] > 2 * scrape else findings
         coincides = _first_abnormal(near)
-        doc["rtf"] = {"crossed_at": iso(at), "peak": round(peak, 3), "limit": RTF_LIMIT,
+        doc["rtf"] = {"crossed_at": iso(at), "above_from_start": already, "peak": round(peak, 3), "limit": RTF_LIMIT,
                       "coinciding": coincides.to_dict() if coincides else None}
-        text.append(f"RTF: p{RTF_QUANTILE * 100:g} crossed {RTF_LIMIT} at {iso(at)} (peak {peak:.2f}); "
+        when = f"was above {RTF_LIMIT} from the window's start, {iso(at)}" if already else \
+            f"crossed {RTF_LIMIT} at {iso(at)}"
+        text.append(f"RTF: p{RTF_QUANTILE * 100:g} {when} (peak {peak:.2f}); "
                     + (f"coinciding finding: {coincides.title} ({coincides.rule}): {coincides.evidence}"
                        if coincides else "no finding coincides: look inside the TTS service."))
     return json.dumps(doc, indent=1) + "\n" if a.json else "\n".join(text) + "\n"

@@ -181,3 +181,33 @@ def test_endpoint_caps_the_window_to_the_history(tmp_path, procfs):
 
 def test_every_scenario_has_a_description():
     assert all(s.description for s in SCENARIOS.values())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_parse_time_takes_any_text_without_crashing(text):
+    from exporter.diagnose_cli import DiagnoseError, parse_time
+
+    try:
+        assert isinstance(parse_time(text, 1_800_000_000.0), float)
+    except DiagnoseError as exc:
+        assert "\n" not in str(exc)
+
+
+def test_parse_time_forms():
+    from exporter.diagnose_cli import parse_time
+
+    now = 1_800_000_000.0
+    assert parse_time("now", now) == now and parse_time("now-10m", now) == now - 600
+    assert parse_time("1795543931.5", now) == 1795543931.5
+    assert parse_time("2026-11-25T14:30:00Z", now) == parse_time("2026-11-25T14:30:00+00:00", now) == 1795617000.0
+
+
+@pytest.mark.parametrize("args", [["--fake-scenario", "healthy"], ["--fake-gpus", "1", "--fake-scenario", "meltdown"]])
+def test_bad_fake_scenario_is_one_line(args, capsys):
+    from exporter.cli import parse_config
+
+    with pytest.raises(SystemExit) as exc:
+        parse_config(args)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "--fake-scenario" in err

@@ -181,3 +181,48 @@ def test_a_server_that_is_not_prometheus(exporter_proc):
     p = exporter_proc("--fake-gpus", "1")  # answers /api/v1/query with 404
     r = diagnose_cli("--prometheus", p.url)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "answered 404" in r.stderr, r.stderr
+
+
+class JunkPrometheus:
+    """An HTTP server on 127.0.0.1 that answers every API call with a fixed body (bounded: a daemon thread
+    serving until closed)."""
+
+    def __init__(self, body: bytes) -> None:
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("body", [
+    b"not json",
+    b'{"status": "success"}',
+    b'{"status": "success", "data": {"result": {"a": 1}}}',
+    b'{"status": "success", "data": {"result": [{"metric": {}, "value": [1, "x"]}]}}',
+    b'{"status": "success", "data": {"result": [{"metric": {"instance": 7}, "value": [1, "1"]}]}}',
+    b'{"status": "error", "error": "parse error at char 3"}',
+])
+def test_an_answer_that_is_not_prometheus_is_one_line(body):
+    junk = JunkPrometheus(body)
+    try:
+        r = diagnose_cli("--prometheus", junk.url, "--instance", "x:1")
+    finally:
+        junk.close()
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "did not answer like a Prometheus server" in r.stderr or "parse error at char 3" in r.stderr
