@@ -246,13 +246,13 @@ def _gpu_order(gpu: str) -> tuple[int, str]:
 def rtf_crossing(prom: Prometheus, selector: str, start: float, end: float, step: float,
                  rate_w: str) -> tuple[float, float, bool] | None:
     """(first time the RTF p95 was above 0.7 in [start, end], peak p95, whether it already was at the
-    first point), or None when it never was."""
+    window's start), or None when it never was."""
     expr = (f"histogram_quantile({RTF_QUANTILE}, sum by (le) "
             f"(rate(tts_real_time_factor_bucket{selector}[{rate_w}])))")
     points = [(float(t), float(v)) for r in prom.range(expr, start, end, step) for t, v in r["values"]]
     points = sorted(p for p in points if not math.isnan(p[1]))
     above = [t for t, v in points if v > RTF_LIMIT]
-    return (above[0], max(v for _, v in points), above[0] == points[0][0]) if above else None
+    return (above[0], max(v for _, v in points), above[0] < start + step / 2) if above else None
 
 
 def find_instance(prom: Prometheus, end: float, span: str) -> str:
