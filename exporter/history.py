@@ -21,7 +21,8 @@ from exporter.sources.cgroup import CgroupReading
 
 GPU_FIELDS = ("utilization", "memory_used_ratio", "pcie_tx_utilization", "pcie_rx_utilization")  # charted
 # Kept for the diagnosis only. health: 0 up, 1 down (failing or stuck call), 2 lost. The GPM ratios are
-# read from GpuReading attributes of the same name when a reading has them (absent: no value).
+# those of exporter.sources.gpm's GpmActivity, found at reading.gpm.activity (or on the reading itself)
+# once the GPM reader is wired into the sampler; until then they are absent (no value).
 GPM_FIELDS = ("sm_active", "tensor_active", "dram_active")
 DIAGNOSIS_FIELDS = ("clock_event_reasons", "health", "xid_errors", *GPM_FIELDS)
 ALL_GPU_FIELDS = GPU_FIELDS + DIAGNOSIS_FIELDS
@@ -38,7 +39,12 @@ def _gpu_values(g: GpuState, xids: int) -> tuple[float | None, ...]:
         return (None,) * len(GPU_FIELDS) + (None, health, xids) + (None,) * len(GPM_FIELDS)
     link = g.identity.pcie_link_max_bytes_per_second
     return (r.utilization, r.memory_used_ratio, r.pcie_utilization("tx", link), r.pcie_utilization("rx", link),
-            r.clock_event_reasons, health, xids, *(getattr(r, f, None) for f in GPM_FIELDS))
+            r.clock_event_reasons, health, xids, *_gpm_values(r))
+
+
+def _gpm_values(r: object) -> tuple[float | None, ...]:
+    activity = getattr(getattr(r, "gpm", None), "activity", None) or r
+    return tuple(getattr(activity, f, None) for f in GPM_FIELDS)
 
 
 def _throttled_ratio(prev: CgroupReading | None, cur: CgroupReading | None) -> float | None:

@@ -211,3 +211,47 @@ def test_bad_fake_scenario_is_one_line(args, capsys):
         parse_config(args)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and "--fake-scenario" in err
+
+
+def test_gpm_ratios_flow_from_a_reading_into_the_tensor_rule(tmp_path, procfs):
+    """A reading carrying GPM activity (as exporter.sources.gpm's GpmActivity at reading.gpm.activity)
+    reaches the diagnosis through the history ring."""
+    from dataclasses import dataclass as dc
+
+    from exporter.history import GPM_FIELDS
+    from exporter.snapshot import GpuState
+
+    @dc(frozen=True)
+    class Activity:
+        sm_active: float = 0.95
+        tensor_active: float = 0.9
+        dram_active: float = 0.2
+
+    @dc(frozen=True)
+    class Gpm:
+        activity: Activity = Activity()
+
+    class WithGpm:  # a GpuReading with the GPM field the reader adds
+        def __init__(self, reading) -> None:
+            self._r = reading
+            self.gpm = Gpm()
+
+        def __getattr__(self, name):
+            return getattr(self._r, name)
+
+    clock, wall = ManualClock(), ManualClock(1_700_000_000.0)
+    history = SampleHistory(10.0, 0.1, wall_clock=wall)
+    s = make_sampler(ScenarioNvml("healthy", 1, clock=clock), procfs.root, interval=0.1, clock=clock)
+    for _ in range(10):
+        procfs.advance(busy=[2, 2], idle=[18, 18])
+        snap = s.tick()
+        g = snap.gpus[0]
+        history.append(replace(snap, gpus=(GpuState(g.identity, g.up, WithGpm(g.reading), g.utilization_hist,
+                                                     g.pcie_utilization_hist, g.clock_event_seconds),)))
+        clock.advance(0.1)
+        wall.advance(0.1)
+    w = window_from_history(history, 10.0)
+    assert [w.gpus[0].tensor_active[-1], w.gpus[0].dram_active[-1]] == [0.9, 0.2] and len(GPM_FIELDS) == 3
+    assert [f.rule for f in diagnose(w)] == ["nothing_abnormal", "tensor_bound"]
+    plain = live_history(tmp_path, procfs, "healthy", ticks=5)
+    assert window_from_history(plain, 10.0).gpus[0].tensor_active is None  # silent without GPM
