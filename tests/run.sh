@@ -17,6 +17,7 @@ command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(
 command -v prometheus-node-exporter >/dev/null || missing+=(prometheus-node-exporter)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v openssl >/dev/null || missing+=(openssl)  # certificates for the TLS tests
+command -v unshare >/dev/null || missing+=(util-linux)  # a 64 MiB tmpfs as /dev/shm for the diagnosis tests
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi

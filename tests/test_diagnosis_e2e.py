@@ -5,6 +5,7 @@ says when the fake TTS service's RTF crossed 0.7 and which finding coincides."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,13 +23,17 @@ SHM_MIB = 64  # Docker's default /dev/shm
 WINDOW = "20s"
 
 
-def small_tmpfs_prefix(mountpoint: Path) -> tuple[str, ...]:
-    """Run the exporter in its own mount namespace with a 64 MiB tmpfs at mountpoint (user namespaces
-    make this work unprivileged; root works directly)."""
+def small_shm(mountpoint: Path) -> tuple[tuple[str, ...], str]:
+    """(command prefix, --path.shm) for a 64 MiB shared-memory mount: the machine's own /dev/shm where it
+    is that small (Docker's default, where namespaces are often not allowed), else a tmpfs of that size in
+    the exporter's own mount namespace (a user namespace makes that work unprivileged)."""
+    st = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
+    if st and st.f_blocks * st.f_frsize <= SHM_MIB * 1024 * 1024:
+        return (), "/dev/shm"
     unshare = shutil.which("unshare")
     assert unshare, "unshare (util-linux) is needed to give the exporter a small tmpfs as /dev/shm"
     script = f'mount -t tmpfs -o size={SHM_MIB}m tmpfs "$0" && exec "$@"'
-    return (unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script, str(mountpoint))
+    return (unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script, str(mountpoint)), str(mountpoint)
 
 
 class Writers:
@@ -86,7 +91,9 @@ class Scenarios:
                 args += ["--cgroup.path", "/tts"]
                 self.writers.jobs.append(lambda k, root=d / "cgroup": v2_tree(
                     root, "/tts", k * 40_000, k * 5, k * 4, k * 30_000))
-            prefix = small_tmpfs_prefix(d / "shm") if host == "small-shm" else ()
+            prefix: tuple[str, ...] = ()
+            if host == "small-shm":
+                prefix, args[-1] = small_shm(d / "shm")
             self.exporters[name] = ExporterProcess(*args, prefix=prefix)
         self.writers.thread.start()
         tts_port = free_port()
