@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 import sys
 import time
 import urllib.error
@@ -80,7 +81,7 @@ class Prometheus:
         self.url = check_url(url)
         self.timeout_s = timeout_s
 
-    def _get(self, path: str, params: dict) -> list[dict]:
+    def _get(self, path: str, params: dict, samples: str = "value") -> list[dict]:
         url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
         try:
             with urllib.request.urlopen(url, timeout=self.timeout_s) as r:
@@ -101,16 +102,20 @@ class Prometheus:
             doc = json.loads(body)
             if doc["status"] != "success":
                 raise DiagnoseError(f"Prometheus at {self.url}: {doc.get('error', 'query failed')}")
-            return _checked(doc["data"]["result"], "values" if path.endswith("_range") else "value")
+            return _checked(doc["data"]["result"], samples)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             raise DiagnoseError(f"{self.url} did not answer like a Prometheus server ({path})") from None
 
     def instant(self, expr: str, at: float) -> list[dict]:
         return self._get("/api/v1/query", {"query": expr, "time": f"{at:.3f}"})
 
+    def raw(self, selector: str, at: float) -> list[dict]:
+        """The stored samples of a range selector (`metric{...}[5m]`) ending at `at`."""
+        return self._get("/api/v1/query", {"query": selector, "time": f"{at:.3f}"}, "values")
+
     def range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
         return self._get("/api/v1/query_range", {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}",
-                                                 "step": f"{step:.3f}"})
+                                                 "step": f"{step:.3f}"}, "values")
 
 
 def _checked(result: list, key: str) -> list[dict]:
@@ -159,10 +164,12 @@ class PromWindow:
         return round(max(self.scrape_interval(start, end), (end - start) / MAX_POINTS), 3)
 
     def scrape_interval(self, start: float, end: float) -> float:
-        n = _scalar(self.prom.instant(f"count_over_time(up{{{self.sel}}}[{_secs(end - start)}])", end))
-        if not n:
-            raise DiagnoseError(f"no scrapes of {self.sel} between {iso(start)} and {iso(end)}")
-        return max(1.0, (end - start) / n)
+        """The median gap between the instance's scrapes (its `up` samples) in the window."""
+        stamps = sorted(float(t) for r in self.prom.raw(f"up{{{self.sel}}}[{_secs(end - start)}]", end)
+                        for t, _ in r["values"])
+        if len(stamps) < 2:
+            raise DiagnoseError(f"fewer than 2 scrapes of {self.sel} between {iso(start)} and {iso(end)}")
+        return max(0.5, statistics.median(b - a for a, b in zip(stamps, stamps[1:])))
 
     def build(self, start: float, end: float) -> Window:
         scrape = self.scrape_interval(start, end)
