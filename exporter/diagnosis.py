@@ -45,6 +45,7 @@ class Thresholds:
     sampler_late_warning: float = 0.50  # warning at this share
     tensor_bound: float = 0.80  # mean GPM tensor-pipe activity at or above: tensor-bound
     dram_bound: float = 0.80  # mean GPM DRAM activity at or above: memory-bandwidth-bound
+    short_window_s: float = 10.0  # fewer seconds of samples than this: say the shares are still rough
 
 
 DEFAULT_THRESHOLDS = Thresholds()
@@ -311,6 +312,11 @@ def diagnose(w: Window, th: Thresholds = DEFAULT_THRESHOLDS) -> list[Finding]:
             f"No GPU was sampled in the last {_duration(w.seconds)}" + (f": {w.nvml_message}" if w.nvml_message else ""),
             "Check that the NVIDIA driver is loaded and the exporter sees the devices (runtimeClass nvidia, "
             "NVIDIA_VISIBLE_DEVICES=all)."))
+    if 0 < w.seconds < th.short_window_s:
+        found.append(_finding(
+            "short_window", "info", 0.0, "Little history yet",
+            f"Only {_duration(w.seconds)} of samples so far: shares over so short a window are rough",
+            f"Wait for at least {_duration(th.short_window_s)} of samples (the exporter just started)."))
     if not any(f.severity in ("critical", "warning") for f in found):
         found.append(_finding(
             "nothing_abnormal", "ok", 0.0, "Nothing abnormal",

@@ -151,13 +151,15 @@ async function refresh() {
     }
     notice(found);
     draw(document.getElementById("host-canvas"), d.t, [{values: d.host_cpu_utilization, color: COLORS.host}], []);
+    // what the samples cover: less than the window while the history fills
+    const covered = d.t.length ? Math.min(windowSeconds, Math.round(d.t[d.t.length - 1] - d.t[0] + d.interval_seconds)) : 0;
     for (const g of d.gpus) {
       const s = gpuSection(g);
       const f = g.below_40_fraction;
       const stat = s.querySelector(".stat");
       stat.textContent = g.mig ? "utilisation not supported under MIG (memory and PCIe still shown)" :
         f === null ? "no samples in this window" :
-        `at or below 40 % utilisation: ${(f * 100).toFixed(1)} % of the last ${span(windowSeconds)}`;
+        `at or below 40 % utilisation: ${(f * 100).toFixed(1)} % of the last ${span(covered)}`;
       stat.className = "stat" + (f !== null && f > 0.5 ? " bad" : "");
       draw(s.querySelector("canvas"), d.t, Object.keys(LABELS).map(k => ({values: g[k], color: COLORS[k]})),
            g.mig ? GPU_LINES.slice(1) : GPU_LINES);  // no utilisation under MIG: no 40 % line

@@ -93,6 +93,12 @@ def test_gpm_rules_are_silent_without_gpm_and_fire_with_it():
     assert "dram_bound" in rules(window(gpu={"dram_active": [0.85] * N}))
 
 
+def test_a_short_window_says_so():
+    found = diagnose(window(seconds=2.4))
+    assert [f.rule for f in found] == ["nothing_abnormal", "short_window"]
+    assert found[1].evidence.startswith("Only 2.4 s of samples so far")
+
+
 def test_severity_orders_before_magnitude():
     w = window(gpu={"pcie_rx": [0.95] * 90 + [0.2] * 10, "memory_used_ratio": [0.5] * 99 + [0.96]})
     assert rules(w)[:2] == ["near_oom", "pcie_saturated"]  # critical for one sample beats 90 % saturated
@@ -173,7 +179,7 @@ def test_endpoint_caps_the_window_to_the_history(tmp_path, procfs):
     code, doc = diagnosis_endpoint(history, "window=1h")
     assert code == 200 and doc["requested_seconds"] == 60.0 and doc["history_seconds"] == 60.0
     assert doc["window_seconds"] == pytest.approx(2.0)  # 20 ticks of 0.1 s kept so far
-    assert doc["findings"][0]["rule"] == "nothing_abnormal" and doc["gpus"] == ["0", "1"]
+    assert [f["rule"] for f in doc["findings"]] == ["nothing_abnormal", "short_window"] and doc["gpus"] == ["0", "1"]
     assert diagnosis_endpoint(history, "window=soon")[0] == 400
     assert diagnosis_endpoint(history, "window=0s")[0] == 400
     assert diagnosis_endpoint(None, "")[0] == 404
@@ -252,6 +258,6 @@ def test_gpm_ratios_flow_from_a_reading_into_the_tensor_rule(tmp_path, procfs):
         wall.advance(0.1)
     w = window_from_history(history, 10.0)
     assert [w.gpus[0].tensor_active[-1], w.gpus[0].dram_active[-1]] == [0.9, 0.2] and len(GPM_FIELDS) == 3
-    assert [f.rule for f in diagnose(w)] == ["nothing_abnormal", "tensor_bound"]
+    assert [f.rule for f in diagnose(w)] == ["nothing_abnormal", "tensor_bound", "short_window"]
     plain = live_history(tmp_path, procfs, "healthy", ticks=5)
     assert window_from_history(plain, 10.0).gpus[0].tensor_active is None  # silent without GPM

@@ -104,7 +104,7 @@ def started(exporter_proc, *args: str, samples: int = 10):
 
 @pytest.fixture
 def live_exporter(exporter_proc):
-    return started(exporter_proc, "--fake-gpus", "2", "--sample.interval", "100ms")
+    return started(exporter_proc, "--fake-gpus", "2", "--sample.interval", "100ms", samples=30)
 
 
 def dom(url: str, tmp_path) -> str:
