@@ -71,7 +71,8 @@ def _build_parser() -> _Parser:
     p = _Parser(
         prog="gpu-telemetry-exporter",
         description="Prometheus exporter sampling NVIDIA GPUs (NVML) and host CPU (procfs) several times a second. "
-        f"Every flag can also be set from the environment variable named in brackets ({ENV_PREFIX}...).",
+        f"Every flag can also be set from the environment variable named in brackets ({ENV_PREFIX}...). "
+        "`gpu-telemetry-exporter diagnose --help`: why the RTF jittered in a past window, from Prometheus.",
     )
 
     def flag(name: str, default: Any, help_text: str, **kw: Any) -> None:
