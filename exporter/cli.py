@@ -94,7 +94,7 @@ def _build_parser() -> _Parser:
     flag("--fake-churn", "0", "with --fake-gpus: a new batch process (new PID) every other DURATION on each "
                               "GPU, for label-churn soak tests; 0: the default 10 s schedule with fixed PIDs")
     flag("--fake-scenario", "", "with --fake-gpus: drive every simulated GPU into one condition for the "
-                                "diagnosis (" + scenario_help() + ")")
+                                "diagnosis (" + scenario_help().replace("%", "%%") + ")")
     flag("--log.level", "info", "log level: debug, info, warn, error")
     flag("--node.name", "", "node name for the `node` label of gpu_info (Kubernetes: from the downward API)")
     flag("--path.cgroupfs", "/sys/fs/cgroup", "cgroup filesystem mount point")

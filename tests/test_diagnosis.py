@@ -261,3 +261,14 @@ def test_gpm_ratios_flow_from_a_reading_into_the_tensor_rule(tmp_path, procfs):
     assert [f.rule for f in diagnose(w)] == ["nothing_abnormal", "tensor_bound", "short_window"]
     plain = live_history(tmp_path, procfs, "healthy", ticks=5)
     assert window_from_history(plain, 10.0).gpus[0].tensor_active is None  # silent without GPM
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["diagnose", "--help"]])
+def test_help_prints_and_exits_0(argv, capsys):
+    from exporter.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "usage: gpu-telemetry-exporter" in out
+    assert ("--fake-scenario" in out and "diagnose --help" in out) if argv == ["--help"] else "--prometheus" in out
