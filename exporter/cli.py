@@ -23,7 +23,9 @@ from exporter.history import SampleHistory
 from exporter.sampler import Sampler
 from exporter.httpd import Limits
 from exporter.server import ListenAddressError, ServerCollector, make_server, parse_listen_address
+from exporter.pods import PodCollector
 from exporter.sources.cgroup import CgroupSource
+from exporter.sources.kubelet import DEFAULT_SOCKET, PodResourcesPoller
 from exporter.sources.nvml import NvmlSource
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.procfs import ProcfsSource
@@ -59,6 +61,8 @@ class Config:
     fake_churn: float
     max_connections: int
     web_config: WebConfigWatcher | None
+    pod_resources_socket: str = DEFAULT_SOCKET
+    pod_labels: bool = False
     fake_scenario: str = ""
 
 
@@ -106,6 +110,14 @@ def _build_parser() -> _Parser:
     p.add_argument("--collector.processes", action=argparse.BooleanOptionalAction,
                    default=os.environ.get(env, "true").lower() not in ("0", "false", "no", "off"),
                    help=f"per-process GPU memory and utilisation with container/pod labels [{env}] (default: on)")
+    flag("--kubernetes.pod-resources-socket", DEFAULT_SOCKET,
+         "kubelet pod-resources socket for gpu_pod_info (which pod holds each GPU); polled every 5 s while it "
+         "exists; empty: off")
+    env = env_name("--kubernetes.pod-labels")
+    p.add_argument("--kubernetes.pod-labels", action=argparse.BooleanOptionalAction,
+                   default=os.environ.get(env, "false").lower() in ("1", "true", "yes", "on"),
+                   help="also stamp namespace/pod/container on every per-GPU series of a GPU one container "
+                        f"holds (dcgm-exporter style; series change on every reschedule) [{env}] (default: off)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -141,6 +153,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         if a["fake_scenario"] and (not fake or a["fake_scenario"] not in SCENARIOS):
             raise ValueError(f"--fake-scenario {a['fake_scenario']!r}: needs --fake-gpus and one of "
                              + ", ".join(SCENARIOS))
+        if a["kubernetes.pod_labels"] and not a["kubernetes.pod_resources_socket"]:
+            raise ValueError("--kubernetes.pod-labels needs --kubernetes.pod-resources-socket")
         history = parse_duration(a["history.window"])
         if history and history < interval:
             raise ValueError(f"--history.window {a['history.window']!r} is shorter than --sample.interval")
@@ -161,7 +175,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         parser.error(str(exc))
     return Config(a["web.listen_address"], path, interval, procfs, fake, level, max_requests, a["node.name"],
                   a["collector.processes"], a["path.cgroupfs"], a["cgroup.path"], a["path.shm"], history,
-                  fake_mig, fake_churn, max_connections, web_config, a["fake_scenario"])
+                  fake_mig, fake_churn, max_connections, web_config, a["kubernetes.pod_resources_socket"],
+                  a["kubernetes.pod_labels"], a["fake_scenario"])
 
 
 def _non_negative_int(flag: str, value: Any) -> int:
@@ -228,10 +243,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         log.warning("cgroup metrics off: %s", exc)
         cgroup = None
+    pods = PodResourcesPoller(cfg.pod_resources_socket) if cfg.pod_resources_socket else None
     sampler = Sampler(NvmlSource(nvml, mode, collect_processes=cfg.processes), ProcfsSource(cfg.procfs),
                       interval=cfg.sample_interval, cgroup=cgroup, shm_path=cfg.shm_path or None,
-                      attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None, history=history)
-    registry.register(SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name))
+                      attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None, history=history,
+                      pods=(lambda: pods.latest) if pods else None)
+    snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name)
+    registry.register(PodCollector(snapshot_collector, lambda: sampler.snapshot, cfg.pod_labels) if pods
+                      else snapshot_collector)
     ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost
     registry.register(ServerCollector(server))
 
@@ -243,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # full collection under scrape load scans less and pauses the sampler less.
     gc.freeze()
     sampler.start()
+    if pods:
+        pods.start()
     serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     serving.start()
     host, port = server.server_address[:2]
@@ -259,4 +280,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.shutdown()
     server.server_close()
     sampler.stop()
+    if pods:
+        pods.stop()
     return 0

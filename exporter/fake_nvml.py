@@ -112,6 +112,13 @@ def _xid_event(gpu: int, xid: int) -> Any:
     return data
 
 
+def fake_uuid(gpu: int, mig_slot: int | None = None) -> str:
+    """The UUID the fake reports for a GPU, or for the MIG device in that slot of it."""
+    if mig_slot is not None:
+        return f"MIG-{0xFA4E0000 + gpu:08x}-{mig_slot:04x}-4000-8000-{gpu:012x}"
+    return f"GPU-{0xFA4E0000 + gpu:08x}-0000-4000-8000-{gpu:012x}"
+
+
 def mig_memory_bytes(profile: str) -> int:
     """'3g.40gb' -> 40 GiB."""
     return int(profile.split(".")[1].rstrip("gb")) * 1024 * MIB
@@ -312,9 +319,7 @@ class FakeNvml:
     @_nvml_call
     def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str:
         i = handle.index
-        if isinstance(handle, FakeMigHandle):
-            return f"MIG-{0xFA4E0000 + i:08x}-{handle.slot:04x}-4000-8000-{i:012x}"
-        return f"GPU-{0xFA4E0000 + i:08x}-0000-4000-8000-{i:012x}"
+        return fake_uuid(i, handle.slot if isinstance(handle, FakeMigHandle) else None)
 
     @_nvml_call
     def nvmlDeviceGetPciInfo(self, handle: FakeHandle) -> pynvml.nvmlPciInfo_t:
