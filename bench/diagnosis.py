@@ -2,13 +2,14 @@
 """History ring and diagnosis cost: memory of 5 minutes at 200 ms, append per tick, one /api/v1/samples
 query of 60 s, and one /api/v1/diagnosis of 5 min, for 8 and 64 simulated GPUs.
 
-    .venv/bin/python bench/diagnosis.py
+    .venv/bin/python bench/diagnosis.py [--gpus 8,64]
 
 Each figure is the median of several runs; the snapshot is one real sampler tick over the fake NVML,
 appended 1 500 times with a wall clock stepped by the interval (the ring stores values, not references).
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -69,9 +70,12 @@ def bench(gpus: int) -> dict:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpus", default="8,64", help="comma-separated GPU counts")
+    gpu_counts = [int(n) for n in ap.parse_args().gpus.split(",")]
     print("| GPUs | rows (5 min at 200 ms) | memory | append per tick | one `window=60s` query | one 5 min diagnosis |")
     print("|---|---|---|---|---|---|")
-    for gpus in (8, 64):
+    for gpus in gpu_counts:
         r = bench(gpus)
         print(f"| {r['gpus']} | {r['rows']:,} | {r['memory_mb']:.2f} MB | {r['append_us']:.0f} µs | "
               f"{r['query_60s_ms']:.1f} ms | {r['diagnosis_5m_ms']:.0f} ms |".replace(",", " "))

@@ -114,6 +114,11 @@ def _values(series: Series | None) -> list[float]:
     return [v for v in series or () if v is not None]
 
 
+def _mean(series: Series | None) -> float | None:
+    vals = _values(series)
+    return sum(vals) / len(vals) if vals else None
+
+
 def _share(series: Series | None, predicate) -> float | None:
     vals = _values(series)
     return sum(1 for v in vals if predicate(v)) / len(vals) if vals else None
@@ -253,16 +258,13 @@ def gpm(w: Window, g: GpuWindow, th: Thresholds) -> list[Finding]:
         ("dram_bound", g.dram_active, th.dram_bound, "DRAM bandwidth",
          "Memory-bandwidth-bound: larger batches to reuse weights, quantised weights, fused kernels."),
     ):
-        vals = _values(series)
-        if not vals:
-            continue
-        mean = sum(vals) / len(vals)
-        if mean >= limit:
+        mean = _mean(series)
+        if mean is not None and mean >= limit:
+            sm = _mean(g.sm_active)
             out.append(_finding(
                 rule, "info", mean, f"GPU {g.gpu} {what} saturated",
                 f"GPU {g.gpu} {what} active {_pct(mean)} of the time on average over the last {_duration(w.seconds)}"
-                + (f" (SM active {_pct(sum(_values(g.sm_active)) / len(_values(g.sm_active)))})"
-                   if _values(g.sm_active) else ""), remedy, g.gpu))
+                + (f" (SM active {_pct(sm)})" if sm is not None else ""), remedy, g.gpu))
     return out
 
 

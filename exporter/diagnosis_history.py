@@ -35,8 +35,8 @@ def _late_share(t: list[float], interval: float, late_intervals: float) -> float
 def window_from_history(history: SampleHistory, window_s: float, th: Thresholds = DEFAULT_THRESHOLDS) -> Window:
     cols = history.columns(window_s)
     snap = cols.latest
-    xids_now = {}
-    for (gpu, code), n in snap.xid_errors if snap else ():
+    xids_now: dict[str, list[int]] = {}
+    for (gpu, code), _ in snap.xid_errors if snap else ():
         xids_now.setdefault(str(gpu), []).append(code)
     gpus = []
     for gpu, s in cols.gpus.items():
