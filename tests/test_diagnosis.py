@@ -272,3 +272,11 @@ def test_help_prints_and_exits_0(argv, capsys):
     out = capsys.readouterr().out
     assert exc.value.code == 0 and "usage: gpu-telemetry-exporter" in out
     assert ("--fake-scenario" in out and "diagnose --help" in out) if argv == ["--help"] else "--prometheus" in out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_any_query_string_gets_a_status_not_an_exception(query):
+    history = SampleHistory(10.0, 0.1)
+    code, doc = diagnosis_endpoint(history, query)
+    assert (code, bool(doc.get("findings"))) in ((200, True), (400, False)) and ("error" in doc) == (code == 400)

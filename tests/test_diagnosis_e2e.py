@@ -150,6 +150,20 @@ def test_scenario_named_by_diagnose_from_prometheus(scenarios, name):
     assert doc["findings"][0]["rule"] == Scenarios.EXPECTED[name][2], summary(doc["findings"])
 
 
+def test_diagnose_from_to_in_rfc3339(scenarios):
+    import time
+    from datetime import datetime, timezone
+
+    instance = f"127.0.0.1:{scenarios.exporters['near-oom'].port}"
+    now = time.time()
+    start, end = (datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") for t in (now - 20, now))
+    r = diagnose_cli("--prometheus", scenarios.prom.url, "--instance", instance, "--from", start, "--to", end,
+                     "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert (doc["start"], doc["end"]) == (start, end) and doc["findings"][0]["rule"] == "near_oom"
+
+
 def test_diagnose_says_when_rtf_crossed_and_what_coincides(scenarios):
     instance = f"127.0.0.1:{scenarios.exporters['cpu-starved'].port}"
     r = diagnose_cli("--prometheus", scenarios.prom.url, "--instance", instance, "--window", "1m",
