@@ -23,6 +23,7 @@ from typing import Sequence
 
 from exporter.diagnosis import DEFAULT_THRESHOLDS, Finding, GpuWindow, Window, diagnose, render_text, report
 from exporter.durations import parse_duration
+from exporter.histogram import RATIO_BUCKETS
 
 RTF_LIMIT = 0.7  # the checklist's "RTF suddenly > 0.7"
 RTF_QUANTILE = 0.95
@@ -202,11 +203,22 @@ class PromWindow:
                 xids.setdefault(r["metric"].get("gpu", ""), {})[int(r["metric"].get("xid", "0"))] = n
         gpus = sorted(set(names) | set(per_gpu["utilization"]) | set(per_gpu["health"]), key=_gpu_order)
         empty = [None] * points
+        # The sample histograms keep every tick between scrapes: shares per step where a threshold is a bucket.
+        hist_w = _secs(3 * scrape)
+        th = DEFAULT_THRESHOLDS
+        starved = self._hist_share(q, "gpu_sampled_utilization_ratio", th.starved_utilization, "gpu", hist_w)
+        pcie_sat = {d: self._hist_share(q, "gpu_sampled_pcie_utilization_ratio", th.pcie_saturated, "gpu", hist_w,
+                                        above=True, extra=f',direction="{d}"') for d in ("rx", "tx")}
+        host_busy = self._hist_share(q, "host_sampled_cpu_utilization_ratio", th.host_cpu_busy, None, hist_w,
+                                     above=True)
         window_gpus = tuple(GpuWindow(
             gpu=g, name=names.get(g, ""), mig=g in mig,
             **{f: per_gpu[f].get(g, empty) for f in per_gpu},
             clock_events=clock.get(g, {}), xid_events=round(sum(xids.get(g, {}).values())),
-            xid_codes=tuple(sorted(xids.get(g, {})))) for g in gpus)
+            xid_codes=tuple(sorted(xids.get(g, {}))),
+            starved_share=starved.get(g) if starved is not None else None,
+            pcie_saturated_share={d: v.get(g, []) for d, v in pcie_sat.items() if v is not None} or None,
+        ) for g in gpus)
         host_cpu = q(f"host_cpu_utilization_ratio{{{s}}}").get("", empty)
         throttled = q(f"rate(cgroup_cpu_throttled_periods_total{{{s}}}[{rate_w}]) / "
                       f"rate(cgroup_cpu_periods_total{{{s}}}[{rate_w}])").get("", [])
@@ -218,10 +230,22 @@ class PromWindow:
         nvml = _scalar(self.prom.instant(f"last_over_time(exporter_nvml_up{{{s}}}[{span}])", end))
         return Window(
             seconds=end - start, interval_s=interval or scrape, host_cpu=host_cpu, cgroup_throttled=throttled,
-            gpus=window_gpus, shm_path=shm_path, shm_size_bytes=None if shm_size is None else int(shm_size),
+            gpus=window_gpus, host_busy_share=host_busy.get("") if host_busy is not None else None,
+            shm_path=shm_path, shm_size_bytes=None if shm_size is None else int(shm_size),
             shm_used_bytes=None if shm_used is None else int(shm_used),
             sampler_late_share=self.sampler_late(end, span, interval),
             nvml_message="" if window_gpus else ("NVML is down" if nvml == 0 else "NVML reports no GPU"))
+
+    def _hist_share(self, q, metric: str, threshold: float, by: str | None, rate_w: str, above: bool = False,
+                    extra: str = "") -> dict[str, list[float | None]] | None:
+        """Per step and `by` label: the share of a sample histogram's observations at or below threshold (or
+        above it); None when the threshold is not one of the histogram's buckets."""
+        if threshold not in RATIO_BUCKETS:
+            return None
+        group = f"sum by ({by})" if by else "sum"
+        below = (f'{group} (rate({metric}_bucket{{{self.sel}{extra},le="{threshold:g}"}}[{rate_w}])) / '
+                 f'{group} (rate({metric}_count{{{self.sel}{extra}}}[{rate_w}]))')
+        return q(f"1 - ({below})" if above else below, by)
 
     def sampler_late(self, end: float, span: str, interval: float | None) -> float | None:
         """Share of ticks skipped (overruns) or late by more than (late_intervals - 1) intervals."""

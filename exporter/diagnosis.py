@@ -64,6 +64,11 @@ class GpuWindow:
     health: Series = ()  # 0 up, 1 down (failing/stuck calls), 2 lost
     xid_events: int = 0  # XID events in the window
     xid_codes: tuple[int, ...] = ()  # the codes among them (or seen, where the source cannot tell)
+    # Per sample or step: the share of the GPU's utilisation samples at or below the starved threshold, and
+    # per direction the share of PCIe samples above the saturated one, where a histogram gives them (the
+    # Prometheus path); None: derived from utilization / pcie_* (each sample then counts 0 or 1).
+    starved_share: Series | None = None
+    pcie_saturated_share: dict[str, Series] | None = None
     # GPM activity ratios (another source may fill them); None: not measured, and the rules stay silent
     sm_active: Series | None = None
     tensor_active: Series | None = None
@@ -76,6 +81,7 @@ class Window:
     interval_s: float  # expected spacing of the samples
     host_cpu: Series = ()  # aligned on the GPUs' series
     cgroup_throttled: Series = ()  # share of CFS periods throttled per sample; () without a cgroup
+    host_busy_share: Series | None = None  # per step, share of host CPU samples busy (histogram); None: from host_cpu
     gpus: tuple[GpuWindow, ...] = ()
     shm_path: str | None = None
     shm_size_bytes: int | None = None
@@ -131,22 +137,35 @@ def _finding(rule: str, severity: str, magnitude: float, title: str, evidence: s
 
 
 # ---- rules: each returns the findings for one GPU or for the host -------------------------------------
+def _flags(series: Series, limit: float) -> list[float | None]:
+    """Per sample: 1.0 at or above limit, 0.0 below, None without a value."""
+    return [None if v is None else float(v >= limit) for v in series]
+
+
 def starvation(w: Window, g: GpuWindow, th: Thresholds) -> list[Finding]:
-    """GPU at or below 40 % while the CPU side is busy or throttled."""
-    if g.mig or not _values(g.utilization):
+    """GPU at or below 40 % while the CPU side is busy or throttled.
+
+    Each sample (or step) weighs by its starved share s (0 or 1 per sample; a share per step from a
+    histogram); a cause's share is sum(s * cause) / sum(s), cause likewise 0/1 or a share."""
+    if g.mig:
         return []
-    low = [i for i, v in enumerate(g.utilization) if v is not None and v <= th.starved_utilization]
-    share = len(low) / len(_values(g.utilization))
+    starved = g.starved_share if g.starved_share is not None else \
+        [None if v is None else float(v <= th.starved_utilization) for v in g.utilization]
+    weights = [(i, v) for i, v in enumerate(starved) if v is not None]
+    if not weights:
+        return []
+    share = sum(v for _, v in weights) / len(weights)
     if share < th.starved_share:
         return []
     head = f"GPU {g.gpu} at or below {_pct(th.starved_utilization)} for {_pct(share)} of the last {_duration(w.seconds)}"
 
-    def during(series: Series, limit: float) -> float | None:
-        seen = [series[i] for i in low if i < len(series) and series[i] is not None]
-        return sum(1 for v in seen if v >= limit) / len(seen) if seen else None
+    def during(cause: Series) -> float | None:
+        seen = [(v, cause[i]) for i, v in weights if v > 0 and i < len(cause) and cause[i] is not None]
+        total = sum(v for v, _ in seen)
+        return sum(v * c for v, c in seen) / total if total else None
 
     out = []
-    busy = during(w.host_cpu, th.host_cpu_busy)
+    busy = during(w.host_busy_share if w.host_busy_share is not None else _flags(w.host_cpu, th.host_cpu_busy))
     if busy is not None and busy >= th.cause_share:
         out.append(_finding(
             "cpu_starvation", "warning", share * busy, f"GPU {g.gpu} starved by the CPU side (host CPU busy)",
@@ -154,7 +173,7 @@ def starvation(w: Window, g: GpuWindow, th: Thresholds) -> list[Finding]:
             "Feed the GPU faster: more data-loading workers (e.g. DataLoader num_workers 4 → 8, prefetch_factor), "
             "move pre/post-processing off the request path, or give the service more CPU cores; then check "
             "/dev/shm (workers share tensors through it).", g.gpu))
-    throttled = during(w.cgroup_throttled, th.cfs_throttled)
+    throttled = during(_flags(w.cgroup_throttled, th.cfs_throttled))
     if throttled is not None and throttled >= th.cause_share:
         out.append(_finding(
             "cpu_quota_throttled", "warning", share * throttled,
@@ -192,16 +211,19 @@ def memory(w: Window, g: GpuWindow, th: Thresholds) -> list[Finding]:
 def pcie(w: Window, g: GpuWindow, th: Thresholds) -> list[Finding]:
     best = None
     for direction, series in (("rx", g.pcie_rx), ("tx", g.pcie_tx)):
-        share = _share(series, lambda v: v > th.pcie_saturated)
+        if g.pcie_saturated_share is not None:
+            share = _mean(g.pcie_saturated_share.get(direction))
+        else:
+            share = _share(series, lambda v: v > th.pcie_saturated)
         if share is not None and share >= th.pcie_share and (best is None or share > best[1]):
-            best = (direction, share, max(_values(series)))
+            best = (direction, share, max(_values(series), default=None))
     if best is None:
         return []
     direction, share, peak = best
     return [_finding(
         "pcie_saturated", "warning", share, f"GPU {g.gpu} PCIe {direction} saturated",
         f"GPU {g.gpu} PCIe {direction} above {_pct(th.pcie_saturated)} of the link for {_pct(share)} of the last "
-        f"{_duration(w.seconds)} (peak {_pct(peak)})",
+        f"{_duration(w.seconds)}" + (f" (peak {_pct(peak)})" if peak is not None else ""),
         "Move less over the bus per request: keep the wav/feature cache in RAM (a RAM disk) or on the GPU, use "
         "pinned memory and send features, not raw audio; check the link runs at its full generation and width.",
         g.gpu)]

@@ -69,6 +69,22 @@ def test_starvation_evidence_reads_as_the_checklist_does():
     assert "num_workers 4 → 8" in f.remedy
 
 
+def test_histogram_shares_weigh_each_step():
+    """From Prometheus a step holds a share of starved samples; a cause counts by the starved weight it meets."""
+    w = window(gpu={"utilization": [0.9] * N, "starved_share": [0.6] * 50 + [0.0] * 50},
+               host_cpu=[0.1] * N, host_busy_share=[1.0] * 50 + [0.0] * 50)
+    f = diagnose(w)[0]
+    assert f.rule == "cpu_starvation"  # the gauges alone (0.9 utilisation, 0.1 CPU) would say nothing
+    assert "for 30 % of the last 5 min; host CPU ≥ 90 % during 100 % of those samples" in f.evidence
+    w = replace(w, host_busy_share=[0.0] * 50 + [1.0] * 50)  # busy only while the GPU was not starved
+    assert "cpu_starvation" not in rules(w)
+
+
+def test_pcie_share_from_histograms_without_gauges():
+    f = diagnose(window(gpu={"pcie_rx": [], "pcie_saturated_share": {"rx": [0.3] * N, "tx": [0.0] * N}}))[0]
+    assert f.rule == "pcie_saturated" and f.evidence.endswith("for 30 % of the last 5 min")
+
+
 def test_starved_gpu_without_cpu_cause_is_only_a_note():
     found = diagnose(window(gpu={"utilization": STARVED}))
     assert [f.rule for f in found] == ["nothing_abnormal", "gpu_underused"]

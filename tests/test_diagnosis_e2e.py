@@ -150,6 +150,24 @@ def test_scenario_named_by_diagnose_from_prometheus(scenarios, name):
     assert doc["findings"][0]["rule"] == Scenarios.EXPECTED[name][2], summary(doc["findings"])
 
 
+def test_prometheus_window_reads_the_sample_histograms(scenarios):
+    """Starved, busy and saturated shares come from the sample histograms (every tick), not only gauges."""
+    import time
+
+    from exporter.diagnose_cli import Prometheus, PromWindow
+
+    now = time.time()
+    starved = PromWindow(Prometheus(scenarios.prom.url), f"127.0.0.1:{scenarios.exporters['cpu-starved'].port}")
+    w = starved.build(now - 15, now)
+    shares = [v for v in w.gpus[0].starved_share if v is not None]
+    busy = [v for v in w.host_busy_share if v is not None]
+    assert len(shares) >= 8 and 0.6 < sum(shares) / len(shares) <= 1.0, shares  # the scenario: 85 % starved
+    assert len(busy) >= 8 and min(busy) > 0.9, busy  # the fake /proc/stat: 100 % busy
+    pcie = PromWindow(Prometheus(scenarios.prom.url), f"127.0.0.1:{scenarios.exporters['pcie'].port}").build(now - 15, now)
+    rx = [v for v in pcie.gpus[0].pcie_saturated_share["rx"] if v is not None]
+    assert len(rx) >= 8 and 0.5 < sum(rx) / len(rx) < 1.0, rx  # busy 90 % of the time at 97 % of the link
+
+
 def test_diagnose_from_to_in_rfc3339(scenarios):
     import time
     from datetime import datetime, timezone
