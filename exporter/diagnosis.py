@@ -160,7 +160,11 @@ def starvation(w: Window, g: GpuWindow, th: Thresholds) -> list[Finding]:
     head = f"GPU {g.gpu} at or below {_pct(th.starved_utilization)} for {_pct(share)} of the last {_duration(w.seconds)}"
 
     def during(cause: Series) -> float | None:
-        seen = [(v, cause[i]) for i, v in weights if v > 0 and i < len(cause) and cause[i] is not None]
+        seen: list[tuple[float, float]] = []
+        for i, v in weights:
+            c = cause[i] if i < len(cause) else None
+            if v > 0 and c is not None:
+                seen.append((v, c))
         total = sum(v for v, _ in seen)
         return sum(v * c for v, c in seen) / total if total else None
 

@@ -6,7 +6,7 @@ import urllib.parse
 from exporter.diagnosis import DEFAULT_THRESHOLDS, GpuWindow, Thresholds, Window, diagnose, report
 from exporter.durations import parse_duration
 from exporter.history import SampleHistory
-from exporter.snapshot import CLOCK_EVENT_REASONS
+from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS
 
 DEFAULT_WINDOW = "5m"
 
@@ -17,6 +17,11 @@ def _reason_shares(bits: list[float | None]) -> dict[str, float]:
     if not seen:
         return {}
     return {name: sum(1 for b in seen if b & bit) / len(seen) for bit, name in CLOCK_EVENT_REASONS}
+
+
+def _measured(series: list[float | None]) -> list[float | None] | None:
+    """None for a series with no value at all (not measured: the GPM rules stay silent)."""
+    return series if any(v is not None for v in series) else None
 
 
 def _late_share(t: list[float], interval: float, late_intervals: float) -> float | None:
@@ -36,8 +41,8 @@ def window_from_history(history: SampleHistory, window_s: float, th: Thresholds 
     cols = history.columns(window_s)
     snap = cols.latest
     xids_now: dict[str, list[int]] = {}
-    for (gpu, code), _ in snap.xid_errors if snap else ():
-        xids_now.setdefault(str(gpu), []).append(code)
+    for (index, code), _ in snap.xid_errors if snap else ():
+        xids_now.setdefault(str(index), []).append(code)
     gpus = []
     for gpu, s in cols.gpus.items():
         xids = [v for v in s["xid_errors"] if v is not None]
@@ -47,7 +52,8 @@ def window_from_history(history: SampleHistory, window_s: float, th: Thresholds 
             pcie_tx=s["pcie_tx_utilization"], pcie_rx=s["pcie_rx_utilization"],
             clock_events=_reason_shares(s["clock_event_reasons"]), health=s["health"],
             xid_events=int(xids[-1] - xids[0]) if xids else 0, xid_codes=tuple(sorted(xids_now.get(gpu, ()))),
-            **{f: s[f] if any(v is not None for v in s[f]) else None for f in ("sm_active", "tensor_active", "dram_active")},
+            sm_active=_measured(s["sm_active"]), tensor_active=_measured(s["tensor_active"]),
+            dram_active=_measured(s["dram_active"]),
         ))
     shm = snap.shm if snap else None
     covered = cols.t[-1] - cols.t[0] + history.interval_s if cols.t else 0.0

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from exporter.snapshot import GpuState, Snapshot
 from exporter.sources.cgroup import CgroupReading
+from exporter.sources.nvml.specs import MEMORY_USED_RATIO, UTILIZATION
 
 GPU_FIELDS = ("utilization", "memory_used_ratio", "pcie_tx_utilization", "pcie_rx_utilization")  # charted
 # Kept for the diagnosis only. health: 0 up, 1 down (failing or stuck call), 2 lost. The GPM ratios are
@@ -38,7 +39,7 @@ def _gpu_values(g: GpuState, xids: int) -> tuple[float | None, ...]:
     if r is None or not g.up:
         return (None,) * len(GPU_FIELDS) + (None, health, xids) + (None,) * len(GPM_FIELDS)
     link = g.identity.pcie_link_max_bytes_per_second
-    return (r.utilization, r.memory_used_ratio, r.pcie_utilization("tx", link), r.pcie_utilization("rx", link),
+    return (r[UTILIZATION], r[MEMORY_USED_RATIO], r.pcie_utilization("tx", link), r.pcie_utilization("rx", link),
             r.clock_event_reasons, health, xids, *_gpm_values(r))
 
 
@@ -49,8 +50,10 @@ def _gpm_values(r: object) -> tuple[float | None, ...]:
 
 def _throttled_ratio(prev: CgroupReading | None, cur: CgroupReading | None) -> float | None:
     """Share of the CFS periods since the previous tick in which the cgroup was throttled."""
-    if prev is None or cur is None or None in (prev.cpu_periods, cur.cpu_periods, prev.cpu_throttled_periods,
-                                               cur.cpu_throttled_periods):
+    if prev is None or cur is None:
+        return None
+    if (prev.cpu_periods is None or cur.cpu_periods is None or prev.cpu_throttled_periods is None
+            or cur.cpu_throttled_periods is None):
         return None
     periods = cur.cpu_periods - prev.cpu_periods
     throttled = cur.cpu_throttled_periods - prev.cpu_throttled_periods
@@ -87,10 +90,6 @@ class SampleHistory:
         self._lock = threading.Lock()
         self._wall = wall_clock
 
-    @property
-    def capacity(self) -> int:
-        return self._rows.maxlen or 0
-
     def append(self, snap: Snapshot) -> None:
         ids = tuple(str(g.identity.index) for g in snap.gpus)
         if ids != self._ids:
@@ -98,8 +97,8 @@ class SampleHistory:
         values = [snap.host.cpu_utilization if snap.host else None, _throttled_ratio(self._prev_cgroup, snap.cgroup)]
         self._prev_cgroup = snap.cgroup
         xids: Counter[int] = Counter()
-        for (gpu, _), n in snap.xid_errors:
-            xids[gpu] += n
+        for (index, _), n in snap.xid_errors:
+            xids[index] += n
         for g in snap.gpus:
             values.extend(_gpu_values(g, xids[g.identity.index]))
         row = (self._wall(), self._ids, array("d", [_NAN if v is None else v for v in values]))

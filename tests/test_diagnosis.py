@@ -261,6 +261,9 @@ def test_gpm_ratios_flow_from_a_reading_into_the_tensor_rule(tmp_path, procfs):
         def __getattr__(self, name):
             return getattr(self._r, name)
 
+        def __getitem__(self, spec):
+            return self._r[spec]
+
     clock, wall = ManualClock(), ManualClock(1_700_000_000.0)
     history = SampleHistory(10.0, 0.1, wall_clock=wall)
     s = make_sampler(ScenarioNvml("healthy", 1, clock=clock), procfs.root, interval=0.1, clock=clock)

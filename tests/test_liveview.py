@@ -13,6 +13,7 @@ import pytest
 
 from exporter.fake_nvml import FakeNvml
 from exporter.history import GPU_FIELDS, SampleHistory
+from exporter.sources.nvml.specs import MEMORY_USED_RATIO, UTILIZATION
 from tests.conftest import FakeProcfs, ManualClock, find_tool, http_get, make_sampler
 
 
@@ -42,8 +43,8 @@ def test_api_shape_and_values_match_what_the_fake_produced(procfs):
         for f in GPU_FIELDS:
             assert len(g[f]) == 5, f
     last5 = snaps[-5:]
-    assert doc["gpus"][0]["utilization"] == [s.gpus[0].reading.utilization for s in last5]
-    assert doc["gpus"][1]["memory_used_ratio"] == [s.gpus[1].reading.memory_used_ratio for s in last5]
+    assert doc["gpus"][0]["utilization"] == [s.gpus[0].reading[UTILIZATION] for s in last5]
+    assert doc["gpus"][1]["memory_used_ratio"] == [s.gpus[1].reading[MEMORY_USED_RATIO] for s in last5]
     assert doc["host_cpu_utilization"] == [s.host.cpu_utilization for s in last5]
     util = doc["gpus"][0]["utilization"]
     assert doc["gpus"][0]["below_40_fraction"] == sum(u <= 0.4 for u in util) / len(util)
@@ -51,10 +52,10 @@ def test_api_shape_and_values_match_what_the_fake_produced(procfs):
 
 def test_memory_is_bounded_by_window_over_interval(procfs):
     history, _ = sampled_history(procfs, ticks=60, window=2.0, interval=0.1)
-    assert history.capacity == 20
     assert len(history.query(2.0)["t"]) == 20  # 60 ticks appended, 20 kept
 
 
+@pytest.mark.e2e
 def test_api_window_bounds(exporter_proc):
     p = exporter_proc("--fake-gpus", "1", "--sample.interval", "100ms", "--history.window", "30s")
     p.wait_for_sample("/api/v1/samples?window=5s", needle=b'"gpu":"0"')
@@ -66,6 +67,7 @@ def test_api_window_bounds(exporter_proc):
         assert status == 400 and "error" in json.loads(body), window
 
 
+@pytest.mark.e2e
 def test_api_off_when_history_is_off(exporter_proc):
     p = exporter_proc("--fake-gpus", "1", "--history.window", "0")
     assert http_get(p.url + "/api/v1/samples")[0] == 404
@@ -113,6 +115,7 @@ def dom(url: str, tmp_path) -> str:
     return r.stdout
 
 
+@pytest.mark.e2e
 def test_page_draws_every_gpu_in_a_real_browser(live_exporter, tmp_path):
     r = chromium(["--dump-dom", live_exporter.url + "/"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -126,6 +129,7 @@ def test_page_draws_every_gpu_in_a_real_browser(live_exporter, tmp_path):
     screenshot(live_exporter.url + "/", "live-view.png", tmp_path)
 
 
+@pytest.mark.e2e
 def test_findings_panel_axes_and_threshold_lines(live_exporter, tmp_path):
     page = dom(live_exporter.url + "/", tmp_path)
     findings = re.search(r'<section id="findings"[^>]*data-first="([a-z_]+)"', page)
@@ -156,6 +160,7 @@ class BusyHost:
             self.procfs.advance(busy=[19, 19], idle=[1, 1])  # more often than the sampler reads
 
 
+@pytest.mark.e2e
 def test_a_diagnosis_in_the_browser(exporter_proc, tmp_path):
     """The README's opening picture: a GPU starved by a busy host CPU, named at the top of the page."""
     host = BusyHost(tmp_path / "proc")
@@ -171,6 +176,7 @@ def test_a_diagnosis_in_the_browser(exporter_proc, tmp_path):
         host.stop.set()
 
 
+@pytest.mark.e2e
 def test_notice_when_history_is_off(exporter_proc, tmp_path):
     p = exporter_proc("--fake-gpus", "1", "--history.window", "0")
     page = dom(p.url + "/", tmp_path)
@@ -179,6 +185,7 @@ def test_notice_when_history_is_off(exporter_proc, tmp_path):
     assert "<button" not in page.split("<script>")[0]  # no window to choose
 
 
+@pytest.mark.e2e
 def test_notice_when_no_gpu_is_found(exporter_proc, tmp_path):
     p = started(exporter_proc, "--fake-gpus", "0", "--sample.interval", "100ms", samples=3)
     page = dom(p.url + "/", tmp_path)
@@ -187,6 +194,7 @@ def test_notice_when_no_gpu_is_found(exporter_proc, tmp_path):
     assert 'data-first="no_gpu"' in page and 'data-gpus="0"' in page
 
 
+@pytest.mark.e2e
 def test_mig_gpu_says_utilisation_is_not_supported(exporter_proc, tmp_path):
     p = started(exporter_proc, "--fake-gpus", "1", "--fake-mig", "3g.40gb,1g.10gb", "--sample.interval", "100ms")
     page = dom(p.url + "/", tmp_path)
@@ -195,6 +203,7 @@ def test_mig_gpu_says_utilisation_is_not_supported(exporter_proc, tmp_path):
     screenshot(p.url + "/", "live-view-mig.png", tmp_path)
 
 
+@pytest.mark.e2e
 def test_window_buttons_never_ask_for_more_than_kept(exporter_proc, tmp_path):
     p = started(exporter_proc, "--fake-gpus", "1", "--sample.interval", "100ms", "--history.window", "30s")
     page = dom(p.url + "/", tmp_path)
