@@ -132,11 +132,9 @@ def _parse(doc: dict, base_dir: Path) -> WebConfig:
     if tls_doc:
         _check_keys(tls_doc, {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
                               "max_version"}, "tls_server_config")
-        files = {}
-        for key in ("cert_file", "key_file"):
-            files[key] = _string(tls_doc, key, "tls_server_config")
-            if files[key] is None:
-                raise WebConfigError(f"tls_server_config.{key} is required")
+        cert_file, key_file = (_string(tls_doc, key, "tls_server_config") for key in ("cert_file", "key_file"))
+        if cert_file is None or key_file is None:
+            raise WebConfigError(f"tls_server_config.{'cert_file' if cert_file is None else 'key_file'} is required")
         auth_type = _string(tls_doc, "client_auth_type", "tls_server_config", "NoClientCert")
         if auth_type not in _CLIENT_AUTH:
             hint = " (Python's TLS stack cannot request a certificate without verifying it)" \
@@ -155,10 +153,11 @@ def _parse(doc: dict, base_dir: Path) -> WebConfig:
             if v is not None and v not in _TLS_VERSIONS:
                 raise WebConfigError(f"tls_server_config.{key} {v!r}: want one of {', '.join(_TLS_VERSIONS)}")
             versions.append(_TLS_VERSIONS[v] if v else None)
-        if versions[1] is not None and versions[1] < versions[0]:
+        minimum = versions[0] or ssl.TLSVersion.TLSv1_2  # an explicit null means the default
+        if versions[1] is not None and versions[1] < minimum:
             raise WebConfigError("tls_server_config.max_version is below min_version")
-        tls = TlsSettings(base_dir / files["cert_file"], base_dir / files["key_file"],
-                          _CLIENT_AUTH[auth_type], base_dir / ca if ca else None, versions[0], versions[1])
+        tls = TlsSettings(base_dir / cert_file, base_dir / key_file, _CLIENT_AUTH[auth_type],
+                          base_dir / ca if ca else None, minimum, versions[1])
 
     users: dict[str, bytes] = {}
     for user, hashed in _mapping(doc.get("basic_auth_users"), "basic_auth_users").items():
@@ -358,7 +357,7 @@ class WebConfigWatcher:
         return files
 
     def _stat(self) -> tuple:
-        sig = []
+        sig: list[tuple[int, int, int] | None] = []
         for f in self._files():
             try:
                 st = os.stat(f)
