@@ -201,6 +201,20 @@ def _nvml_module(cfg: Config) -> tuple[Any, str]:
     return pynvml, "real"
 
 
+def _handle_other_signals(web_config: WebConfigWatcher | None) -> None:
+    """SIGHUP reloads the web config (what Prometheus users send); SIGUSR1/2 would otherwise end the process."""
+    def hangup(*_: object) -> None:
+        if web_config is None:
+            log.info("SIGHUP: no --web.config.file to reload")
+        else:
+            log.info("SIGHUP: reloading %s", web_config.path)
+            web_config.request_reload()
+
+    signal.signal(signal.SIGHUP, hangup)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda signum, _: log.info("%s ignored", signal.Signals(signum).name))
+
+
 def _cgroup_source(cfg: Config) -> CgroupSource | None:
     try:
         cgroup = CgroupSource(cfg.cgroupfs, cfg.cgroup_path)
@@ -250,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    _handle_other_signals(web_config)
 
     # Start-up objects (modules, registries) never die: keep them out of the collector's generations so a
     # full collection under scrape load scans less and pauses the sampler less.
@@ -268,7 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
              __version__, scheme, shown, port, cfg.telemetry_path, auth, cfg.sample_interval, backend)
     if auth and scheme == "http":
         log.warning("basic auth without TLS: passwords cross the network in clear text")
-    stop.wait()
+    # A signal the kernel hands to another thread only runs its Python handler when the main thread
+    # wakes up: wake it every half second rather than block for good.
+    while not stop.wait(0.5):
+        pass
     log.info("shutting down")
     server.shutdown()
     server.server_close()
