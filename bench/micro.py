@@ -8,6 +8,7 @@ Prints figures; asserts nothing (timings belong here, not in tests). Runs in CI 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from exporter.exposition import TextRenderer  # noqa: E402
 from exporter.fake_nvml import FakeNvml  # noqa: E402
 from exporter.sampler import Sampler  # noqa: E402
 from exporter.sources.nvml import NvmlSource  # noqa: E402
+from exporter.sources.processes import ProcessAttributor  # noqa: E402
 from exporter.sources.procfs import ProcfsSource  # noqa: E402
 
 
@@ -49,8 +51,12 @@ def main() -> int:
     registry.register(SnapshotCollector(lambda: sampler.snapshot))
     renderer = TextRenderer()
     handle = fake.nvmlDeviceGetHandleByIndex(0)
+    host = ProcfsSource("/proc")
+    own_pid = [os.getpid()]
     rows = [
         ("tick", lambda: sampler.tick()),
+        ("host read (/proc stat+meminfo)", host.read),  # the procfs share of every tick
+        ("process lookup, new pid", lambda: ProcessAttributor("/proc").lookup(own_pid)),  # once per new GPU pid
         ("collect+render text", lambda: renderer.render(registry.collect())),
         ("collect+render openmetrics", lambda: renderer.render(registry.collect(), openmetrics=True)),
         ("fake NVML call", lambda: fake.nvmlDeviceGetPowerUsage(handle)),
@@ -58,7 +64,7 @@ def main() -> int:
     print(f"# {a.gpus} fake GPUs, {a.iterations} iterations; wall and process CPU per call")
     for label, fn in rows:
         wall, cpu = per_call(fn, a.iterations)
-        print(f"{label:28} wall {fmt(wall)}   cpu {fmt(cpu)}")
+        print(f"{label:32} wall {fmt(wall)}   cpu {fmt(cpu)}")
     return 0
 
 

@@ -34,9 +34,9 @@ log = logging.getLogger("exporter")
 MIN_INTERVAL_S = 0.010
 ENV_PREFIX = "GPU_EXPORTER_"
 MAX_FAKE_GPUS = 64
-# --history.window / --sample.interval: rows the live view keeps (~0.4 KB each at 8 GPUs): 36 000 is
-# 2 h at 200 ms, ~15 MB; a week at 10 ms would take the node's memory.
-MAX_HISTORY_ROWS = 36_000
+# --history.window / --sample.interval: rows the live view keeps (docs/live-view.md: 0.55 KB each at 8 GPUs,
+# 2.2 KB at 64): 18 000 is 1 h at 200 ms, 10 MB / 40 MB; a week at 10 ms would take the node's memory.
+MAX_HISTORY_ROWS = 18_000
 # Served by the exporter itself; the telemetry path must not shadow one of them.
 RESERVED_PATHS = ("/", "/healthz", "/api/v1/samples", "/api/v1/diagnosis")
 
@@ -205,7 +205,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
             raise ValueError(f"{s['--history.window']}: shorter than --sample.interval")
         if history / interval > MAX_HISTORY_ROWS:
             raise ValueError(f"{s['--history.window']}: keeps {history / interval:.0f} samples at "
-                             f"--sample.interval {interval:g}s; at most {MAX_HISTORY_ROWS} (e.g. 1h at 100ms)")
+                             f"--sample.interval {interval:g}s; at most {MAX_HISTORY_ROWS} (e.g. 1h at 200ms)")
         procfs = s["--path.procfs"].value
         stat = Path(procfs) / "stat"
         try:

@@ -29,7 +29,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["--sample.interval", "200"], "missing unit"),  # was 200 s
     (["--sample.interval", "1" * 15000 + "x"], "longer than 64 characters"),
     (["--history.window", "1" * 60 + "y"], "longer than 292 years"),
-    (["--history.window", "24h"], "at most 36000"),  # a day at 200 ms: 432 000 rows
+    (["--history.window", "24h"], "at most 18000"),  # a day at 200 ms: 432 000 rows
     (["--fake-gpus", "65"], "at most 64 simulated GPUs"),
     (["--fake-gpus", "1", "--fake-mig", "4g.40gb,4g.40gb"], "8 compute slices and 80 GB do not fit"),
     (["--fake-gpus", "1", "--fake-mig", "3g.40gb,3g.40gb,1g.10gb"], "7 compute slices and 90 GB do not fit"),
