@@ -375,4 +375,6 @@ class Sampler:
                 lines.append(f"gpu {g.identity.index}: down")
         if snap.host is not None and snap.host.errors:
             lines.append("procfs: cannot read " + ", ".join(snap.host.errors))
+        if snap.cgroup is not None and snap.cgroup.errors:
+            lines.append("cgroup: cannot read " + ", ".join(snap.cgroup.errors))
         return healthy, "\n".join(lines) + "\n"
