@@ -22,7 +22,9 @@ from exporter.history import SampleHistory
 from exporter.sampler import Sampler
 from exporter.httpd import Limits
 from exporter.server import ListenAddressError, ServerCollector, make_server, parse_listen_address
+from exporter.pods import PodCollector
 from exporter.sources.cgroup import CgroupSource, locate
+from exporter.sources.kubelet import DEFAULT_SOCKET, PodResourcesPoller
 from exporter.sources.nvml import NvmlSource
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.kernfile import read_once
@@ -65,6 +67,8 @@ class Config:
     fake_churn: float
     max_connections: int
     web_config: WebConfigWatcher | None
+    pod_resources_socket: str = DEFAULT_SOCKET
+    pod_labels: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,6 +128,13 @@ def _build_parser() -> _Parser:
     p.add_argument("--collector.processes", action=argparse.BooleanOptionalAction, default=None,
                    help=f"per-process GPU memory and utilisation with container/pod labels [{env}] (default: on; "
                         f"the variable takes {'/'.join(_ENV_TRUE + _ENV_FALSE)})")
+    flag("--kubernetes.pod-resources-socket", DEFAULT_SOCKET,
+         "kubelet pod-resources socket for gpu_pod_info (which pod holds each GPU); polled every 5 s while it "
+         "exists; empty: off")
+    env = env_name("--kubernetes.pod-labels")
+    p.add_argument("--kubernetes.pod-labels", action=argparse.BooleanOptionalAction, default=None,
+                   help="also stamp namespace/pod/container on every per-GPU series of a GPU one container "
+                        f"holds (dcgm-exporter style; series change on every reschedule) [{env}] (default: off)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -157,18 +168,19 @@ def _settings(args: dict[str, Any]) -> dict[str, _Setting]:
     return out
 
 
-def _processes_enabled(cli_value: bool | None) -> bool:
+def _switch(flag: str, cli_value: bool | None, default: bool) -> bool:
+    """An on/off flag: --x / --no-x, else its variable (strictly true/false/1/0/yes/no), else the default."""
     if cli_value is not None:
         return cli_value
-    env = env_name("--collector.processes")
+    env = env_name(flag)
     raw = os.environ.get(env)
     if raw is None:
-        return True
+        return default
     if raw.strip().lower() in _ENV_TRUE:
         return True
     if raw.strip().lower() in _ENV_FALSE:
         return False
-    raise ValueError(f"{env}={raw[:40]!r} (--collector.processes): want one of {', '.join(_ENV_TRUE + _ENV_FALSE)}")
+    raise ValueError(f"{env}={raw[:40]!r} ({flag}): want one of {', '.join(_ENV_TRUE + _ENV_FALSE)}")
 
 
 def parse_config(argv: Sequence[str] | None = None) -> Config:
@@ -176,7 +188,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     a = vars(parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv)))
     try:
         s = _settings(a)
-        processes = _processes_enabled(a["collector.processes"])
+        processes = _switch("--collector.processes", a["collector.processes"], default=True)
+        pod_labels = _switch("--kubernetes.pod-labels", a["kubernetes.pod_labels"], default=False)
         interval = _duration(s["--sample.interval"])
         if interval < MIN_INTERVAL_S:
             raise ValueError(f"{s['--sample.interval']}: below the 10ms minimum")
@@ -200,6 +213,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         fake_churn = _duration(s["--fake-churn"])
         if fake_churn and not fake:
             raise ValueError(f"{s['--fake-churn']}: --fake-churn needs --fake-gpus")
+        pod_socket = s["--kubernetes.pod-resources-socket"].value
+        if pod_labels and not pod_socket:
+            raise ValueError("--kubernetes.pod-labels needs --kubernetes.pod-resources-socket")
         history = _duration(s["--history.window"])
         if history and history < interval:
             raise ValueError(f"{s['--history.window']}: shorter than --sample.interval")
@@ -230,7 +246,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         parser.error(str(exc))
     return Config(listen.value, path, interval, procfs, fake, level, max_requests, s["--node.name"].value,
                   processes, cgroupfs, cgroup_path, s["--path.shm"].value, history, fake_mig, fake_churn,
-                  max_connections, web_config)
+                  max_connections, web_config, pod_socket, pod_labels)
 
 
 def _duration(setting: _Setting) -> float:
@@ -324,10 +340,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:  # e.g. /proc/self/cgroup unreadable, or the cgroup went away
         log.warning("cgroup metrics off: %s", exc)
         cgroup = None
+    pods = PodResourcesPoller(cfg.pod_resources_socket) if cfg.pod_resources_socket else None
     sampler = Sampler(NvmlSource(nvml, mode, collect_processes=cfg.processes), ProcfsSource(cfg.procfs),
                       interval=cfg.sample_interval, cgroup=cgroup, shm_path=cfg.shm_path or None,
-                      attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None, history=history)
-    registry.register(SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name))
+                      attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None, history=history,
+                      pods=(lambda: pods.latest) if pods else None)
+    snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name)
+    registry.register(PodCollector(snapshot_collector, lambda: sampler.snapshot, cfg.pod_labels) if pods
+                      else snapshot_collector)
     ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost
     registry.register(ServerCollector(server))
 
@@ -339,6 +359,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # full collection under scrape load scans less and pauses the sampler less.
     gc.freeze()
     sampler.start()
+    if pods:
+        pods.start()
     serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     serving.start()
     host, port = server.server_address[:2]
@@ -355,4 +377,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.shutdown()
     server.server_close()
     sampler.stop()
+    if pods:
+        pods.stop()
     return 0

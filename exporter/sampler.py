@@ -28,6 +28,7 @@ from exporter.snapshot import (
     Snapshot,
 )
 from exporter.sources.cgroup import CgroupSource
+from exporter.sources.kubelet import PodResources
 from exporter.sources.nvml import GpuReader, NvmlSource
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.procfs import ProcfsSource
@@ -106,6 +107,7 @@ class Sampler:
         shm_path: str | None = None,
         attributor: ProcessAttributor | None = None,
         history: SampleHistory | None = None,
+        pods: Callable[[], PodResources | None] | None = None,
     ) -> None:
         self.nvml = nvml
         self.procfs = procfs
@@ -113,6 +115,7 @@ class Sampler:
         self.shm_path = shm_path
         self.attributor = attributor
         self.history = history
+        self.pods = pods  # the latest reading of a source polled on its own thread (kubelet)
         self.interval = interval
         self._clock = clock
         self._results: queue.SimpleQueue = queue.SimpleQueue()
@@ -228,6 +231,7 @@ class Sampler:
             cgroup=cgroup,
             shm=shm,
             xid_errors=xid_errors,
+            pods=self._isolated("pods", self.pods) if self.pods is not None else None,
         )
         self.snapshot = snap  # a single reference assignment: scrapes see the old or the new, whole
         if self.history is not None:

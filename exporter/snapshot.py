@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 from exporter.histogram import HistogramSnapshot
 from exporter.sources.cgroup import CgroupReading
+from exporter.sources.kubelet import PodResources
 from exporter.sources.processes import ProcessIdentity
 from exporter.sources.procfs import HostReading
 from exporter.sources.shm import ShmReading
@@ -150,3 +151,4 @@ class Snapshot:
     cgroup: CgroupReading | None = None
     shm: ShmReading | None = None
     xid_errors: tuple[tuple[tuple[int, int], int], ...] = ()  # ((gpu index, xid), count)
+    pods: PodResources | None = None  # kubelet pod-resources; None: off or no socket

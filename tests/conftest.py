@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,7 +15,7 @@ from typing import Iterator
 import pytest
 
 from exporter.collector import SnapshotCollector
-from exporter.fake_nvml import FakeNvml
+from exporter.fake_nvml import FakeNvml, fake_uuid
 from exporter.sampler import Sampler
 from exporter.sources.nvml import NvmlSource
 from exporter.sources.procfs import ProcfsSource
@@ -240,11 +241,34 @@ class PrometheusServer:
         self._log.close()
 
 
+# Which container the stand-in kubelet of the stack says holds each fake GPU.
+STACK_PODS = {0: ("tts", "synth-0", "model"), 1: ("tts", "synth-1", "model")}
+
+
+def start_fake_kubelet(socket_path: Path, allocations: dict) -> subprocess.Popen:
+    """tests/fake_kubelet.py as its own process, serving `allocations` (re-read from a file on each List)."""
+    state = socket_path.with_suffix(".json")
+    state.write_text(json.dumps(allocations))
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_kubelet.py"), "--socket", str(socket_path),
+                             "--state", str(state)], cwd=REPO, stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    if proc.stdout.readline().strip() != b"serving":
+        stop_process(proc)
+        raise RuntimeError("the fake kubelet did not start")
+    return proc
+
+
 class Stack:
-    """The exporter (2 fake GPUs, 100 ms), the fake TTS service and a real Prometheus scraping both."""
+    """The exporter (2 fake GPUs, 100 ms), a stand-in kubelet saying which pod holds each GPU, the fake TTS
+    service and a real Prometheus scraping both."""
 
     def __init__(self, workdir: Path) -> None:
-        self.exporter = ExporterProcess("--fake-gpus", "2", "--sample.interval", "100ms")
+        workdir.mkdir(parents=True, exist_ok=True)
+        socket_path = workdir / "kubelet.sock"
+        self.kubelet = start_fake_kubelet(socket_path, {"/".join(ref): {"nvidia.com/gpu": [fake_uuid(gpu)]}
+                                                        for gpu, ref in STACK_PODS.items()})
+        self.exporter = ExporterProcess("--fake-gpus", "2", "--sample.interval", "100ms",
+                                        "--kubernetes.pod-resources-socket", str(socket_path))
         self.tts_port = free_port()
         self.tts = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_tts.py"), "--port",
                                      str(self.tts_port), "--seconds", "900"], cwd=REPO)
@@ -261,6 +285,7 @@ class Stack:
         self.prom.stop()
         stop_process(self.tts)
         self.exporter.stop()
+        stop_process(self.kubelet)
 
 
 @pytest.fixture(scope="session")
@@ -285,3 +310,21 @@ def exporter_proc() -> Iterator[type[ExporterProcess]]:
     yield Tracked
     for p in started:
         p.stop()
+
+
+@pytest.fixture(scope="session")
+def nvml_stub_lib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The C stand-in for libnvidia-ml.so.1, built once per session (tests/nvml_stub)."""
+    from tests.nvml_stub import build
+
+    return build(tmp_path_factory.mktemp("nvml-stub"))
+
+
+@pytest.fixture
+def nvml_stub(nvml_stub_lib: Path, tmp_path: Path) -> Iterator["NvmlStub"]:
+    """A stand-in with its own config file; `bind()` points this process's pynvml at it until the test ends."""
+    from tests.nvml_stub import NvmlStub
+
+    stub = NvmlStub(nvml_stub_lib, tmp_path / "nvml-stub.conf")
+    yield stub
+    stub.unbind()

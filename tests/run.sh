@@ -17,6 +17,9 @@ command -v prometheus >/dev/null && command -v promtool >/dev/null || missing+=(
 command -v prometheus-node-exporter >/dev/null || missing+=(prometheus-node-exporter)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v openssl >/dev/null || missing+=(openssl)  # certificates for the TLS tests
+# gcc and libc headers build the C stand-in for libnvidia-ml.so.1 (tests/nvml_stub) that real pynvml loads
+command -v gcc >/dev/null || missing+=(gcc)
+[ -e /usr/include/stdio.h ] || missing+=(libc6-dev)
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi

@@ -55,6 +55,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["--web.max-connections", "0"], "--web.max-connections '0': must be at least 1"),
     (["--web.config.file", "/nonexistent/web.yml"], "cannot read /nonexistent/web.yml"),
     (["--fake-churn", "1s"], "--fake-churn needs --fake-gpus"),
+    (["--kubernetes.pod-resources-socket", "", "--kubernetes.pod-labels"], "--kubernetes.pod-labels needs"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, needle):
     r = run_cli(*args)
