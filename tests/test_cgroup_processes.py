@@ -46,6 +46,16 @@ def test_container_and_pod_from_every_cgroup_layout(layout):
     assert container_of(parse_proc_cgroup(text)) == (container, pod)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("0123456789abcdef:/-_.podkubeslicescrio\n"), max_size=3000)
+       | st.text(max_size=500))
+def test_proc_cgroup_parsing_fuzzed(text):
+    """/proc/<pid>/cgroup of any process on the node: never raises, ids have their fixed shapes."""
+    container, pod = container_of(parse_proc_cgroup(text))
+    assert container == "" or (len(container) == 64 and set(container) <= set("0123456789abcdef"))
+    assert pod == "" or len(pod) == 36
+
+
 def write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -122,7 +122,8 @@ def test_parse_duration_prometheus_and_go_forms(text, seconds):
 
 @pytest.mark.parametrize("text,why", [
     ("200", "missing unit"), ("0.5", "missing unit"), ("-1s", "must not be negative"), ("1s1m", "largest to smallest"),
-    ("1m1m", "largest to smallest"), ("1x", "unknown unit"), ("1e3s", "unknown unit"), ("", "empty"), ("s", "want e.g."),
+    ("1m1m", "largest to smallest"), ("1x", "unknown unit"), ("1e3s", "unknown unit"), ("", "empty"),
+    ("s", "want e.g."),
     ("1..5s", "want e.g."), ("1 s", "unknown unit"), ("inf", "want e.g."), ("9" * 40 + "y", "longer than 292 years"),
     ("1" * (MAX_CHARS + 1) + "s", "longer than 64 characters"),
 ])

@@ -50,7 +50,7 @@ class ProcessAttributor:
             check_regular(base / "cmdline")  # read for names the kernel cut at 15 characters
             name = psutil_at(self._root).Process(pid).name()
             cgroups = parse_proc_cgroup(read_once(base / "cgroup"))
-        except Exception:  # noqa: BLE001 - exited, not visible from this PID namespace, or files psutil cannot parse
+        except Exception:  # exited, not visible from this PID namespace, or files psutil cannot parse
             return None
         container, pod = container_of(cgroups)
         return ProcessIdentity(name, container, pod)

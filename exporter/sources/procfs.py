@@ -123,7 +123,7 @@ class ProcfsSource:
         total = available = None
         try:
             total, available = self._memory()
-        except Exception:  # noqa: BLE001 - psutil parsing a file under a user-given path: any failure is "unreadable"
+        except Exception:  # psutil parsing a file under a user-given path: any failure is "unreadable"
             errors.append("meminfo")
         return HostReading(cpu, tuple(cores), total, available, tuple(errors))
 
