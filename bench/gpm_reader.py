@@ -3,7 +3,7 @@
 
     .venv/bin/python bench/gpm_reader.py [--gpus 8] [--interval 0.2] [--ticks 50] [--real]
 
-By default pynvml calls the C stand-in for libnvidia-ml.so.1 (tests/nvml_stub, built with gcc into a
+By default pynvml calls the C stand-in for libnvidia-ml.so.1 (testkit/nvml_stub, built with gcc into a
 temporary directory), once with GPM (NVLink from GPM's totals) and once without (NVLink from 18 links'
 field counters); --real uses this machine's driver instead. Prints wall and CPU time per tick and the
 share of one core at the interval; asserts nothing. The stand-in's own C time is included, so the
@@ -69,7 +69,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         stub = None
         if not a.real:
-            from tests.nvml_stub import NvmlStub, build
+            from testkit.nvml_stub import NvmlStub, build
 
             stub = NvmlStub(build(Path(tmp)), Path(tmp) / "stand-in.conf")
             stub.bind()

@@ -24,7 +24,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from exporter.fake_nvml import fake_uuid  # noqa: E402
-from tests.conftest import free_port, http_get, start_fake_kubelet, stop_process  # noqa: E402
+from testkit.processes import free_port, http_get, start_fake_kubelet, stop_process  # noqa: E402
 
 GPUS = 8
 

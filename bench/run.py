@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import free_port, stop_process  # noqa: E402  (shared with the tests)
+from testkit.processes import free_port, stop_process  # noqa: E402  (shared with the tests)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -5,7 +5,6 @@ import argparse
 import gc
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -18,11 +17,13 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from exporter import __version__
 from exporter.collector import SnapshotCollector
 from exporter.durations import parse_duration
+from exporter.environment import ENV_PREFIX, env_name
 from exporter.history import SampleHistory
 from exporter.sampler import Sampler
 from exporter.httpd import Limits
-from exporter.server import ListenAddressError, ServerCollector, make_server, parse_listen_address
+from exporter.listen import ListenAddressError, parse_listen_address
 from exporter.pods import PodCollector
+from exporter.server import ServerCollector, bind, make_server
 from exporter.sources.cgroup import CgroupSource, locate
 from exporter.sources.kubelet import DEFAULT_SOCKET, PodResourcesPoller
 from exporter.sources.nvml import NvmlSource
@@ -34,7 +35,6 @@ from exporter.webconfig import WebConfigError, WebConfigWatcher
 log = logging.getLogger("exporter")
 
 MIN_INTERVAL_S = 0.010
-ENV_PREFIX = "GPU_EXPORTER_"
 MAX_FAKE_GPUS = 64
 # --history.window / --sample.interval: rows the live view keeps (docs/live-view.md: 0.55 KB each at 8 GPUs,
 # 2.2 KB at 64): 18 000 is 1 h at 200 ms, 10 MB / 40 MB; a week at 10 ms would take the node's memory.
@@ -43,13 +43,10 @@ MAX_HISTORY_ROWS = 18_000
 RESERVED_PATHS = ("/", "/healthz", "/api/v1/samples", "/api/v1/diagnosis")
 
 
-def env_name(flag: str) -> str:
-    """--sample.interval -> GPU_EXPORTER_SAMPLE_INTERVAL"""
-    return ENV_PREFIX + re.sub(r"[.-]", "_", flag.lstrip("-")).upper()
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
+    """The parsed, validated flags: plain values only (main() builds the live objects from them)."""
+
     listen_address: str
     telemetry_path: str
     sample_interval: float
@@ -66,7 +63,7 @@ class Config:
     fake_mig: tuple[str, ...]
     fake_churn: float
     max_connections: int
-    web_config: WebConfigWatcher | None
+    web_config_file: str  # "": plain HTTP
     pod_resources_socket: str = DEFAULT_SOCKET
     pod_labels: bool = False
 
@@ -235,18 +232,24 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
                 locate(cgroupfs, cgroup_path)
             except (OSError, ValueError) as exc:
                 raise ValueError(f"{s['--cgroup.path']}: {exc}") from None
-        web_config = None
-        web_config_file = s["--web.config.file"]
-        if web_config_file.value:
-            try:
-                web_config = WebConfigWatcher(web_config_file.value)
-            except WebConfigError as exc:
-                raise ValueError(f"{web_config_file}: {exc}") from None
+        web_config = s["--web.config.file"]
+        if web_config.value:
+            _web_config(web_config.value, str(web_config))  # a bad file is a flag error, before anything starts
     except ValueError as exc:
         parser.error(str(exc))
-    return Config(listen.value, path, interval, procfs, fake, level, max_requests, s["--node.name"].value,
-                  processes, cgroupfs, cgroup_path, s["--path.shm"].value, history, fake_mig, fake_churn,
-                  max_connections, web_config, pod_socket, pod_labels)
+    return Config(listen_address=listen.value, telemetry_path=path, sample_interval=interval, procfs=procfs,
+                  fake_gpus=fake, log_level=level, max_requests=max_requests, node_name=s["--node.name"].value,
+                  processes=processes, cgroupfs=cgroupfs, cgroup_path=cgroup_path, shm_path=s["--path.shm"].value,
+                  history_window=history, fake_mig=fake_mig, fake_churn=fake_churn, max_connections=max_connections,
+                  web_config_file=web_config.value, pod_resources_socket=pod_socket, pod_labels=pod_labels)
+
+
+def _web_config(path: str, subject: str) -> WebConfigWatcher:
+    """The watcher for a web config file; ValueError naming `subject` (the flag or variable) if it is bad."""
+    try:
+        return WebConfigWatcher(path)
+    except WebConfigError as exc:
+        raise ValueError(f"{subject}: {exc}") from None
 
 
 def _duration(setting: _Setting) -> float:
@@ -298,7 +301,7 @@ def _nvml_module(cfg: Config) -> tuple[Any, str]:
         from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 
         # GPU 1 reports XID 31 (an application's GPU memory page fault) after 5 s, then every minute.
-        churn = {"batch_period_s": cfg.fake_churn, "batch_new_pid": True} if cfg.fake_churn else {}
+        churn: dict[str, Any] = {"batch_period_s": cfg.fake_churn, "batch_new_pid": True} if cfg.fake_churn else {}
         specs = [FakeGpuSpec(mig_profiles=cfg.fake_mig if i == 0 else (),
                              xid_schedule=(5.0, 60.0, 31) if i == 1 else None, **churn)
                  for i in range(cfg.fake_gpus)]
@@ -308,6 +311,15 @@ def _nvml_module(cfg: Config) -> tuple[Any, str]:
     except ImportError:
         return None, "absent"
     return pynvml, "real"
+
+
+def _cgroup_source(cfg: Config) -> CgroupSource | None:
+    try:
+        cgroup = CgroupSource(cfg.cgroupfs, cfg.cgroup_path)
+    except (OSError, ValueError) as exc:  # e.g. /proc/self/cgroup unreadable, or the cgroup went away
+        log.warning("cgroup metrics off: %s", exc)
+        return None
+    return cgroup if cgroup.available else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -320,31 +332,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    registry = CollectorRegistry(auto_describe=False)
-    sampler: Sampler | None = None
-    history = SampleHistory(cfg.history_window, cfg.sample_interval) if cfg.history_window else None
+    try:
+        web_config = (_web_config(cfg.web_config_file, f"--web.config.file {cfg.web_config_file!r}")
+                      if cfg.web_config_file else None)
+    except ValueError as exc:  # changed since the flags were checked
+        print(f"gpu-telemetry-exporter: error: {exc}", file=sys.stderr)
+        return 2
     try:  # bind first: a taken port is a one-line error before anything else is set up or logged
-        server = make_server(cfg.listen_address, registry, lambda: sampler.health(), cfg.telemetry_path,
-                             history=history, generation=lambda: sampler.snapshot, web_config=cfg.web_config,
-                             limits=Limits(max_requests=cfg.max_requests, max_connections=cfg.max_connections))
+        sock = bind(cfg.listen_address)
     except OSError as exc:
         print(f"gpu-telemetry-exporter: error: cannot listen on {cfg.listen_address}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 2
-
-    nvml, mode = _nvml_module(cfg)
-    try:
-        cgroup: CgroupSource | None = CgroupSource(cfg.cgroupfs, cfg.cgroup_path)
-        if not cgroup.available:
-            cgroup = None
-    except (OSError, ValueError) as exc:  # e.g. /proc/self/cgroup unreadable, or the cgroup went away
-        log.warning("cgroup metrics off: %s", exc)
-        cgroup = None
+    history = SampleHistory(cfg.history_window, cfg.sample_interval) if cfg.history_window else None
     pods = PodResourcesPoller(cfg.pod_resources_socket) if cfg.pod_resources_socket else None
-    sampler = Sampler(NvmlSource(nvml, mode, collect_processes=cfg.processes), ProcfsSource(cfg.procfs),
-                      interval=cfg.sample_interval, cgroup=cgroup, shm_path=cfg.shm_path or None,
+    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collect_processes=cfg.processes), ProcfsSource(cfg.procfs),
+                      interval=cfg.sample_interval, cgroup=_cgroup_source(cfg), shm_path=cfg.shm_path or None,
                       attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None, history=history,
-                      pods=(lambda: pods.latest) if pods else None)
+                      pods=pods.latest_reading if pods else None)
+    registry = CollectorRegistry(auto_describe=False)
+    server = make_server(sock, registry, sampler.health, cfg.telemetry_path, history=history,
+                         generation=lambda: sampler.snapshot, web_config=web_config,
+                         limits=Limits(max_requests=cfg.max_requests, max_connections=cfg.max_connections))
     snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name)
     registry.register(PodCollector(snapshot_collector, lambda: sampler.snapshot, cfg.pod_labels) if pods
                       else snapshot_collector)
@@ -366,8 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
     backend = f"{cfg.fake_gpus} simulated GPUs" if cfg.fake_gpus else "NVML through nvidia-ml-py"
-    scheme = "https" if cfg.web_config and cfg.web_config.ssl_context else "http"
-    auth = " with basic auth" if cfg.web_config and cfg.web_config.auth.enabled else ""
+    scheme = "https" if web_config and web_config.ssl_context else "http"
+    auth = " with basic auth" if web_config and web_config.auth.enabled else ""
     log.info("gpu-telemetry-exporter %s listening on %s://%s:%d%s%s (sampling every %gs; GPUs: %s)",
              __version__, scheme, shown, port, cfg.telemetry_path, auth, cfg.sample_interval, backend)
     if auth and scheme == "http":

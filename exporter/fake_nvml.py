@@ -53,6 +53,7 @@ class FakeGpuSpec:
     xid_schedule: tuple[float, float, int] | None = None  # (first after s, then every s, XID code)
     driver_sample_depth: int = 120  # samples the driver keeps (20 s at 1/6 s)
     replay_counter: int = 0
+    fan_speed_percent: int | None = None  # None: NotSupported, as on the fanless H100 SXM
     batch_period_s: float = 10.0  # a batch job runs every other period
     batch_new_pid: bool = False  # each batch job a new PID (label churn, as real jobs), not the same one
     gpm_supported: bool = True  # GPM (Hopper and newer); False as on A100, L4, ...
@@ -256,6 +257,10 @@ class FakeNvml:
         for es in self._event_sets:
             if gpu in es.devices:
                 es.events.put(_xid_event(gpu, xid))
+
+    def xid_registered(self) -> set[int]:
+        """GPUs registered for XID events on an event set that is still allocated."""
+        return set().union(*(es.devices for es in self._event_sets))
 
     def _enter(self, call: str, gpu: int | None) -> None:
         with self._calls_lock:
@@ -500,6 +505,7 @@ class FakeNvml:
     @_nvml_call
     def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeHandle) -> list[Any]:
         out = []
+        listed: list[tuple[int, int | None]]
         if isinstance(handle, FakeMigHandle):  # one worker per MIG instance, using most of it
             profile = self.specs[handle.index].mig_profiles[handle.slot]
             listed = [(6000 + 10 * handle.index + handle.slot, mig_memory_bytes(profile) // 2)]
@@ -619,6 +625,13 @@ class FakeNvml:
         return 10_000_000 + int(self._integral(handle.index, self._now(), s.power_low_mw, s.power_high_mw))
 
     @_nvml_call
+    def nvmlDeviceGetFanSpeed_v2(self, handle: FakeHandle, fan: int) -> int:
+        speed = self.specs[handle.index].fan_speed_percent
+        if speed is None or fan != 0:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return speed
+
+    @_nvml_call
     def nvmlDeviceGetClockInfo(self, handle: FakeHandle, type: int) -> int:
         if type == pynvml.NVML_CLOCK_MEM:
             return 2619
@@ -720,11 +733,11 @@ class FakeNvml:
         each requested metric with its own nvmlReturn."""
         if metricsGet.version != pynvml.NVML_GPM_METRICS_GET_VERSION:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
-        taken = [self._gpm_samples.get(ctypes.addressof(p.contents), (None, None))[1]
-                 for p in (metricsGet.sample1, metricsGet.sample2)]
-        if None in taken or taken[0][:2] != taken[1][:2] or taken[1][2] - taken[0][2] < 0.1:
+        first, second = (self._gpm_samples.get(ctypes.addressof(p.contents), (None, None))[1]
+                         for p in (metricsGet.sample1, metricsGet.sample2))
+        if first is None or second is None or first[:2] != second[:2] or second[2] - first[2] < 0.1:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        gpu, _, t = taken[1]
+        gpu, _, t = second
         for i in range(metricsGet.numMetrics):
             metric = metricsGet.metrics[i]
             value = self.gpm_percent_at(gpu, metric.metricId, t)
@@ -770,30 +783,35 @@ class FixtureNvml(FakeNvml):
     @_nvml_call
     def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> Any:
         got = self._recorded(handle, "nvmlDeviceGetUtilizationRates")
-        return pynvml.c_nvmlUtilization_t(**got) if got else FakeNvml.nvmlDeviceGetUtilizationRates.__wrapped__(self, handle)
+        return pynvml.c_nvmlUtilization_t(**got) if got else _unwrapped(FakeNvml.nvmlDeviceGetUtilizationRates)(self, handle)
 
     @_nvml_call
     def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle, version: int | None = None) -> Any:
         got = self._recorded(handle, "nvmlDeviceGetMemoryInfo[v2]" if version else "nvmlDeviceGetMemoryInfo")
         if not got:
-            return FakeNvml.nvmlDeviceGetMemoryInfo.__wrapped__(self, handle, version)
+            return _unwrapped(FakeNvml.nvmlDeviceGetMemoryInfo)(self, handle, version)
         return (pynvml.c_nvmlMemory_v2_t if version else pynvml.c_nvmlMemory_t)(**got)
 
     @_nvml_call
     def nvmlDeviceGetTemperature(self, handle: FakeHandle, sensor: int) -> int:
         got = self._recorded(handle, "nvmlDeviceGetTemperature[GPU]")
-        return got if got is not None else FakeNvml.nvmlDeviceGetTemperature.__wrapped__(self, handle, sensor)
+        return got if got is not None else _unwrapped(FakeNvml.nvmlDeviceGetTemperature)(self, handle, sensor)
 
     @_nvml_call
     def nvmlDeviceGetPowerUsage(self, handle: FakeHandle) -> int:
         got = self._recorded(handle, "nvmlDeviceGetPowerUsage")
-        return got if got is not None else FakeNvml.nvmlDeviceGetPowerUsage.__wrapped__(self, handle)
+        return got if got is not None else _unwrapped(FakeNvml.nvmlDeviceGetPowerUsage)(self, handle)
 
     @_nvml_call
     def nvmlDeviceGetClockInfo(self, handle: FakeHandle, type: int) -> int:
         got = self._recorded(handle, "nvmlDeviceGetClockInfo[MEM]" if type == pynvml.NVML_CLOCK_MEM
                              else "nvmlDeviceGetClockInfo[SM]")
-        return got if got is not None else FakeNvml.nvmlDeviceGetClockInfo.__wrapped__(self, handle, type)
+        return got if got is not None else _unwrapped(FakeNvml.nvmlDeviceGetClockInfo)(self, handle, type)
+
+
+def _unwrapped(call: Callable[..., Any]) -> Callable[..., Any]:
+    """The fake's own answer without _nvml_call's bookkeeping (a replayed call must count once)."""
+    return call.__wrapped__  # type: ignore[attr-defined]
 
 
 def fake_call_names() -> list[str]:

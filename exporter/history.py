@@ -13,6 +13,7 @@ from array import array
 from collections import deque
 
 from exporter.snapshot import GpuState, Snapshot
+from exporter.sources.nvml.specs import MEMORY_USED_RATIO, UTILIZATION
 
 GPU_FIELDS = ("utilization", "memory_used_ratio", "pcie_tx_utilization", "pcie_rx_utilization")
 
@@ -25,7 +26,7 @@ def _gpu_values(g: GpuState) -> tuple[float | None, ...]:
     if r is None or not g.up:
         return (None,) * len(GPU_FIELDS)
     link = g.identity.pcie_link_max_bytes_per_second
-    return (r.utilization, r.memory_used_ratio, r.pcie_utilization("tx", link), r.pcie_utilization("rx", link))
+    return (r[UTILIZATION], r[MEMORY_USED_RATIO], r.pcie_utilization("tx", link), r.pcie_utilization("rx", link))
 
 
 def _nullable(v: float) -> float | None:
@@ -42,10 +43,6 @@ class SampleHistory:
         self._names: dict[str, tuple[str, str]] = {}  # gpu -> (uuid, name)
         self._lock = threading.Lock()
         self._wall = wall_clock
-
-    @property
-    def capacity(self) -> int:
-        return self._rows.maxlen or 0
 
     def append(self, snap: Snapshot) -> None:
         ids = tuple(str(g.identity.index) for g in snap.gpus)
@@ -69,7 +66,7 @@ class SampleHistory:
             since = rows[-1][0] - window_s
             rows = [r for r in rows if r[0] > since]
         gpu_ids = sorted({gpu for _, ids, _ in rows for gpu in ids}, key=int)
-        series = {gpu: {f: [] for f in GPU_FIELDS} for gpu in gpu_ids}
+        series: dict[str, dict[str, list[float | None]]] = {gpu: {f: [] for f in GPU_FIELDS} for gpu in gpu_ids}
         width = len(GPU_FIELDS)
         for _, ids, values in rows:
             where = {gpu: 1 + i * width for i, gpu in enumerate(ids)}

@@ -171,6 +171,7 @@ class _Connection(asyncio.Protocol):
         self.buf += data
         if self.state == "busy":
             if len(self.buf) > self.server.limits.max_head_bytes:  # pipelined flood while we answer
+                assert self.transport is not None  # data only arrives after connection_made
                 self.transport.pause_reading()
             return
         if self.state == "idle":
@@ -288,6 +289,7 @@ class _Connection(asyncio.Protocol):
         if self.closed:
             return
         self.server.stats.requests[response.status] += 1
+        assert self.transport is not None  # a request only arrives after connection_made
         self.transport.write(self.server.encode(response, head_only, keep_alive))
         if self.writable is not None:  # the client is not reading: wait, but not forever
             try:
@@ -300,6 +302,7 @@ class _Connection(asyncio.Protocol):
         if not keep_alive or self.eof:
             self.close(reason, linger=True)
             return
+        assert self.transport is not None
         self.transport.resume_reading()
         self._to_idle()
 
@@ -318,7 +321,7 @@ class HttpServer:
     def __init__(self, sock: socket.socket, app: App, limits: Limits = Limits(),
                  ssl_context: ssl.SSLContext | None = None, auth: Authenticator | None = None,
                  extra_headers: Callable[[], tuple[tuple[str, str], ...]] = lambda: (),
-                 server_name: str = "exporter", on_tick: Callable[[], None] | None = None) -> None:
+                 server_name: str = "exporter", on_tick: Callable[[], object] | None = None) -> None:
         self.socket = sock
         self.server_address = sock.getsockname()
         self.app = app
@@ -345,6 +348,7 @@ class HttpServer:
             if victim is None:
                 self.stats.closed["connection_limit"] += 1
                 conn.closed = True
+                assert conn.transport is not None  # admitted from connection_made
                 conn.transport.write(self.encode(Response(503, b"too many open connections\n"), False, False))
                 conn.transport.close()
                 return False
@@ -443,18 +447,27 @@ class HttpServer:
             self._done.set()
 
     def _schedule_tick(self) -> None:
+        loop, on_tick = self._loop, self.on_tick
+        assert loop is not None and on_tick is not None  # called from serve_forever when on_tick is set
+
         def tick() -> None:
             try:
-                self.on_tick()
+                on_tick()
             except Exception:
                 log.exception("periodic server task failed")
-            self._loop.call_later(1.0, tick)
-        self._loop.call_later(1.0, tick)
+            loop.call_later(1.0, tick)
+        loop.call_later(1.0, tick)
 
     def shutdown(self) -> None:
         if not self._running.wait(timeout=5):
             return
-        self._loop.call_soon_threadsafe(lambda: self._stop.done() or self._stop.set_result(None))
+        loop, stop = self._loop, self._stop
+        assert loop is not None and stop is not None  # both are set before _running
+
+        def finish() -> None:
+            if not stop.done():
+                stop.set_result(None)
+        loop.call_soon_threadsafe(finish)
         self._done.wait(timeout=10)
 
     def server_close(self) -> None:

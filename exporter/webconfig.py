@@ -128,10 +128,11 @@ def parse_web_config(text: str, base_dir: Path) -> WebConfig:
             if v is not None and v not in _TLS_VERSIONS:
                 raise WebConfigError(f"tls_server_config.{key} {v!r}: want one of {', '.join(_TLS_VERSIONS)}")
             versions.append(_TLS_VERSIONS[v] if v else None)
-        if versions[1] is not None and versions[1] < versions[0]:
+        minimum = versions[0] or ssl.TLSVersion.TLSv1_2  # an explicit null means the default
+        if versions[1] is not None and versions[1] < minimum:
             raise WebConfigError("tls_server_config.max_version is below min_version")
         tls = TlsSettings(base_dir / str(tls_doc["cert_file"]), base_dir / str(tls_doc["key_file"]),
-                          _CLIENT_AUTH[auth_type], base_dir / str(ca) if ca else None, versions[0], versions[1])
+                          _CLIENT_AUTH[auth_type], base_dir / str(ca) if ca else None, minimum, versions[1])
 
     users: dict[str, bytes] = {}
     for user, hashed in _mapping(doc.get("basic_auth_users"), "basic_auth_users").items():
@@ -277,7 +278,7 @@ class WebConfigWatcher:
         return files
 
     def _stat(self) -> tuple:
-        sig = []
+        sig: list[tuple[int, int, int] | None] = []
         for f in self._files():
             try:
                 st = os.stat(f)
@@ -299,7 +300,7 @@ class WebConfigWatcher:
             new = load_web_config(self.path)
             if (new.tls is None) != (self.ssl_context is None):
                 raise WebConfigError("turning TLS on or off needs a restart")
-            if new.tls is not None:
+            if new.tls is not None and self.ssl_context is not None:  # both or neither (checked above)
                 new_tls_context(new.tls)  # a bad pair must fail here, not half-replace the live certificate
                 configure_tls(self.ssl_context, new.tls)
         except WebConfigError as exc:

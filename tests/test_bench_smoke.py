@@ -5,7 +5,11 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.e2e  # starts real processes
 
 
 def test_micro_benchmark_prints_figures():

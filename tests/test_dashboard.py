@@ -70,6 +70,7 @@ def expand(expr: str) -> str:
     return re.sub(r"\$\{?(\w+)\}?", lambda m: SUBSTITUTE[m.group(1)], expr)
 
 
+@pytest.mark.e2e
 def test_every_panel_query_returns_data(stack, dashboard):
     failures = []
     for p in data_panels(dashboard):
@@ -85,6 +86,7 @@ def test_every_panel_query_returns_data(stack, dashboard):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.e2e
 def test_gpu_panels_titled_by_pod_repeat_over_the_pod_variable(stack, dashboard):
     (repeated,) = [p for p in data_panels(dashboard) if p.get("repeat")]
     assert repeated["repeat"] == "pod" and "$pod" in repeated["title"]
@@ -96,6 +98,7 @@ def test_gpu_panels_titled_by_pod_repeat_over_the_pod_variable(stack, dashboard)
         ("1", "tts", "synth-1")]
 
 
+@pytest.mark.e2e
 def test_variable_queries_return_values(stack, dashboard):
     for v in dashboard["templating"]["list"]:
         if v["type"] != "query":
@@ -108,6 +111,7 @@ def test_variable_queries_return_values(stack, dashboard):
         assert status == 200 and json.loads(body)["data"], (v["name"], body[:200])
 
 
+@pytest.mark.e2e
 def test_rtf_panel_tracks_the_tts_histogram(stack):
     p50 = stack.prom.query("histogram_quantile(0.5, sum by (le) (rate(tts_real_time_factor_bucket[10s])))")
     assert 0.1 < float(p50[0]["value"][1]) < 1.0

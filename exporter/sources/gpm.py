@@ -274,8 +274,7 @@ class GpmReader:
                 self._log_once(f"GPM metric {metric_id}", f"nvmlReturn {got.nvmlReturn}, value {value}")
             else:
                 values[metric_id] = value
-        activity = GpmActivity(**{field: None if values[mid] is None else min(values[mid] / 100.0, 1.0)
-                                  for field, mid in RATIO_METRICS.items()})
+        activity = GpmActivity(**{field: _ratio(values[mid]) for field, mid in RATIO_METRICS.items()})
         tx, rx = values[GPM_NVLINK_TX], values[GPM_NVLINK_RX]
         return activity, None if tx is None else tx * _MIB, None if rx is None else rx * _MIB
 
@@ -314,8 +313,11 @@ class GpmReader:
             cur = CounterReading(_integer(entry), int(entry.timestamp))
             rate = counter_rate(self._link_prev.get(key), cur, 2**32 if entry.valueType == 1 else 2**64, None)
             self._link_prev[key] = cur
-            if rate is None or sums[field] is None:
-                sums[field] = None
-            else:
-                sums[field] += rate * 1024.0  # KiB
+            total = sums[field]
+            sums[field] = None if rate is None or total is None else total + rate * 1024.0  # KiB
         return sums[FI_NVLINK_TX], sums[FI_NVLINK_RX]
+
+
+def _ratio(percent: float | None) -> float | None:
+    """GPM answers percentages; the exporter's ratios are 0-1 (capped: a pair can read a hair over 100)."""
+    return None if percent is None else min(percent / 100.0, 1.0)

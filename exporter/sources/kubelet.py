@@ -90,8 +90,9 @@ class PodResourcesClient:
     def __init__(self, socket_path: str) -> None:
         from grpclib.client import Channel, UnaryUnaryMethod
 
-        from exporter.sources import podresources_v1_pb2 as pb
+        from exporter.sources import podresources_v1_pb2
 
+        pb: Any = podresources_v1_pb2  # message classes are built at import time: nothing for mypy to see
         self._pb = pb
         self._channel = Channel(path=socket_path, codec=_bounded_codec())
         self._list = UnaryUnaryMethod(self._channel, LIST_METHOD, pb.ListPodResourcesRequest,
@@ -139,6 +140,10 @@ class PodResourcesPoller:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
+
+    def latest_reading(self) -> PodResources | None:
+        """What the sampler calls each tick: the last published reading, never waiting on the kubelet."""
+        return self.latest
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._thread_main, name="pod-resources", daemon=True)
