@@ -13,8 +13,10 @@ from __future__ import annotations
 import threading
 import time
 from array import array
+import json
 from collections import Counter, deque
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 from exporter.snapshot import GpuState, Snapshot
 from exporter.sources.cgroup import CgroupReading
@@ -111,8 +113,9 @@ class SampleHistory:
                 if g.reading is not None and g.up:
                     (self._mig.add if g.reading.mig is not None else self._mig.discard)(gpu)
 
-    def columns(self, window_s: float, gpu_fields: tuple[str, ...] = ALL_GPU_FIELDS) -> Columns:
-        """The rows newer than (newest - window_s) as columns."""
+    def _window(self, window_s: float) -> tuple[list, dict, list[str], frozenset[str], Snapshot | None]:
+        """(rows newer than the last one minus window_s, gpu -> (uuid, name), the GPU ids among them,
+        the GPUs in MIG mode, the latest snapshot)."""
         with self._lock:
             rows = list(self._rows)
             names = dict(self._names)
@@ -121,35 +124,70 @@ class SampleHistory:
         if rows:
             since = rows[-1][0] - window_s
             rows = [r for r in rows if r[0] > since]
-        gpu_ids = sorted({gpu for _, ids, _ in rows for gpu in ids}, key=int)
-        series: dict[str, dict[str, list[float | None]]] = {gpu: {f: [] for f in gpu_fields} for gpu in gpu_ids}
-        offsets = [(f, ALL_GPU_FIELDS.index(f)) for f in gpu_fields]
+        return rows, names, sorted({gpu for _, ids, _ in rows for gpu in ids}, key=int), mig, latest
+
+    @staticmethod
+    def _column(rows: list, gpu: str, k: int) -> Iterator[float | None]:
+        """One GPU field (index k of ALL_GPU_FIELDS) over the rows, None where the GPU was absent or had no value."""
         width, first = len(ALL_GPU_FIELDS), len(HOST_FIELDS)
+        last_ids: tuple | None = None
+        at: int | None = None
         for _, ids, values in rows:
-            where = {gpu: first + i * width for i, gpu in enumerate(ids)}
-            for gpu in gpu_ids:
-                at = where.get(gpu)
-                for f, k in offsets:
-                    series[gpu][f].append(None if at is None else _nullable(values[at + k]))
+            if ids is not last_ids:  # consecutive rows share one ids tuple while the GPU set holds
+                last_ids = ids
+                at = first + ids.index(gpu) * width if gpu in ids else None
+            yield None if at is None else _nullable(values[at + k])
+
+    @staticmethod
+    def _below_40(utilization: Iterable[float | None]) -> float | None:
+        util = [v for v in utilization if v is not None]
+        return (sum(1 for v in util if v <= 0.4) / len(util)) if util else None
+
+    def columns(self, window_s: float) -> Columns:
+        """The rows newer than (newest - window_s) as columns: what the diagnosis reads."""
+        rows, names, gpu_ids, mig, latest = self._window(window_s)
+        gpus = {gpu: {f: list(self._column(rows, gpu, k)) for k, f in enumerate(ALL_GPU_FIELDS)} for gpu in gpu_ids}
         host = {f: [_nullable(values[k]) for _, _, values in rows] for k, f in enumerate(HOST_FIELDS)}
-        return Columns([t for t, _, _ in rows], host, series, names, mig, latest)
+        return Columns([t for t, _, _ in rows], host, gpus, names, mig, latest)
 
     def query(self, window_s: float) -> dict:
         """The documented JSON shape (docs/live-view.md): columns aligned on `t`."""
-        cols = self.columns(window_s, GPU_FIELDS)
+        rows, names, gpu_ids, mig, _ = self._window(window_s)
         gpus = []
-        for gpu, series in cols.gpus.items():
-            util = [v for v in series["utilization"] if v is not None]
+        for gpu in gpu_ids:
+            series = {f: list(self._column(rows, gpu, k)) for k, f in enumerate(GPU_FIELDS)}
             gpus.append({
-                "gpu": gpu, "uuid": cols.names.get(gpu, ("", ""))[0], "name": cols.names.get(gpu, ("", ""))[1],
-                "mig": gpu in cols.mig, **series,
-                "below_40_fraction": (sum(1 for v in util if v <= 0.4) / len(util)) if util else None,
+                "gpu": gpu, "uuid": names.get(gpu, ("", ""))[0], "name": names.get(gpu, ("", ""))[1],
+                "mig": gpu in mig, **series, "below_40_fraction": self._below_40(series["utilization"]),
             })
         return {
             "interval_seconds": self.interval_s,
             "window_seconds": window_s,
             "history_seconds": self.window_s,
-            "t": [round(t, 3) for t in cols.t],
-            "host_cpu_utilization": cols.host["host_cpu_utilization"],
+            "t": [round(t, 3) for t, _, _ in rows],
+            "host_cpu_utilization": [_nullable(values[0]) for _, _, values in rows],
             "gpus": gpus,
         }
+
+    def query_json(self, window_s: float) -> bytes:
+        """query() as compact JSON, written a column at a time: peak memory is about the size of the
+        output, not a Python float and a list slot per value (tens of MB for 5 minutes of 64 GPUs)."""
+        rows, names, gpu_ids, mig, _ = self._window(window_s)
+        dump = json.dumps
+        parts = [f'{{"interval_seconds":{dump(self.interval_s)},"window_seconds":{dump(window_s)},'
+                 f'"history_seconds":{dump(self.window_s)},"t":'.encode(),
+                 _json_list(round(t, 3) for t, _, _ in rows), b',"host_cpu_utilization":',
+                 _json_list(_nullable(values[0]) for _, _, values in rows), b',"gpus":[']
+        for n, gpu in enumerate(gpu_ids):
+            uuid, name = names.get(gpu, ("", ""))
+            parts.append(f'{"," if n else ""}{{"gpu":{dump(gpu)},"uuid":{dump(uuid)},"name":{dump(name)},'
+                         f'"mig":{dump(gpu in mig)}'.encode())
+            for k, f in enumerate(GPU_FIELDS):
+                parts += (f',"{f}":'.encode(), _json_list(self._column(rows, gpu, k)))
+            parts.append(f',"below_40_fraction":{dump(self._below_40(self._column(rows, gpu, 0)))}}}'.encode())
+        parts.append(b"]}")
+        return b"".join(parts)
+
+
+def _json_list(values: Iterable[float | None]) -> bytes:
+    return ("[" + ",".join("null" if v is None else repr(v) for v in values) + "]").encode()
