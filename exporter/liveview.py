@@ -1,7 +1,7 @@
 """The landing page: a live view of the last minutes at full sample resolution, drawn on <canvas>.
 
 Self-contained (no CDN, no build step); it polls /api/v1/samples once a second and /api/v1/diagnosis
-every third second (the findings panel at the top).
+every third second, or every window/60 seconds for longer windows (the findings panel at the top).
 """
 from __future__ import annotations
 
@@ -142,7 +142,9 @@ async function refresh() {
   }
   try {
     const d = await getJson(`/api/v1/samples?window=${windowSeconds}s`);
-    if (ticks++ % 3 === 0) showFindings(await getJson(`/api/v1/diagnosis?window=${windowSeconds}s`));
+    // every 3 s; longer windows less often (a 1 h diagnosis of 64 GPUs costs seconds of CPU)
+    if (ticks++ % Math.max(3, Math.round(windowSeconds / 60)) === 0)
+      showFindings(await getJson(`/api/v1/diagnosis?window=${windowSeconds}s`));
     const found = [];
     if (!d.gpus.length) {
       const nogpu = document.querySelector('#findings li[data-rule="no_gpu"] .evidence');
