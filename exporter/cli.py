@@ -18,6 +18,7 @@ from exporter import __version__
 from exporter.collector import SnapshotCollector
 from exporter.durations import parse_duration
 from exporter.environment import ENV_PREFIX, env_name
+from exporter.fake_scenarios import SCENARIOS, ScenarioNvml, scenario_help
 from exporter.history import SampleHistory
 from exporter.sampler import Sampler
 from exporter.httpd import Limits
@@ -66,6 +67,7 @@ class Config:
     web_config_file: str  # "": plain HTTP
     pod_resources_socket: str = DEFAULT_SOCKET
     pod_labels: bool = False
+    fake_scenario: str = ""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -92,7 +94,8 @@ def _build_parser() -> _Parser:
     p = _Parser(
         prog="gpu-telemetry-exporter",
         description="Prometheus exporter sampling NVIDIA GPUs (NVML) and host CPU (procfs) several times a second. "
-        f"Every flag can also be set from the environment variable named in brackets ({ENV_PREFIX}...).",
+        f"Every flag can also be set from the environment variable named in brackets ({ENV_PREFIX}...). "
+        "`gpu-telemetry-exporter diagnose --help`: why the RTF jittered in a past window, from Prometheus.",
     )
 
     def flag(name: str, default: str, help_text: str) -> None:
@@ -114,6 +117,8 @@ def _build_parser() -> _Parser:
                            "instances, e.g. 3g.40gb,2g.20gb,1g.10gb,1g.10gb")
     flag("--fake-churn", "0", "with --fake-gpus: a new batch process (new PID) every other DURATION on each "
                               "GPU, for label-churn soak tests; 0: the default 10 s schedule with fixed PIDs")
+    flag("--fake-scenario", "", "with --fake-gpus: drive every simulated GPU into one condition for the "
+                                "diagnosis (" + scenario_help().replace("%", "%%") + ")")
     flag("--log.level", "info", "log level: debug, info, warn, error")
     flag("--node.name", "", "node name for the `node` label of gpu_info (Kubernetes: from the downward API)")
     flag("--path.cgroupfs", "/sys/fs/cgroup", "cgroup filesystem mount point")
@@ -210,6 +215,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         fake_churn = _duration(s["--fake-churn"])
         if fake_churn and not fake:
             raise ValueError(f"{s['--fake-churn']}: --fake-churn needs --fake-gpus")
+        fake_scenario = s["--fake-scenario"]
+        if fake_scenario.value and (not fake or fake_scenario.value not in SCENARIOS):
+            raise ValueError(f"{fake_scenario}: needs --fake-gpus and one of " + ", ".join(SCENARIOS))
         pod_socket = s["--kubernetes.pod-resources-socket"].value
         if pod_labels and not pod_socket:
             raise ValueError("--kubernetes.pod-labels needs --kubernetes.pod-resources-socket")
@@ -241,7 +249,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
                   fake_gpus=fake, log_level=level, max_requests=max_requests, node_name=s["--node.name"].value,
                   processes=processes, cgroupfs=cgroupfs, cgroup_path=cgroup_path, shm_path=s["--path.shm"].value,
                   history_window=history, fake_mig=fake_mig, fake_churn=fake_churn, max_connections=max_connections,
-                  web_config_file=web_config.value, pod_resources_socket=pod_socket, pod_labels=pod_labels)
+                  web_config_file=web_config.value, pod_resources_socket=pod_socket, pod_labels=pod_labels,
+                  fake_scenario=fake_scenario.value)
 
 
 def _web_config(path: str, subject: str) -> WebConfigWatcher:
@@ -297,6 +306,8 @@ def _non_negative_int(setting: _Setting) -> int:
 
 
 def _nvml_module(cfg: Config) -> tuple[Any, str]:
+    if cfg.fake_scenario:
+        return ScenarioNvml(cfg.fake_scenario, cfg.fake_gpus), "fake"
     if cfg.fake_gpus:
         from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 
@@ -337,6 +348,11 @@ def _cgroup_source(cfg: Config) -> CgroupSource | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["diagnose"]:
+        from exporter.diagnose_cli import main as diagnose_main
+
+        return diagnose_main(argv[1:])
     cfg = parse_config(argv)
     # A thread waiting for the GIL gets it after the switch interval (5 ms by default): while a scrape
     # renders, the sampler would start its tick up to 5 ms late. 1 ms keeps ticks on time.

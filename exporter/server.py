@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__
+from exporter.diagnosis_history import diagnosis_endpoint
 from exporter.durations import parse_duration
 from exporter.exposition import TextRenderer
 from exporter.history import SampleHistory
@@ -118,7 +119,7 @@ class ExporterApp:
         self.telemetry_path = telemetry_path
         self.history = history
         self.cache = _RenderCache(lambda om: text.render(registry.collect(), openmetrics=om), generation)
-        self.landing = live_page(telemetry_path)
+        self.landing = live_page(telemetry_path, history.window_s if history else 0.0)
         self.landing_gz = gzip.compress(self.landing, compresslevel=9)
         self.samples = _SamplesCache(history, _SAMPLES_RENDERS) if history else None
 
@@ -132,7 +133,7 @@ class ExporterApp:
             gz = _wants_gzip(request)
             return Response(200, self.landing_gz if gz else self.landing, "text/html; charset=utf-8",
                             _encoding_headers(gz))
-        if path not in (self.telemetry_path, "/api/v1/samples"):
+        if path not in (self.telemetry_path, "/api/v1/samples", "/api/v1/diagnosis"):
             return Response(404, b"not found\n")
         return None
 
@@ -144,6 +145,8 @@ class ExporterApp:
             gz = _wants_gzip(request)
             return Response(200, self.cache.get(om, gz), content_type,
                             _encoding_headers(gz, vary="Accept, Accept-Encoding"))
+        if request.path == "/api/v1/diagnosis":
+            return _json(*diagnosis_endpoint(self.history, request.query))
         return self._samples(request)
 
     def _samples(self, request: Request) -> Response:
