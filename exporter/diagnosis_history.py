@@ -1,14 +1,11 @@
 """The diagnosis from the exporter's own full-resolution history: GET /api/v1/diagnosis?window=5m."""
 from __future__ import annotations
 
-import urllib.parse
+import json
 
 from exporter.diagnosis import DEFAULT_THRESHOLDS, GpuWindow, Thresholds, Window, diagnose, report
-from exporter.durations import parse_duration
 from exporter.history import SampleHistory
 from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS
-
-DEFAULT_WINDOW = "5m"
 
 
 def _reason_shares(bits: list[float | None]) -> dict[str, float]:
@@ -66,18 +63,10 @@ def window_from_history(history: SampleHistory, window_s: float, th: Thresholds 
         nvml_message="" if gpus or snap is None else snap.nvml.message)
 
 
-def diagnosis_endpoint(history: SampleHistory | None, query: str) -> tuple[int, dict]:
-    """(status, JSON document) for GET /api/v1/diagnosis; the window is capped to the history kept."""
-    if history is None:
-        return 404, {"error": "history is off (--history.window=0)"}
-    try:
-        window = parse_duration(urllib.parse.parse_qs(query).get("window", [DEFAULT_WINDOW])[0])
-    except ValueError as exc:
-        return 400, {"error": str(exc)}
-    if window <= 0:
-        return 400, {"error": "window must be > 0"}
-    requested = min(window, history.window_s)
-    w = window_from_history(history, requested)
-    doc = report(w, diagnose(w))  # window_seconds: what the samples cover (less while the history fills)
-    doc.update(requested_seconds=requested, history_seconds=history.window_s)
-    return 200, doc
+def diagnosis_json(history: SampleHistory, window_s: float) -> bytes:
+    """The body of GET /api/v1/diagnosis for a window already checked by the server and capped to the
+    history kept (the window actually covered is less while the history fills)."""
+    w = window_from_history(history, window_s)
+    doc = report(w, diagnose(w))
+    doc.update(requested_seconds=window_s, history_seconds=history.window_s)
+    return json.dumps(doc, separators=(",", ":")).encode()

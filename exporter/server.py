@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__
-from exporter.diagnosis_history import diagnosis_endpoint
+from exporter.diagnosis_history import diagnosis_json
 from exporter.durations import parse_duration
 from exporter.exposition import TextRenderer
 from exporter.history import SampleHistory
@@ -62,9 +62,9 @@ class _RenderCache:
             return body
 
 
-class _SamplesCache:
-    """/api/v1/samples bodies per window, rendered at most once per `max_age_s` each and at most
-    `renders` at a time; None when that many are already running.
+class _SharedRenders:
+    """Bodies of one history endpoint (/api/v1/samples, /api/v1/diagnosis) per window, rendered at most
+    once per `max_age_s` each and at most `renders` at a time; None when that many are already running.
 
     Keyed by age, not by snapshot: the sampler publishes several snapshots a second, and every body
     still being written to a slow client stays in memory, so one body per snapshot made 40 clients
@@ -73,11 +73,11 @@ class _SamplesCache:
     each thread that allocates its own malloc arena and keeps what it freed, so multi-megabyte renders
     spread over the 40 request threads left ~100 MB resident (measured; 17 MB with one arena)."""
 
-    def __init__(self, history: SampleHistory, renders: int, max_age_s: float = 1.0, windows: int = 4,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._history = history
+    def __init__(self, render: Callable[[float], bytes], renders: int, name: str, max_age_s: float = 1.0,
+                 windows: int = 4, clock: Callable[[], float] = time.monotonic) -> None:
+        self._render = render
         self._renders = threading.BoundedSemaphore(renders)
-        self._render_threads = ThreadPoolExecutor(max_workers=renders, thread_name_prefix="samples-render")
+        self._render_threads = ThreadPoolExecutor(max_workers=renders, thread_name_prefix=f"{name}-render")
         self._max_age_s = max_age_s
         self._windows = windows
         self._clock = clock
@@ -100,14 +100,17 @@ class _SamplesCache:
             if not self._renders.acquire(blocking=False):
                 return None
             try:
-                body.append(self._render_threads.submit(self._history.query_json, window).result())
+                body.append(self._render_threads.submit(self._render, window).result())
             finally:
                 self._renders.release()
             return body[0]
 
 
 _SAMPLES_RENDERS = 2
-_MAX_QUERY = 256  # bytes of query string /api/v1/samples reads; its one parameter needs a few
+# A diagnosis of a long window over many GPUs costs seconds of CPU (docs/performance.md): one at a time,
+# shared by everyone asking for the same window within a second, 503 for the rest.
+_DIAGNOSIS_RENDERS = 1
+_MAX_QUERY = 256  # bytes of query string the history endpoints read; their one parameter needs a few
 
 
 class ExporterApp:
@@ -121,7 +124,9 @@ class ExporterApp:
         self.cache = _RenderCache(lambda om: text.render(registry.collect(), openmetrics=om), generation)
         self.landing = live_page(telemetry_path, history.window_s if history else 0.0)
         self.landing_gz = gzip.compress(self.landing, compresslevel=9)
-        self.samples = _SamplesCache(history, _SAMPLES_RENDERS) if history else None
+        self.samples = _SharedRenders(history.query_json, _SAMPLES_RENDERS, "samples") if history else None
+        self.diagnoses = (_SharedRenders(lambda w: diagnosis_json(history, w), _DIAGNOSIS_RENDERS, "diagnosis")
+                          if history else None)
 
     def inline(self, request: Request) -> Response | None:
         """Cheap answers, on the server's loop: never queued behind scrapes, never refused by the cap."""
@@ -146,35 +151,39 @@ class ExporterApp:
             return Response(200, self.cache.get(om, gz), content_type,
                             _encoding_headers(gz, vary="Accept, Accept-Encoding"))
         if request.path == "/api/v1/diagnosis":
-            return _json(*diagnosis_endpoint(self.history, request.query))
-        return self._samples(request)
+            # A window longer than the history kept is capped to it: "the last hour" means "all there is".
+            return self._history_query(request, self.diagnoses, "5m", cap=True)
+        return self._history_query(request, self.samples, "60s", cap=False)
 
-    def _samples(self, request: Request) -> Response:
-        if self.history is None or self.samples is None:
+    def _history_query(self, request: Request, renders: _SharedRenders | None, default: str, cap: bool) -> Response:
+        if self.history is None or renders is None:
             return _json(404, {"error": "history is off (--history.window=0)"})
         try:
-            window = parse_duration(samples_window(request.query))
+            window = parse_duration(window_param(request.query, default))
         except ValueError as exc:
             return _json(400, {"error": str(exc)})
-        if not 0 < window <= self.history.window_s:
-            return _json(400, {"error": f"window must be > 0 and <= {self.history.window_s:g}s (--history.window)"})
-        body = self.samples.get(window)
+        kept = self.history.window_s
+        if cap and window > 0:
+            window = min(window, kept)
+        if not 0 < window <= kept:
+            return _json(400, {"error": f"window must be > 0 and <= {kept:g}s (--history.window)"})
+        body = renders.get(window)
         if body is None:
             return Response(503, b'{"error":"busy: too many history queries at once, retry"}', "application/json",
                             (("Retry-After", "1"),))
         return Response(200, body, "application/json")
 
 
-def samples_window(query: str) -> str:
-    """The `window` parameter of /api/v1/samples ('60s' when absent). Length-capped before any parsing,
-    so what reaches parse_duration is short whatever a client sends."""
+def window_param(query: str, default: str) -> str:
+    """The `window` parameter of a history endpoint (`default` when absent). Length-capped before any
+    parsing, so what reaches parse_duration is short whatever a client sends."""
     if len(query) > _MAX_QUERY:
         raise ValueError(f"query string longer than {_MAX_QUERY} bytes")
     try:
         pairs = urllib.parse.parse_qsl(query, max_num_fields=8)
     except ValueError:
         raise ValueError("too many query parameters") from None
-    window = dict(pairs).get("window", "60s")
+    window = dict(pairs).get("window", default)
     if len(window) > 32:
         raise ValueError("window: too long, want e.g. 60s or 5m")
     return window

@@ -2,6 +2,8 @@
 (fake GPUs driven by --fake-scenario's classes, host CPU and cgroup from files the test writes)."""
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import replace
 
 import pytest
@@ -9,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.diagnosis import MIB, GpuWindow, Thresholds, Window, diagnose, render_text, report
-from exporter.diagnosis_history import _late_share, diagnosis_endpoint, window_from_history
+from exporter.diagnosis_history import _late_share, window_from_history
 from exporter.fake_scenarios import SCENARIOS, ScenarioNvml
 from exporter.history import SampleHistory
 from exporter.sources.cgroup import CgroupSource
@@ -190,6 +192,26 @@ def test_shm_too_small_from_the_live_window(tmp_path, procfs):
     assert diagnose(replace(w, shm_size_bytes=64 * MIB, shm_used_bytes=0))[0].rule == "shm_too_small"
 
 
+def diagnosis_app(history: SampleHistory | None):
+    """The server's app (no socket); `ask(query)` -> (status, JSON document) of GET /api/v1/diagnosis."""
+    from prometheus_client import CollectorRegistry
+
+    from exporter.httpd import Request
+    from exporter.server import ExporterApp
+
+    app = ExporterApp(CollectorRegistry(), lambda: (True, "ok"), "/metrics", history, None)
+
+    def ask(query: str) -> tuple[int, dict]:
+        r = app.handle(Request("GET", "/api/v1/diagnosis?" + query, "/api/v1/diagnosis", query, "HTTP/1.1", {}, "-"))
+        return r.status, json.loads(r.body)
+
+    return ask
+
+
+def diagnosis_endpoint(history: SampleHistory | None, query: str) -> tuple[int, dict]:
+    return diagnosis_app(history)(query)
+
+
 def test_endpoint_caps_the_window_to_the_history(tmp_path, procfs):
     history = live_history(tmp_path, procfs, "healthy", ticks=20)
     code, doc = diagnosis_endpoint(history, "window=1h")
@@ -299,3 +321,30 @@ def test_any_query_string_gets_a_status_not_an_exception(query):
     history = SampleHistory(10.0, 0.1)
     code, doc = diagnosis_endpoint(history, query)
     assert (code, bool(doc.get("findings"))) in ((200, True), (400, False)) and ("error" in doc) == (code == 400)
+
+
+def test_diagnoses_run_one_at_a_time_and_are_shared(mocker, tmp_path, procfs):
+    """A long diagnosis costs seconds of CPU: concurrent askers of one window share one, others get 503."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    history = live_history(tmp_path, procfs, "healthy", ticks=20)
+    release = threading.Event()
+    calls = []
+
+    def slow(h: SampleHistory, window_s: float) -> bytes:
+        calls.append(window_s)
+        release.wait(5)
+        return b'{"findings": []}'
+
+    mocker.patch("exporter.server.diagnosis_json", side_effect=slow)
+    with ThreadPoolExecutor(6) as pool:
+        ask = diagnosis_app(history)
+        same = [pool.submit(ask, "window=30s") for _ in range(4)]
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        other = pool.submit(ask, "window=20s").result(timeout=5)
+        release.set()
+        assert [f.result(timeout=5)[0] for f in same] == [200] * 4
+    assert other[0] == 503 and calls == [30.0]

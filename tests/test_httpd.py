@@ -483,7 +483,7 @@ def test_samples_share_one_render_per_window_for_a_second_and_cap_renders(mocker
     from concurrent.futures import ThreadPoolExecutor
 
     from exporter.history import SampleHistory
-    from exporter.server import _SamplesCache
+    from exporter.server import _SharedRenders
 
     history = SampleHistory(60, 1.0)
     slow = threading.Event()
@@ -494,7 +494,7 @@ def test_samples_share_one_render_per_window_for_a_second_and_cap_renders(mocker
         return real_query(window)
 
     spy = mocker.patch.object(history, "query_json", side_effect=query)
-    cache = _SamplesCache(history, renders=1, max_age_s=1.0, clock=clock)
+    cache = _SharedRenders(history.query_json, renders=1, name="samples", max_age_s=1.0, clock=clock)
     with ThreadPoolExecutor(12) as pool:
         same = [pool.submit(cache.get, 30.0) for _ in range(10)]
         time.sleep(0.2)
@@ -513,11 +513,11 @@ def test_samples_share_one_render_per_window_for_a_second_and_cap_renders(mocker
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=600) | st.lists(st.sampled_from(["window=", "&", "=", "1", "9", "s", "m", "%", "ff", ";"]),
                                         max_size=300).map("".join))
-def test_samples_window_only_ever_raises_value_error_and_stays_short(query):
-    from exporter.server import samples_window
+def test_window_param_only_ever_raises_value_error_and_stays_short(query):
+    from exporter.server import window_param
 
     try:
-        window = samples_window(query)
+        window = window_param(query, "60s")
     except ValueError:
         return
     assert len(window) <= 32
