@@ -16,6 +16,7 @@ from typing import Any, NoReturn, Sequence
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from exporter import __version__
+from exporter import collectors as registry
 from exporter.collector import SnapshotCollector
 from exporter.durations import parse_duration
 from exporter.environment import ENV_PREFIX, env_name
@@ -49,7 +50,7 @@ class Config:
     log_level: str
     max_requests: int
     node_name: str
-    processes: bool
+    collectors: frozenset[str]  # the switchable collectors that are on (collectors.py)
     cgroupfs: str
     cgroup_path: str
     shm_path: str
@@ -99,16 +100,17 @@ def _build_parser() -> _Parser:
                              "(default: the exporter's own)")
     flag("--path.shm", "/dev/shm", "shared-memory mount to report (empty: off)")
     flag("--history.window", "5m", "how much full-resolution history the live view at / keeps (0: off)")
-    env = env_name("--collector.processes")
-    p.add_argument("--collector.processes", action=argparse.BooleanOptionalAction,
-                   default=os.environ.get(env, "true").lower() not in ("0", "false", "no", "off"),
-                   help=f"per-process GPU memory and utilisation with container/pod labels [{env}] (default: on)")
+    for c in registry.COLLECTORS:  # --[no-]collector.<name>, one per registered collector
+        env = env_name(f"--collector.{c.name}")
+        p.add_argument(f"--collector.{c.name}", action=argparse.BooleanOptionalAction, dest=f"collector.{c.name}",
+                       default=os.environ.get(env, "on" if c.default else "off"),
+                       help=f"collector: {c.help} [{env}] (default: {'on' if c.default else 'off'})")
     flag("--kubernetes.pod-resources-socket", DEFAULT_SOCKET,
          "kubelet pod-resources socket for gpu_pod_info (which pod holds each GPU); polled every 5 s while it "
          "exists; empty: off")
     env = env_name("--kubernetes.pod-labels")
     p.add_argument("--kubernetes.pod-labels", action=argparse.BooleanOptionalAction,
-                   default=os.environ.get(env, "false").lower() in ("1", "true", "yes", "on"),
+                   default=os.environ.get(env, "off"),
                    help="also stamp namespace/pod/container on every per-GPU series of a GPU one container "
                         f"holds (dcgm-exporter style; series change on every reschedule) [{env}] (default: off)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -119,6 +121,9 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     parser = _build_parser()
     a = vars(parser.parse_args(argv))
     try:
+        collectors = frozenset(c.name for c in registry.COLLECTORS
+                               if _switch(f"--collector.{c.name}", a[f"collector.{c.name}"]))
+        pod_labels = _switch("--kubernetes.pod-labels", a["kubernetes.pod_labels"])
         interval = parse_duration(a["sample.interval"])
         if interval < MIN_INTERVAL_S:
             raise ValueError(f"--sample.interval {a['sample.interval']!r} is below the 10ms minimum")
@@ -143,7 +148,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         fake_churn = parse_duration(a["fake_churn"])
         if fake_churn and not fake:
             raise ValueError("--fake-churn needs --fake-gpus")
-        if a["kubernetes.pod_labels"] and not a["kubernetes.pod_resources_socket"]:
+        if pod_labels and not a["kubernetes.pod_resources_socket"]:
             raise ValueError("--kubernetes.pod-labels needs --kubernetes.pod-resources-socket")
         history = parse_duration(a["history.window"])
         if history and history < interval:
@@ -161,10 +166,10 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         parser.error(str(exc))
     return Config(listen_address=a["web.listen_address"], telemetry_path=path, sample_interval=interval,
                   procfs=procfs, fake_gpus=fake, log_level=level, max_requests=max_requests,
-                  node_name=a["node.name"], processes=a["collector.processes"], cgroupfs=a["path.cgroupfs"],
+                  node_name=a["node.name"], collectors=collectors, cgroupfs=a["path.cgroupfs"],
                   cgroup_path=a["cgroup.path"], shm_path=a["path.shm"], history_window=history, fake_mig=fake_mig,
                   fake_churn=fake_churn, max_connections=max_connections, web_config_file=a["web.config.file"],
-                  pod_resources_socket=a["kubernetes.pod_resources_socket"], pod_labels=a["kubernetes.pod_labels"])
+                  pod_resources_socket=a["kubernetes.pod_resources_socket"], pod_labels=pod_labels)
 
 
 def _web_config(path: str) -> WebConfigWatcher:
@@ -172,6 +177,20 @@ def _web_config(path: str) -> WebConfigWatcher:
         return WebConfigWatcher(path)
     except WebConfigError as exc:
         raise ValueError(f"--web.config.file {path!r}: {exc}") from None
+
+
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _switch(flag: str, value: bool | str) -> bool:
+    """A boolean flag: True/False from the command line, a string from its environment variable."""
+    if isinstance(value, bool):
+        return value
+    if value.lower() in _ON:
+        return True
+    if value.lower() in _OFF:
+        return False
+    raise ValueError(f"{env_name(flag)}={value!r}: want on or off (true/false, 1/0, yes/no)")
 
 
 def _non_negative_int(flag: str, value: Any) -> int:
@@ -232,16 +251,19 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{exc.strerror or exc}", file=sys.stderr)
         return 2
     history = SampleHistory(cfg.history_window, cfg.sample_interval) if cfg.history_window else None
-    pods = PodResourcesPoller(cfg.pod_resources_socket) if cfg.pod_resources_socket else None
-    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collect_processes=cfg.processes), ProcfsSource(cfg.procfs),
-                      interval=cfg.sample_interval, cgroup=_cgroup_source(cfg), shm_path=cfg.shm_path or None,
-                      attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None, history=history,
-                      pods=pods.latest_reading if pods else None)
+    on = cfg.collectors
+    pods = (PodResourcesPoller(cfg.pod_resources_socket)
+            if cfg.pod_resources_socket and "pod-info" in on else None)
+    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collectors=on), ProcfsSource(cfg.procfs),
+                      interval=cfg.sample_interval, cgroup=_cgroup_source(cfg) if "cgroup" in on else None,
+                      shm_path=(cfg.shm_path or None) if "shm" in on else None,
+                      attributor=ProcessAttributor(cfg.procfs) if on & {"processes", "mig"} else None,
+                      history=history, pods=pods.latest_reading if pods else None)
     registry = CollectorRegistry(auto_describe=False)
     server = make_server(sock, registry, sampler.health, cfg.telemetry_path, history=history,
                          generation=lambda: sampler.snapshot, web_config=web_config,
                          limits=Limits(max_requests=cfg.max_requests, max_connections=cfg.max_connections))
-    snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name)
+    snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name, collectors=on)
     registry.register(PodCollector(snapshot_collector, lambda: sampler.snapshot, cfg.pod_labels) if pods
                       else snapshot_collector)
     ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost
