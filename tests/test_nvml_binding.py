@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import pynvml
 import pytest
 
+from exporter.collectors import ALL as ALL_COLLECTORS
 from exporter.fake_nvml import FakeNvml
 from exporter.sources.nvml import GpuReader, NvmlSource, specs
 from tests.conftest import ManualClock, make_sampler
@@ -81,7 +82,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[FakeBackend | StubBacken
 
 @pytest.fixture
 def source(backend) -> Iterator[NvmlSource]:
-    src = NvmlSource(backend.nvml, "real")
+    src = NvmlSource(backend.nvml, "real", collectors=ALL_COLLECTORS)
     src.poll(0.0)
     assert src.status.up, src.status.message
     yield src
