@@ -29,6 +29,7 @@ from exporter.server import ServerCollector, bind, make_server
 from exporter.sources.cgroup import CgroupSource
 from exporter.sources.kubelet import DEFAULT_SOCKET, PodResourcesPoller
 from exporter.sources.nvml import NvmlSource
+from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.procfs import ProcfsSource
 from exporter.webconfig import WebConfigError, WebConfigWatcher
@@ -254,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     on = cfg.collectors
     pods = (PodResourcesPoller(cfg.pod_resources_socket)
             if cfg.pod_resources_socket and "pod-info" in on else None)
-    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collectors=on), ProcfsSource(cfg.procfs),
+    specs = GPU_SCALARS + NVLINK_PER_LINK_SCALARS  # each row read and rendered only if its collector is on
+    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collectors=on, specs=specs), ProcfsSource(cfg.procfs),
                       interval=cfg.sample_interval, cgroup=_cgroup_source(cfg) if "cgroup" in on else None,
                       shm_path=(cfg.shm_path or None) if "shm" in on else None,
                       attributor=ProcessAttributor(cfg.procfs) if on & {"processes", "mig"} else None,
@@ -263,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = make_server(sock, registry, sampler.health, cfg.telemetry_path, history=history,
                          generation=lambda: sampler.snapshot, web_config=web_config,
                          limits=Limits(max_requests=cfg.max_requests, max_connections=cfg.max_connections))
-    snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name, collectors=on)
+    snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name, specs=specs,
+                                           collectors=on)
     registry.register(PodCollector(snapshot_collector, lambda: sampler.snapshot, cfg.pod_labels) if pods
                       else snapshot_collector)
     ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost

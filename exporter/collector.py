@@ -46,7 +46,8 @@ def _family(kind: str, name: str, doc: str, labels: list[str]) -> CounterMetricF
 
 def _scalar_families(specs: tuple[GpuScalar, ...],
                      live: list[tuple[GpuState, GpuReading]]) -> Iterator[Metric]:
-    """One family per spec name (rows sharing a name, like the clocks, are adjacent and differ by labels)."""
+    """One family per spec name (rows sharing a name, like the clocks, are adjacent and differ by labels).
+    A spec's labelled series (MIG devices, links) join its family with their extra labels."""
     fam: CounterMetricFamily | GaugeMetricFamily | None = None
     for spec in specs:
         if fam is None or fam.name != spec.name:
@@ -58,6 +59,8 @@ def _scalar_families(specs: tuple[GpuScalar, ...],
             value = r[spec]
             if value is not None:
                 fam.add_metric(_labels(g) + extra, value)
+            for more, value in r.labelled.get(spec, ()):  # per MIG device, per link: more labels
+                fam.add_sample(spec.name, dict(zip(GPU_LABELS, _labels(g))) | dict(spec.labels) | dict(more), value)
     if fam is not None:
         yield fam
 

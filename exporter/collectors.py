@@ -24,6 +24,13 @@ class Collector:
 
 
 COLLECTORS: tuple[Collector, ...] = (
+    Collector("gpm", True, "SM, tensor, DRAM and graphics-engine activity from GPU Performance Monitoring "
+              "(Hopper and newer)", ("gpu_sm_active_ratio", "gpu_sm_occupancy_ratio", "gpu_tensor_active_ratio",
+                                     "gpu_dram_active_ratio", "gpu_graphics_engine_active_ratio")),
+    Collector("nvlink", True, "NVLink throughput per direction, all links together",
+              ("gpu_nvlink_throughput_bytes_per_second",)),
+    Collector("nvlink-per-link", False, "NVLink throughput per link too (a `link` label; 36 series per H100)",
+              ("gpu_nvlink_link_throughput_bytes_per_second",)),
     Collector("sample-buffer", False, "how far back the driver's utilisation sample buffer reached at start-up "
               "(constant: the longest --sample.interval that loses no sample)", ("gpu_sample_buffer_seconds",)),
     Collector("power-from-energy", False, "average power over each sampling interval from the energy counter "

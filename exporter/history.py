@@ -1,9 +1,10 @@
 """The last minutes of samples at full resolution, for the built-in live view (/api/v1/samples).
 
 Prometheus sees one point per scrape; this ring keeps every tick: one row per tick (wall time, host
-CPU, and per GPU utilisation, memory used ratio, PCIe tx/rx ratio). The sampler appends, HTTP threads
+CPU, and per GPU utilisation, memory used ratio, PCIe tx/rx ratio, and GPM's SM, tensor and DRAM activity
+where the GPU has GPM, for readers that diagnose what bounds a GPU). The sampler appends, HTTP threads
 read; a lock guards the deque. Memory is bounded by window / interval rows, each a flat array of doubles
-(8 bytes a value; NaN for "no value"), about 0.6 MB for 5 minutes of 8 GPUs at 200 ms.
+(8 bytes a value; NaN for "no value"), about 1.1 MB for 5 minutes of 8 GPUs at 200 ms.
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from array import array
 from collections import deque
 
 from exporter.snapshot import GpuState, Snapshot
-from exporter.sources.nvml.specs import MEMORY_USED_RATIO, UTILIZATION
+from exporter.sources.nvml.specs import DRAM_ACTIVE, MEMORY_USED_RATIO, SM_ACTIVE, TENSOR_ACTIVE, UTILIZATION
 
-GPU_FIELDS = ("utilization", "memory_used_ratio", "pcie_tx_utilization", "pcie_rx_utilization")
+# The last three are optional: null without GPM (pre-Hopper, the gpm collector off, the first tick).
+GPU_FIELDS = ("utilization", "memory_used_ratio", "pcie_tx_utilization", "pcie_rx_utilization",
+              "sm_active", "tensor_active", "dram_active")
 
 
 _NAN = float("nan")
@@ -26,7 +29,8 @@ def _gpu_values(g: GpuState) -> tuple[float | None, ...]:
     if r is None or not g.up:
         return (None,) * len(GPU_FIELDS)
     link = g.identity.pcie_link_max_bytes_per_second
-    return (r[UTILIZATION], r[MEMORY_USED_RATIO], r.pcie_utilization("tx", link), r.pcie_utilization("rx", link))
+    return (r[UTILIZATION], r[MEMORY_USED_RATIO], r.pcie_utilization("tx", link), r.pcie_utilization("rx", link),
+            r[SM_ACTIVE], r[TENSOR_ACTIVE], r[DRAM_ACTIVE])
 
 
 def _nullable(v: float) -> float | None:
@@ -37,7 +41,7 @@ class SampleHistory:
     def __init__(self, window_s: float, interval_s: float, wall_clock=time.time) -> None:
         self.window_s = window_s
         self.interval_s = interval_s
-        # Each row: (unix time, gpu ids, array [host cpu, gpu0 field0..3, gpu1 field0..3, ...]).
+        # Each row: (unix time, gpu ids, array [host cpu, gpu0 fields, gpu1 fields, ...]).
         self._rows: deque[tuple[float, tuple[str, ...], array]] = deque(maxlen=max(1, int(round(window_s / interval_s))))
         self._ids: tuple[str, ...] = ()  # shared by consecutive rows while the GPU set is unchanged
         self._names: dict[str, tuple[str, str]] = {}  # gpu -> (uuid, name)

@@ -20,6 +20,7 @@ from exporter.histogram import DURATION_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS, Hi
 from exporter.history import SampleHistory
 from exporter.snapshot import GpuState, SamplerStats, Snapshot
 from exporter.sources.cgroup import CgroupSource
+from exporter.sources.gpm import GpmReaders
 from exporter.sources.kubelet import PodResources
 from exporter.sources.nvml import GpuReader, GpuReading, NvmlSource, NvmlStatus
 from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS, PCIE_DIRECTIONS
@@ -41,7 +42,11 @@ _Result = tuple["_ReadThread", int, int, "GpuReading | float"]
 
 
 class _ReadThread:
-    """Reads a list of GPUs whenever dispatched, posting a _Result per GPU and one when done."""
+    """Reads a list of GPUs whenever dispatched, posting a _Result per GPU and one when done.
+
+    It owns its GPUs' GPM sample buffers (GpmReaders): a thread started after one was abandoned allocates
+    fresh ones, and an abandoned thread frees its own only once its blocked call has returned, so no two
+    threads ever touch one GPM buffer (a race the driver was reported to crash on)."""
 
     def __init__(self, results: queue.SimpleQueue[_Result]) -> None:
         self.abandoned = False  # set by the sampler: finish the current call, report, and exit
@@ -50,6 +55,7 @@ class _ReadThread:
         self._go = threading.Event()
         self._todo: list[GpuReader] = []
         self._tick = 0
+        self._gpm = GpmReaders()
         self._thread = threading.Thread(target=self._run, name="gpu-reader", daemon=True)
         self._thread.start()
 
@@ -69,7 +75,7 @@ class _ReadThread:
             for reader in self._todo if not self.abandoned else ():
                 self.current = reader
                 try:
-                    reading = reader.read()
+                    reading = reader.read(self._gpm)
                 except Exception as exc:  # a bug must cost one GPU one sample, not the thread
                     log.exception("GPU %d: read failed", reader.index)
                     reading = GpuReading(errors=(f"internal:{type(exc).__name__}",))
@@ -79,6 +85,7 @@ class _ReadThread:
                     break
             self._results.put((self, self._tick, _DONE, time.perf_counter() - started))
             if self.abandoned:
+                self._gpm.close()
                 return
 
 

@@ -2,8 +2,10 @@
 
 The reader (reader.py) reads every spec it is given and the collector renders every spec, so a new
 scalar metric is one row here, its answer in fake_nvml.py and its line in docs/metrics.md (a test checks
-the docs against this table). Families that are not one value per GPU (PCIe per direction, histograms,
-processes, MIG, ECC, clock events) keep their own code in the reader and the collector.
+the docs against this table). A row may also carry labelled series beside (or instead of) the GPU's own
+value: GPM activity per MIG GPU instance, NVLink per link (GpuReading.labelled). Families of another shape
+(PCIe per direction, histograms, processes, MIG memory, ECC, clock events) keep their own code in the
+reader and the collector.
 
 Like node_exporter's registerCollector(name, ...), every row names the collector it belongs to, so a
 collector switch can drop both its families and the NVML calls behind them.
@@ -45,6 +47,23 @@ class Derived:
     compute: Callable[[Mapping[GpuScalar, float]], float | None]
 
 
+@dataclass(frozen=True)
+class Gpm:
+    """One GPM activity ratio (a GpmActivity field, sources/gpm.py) over the last >= 100 ms sample pair, for
+    the GPU and, under MIG, per GPU instance (labelled with the instance's MIG devices)."""
+
+    activity: Literal["sm_active", "sm_occupancy", "tensor_active", "dram_active", "graphics_engine_active"]
+
+
+@dataclass(frozen=True)
+class NvLink:
+    """NVLink bytes/s in one direction, summed over links (GPM on Hopper+, else the per-link field
+    counters); `per_link`: one series per link (a `link` label) instead of the sum."""
+
+    direction: Literal["tx", "rx"]
+    per_link: bool = False
+
+
 # Filled in by GpuReader itself because it needs state across reads (a delta, the first read's buffer).
 STATEFUL = None
 
@@ -54,7 +73,7 @@ class GpuScalar:
     name: str  # as exposed, without _total for counters
     type: Literal["gauge", "counter"]
     help: str
-    source: NvmlCall | FieldValue | Derived | None
+    source: NvmlCall | FieldValue | Derived | Gpm | NvLink | None
     convert: Callable[[Any], float | None] = float  # NVML's answer -> base units
     labels: tuple[tuple[str, str], ...] = ()  # constant labels beside gpu, uuid (rows may share a name)
     collector: str = "gpu"
@@ -136,9 +155,49 @@ FAN_SPEED = GpuScalar(
     "(nvmlDeviceGetFanSpeed_v2, fan 0); absent on boards without fans.",
     NvmlCall("nvmlDeviceGetFanSpeed_v2", (0,)), _percent)
 
+
+_GPM_HELP = ("{what}, share of the last >= 100 ms (GPM, nvmlGpmMetricsGet {metric}; Hopper and newer). "
+             "Under MIG also per GPU instance (gpu_instance_id; its MIG devices share the value).")
+SM_ACTIVE = GpuScalar(
+    "gpu_sm_active_ratio", "gauge",
+    _GPM_HELP.format(what="Time an SM had at least one warp resident, averaged over SMs", metric="SM_UTIL"),
+    Gpm("sm_active"), collector="gpm")
+SM_OCCUPANCY = GpuScalar(
+    "gpu_sm_occupancy_ratio", "gauge",
+    _GPM_HELP.format(what="Resident warps against the SMs' maximum", metric="SM_OCCUPANCY"),
+    Gpm("sm_occupancy"), collector="gpm")
+TENSOR_ACTIVE = GpuScalar(
+    "gpu_tensor_active_ratio", "gauge",
+    _GPM_HELP.format(what="Time any tensor-core pipe was busy", metric="ANY_TENSOR_UTIL"),
+    Gpm("tensor_active"), collector="gpm")
+DRAM_ACTIVE = GpuScalar(
+    "gpu_dram_active_ratio", "gauge",
+    _GPM_HELP.format(what="DRAM bandwidth used against the peak", metric="DRAM_BW_UTIL"),
+    Gpm("dram_active"), collector="gpm")
+GRAPHICS_ENGINE_ACTIVE = GpuScalar(
+    "gpu_graphics_engine_active_ratio", "gauge",
+    _GPM_HELP.format(what="Time the graphics/compute engine was busy", metric="GRAPHICS_UTIL"),
+    Gpm("graphics_engine_active"), collector="gpm")
+
+_NVLINK_HELP = ("NVLink payload bytes/s, summed over links (GPM NVLINK_TOTAL_*_PER_SEC on Hopper+, else "
+                "NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_* deltas); absent without NVLink.")
+NVLINK_TX = GpuScalar("gpu_nvlink_throughput_bytes_per_second", "gauge", _NVLINK_HELP, NvLink("tx"),
+                      labels=(("direction", "tx"),), collector="nvlink")
+NVLINK_RX = GpuScalar("gpu_nvlink_throughput_bytes_per_second", "gauge", _NVLINK_HELP, NvLink("rx"),
+                      labels=(("direction", "rx"),), collector="nvlink")
+_NVLINK_LINK_HELP = ("NVLink payload bytes/s per link (NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_* deltas, scopeId = "
+                     "link); only with --collector.nvlink-per-link.")
+NVLINK_LINK_TX = GpuScalar("gpu_nvlink_link_throughput_bytes_per_second", "gauge", _NVLINK_LINK_HELP,
+                           NvLink("tx", per_link=True), labels=(("direction", "tx"),), collector="nvlink-per-link")
+NVLINK_LINK_RX = GpuScalar("gpu_nvlink_link_throughput_bytes_per_second", "gauge", _NVLINK_LINK_HELP,
+                           NvLink("rx", per_link=True), labels=(("direction", "rx"),), collector="nvlink-per-link")
+
 # Rendering order; rows that share a name (the clocks) must be adjacent.
 GPU_SCALARS: tuple[GpuScalar, ...] = (
     UTILIZATION, MEMORY_BANDWIDTH_UTILIZATION, MEMORY_USED, MEMORY_TOTAL, MEMORY_USED_RATIO,
     SAMPLE_BUFFER_SECONDS, PCIE_REPLAY_ERRORS, TEMPERATURE, POWER, POWER_LIMIT, ENERGY, POWER_FROM_ENERGY,
     SM_CLOCK, MEMORY_CLOCK, FAN_SPEED,
+    SM_ACTIVE, SM_OCCUPANCY, TENSOR_ACTIVE, DRAM_ACTIVE, GRAPHICS_ENGINE_ACTIVE, NVLINK_TX, NVLINK_RX,
 )
+# Off by default (18 links x 2 directions per H100): GPU_SCALARS + these with --collector.nvlink-per-link.
+NVLINK_PER_LINK_SCALARS: tuple[GpuScalar, ...] = (NVLINK_LINK_TX, NVLINK_LINK_RX)
