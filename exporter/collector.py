@@ -101,11 +101,13 @@ class SnapshotCollector(Collector):
             ("clock-events", self._clock_event_seconds_family),
             ("clock-event-state", self._clock_event_state_family),
             ("ecc", self._ecc_family),
-            ("remapped-rows", self._remapped_row_families),
+            ("ecc", self._remapped_rows_family),
+            ("row-remap", self._row_remap_families),
             ("processes", self._process_families),
             ("mig", self._mig_families),
             ("host", self._host_families),
             ("cpu-per-core", self._cpu_per_core_family),
+            ("cpu-histogram", self._cpu_histogram_family),
             ("cgroup", self._cgroup_families),
             ("shm", self._shm_families),
         )
@@ -265,21 +267,25 @@ class SnapshotCollector(Collector):
                 ecc.add_metric(_labels(g) + [error, scope], n)
         yield ecc
 
-    def _remapped_row_families(self, snap: Snapshot) -> Iterator[Metric]:
+    def _remapped_rows_family(self, snap: Snapshot) -> Iterator[Metric]:
         rows = GaugeMetricFamily("gpu_remapped_rows", "Memory rows remapped (nvmlDeviceGetRemappedRows), "
                                  "by the cause of the remap.", labels=GPU_LABELS + ["cause"])
+        for g, r in _live(snap):
+            if r.remapped_rows is not None:
+                rows.add_metric(_labels(g) + ["correctable"], r.remapped_rows[0])
+                rows.add_metric(_labels(g) + ["uncorrectable"], r.remapped_rows[1])
+        yield rows
+
+    def _row_remap_families(self, snap: Snapshot) -> Iterator[Metric]:
         pending = GaugeMetricFamily("gpu_row_remap_pending", "1 when a row remap waits for a GPU reset.",
                                     labels=GPU_LABELS)
         failed = GaugeMetricFamily("gpu_row_remap_failure", "1 when a row remap failed: replace the board.",
                                    labels=GPU_LABELS)
         for g, r in _live(snap):
             if r.remapped_rows is not None:
-                corr, unc, is_pending, is_failed = r.remapped_rows
-                rows.add_metric(_labels(g) + ["correctable"], corr)
-                rows.add_metric(_labels(g) + ["uncorrectable"], unc)
+                _, _, is_pending, is_failed = r.remapped_rows
                 pending.add_metric(_labels(g), int(bool(is_pending)))
                 failed.add_metric(_labels(g), int(bool(is_failed)))
-        yield rows
         yield pending
         yield failed
 
@@ -368,6 +374,8 @@ class SnapshotCollector(Collector):
         if host.memory_available_bytes is not None:
             yield GaugeMetricFamily("host_memory_available_bytes", "MemAvailable from /proc/meminfo.",
                                     value=host.memory_available_bytes)
+
+    def _cpu_histogram_family(self, snap: Snapshot) -> Iterator[Metric]:
         h = snap.host_cpu_hist
         if h is not None:
             fam = HistogramMetricFamily("host_sampled_cpu_utilization_ratio",

@@ -43,16 +43,18 @@ COLLECTORS: tuple[Collector, ...] = (
               ("gpu_clock_event_seconds_total",)),
     Collector("clock-event-state", False, "a 0/1 gauge per clock event reason (rate() of the seconds counter "
               "gives the same at sample resolution)", ("gpu_clock_event_active",)),
-    Collector("ecc", False, "ECC error counters (corrected/uncorrected, volatile/aggregate) every 5 s",
-              ("gpu_ecc_errors_total",)),
-    Collector("remapped-rows", True, "remapped memory rows and pending/failed remaps every 5 s",
-              ("gpu_remapped_rows", "gpu_row_remap_pending", "gpu_row_remap_failure")),
+    Collector("ecc", False, "ECC error counters (corrected/uncorrected, volatile/aggregate) and remapped rows by "
+              "cause, every 5 s", ("gpu_ecc_errors_total", "gpu_remapped_rows")),
+    Collector("row-remap", True, "whether a row remap waits for a GPU reset or failed (replace the board), "
+              "every 5 s", ("gpu_row_remap_pending", "gpu_row_remap_failure")),
     Collector("processes", True, "per-process GPU memory and utilisation with container/pod labels",
               ("gpu_process_memory_used_bytes", "gpu_process_sm_utilization_ratio",
                "gpu_mig_process_memory_used_bytes")),
     Collector("mig", True, "MIG devices: memory (and processes, with the processes collector) per instance",
               ("gpu_mig_memory_used_bytes", "gpu_mig_memory_total_bytes", "gpu_mig_process_memory_used_bytes")),
     Collector("cpu-per-core", True, "busy share of each CPU", ("host_cpu_core_utilization_ratio",)),
+    Collector("cpu-histogram", False, "histogram of every sampled host CPU utilisation",
+              ("host_sampled_cpu_utilization_ratio",)),
     Collector("cgroup", True, "CPU throttling and memory of the watched cgroup (--cgroup.path)",
               ("cgroup_cpu_usage_seconds_total", "cgroup_cpu_throttled_seconds_total",
                "cgroup_cpu_throttled_periods_total", "cgroup_cpu_periods_total", "cgroup_cpu_limit_cores",

@@ -80,7 +80,7 @@ class GpuReader:
         self._collect_mig = "mig" in collectors
         self._collect_clock_events = bool({"clock-events", "clock-event-state"} & collectors)
         self._collect_ecc = "ecc" in collectors
-        self._collect_remapped_rows = "remapped-rows" in collectors
+        self._collect_remapped_rows = bool({"ecc", "row-remap"} & collectors)
         specs = registry.rows_enabled(collectors, specs)
         self._specs = specs
         # Split once by source: the read is on every tick.
