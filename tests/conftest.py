@@ -12,6 +12,7 @@ from exporter.fake_nvml import FakeNvml
 from exporter.histogram import HistogramSnapshot
 from exporter.sampler import Sampler
 from exporter.sources.nvml import NvmlSource
+from exporter.sources.nvml.specs import GPU_SCALARS
 from exporter.sources.procfs import ProcfsSource
 from testkit.processes import (  # noqa: F401  (tests import these from here)
     REPO,
@@ -85,10 +86,11 @@ def clock() -> ManualClock:
 
 
 def make_sampler(nvml: FakeNvml | None, procfs_root: Path, interval: float = 0.2, clock=time.monotonic,
-                 mode: str = "fake", collectors: frozenset[str] = ALL_COLLECTORS, **extra) -> Sampler:
+                 mode: str = "fake", collectors: frozenset[str] = ALL_COLLECTORS, specs: tuple = GPU_SCALARS,
+                 **extra) -> Sampler:
     """Every collector on unless told otherwise: tests see every family (test_collectors.py: the defaults)."""
     return Sampler(NvmlSource(nvml, mode, backoff_initial_s=0.01, backoff_max_s=0.02, clock=clock,
-                              collectors=collectors),
+                              collectors=collectors, specs=specs),
                    ProcfsSource(procfs_root), interval=interval, clock=clock, **extra)
 
 
