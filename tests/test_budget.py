@@ -12,7 +12,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 
 from exporter import collectors as registry
 from exporter.collector import SnapshotCollector
@@ -22,7 +21,7 @@ from exporter.sources.cgroup import CgroupSource
 from exporter.sources.kubelet import ContainerRef, PodResources
 from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
 from tests.conftest import REPO, ExporterProcess, FakeProcfs, ManualClock, free_port, make_sampler, stop_process
-from testkit.processes import http_get
+from testkit.processes import exposition_size, http_get
 from tests.test_cgroup_processes import v2_tree
 
 MAX_SAMPLES = 600
@@ -43,24 +42,20 @@ VARIABLE = {
 }
 
 
-def samples_and_bytes(body: bytes) -> tuple[int, int]:
-    return sum(1 for line in body.decode().splitlines() if line and not line.startswith("#")), len(body)
-
-
 def scrape(url: str) -> bytes:
     status, _, body = http_get(url + "/metrics")  # no Accept header: the plain-text format
     assert status == 200
     return body
 
 
-@pytest.mark.skipif(shutil.which("prometheus-node-exporter") is None,
-                    reason="tests/run.sh installs prometheus-node-exporter")
 def test_8_gpus_at_defaults_fit_the_budget_beside_node_exporter():
     """Both scrapes in the same run: ours at most 600 samples and no more bytes than node_exporter's.
     Over several seconds, so the fake's batch job (a second process per GPU every other 10 s) and its
     clock-event reasons are in the worst scrape."""
+    binary = shutil.which("prometheus-node-exporter")
+    assert binary, "prometheus-node-exporter is missing: tests/run.sh installs it"
     port = free_port()
-    node = subprocess.Popen(["prometheus-node-exporter", f"--web.listen-address=127.0.0.1:{port}"],
+    node = subprocess.Popen([binary, f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ours = ExporterProcess("--fake-gpus", "8", "--sample.interval", "100ms")
     try:
@@ -72,11 +67,11 @@ def test_8_gpus_at_defaults_fit_the_budget_beside_node_exporter():
                 node_body = scrape(f"http://127.0.0.1:{port}")
             except OSError:
                 time.sleep(0.1)
-        node_samples, node_bytes = samples_and_bytes(node_body)
+        node_samples, node_bytes = exposition_size(node_body)
         worst = (0, 0)
         end = time.monotonic() + 12  # past the fake's first batch job (from 10 s)
         while time.monotonic() < end:
-            worst = max(worst, samples_and_bytes(scrape(ours.url)), key=lambda x: x[1])
+            worst = max(worst, exposition_size(scrape(ours.url)), key=lambda x: x[1])
             time.sleep(0.5)
     finally:
         ours.stop()
