@@ -662,10 +662,10 @@ class FakeNvml:
         between tensor-bound and memory-bound phases (a 90 s cycle, offset per GPU) so a dashboard shows
         the two apart; a MIG GPU instance gets its own share. None: not supported."""
         s = self.specs[gpu]
-        util = self.utilization_at(gpu, t)
+        util: float = self.utilization_at(gpu, t)
         busy = self._busy(gpu, t)
         if gpu_instance is not None:
-            util = util * (0.4 + 0.15 * (gpu_instance % 4))
+            util *= 0.4 + 0.15 * (gpu_instance % 4)
         tensor_mix = 0.2 + 0.6 * (0.5 + 0.5 * math.sin(2 * math.pi * (t / 90.0 + gpu * 0.37)))
         per_metric = {
             pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL: util,

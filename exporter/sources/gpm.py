@@ -284,8 +284,9 @@ class GpmReader:
         m.sample1, m.sample2 = sample1, sample2
         self._checked("nvmlGpmMetricsGet", m)
         values: dict[int, float | None] = {}
+        metrics = m.metrics  # once: every attribute of a pynvml struct goes through Python code
         for i, metric_id in enumerate(self._metrics_ids):
-            got = m.metrics[i]
+            got = metrics[i]
             value = float(got.value)
             if got.nvmlReturn != 0 or not math.isfinite(value) or value < 0:
                 values[metric_id] = None

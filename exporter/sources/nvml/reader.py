@@ -267,11 +267,11 @@ class GpuReader:
         for spec, source in self._gpm:
             if got.activity is not None and (value := getattr(got.activity, source.activity)) is not None:
                 scalars[spec] = value
-            series = tuple(((("mig_uuid", uuid), ("gpu_instance_id", str(gi)), ("compute_instance_id", str(ci))), v)
-                           for _, uuid, gi, ci in mig if gi in per_instance
-                           and (v := getattr(per_instance[gi], source.activity)) is not None)
-            if series:
-                labelled[spec] = series
+            if per_instance:
+                labelled[spec] = tuple(
+                    ((("mig_uuid", uuid), ("gpu_instance_id", str(gi)), ("compute_instance_id", str(ci))), v)
+                    for _, uuid, gi, ci in mig
+                    if gi in per_instance and (v := getattr(per_instance[gi], source.activity)) is not None)
         for spec, link_source in self._nvlink:
             tx = link_source.direction == "tx"
             if link_source.per_link:

@@ -156,41 +156,36 @@ FAN_SPEED = GpuScalar(
     NvmlCall("nvmlDeviceGetFanSpeed_v2", (0,)), _percent)
 
 
-_GPM_HELP = ("{what}, share of the last >= 100 ms (GPM, nvmlGpmMetricsGet {metric}; Hopper and newer). "
-             "Under MIG also per GPU instance (gpu_instance_id; its MIG devices share the value).")
-SM_ACTIVE = GpuScalar(
-    "gpu_sm_active_ratio", "gauge",
-    _GPM_HELP.format(what="Time an SM had at least one warp resident, averaged over SMs", metric="SM_UTIL"),
-    Gpm("sm_active"), collector="gpm")
-SM_OCCUPANCY = GpuScalar(
-    "gpu_sm_occupancy_ratio", "gauge",
-    _GPM_HELP.format(what="Resident warps against the SMs' maximum", metric="SM_OCCUPANCY"),
-    Gpm("sm_occupancy"), collector="gpm")
-TENSOR_ACTIVE = GpuScalar(
-    "gpu_tensor_active_ratio", "gauge",
-    _GPM_HELP.format(what="Time any tensor-core pipe was busy", metric="ANY_TENSOR_UTIL"),
-    Gpm("tensor_active"), collector="gpm")
-DRAM_ACTIVE = GpuScalar(
-    "gpu_dram_active_ratio", "gauge",
-    _GPM_HELP.format(what="DRAM bandwidth used against the peak", metric="DRAM_BW_UTIL"),
-    Gpm("dram_active"), collector="gpm")
-GRAPHICS_ENGINE_ACTIVE = GpuScalar(
-    "gpu_graphics_engine_active_ratio", "gauge",
-    _GPM_HELP.format(what="Time the graphics/compute engine was busy", metric="GRAPHICS_UTIL"),
-    Gpm("graphics_engine_active"), collector="gpm")
+def _gpm(name: str, what: str, metric: str, activity: Any) -> GpuScalar:
+    return GpuScalar(name, "gauge", f"{what}, over the last >= 100 ms (GPM {metric}; Hopper and newer, absent "
+                     "elsewhere). Under MIG also per GPU instance, on each of its MIG devices.",
+                     Gpm(activity), collector="gpm")  # the GPM reader hands out 0-1 ratios already
 
-_NVLINK_HELP = ("NVLink payload bytes/s, summed over links (GPM NVLINK_TOTAL_*_PER_SEC on Hopper+, else "
-                "NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_* deltas); absent without NVLink.")
-NVLINK_TX = GpuScalar("gpu_nvlink_throughput_bytes_per_second", "gauge", _NVLINK_HELP, NvLink("tx"),
-                      labels=(("direction", "tx"),), collector="nvlink")
-NVLINK_RX = GpuScalar("gpu_nvlink_throughput_bytes_per_second", "gauge", _NVLINK_HELP, NvLink("rx"),
-                      labels=(("direction", "rx"),), collector="nvlink")
-_NVLINK_LINK_HELP = ("NVLink payload bytes/s per link (NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_* deltas, scopeId = "
-                     "link); only with --collector.nvlink-per-link.")
-NVLINK_LINK_TX = GpuScalar("gpu_nvlink_link_throughput_bytes_per_second", "gauge", _NVLINK_LINK_HELP,
-                           NvLink("tx", per_link=True), labels=(("direction", "tx"),), collector="nvlink-per-link")
-NVLINK_LINK_RX = GpuScalar("gpu_nvlink_link_throughput_bytes_per_second", "gauge", _NVLINK_LINK_HELP,
-                           NvLink("rx", per_link=True), labels=(("direction", "rx"),), collector="nvlink-per-link")
+
+SM_ACTIVE = _gpm("gpu_sm_active_ratio", "Share of SMs busy (at least one warp resident)", "SM_UTIL", "sm_active")
+SM_OCCUPANCY = _gpm("gpu_sm_occupancy_ratio", "Resident warps against the SMs' maximum", "SM_OCCUPANCY",
+                    "sm_occupancy")
+TENSOR_ACTIVE = _gpm("gpu_tensor_active_ratio", "Share of time any tensor-core pipe was busy", "ANY_TENSOR_UTIL",
+                     "tensor_active")
+DRAM_ACTIVE = _gpm("gpu_dram_active_ratio", "DRAM bandwidth used against the peak", "DRAM_BW_UTIL", "dram_active")
+GRAPHICS_ENGINE_ACTIVE = _gpm("gpu_graphics_engine_active_ratio", "Share of time the graphics/compute engine was "
+                              "busy", "GRAPHICS_UTIL", "graphics_engine_active")
+
+
+def _nvlink(direction: Literal["tx", "rx"], per_link: bool) -> GpuScalar:
+    if per_link:
+        return GpuScalar("gpu_nvlink_link_throughput_bytes_per_second", "gauge",
+                         "NVLink payload bytes/s per link (NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_* deltas, scopeId = "
+                         "link); only with --collector.nvlink-per-link.", NvLink(direction, per_link=True),
+                         labels=(("direction", direction),), collector="nvlink-per-link")
+    return GpuScalar("gpu_nvlink_throughput_bytes_per_second", "gauge",
+                     "NVLink payload bytes/s, summed over links (GPM NVLINK_TOTAL_*_PER_SEC on Hopper+, else "
+                     "NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_* deltas); absent without NVLink.", NvLink(direction),
+                     labels=(("direction", direction),), collector="nvlink")
+
+
+NVLINK_TX, NVLINK_RX = _nvlink("tx", per_link=False), _nvlink("rx", per_link=False)
+NVLINK_LINK_TX, NVLINK_LINK_RX = _nvlink("tx", per_link=True), _nvlink("rx", per_link=True)
 
 # Rendering order; rows that share a name (the clocks) must be adjacent.
 GPU_SCALARS: tuple[GpuScalar, ...] = (
