@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, TypeVar
 
 from exporter.histogram import DURATION_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS, Histogram
 from exporter.history import SampleHistory
@@ -31,6 +31,7 @@ from exporter.sources.shm import read_shm
 from exporter.transitions import TransitionLog
 
 log = logging.getLogger("exporter.sampler")
+R = TypeVar("R")
 
 GPU_DEADLINE_SHARE = 0.6  # GPU reads must come back within this share of the interval
 HEALTHY_WITHIN_INTERVALS = 5
@@ -182,7 +183,7 @@ class Sampler:
         self._ticks += 1
         seq = self._ticks
 
-        failed = self.nvml.poll(now)
+        failed = self._isolated("nvml", lambda: self.nvml.poll(now))
         if failed:
             self._errors[("nvml", failed)] += 1
         self._sync_reader()
@@ -193,17 +194,13 @@ class Sampler:
             self._reader_thread.dispatch(seq, to_read)
 
         procfs_started = time.perf_counter()
-        host = self.procfs.read()
+        host = self._isolated("procfs", self.procfs.read)
         self._durations["procfs"].observe(time.perf_counter() - procfs_started)
-        for name in host.errors:
-            self._errors[("procfs", name)] += 1
-        self._transitions.update("procfs", {n: f"cannot read or parse {n}" for n in host.errors})
-        if host.cpu_utilization is not None:
+        if host is not None and host.cpu_utilization is not None:
             self._host_cpu.observe(host.cpu_utilization)
-        cgroup = self.cgroup.read() if self.cgroup is not None else None
-        for name in cgroup.errors if cgroup else ():
-            self._errors[("cgroup", name)] += 1
-        shm = read_shm(self.shm_path) if self.shm_path else None
+        cgroup = self._isolated("cgroup", self.cgroup.read) if self.cgroup is not None else None
+        shm_path = self.shm_path
+        shm = self._isolated("shm", lambda: read_shm(shm_path)) if shm_path else None
 
         fresh: dict[int, GpuReading] = {}
         if to_read:
@@ -215,8 +212,11 @@ class Sampler:
         gpus = tuple(self._gpu_state(r, fresh.get(r.index), now) for r in self._gpus)
         processes: tuple = ()
         if self.attributor is not None:
+            attributor = self.attributor
             pids = set().union(*(g.reading.pids() for g in gpus if g.reading))
-            processes = tuple(sorted(self.attributor.lookup(pids).items()))
+            processes = tuple(sorted((self._isolated("processes", lambda: attributor.lookup(pids)) or {}).items()))
+
+        xid_errors = self._isolated("xid", self.nvml.xid_counts) or ()
 
         self._durations["all"].observe(time.perf_counter() - tick_started)
         snap = Snapshot(
@@ -237,13 +237,31 @@ class Sampler:
             processes=processes,
             cgroup=cgroup,
             shm=shm,
-            xid_errors=self.nvml.xid_counts(),
-            pods=self.pods() if self.pods is not None else None,
+            xid_errors=xid_errors,
+            pods=self._isolated("pods", self.pods) if self.pods is not None else None,
         )
         self.snapshot = snap  # a single reference assignment: scrapes see the old or the new, whole
         if self.history is not None:
             self.history.append(snap)
         return snap
+
+    def _isolated(self, source: str, read: Callable[[], R]) -> R | None:
+        """One source's read, isolated from the tick: an exception costs that source's series this tick
+        (None), is counted as exporter_errors_total{source, call="internal:<type>"} and logged once per
+        transition. Files a reading names in its `errors` are counted and logged the same way."""
+        try:
+            reading = read()
+        except Exception as exc:  # a bug or a hostile file in one source must not cost the others
+            call = f"internal:{type(exc).__name__}"
+            self._errors[(source, call)] += 1
+            self._transitions.update(source, {call: "read failed"}, detail=str(exc)[:200])
+            log.debug("%s read failed", source, exc_info=True)
+            return None
+        problems = getattr(reading, "errors", ())  # HostReading, CgroupReading: files that failed this tick
+        for name in problems:
+            self._errors[(source, name)] += 1
+        self._transitions.update(source, {name: f"cannot read or parse {name}" for name in problems})
+        return reading
 
     def _sync_reader(self) -> None:
         """A new set of GPUs (NVML (re)initialised): start from a fresh read thread."""
@@ -368,4 +386,6 @@ class Sampler:
                 lines.append(f"gpu {g.identity.index}: down")
         if snap.host is not None and snap.host.errors:
             lines.append("procfs: cannot read " + ", ".join(snap.host.errors))
+        if snap.cgroup is not None and snap.cgroup.errors:
+            lines.append("cgroup: cannot read " + ", ".join(snap.cgroup.errors))
         return healthy, "\n".join(lines) + "\n"

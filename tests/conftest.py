@@ -68,6 +68,16 @@ class FakeProcfs:
             core[2] += i
         self.write()
 
+    def add_process(self, pid: int, name: str, cgroup: str) -> None:
+        """<pid>/{stat,cmdline,comm,cgroup} as the kernel writes them: stat and comm cut the name at 15."""
+        d = self.root / str(pid)
+        d.mkdir(exist_ok=True)
+        fields = ["S", "1"] + ["0"] * 48  # state, ppid, then zeros (started 0 jiffies after boot)
+        (d / "stat").write_text(f"{pid} ({name[:15]}) {' '.join(fields)}\n")
+        (d / "cmdline").write_text(f"/usr/bin/{name}\0--port\0" + "9000\0")
+        (d / "comm").write_text(name[:15] + "\n")
+        (d / "cgroup").write_text(cgroup)
+
     def write(self) -> None:
         c0, c1 = self.cores
         agg = [c0[j] + c1[j] for j in range(3)]

@@ -139,7 +139,7 @@ def test_flags_and_environment_switch_collectors(procfs):
 
 def test_environment_variables_switch_collectors(monkeypatch, procfs):
     monkeypatch.setenv(env_name("--collector.ecc"), "true")
-    monkeypatch.setenv(env_name("--collector.pcie-histograms"), "off")
+    monkeypatch.setenv(env_name("--collector.pcie-histograms"), "0")
     cfg = parse_config(["--path.procfs", str(procfs.root)])
     assert "ecc" in cfg.collectors and "pcie-histograms" not in cfg.collectors
     # The command line wins over the environment.
