@@ -185,10 +185,8 @@ class SnapshotCollector(Collector):
         yield util
 
     def _pcie_histogram_family(self, snap: Snapshot) -> Iterator[Metric]:
-        pcie = HistogramMetricFamily("gpu_sampled_pcie_utilization_ratio",
-                                     "Every sampled gpu_pcie_utilization_ratio; le=0.9 / count = share of "
-                                     "time <= 90 %.",
-                                     labels=GPU_LABELS + ["direction"])
+        pcie = HistogramMetricFamily("gpu_sampled_pcie_utilization_ratio", "Every sampled gpu_pcie_utilization_ratio; "
+                                     "le=0.9 / count = share of time <= 90 %.", labels=GPU_LABELS + ["direction"])
         for g in snap.gpus:
             for d, h in g.pcie_utilization_hist:
                 if h.count:
@@ -233,10 +231,10 @@ class SnapshotCollector(Collector):
                                    "1 while the clock event (throttle) reason is active "
                                    "(nvmlDeviceGetCurrentClocksEventReasons).",
                                    labels=GPU_LABELS + ["reason"])
-        for g, r in _live(snap):
-            if r.clock_event_reasons is not None:
-                for bit, name in CLOCK_EVENT_REASONS:
-                    active.add_metric(_labels(g) + [name], int(bool(r.clock_event_reasons & bit)))
+        masks = [(g, r.clock_event_reasons) for g, r in _live(snap) if r.clock_event_reasons is not None]
+        for g, mask in masks:
+            for bit, name in CLOCK_EVENT_REASONS:
+                active.add_metric(_labels(g) + [name], int(bool(mask & bit)))
         yield active
 
     def _clock_event_seconds_family(self, snap: Snapshot) -> Iterator[Metric]:
