@@ -676,9 +676,13 @@ class FakeNvml:
             entry.value.ullVal = int(total / s.nvlink_links / 1024)
 
     def gpm_percent_at(self, gpu: int, metric_id: int, t: float, gpu_instance: int | None = None) -> float | None:
-        """GPM metric `metric_id` at fake time t: activity follows the duty cycle, and each GPU drifts
-        between tensor-bound and memory-bound phases (a 90 s cycle, offset per GPU) so a dashboard shows
-        the two apart; a MIG GPU instance gets its own share. None: not supported."""
+        """GPM metric `metric_id` at fake time t; None: not supported."""
+        return self._gpm_percents(gpu, t, gpu_instance).get(metric_id)
+
+    def _gpm_percents(self, gpu: int, t: float, gpu_instance: int | None) -> dict[int, float]:
+        """Every GPM metric at fake time t: activity follows the duty cycle, and each GPU drifts between
+        tensor-bound and memory-bound phases (a 90 s cycle, offset per GPU) so a dashboard shows the two
+        apart; a MIG GPU instance gets its own share."""
         s = self.specs[gpu]
         util: float = self.utilization_at(gpu, t)
         busy = self._busy(gpu, t)
@@ -694,7 +698,7 @@ class FakeNvml:
             pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC: (s.nvlink_tx_high_bps if busy else s.nvlink_tx_low_bps) / MIB,
             pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC: (s.nvlink_rx_high_bps if busy else s.nvlink_rx_low_bps) / MIB,
         }
-        return per_metric.get(metric_id)
+        return per_metric
 
     @_nvml_call
     def nvmlGpmQueryDeviceSupport(self, device: FakeHandle) -> Any:
@@ -743,9 +747,10 @@ class FakeNvml:
         if first is None or second is None or first[:2] != second[:2] or second[2] - first[2] < 0.1:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         gpu, gi, t = second
+        percents = self._gpm_percents(gpu, t, gi)
         for i in range(metricsGet.numMetrics):
             metric = metricsGet.metrics[i]
-            value = self.gpm_percent_at(gpu, metric.metricId, t, gi)
+            value = percents.get(metric.metricId)
             metric.nvmlReturn = pynvml.NVML_SUCCESS if value is not None else pynvml.NVML_ERROR_NOT_SUPPORTED
             metric.value = value or 0.0
         return metricsGet

@@ -28,3 +28,14 @@ def test_gpm_reader_benchmark_prints_figures():
     print(r.stdout)
     for source in ("gpm", "fields"):  # both NVLink paths ran and report a cost
         assert re.search(rf"CPU\s+\d+\.\d+ ms per tick\s+\d+\.\d+ % of a core\s+\(NVLink: {source}\)", r.stdout), r.stdout
+
+
+def test_whole_exporter_cpu_on_the_stand_in_prints_figures(tmp_path):
+    out = tmp_path / "results.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--stand-in-only", "--quick", "--out",
+                        str(out)], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    for case in ("GPM \\+ 18 NVLink links", "no GPM, no NVLink"):  # both ran and report a share of a core
+        assert re.search(rf"8 GPU @ 200ms, {case}\s*:\s+\d+\.\d+ % of one core", r.stdout), r.stdout
+    assert out.exists()
