@@ -3,10 +3,14 @@
 
     .venv/bin/python bench/run.py            # full run (~3 min), writes bench/results.json
     .venv/bin/python bench/run.py --quick    # shorter windows, for a smoke run
+    .venv/bin/python bench/run.py --stand-in-only   # only the real-binding sampler CPU below (~1 min)
 
 Everything runs on 127.0.0.1. The exporter runs with simulated GPUs (--fake-gpus N): each fake NVML
 call costs what the fake's Python costs (~1 us, measured by bench/micro.py), in the range of a ctypes
 call into libnvidia-ml for the cheap queries; no real GPU figures are recorded yet (tests/fixtures).
+The sampler's CPU is also measured through the real pynvml (ctypes) against the C stand-in for
+libnvidia-ml.so.1 (testkit/nvml_stub), 8 GPUs with GPM and 18 NVLink links against the same GPUs without
+either, so the GPM + NVLink share of the whole exporter shows.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,7 +34,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from testkit.processes import free_port, stop_process  # noqa: E402  (shared with the tests)
+from bench.gpm_reader import STAND_IN  # noqa: E402  (the GPM and NVLink answers the reader bench uses)
+from testkit.nvml_stub import NvmlStub, build  # noqa: E402
+from testkit.processes import exposition_size, free_port, stop_process  # noqa: E402  (shared with the tests)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -50,9 +57,11 @@ def wait_http(port: int, path: str, timeout: float = 20.0) -> None:
 
 
 class Target:
-    def __init__(self, name: str, argv: list[str], port: int, ready_path: str = "/metrics") -> None:
+    def __init__(self, name: str, argv: list[str], port: int, ready_path: str = "/metrics",
+                 env: dict[str, str] | None = None) -> None:
         self.name, self.port = name, port
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO,
+                                     env={**os.environ, **(env or {})})
         wait_http(port, ready_path)
 
     def cpu_seconds(self) -> float:
@@ -66,11 +75,14 @@ class Target:
         stop_process(self.proc)
 
 
-def exporter(gpus: int, interval: str = "200ms") -> Target:
+def exporter(gpus: int, interval: str = "200ms", stand_in: NvmlStub | None = None) -> Target:
+    """The exporter on `gpus` fake GPUs, or on the stand-in's GPUs (real pynvml) when given one."""
     port = free_port()
-    return Target(f"exporter {gpus} GPU", [sys.executable, "-m", "exporter", "--fake-gpus", str(gpus),
+    nvml = ["--fake-gpus", str(gpus)] if stand_in is None else []
+    return Target(f"exporter {gpus} GPU", [sys.executable, "-m", "exporter", *nvml,
                                            "--sample.interval", interval, "--web.listen-address",
-                                           f"127.0.0.1:{port}", "--log.level", "error"], port)
+                                           f"127.0.0.1:{port}", "--log.level", "error"], port,
+                  env=stand_in.env() if stand_in is not None else None)
 
 
 def node_exporter() -> Target | None:
@@ -112,15 +124,13 @@ def scrape_series(port: int, n: int, gzip_ok: bool, pace_s: float = 0.0) -> dict
         if r.getheader("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
     conn.close()
-    samples = sum(1 for line in body.decode().splitlines() if line and not line.startswith("#"))
+    samples = exposition_size(body)[0]
     return {"median_ms": statistics.median(times) * 1e3, "p99_ms": percentile(times, 99) * 1e3,
             "bytes": size, "samples": samples, "scrapes": n, "pace_s": pace_s}
 
 
 def metric(port: int, name: str) -> dict[str, float]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
+    text = get(port).decode()
     out = {}
     for line in text.splitlines():
         if line.startswith(name):
@@ -171,8 +181,35 @@ def lateness(port: int, window: float, load: bool) -> dict:
             "max_bucket_ms": (nonempty[-1] * 1e3) if nonempty else 0.0, "under_scrape_load": load}
 
 
-def sampler_cpu(gpus: int, interval: str, window: float) -> float:
-    t = exporter(gpus, interval)
+def series_budget(window: float) -> dict:
+    """Plain-text scrapes (no Accept header, as the budget counts them) of the exporter with 8 GPUs at
+    its default collectors and of node_exporter, in the same run: the exporter's largest over `window`
+    (the fake's batch job adds a process per GPU every other 10 s)."""
+    t, ne = exporter(8), node_exporter()
+    try:
+        end, worst = time.monotonic() + window, (0, 0)
+        while time.monotonic() < end:
+            worst = max(worst, exposition_size(get(t.port)), key=lambda x: x[1])
+            time.sleep(0.5)
+        node = exposition_size(get(ne.port)) if ne else None
+    finally:
+        t.stop()
+        if ne:
+            ne.stop()
+    return {"exporter_8gpu": {"samples": worst[0], "bytes": worst[1]},
+            "node_exporter": {"samples": node[0], "bytes": node[1]} if node else None, "max_samples": 600}
+
+
+def get(port: int) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    body = conn.getresponse().read()
+    conn.close()
+    return body
+
+
+def sampler_cpu(gpus: int, interval: str, window: float, stand_in: NvmlStub | None = None) -> float:
+    t = exporter(gpus, interval, stand_in)
     try:
         time.sleep(2)
         c0, w0 = t.cpu_seconds(), time.monotonic()
@@ -182,9 +219,26 @@ def sampler_cpu(gpus: int, interval: str, window: float) -> float:
         t.stop()
 
 
+def stand_in_cpu(results: dict, window: float, gpus: int = 8) -> None:
+    """Whole-exporter CPU at 200 ms through the real pynvml on the C stand-in: GPM and NVLink present
+    (as on H100 SXM) and absent (both probed once, then not called)."""
+    print(f"# sampler CPU while idle, real pynvml on the C stand-in, {gpus} GPUs at 200 ms, {window:g} s windows")
+    with tempfile.TemporaryDirectory() as tmp:
+        stub = NvmlStub(build(Path(tmp)), Path(tmp) / "nvml-stub.conf")
+        for label, config in (("GPM + 18 NVLink links", STAND_IN),
+                              ("no GPM, no NVLink", {"gpm_supported": 0, "nvlink_links": 0})):
+            stub.configure({"gpus": gpus, **config})
+            share = sampler_cpu(gpus, "200ms", window, stub)
+            results["stand_in_sampler_cpu"].append({"gpus": gpus, "interval": "200ms", "case": label,
+                                                    "core_share": share})
+            print(f"{gpus} GPU @ 200ms, {label:22}: {share * 100:5.2f} % of one core")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short windows and fewer scrapes (smoke run)")
+    ap.add_argument("--stand-in-only", action="store_true",
+                    help="only the sampler CPU through the real pynvml on the C stand-in (GPM + NVLink on and off)")
     ap.add_argument("--out", default=str(HERE / "results.json"))
     args = ap.parse_args()
     scrapes = 100 if args.quick else 500
@@ -194,7 +248,14 @@ def main() -> int:
     gpu_counts = (1, 8, 64)
     results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                  "python": platform.python_version()},
-                     "quick": args.quick, "scrape": [], "sampler_cpu": [], "lateness": [], "memory": {}}
+                     "quick": args.quick, "scrape": [], "sampler_cpu": [], "lateness": [], "memory": {},
+                     "stand_in_sampler_cpu": []}
+    stand_in_cpu(results, window)
+    if args.stand_in_only:
+        only = {k: results[k] for k in ("machine", "quick", "stand_in_sampler_cpu")}
+        Path(args.out).write_text(json.dumps(only, indent=2) + "\n")
+        print(f"wrote {args.out}")
+        return 0
 
     print(f"# scrape latency: {scrapes} back-to-back scrapes, then {paced} paced 250 ms apart (each a fresh "
           "snapshot, as Prometheus sees it), keep-alive, Prometheus's Accept header")
@@ -214,6 +275,14 @@ def main() -> int:
                           f"  p99 {row['p99_ms']:6.2f} ms  {row['samples']:5} samples  {row['bytes']:7} bytes")
         finally:
             t.stop()
+
+    print("# series budget: one plain-text scrape, 8 GPUs at the default collectors beside node_exporter")
+    budget = results["budget"] = series_budget(12.0 if args.quick else 25.0)
+    ours, node = budget["exporter_8gpu"], budget["node_exporter"]
+    print(f"exporter 8 GPU      {ours['samples']:5} samples (budget 600)  {ours['bytes']:7} bytes")
+    if node:
+        print(f"node_exporter       {node['samples']:5} samples                {node['bytes']:7} bytes"
+              f"  -> exporter/node_exporter bytes {ours['bytes'] / node['bytes']:.2f}")
 
     print(f"# sampler CPU while idle (no scrapes), {window:g} s windows")
     for interval in ("200ms", "50ms"):

@@ -15,6 +15,7 @@ from typing import Any, NoReturn, Sequence
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from exporter import __version__
+from exporter import collectors as registry
 from exporter.collector import SnapshotCollector
 from exporter.durations import parse_duration
 from exporter.environment import ENV_PREFIX, env_name
@@ -28,6 +29,7 @@ from exporter.server import ServerCollector, bind, make_server
 from exporter.sources.cgroup import CgroupSource, locate
 from exporter.sources.kubelet import DEFAULT_SOCKET, PodResourcesPoller
 from exporter.sources.nvml import NvmlSource
+from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.kernfile import read_once
 from exporter.sources.procfs import ProcfsSource
@@ -56,7 +58,7 @@ class Config:
     log_level: str
     max_requests: int
     node_name: str
-    processes: bool
+    collectors: frozenset[str]  # the switchable collectors that are on (collectors.py)
     cgroupfs: str
     cgroup_path: str
     shm_path: str
@@ -126,10 +128,10 @@ def _build_parser() -> _Parser:
                              "(default: the exporter's own); must exist at start-up")
     flag("--path.shm", "/dev/shm", "shared-memory mount to report (empty: off)")
     flag("--history.window", "5m", "how much full-resolution history the live view at / keeps (0: off)")
-    env = env_name("--collector.processes")
-    p.add_argument("--collector.processes", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"per-process GPU memory and utilisation with container/pod labels [{env}] (default: on; "
-                        f"the variable takes {'/'.join(_ENV_TRUE + _ENV_FALSE)})")
+    for c in registry.COLLECTORS:  # --[no-]collector.<name>, one per registered collector
+        env = env_name(f"--collector.{c.name}")
+        p.add_argument(f"--collector.{c.name}", action=argparse.BooleanOptionalAction, dest=f"collector.{c.name}",
+                       default=None, help=f"collector: {c.help} [{env}] (default: {'on' if c.default else 'off'})")
     flag("--kubernetes.pod-resources-socket", DEFAULT_SOCKET,
          "kubelet pod-resources socket for gpu_pod_info (which pod holds each GPU); polled every 5 s while it "
          "exists; empty: off")
@@ -190,7 +192,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
     a = vars(parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv)))
     try:
         s = _settings(a)
-        processes = _switch("--collector.processes", a["collector.processes"], default=True)
+        collectors = frozenset(c.name for c in registry.COLLECTORS
+                               if _switch(f"--collector.{c.name}", a[f"collector.{c.name}"], default=c.default))
         pod_labels = _switch("--kubernetes.pod-labels", a["kubernetes.pod_labels"], default=False)
         interval = _duration(s["--sample.interval"])
         if interval < MIN_INTERVAL_S:
@@ -247,7 +250,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         parser.error(str(exc))
     return Config(listen_address=listen.value, telemetry_path=path, sample_interval=interval, procfs=procfs,
                   fake_gpus=fake, log_level=level, max_requests=max_requests, node_name=s["--node.name"].value,
-                  processes=processes, cgroupfs=cgroupfs, cgroup_path=cgroup_path, shm_path=s["--path.shm"].value,
+                  collectors=collectors, cgroupfs=cgroupfs, cgroup_path=cgroup_path, shm_path=s["--path.shm"].value,
                   history_window=history, fake_mig=fake_mig, fake_churn=fake_churn, max_connections=max_connections,
                   web_config_file=web_config.value, pod_resources_socket=pod_socket, pod_labels=pod_labels,
                   fake_scenario=fake_scenario.value)
@@ -375,16 +378,21 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{exc.strerror or exc}", file=sys.stderr)
         return 2
     history = SampleHistory(cfg.history_window, cfg.sample_interval) if cfg.history_window else None
-    pods = PodResourcesPoller(cfg.pod_resources_socket) if cfg.pod_resources_socket else None
-    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collect_processes=cfg.processes), ProcfsSource(cfg.procfs),
-                      interval=cfg.sample_interval, cgroup=_cgroup_source(cfg), shm_path=cfg.shm_path or None,
-                      attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None, history=history,
-                      pods=pods.latest_reading if pods else None)
+    on = cfg.collectors
+    pods = (PodResourcesPoller(cfg.pod_resources_socket)
+            if cfg.pod_resources_socket and "pod-info" in on else None)
+    specs = GPU_SCALARS + NVLINK_PER_LINK_SCALARS  # each row read and rendered only if its collector is on
+    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collectors=on, specs=specs), ProcfsSource(cfg.procfs),
+                      interval=cfg.sample_interval, cgroup=_cgroup_source(cfg) if "cgroup" in on else None,
+                      shm_path=(cfg.shm_path or None) if "shm" in on else None,
+                      attributor=ProcessAttributor(cfg.procfs) if on & {"processes", "mig"} else None,
+                      history=history, pods=pods.latest_reading if pods else None)
     registry = CollectorRegistry(auto_describe=False)
     server = make_server(sock, registry, sampler.health, cfg.telemetry_path, history=history,
                          generation=lambda: sampler.snapshot, web_config=web_config,
                          limits=Limits(max_requests=cfg.max_requests, max_connections=cfg.max_connections))
-    snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name)
+    snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name, specs=specs,
+                                           collectors=on)
     registry.register(PodCollector(snapshot_collector, lambda: sampler.snapshot, cfg.pod_labels) if pods
                       else snapshot_collector)
     ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost

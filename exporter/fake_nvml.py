@@ -675,21 +675,30 @@ class FakeNvml:
             entry.nvmlReturn, entry.valueType = 0, pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
             entry.value.ullVal = int(total / s.nvlink_links / 1024)
 
-    def gpm_percent_at(self, gpu: int, metric_id: int, t: float) -> float | None:
-        """GPM metric `metric_id` at fake time t: activity follows the duty cycle; None: not supported."""
+    def gpm_percent_at(self, gpu: int, metric_id: int, t: float, gpu_instance: int | None = None) -> float | None:
+        """GPM metric `metric_id` at fake time t; None: not supported."""
+        return self._gpm_percents(gpu, t, gpu_instance).get(metric_id)
+
+    def _gpm_percents(self, gpu: int, t: float, gpu_instance: int | None) -> dict[int, float]:
+        """Every GPM metric at fake time t: activity follows the duty cycle, and each GPU drifts between
+        tensor-bound and memory-bound phases (a 90 s cycle, offset per GPU) so a dashboard shows the two
+        apart; a MIG GPU instance gets its own share."""
         s = self.specs[gpu]
-        util = self.utilization_at(gpu, t)
+        util: float = self.utilization_at(gpu, t)
         busy = self._busy(gpu, t)
+        if gpu_instance is not None:
+            util *= 0.4 + 0.15 * (gpu_instance % 4)
+        tensor_mix = 0.2 + 0.6 * (0.5 + 0.5 * math.sin(2 * math.pi * (t / 90.0 + gpu * 0.37)))
         per_metric = {
             pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL: util,
             pynvml.NVML_GPM_METRIC_SM_UTIL: util * 0.9,
             pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: util * 0.45,
-            pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: util * 0.6 if busy else 1.0,
-            pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: util * 0.5,
+            pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: util * tensor_mix if busy else 1.0,
+            pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: util * (1.0 - tensor_mix * 0.8),
             pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC: (s.nvlink_tx_high_bps if busy else s.nvlink_tx_low_bps) / MIB,
             pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC: (s.nvlink_rx_high_bps if busy else s.nvlink_rx_low_bps) / MIB,
         }
-        return per_metric.get(metric_id)
+        return per_metric
 
     @_nvml_call
     def nvmlGpmQueryDeviceSupport(self, device: FakeHandle) -> Any:
@@ -737,10 +746,11 @@ class FakeNvml:
                          for p in (metricsGet.sample1, metricsGet.sample2))
         if first is None or second is None or first[:2] != second[:2] or second[2] - first[2] < 0.1:
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        gpu, _, t = second
+        gpu, gi, t = second
+        percents = self._gpm_percents(gpu, t, gi)
         for i in range(metricsGet.numMetrics):
             metric = metricsGet.metrics[i]
-            value = self.gpm_percent_at(gpu, metric.metricId, t)
+            value = percents.get(metric.metricId)
             metric.nvmlReturn = pynvml.NVML_SUCCESS if value is not None else pynvml.NVML_ERROR_NOT_SUPPORTED
             metric.value = value or 0.0
         return metricsGet

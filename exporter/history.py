@@ -2,8 +2,9 @@
 diagnosis (/api/v1/diagnosis).
 
 Prometheus sees one point per scrape; this ring keeps every tick: one row per tick (wall time, host
-CPU, the container's CFS-throttled share, and per GPU the charted ratios of GPU_FIELDS plus what the
-diagnosis reads: clock event bits, health, XID count, GPM activity ratios where a reading has them).
+CPU, the container's CFS-throttled share, and per GPU the charted ratios of GPU_FIELDS — utilisation,
+memory used, PCIe tx/rx, and GPM's SM, tensor and DRAM activity where the GPU has GPM — plus what the
+diagnosis reads: clock event bits, health, XID count).
 The sampler appends, HTTP threads read; a lock guards the deque. Memory is bounded by window / interval
 rows, each a flat array of doubles (8 bytes a value; NaN for "no value"), about 1.5 MB for 5 minutes of
 8 GPUs at 200 ms.
@@ -20,14 +21,14 @@ from typing import Iterable, Iterator
 
 from exporter.snapshot import GpuState, Snapshot
 from exporter.sources.cgroup import CgroupReading
-from exporter.sources.nvml.specs import MEMORY_USED_RATIO, UTILIZATION
+from exporter.sources.nvml.specs import DRAM_ACTIVE, MEMORY_USED_RATIO, SM_ACTIVE, TENSOR_ACTIVE, UTILIZATION
 
-GPU_FIELDS = ("utilization", "memory_used_ratio", "pcie_tx_utilization", "pcie_rx_utilization")  # charted
-# Kept for the diagnosis only. health: 0 up, 1 down (failing or stuck call), 2 lost. The GPM ratios are
-# those of exporter.sources.gpm's GpmActivity, found at reading.gpm.activity (or on the reading itself)
-# once the GPM reader is wired into the sampler; until then they are absent (no value).
+# Charted by the live view and served by /api/v1/samples; the GPM ratios are null without GPM (pre-Hopper,
+# the gpm collector off, the first tick).
 GPM_FIELDS = ("sm_active", "tensor_active", "dram_active")
-DIAGNOSIS_FIELDS = ("clock_event_reasons", "health", "xid_errors", *GPM_FIELDS)
+GPU_FIELDS = ("utilization", "memory_used_ratio", "pcie_tx_utilization", "pcie_rx_utilization", *GPM_FIELDS)
+# Kept for the diagnosis only. health: 0 up, 1 down (failing or stuck call), 2 lost.
+DIAGNOSIS_FIELDS = ("clock_event_reasons", "health", "xid_errors")
 ALL_GPU_FIELDS = GPU_FIELDS + DIAGNOSIS_FIELDS
 HOST_FIELDS = ("host_cpu_utilization", "cgroup_cpu_throttled_ratio")
 
@@ -39,15 +40,10 @@ def _gpu_values(g: GpuState, xids: int) -> tuple[float | None, ...]:
     r = g.reading
     health = 2.0 if r is not None and r.lost else 0.0 if g.up else 1.0
     if r is None or not g.up:
-        return (None,) * len(GPU_FIELDS) + (None, health, xids) + (None,) * len(GPM_FIELDS)
+        return (None,) * len(GPU_FIELDS) + (None, health, xids)
     link = g.identity.pcie_link_max_bytes_per_second
     return (r[UTILIZATION], r[MEMORY_USED_RATIO], r.pcie_utilization("tx", link), r.pcie_utilization("rx", link),
-            r.clock_event_reasons, health, xids, *_gpm_values(r))
-
-
-def _gpm_values(r: object) -> tuple[float | None, ...]:
-    activity = getattr(getattr(r, "gpm", None), "activity", None) or r
-    return tuple(getattr(activity, f, None) for f in GPM_FIELDS)
+            r[SM_ACTIVE], r[TENSOR_ACTIVE], r[DRAM_ACTIVE], r.clock_event_reasons, health, xids)
 
 
 def _throttled_ratio(prev: CgroupReading | None, cur: CgroupReading | None) -> float | None:

@@ -16,10 +16,11 @@ import time
 from collections import Counter
 from typing import Callable, TypeVar
 
-from exporter.histogram import DURATION_BUCKETS, RATIO_BUCKETS, Histogram
+from exporter.histogram import DURATION_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS, Histogram
 from exporter.history import SampleHistory
 from exporter.snapshot import GpuState, SamplerStats, Snapshot
 from exporter.sources.cgroup import CgroupSource
+from exporter.sources.gpm import GpmReaders
 from exporter.sources.kubelet import PodResources
 from exporter.sources.nvml import GpuReader, GpuReading, NvmlSource, NvmlStatus
 from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS, PCIE_DIRECTIONS
@@ -34,7 +35,7 @@ R = TypeVar("R")
 
 GPU_DEADLINE_SHARE = 0.6  # GPU reads must come back within this share of the interval
 HEALTHY_WITHIN_INTERVALS = 5
-LATENESS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+LATENESS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25)  # the 5 ms goal; a missed tick
 _DONE = -1  # gpu index of the message a read thread posts after its last GPU
 
 # (thread, tick, gpu index, reading) per GPU; (thread, tick, _DONE, seconds the reads took) at the end.
@@ -42,7 +43,11 @@ _Result = tuple["_ReadThread", int, int, "GpuReading | float"]
 
 
 class _ReadThread:
-    """Reads a list of GPUs whenever dispatched, posting a _Result per GPU and one when done."""
+    """Reads a list of GPUs whenever dispatched, posting a _Result per GPU and one when done.
+
+    It owns its GPUs' GPM sample buffers (GpmReaders): a thread started after one was abandoned allocates
+    fresh ones, and an abandoned thread frees its own only once its blocked call has returned, so no two
+    threads ever touch one GPM buffer (a race the driver was reported to crash on)."""
 
     def __init__(self, results: queue.SimpleQueue[_Result]) -> None:
         self.abandoned = False  # set by the sampler: finish the current call, report, and exit
@@ -51,6 +56,7 @@ class _ReadThread:
         self._go = threading.Event()
         self._todo: list[GpuReader] = []
         self._tick = 0
+        self._gpm = GpmReaders()
         self._thread = threading.Thread(target=self._run, name="gpu-reader", daemon=True)
         self._thread.start()
 
@@ -70,7 +76,7 @@ class _ReadThread:
             for reader in self._todo if not self.abandoned else ():
                 self.current = reader
                 try:
-                    reading = reader.read()
+                    reading = reader.read(self._gpm)
                 except Exception as exc:  # a bug must cost one GPU one sample, not the thread
                     log.exception("GPU %d: read failed", reader.index)
                     reading = GpuReading(errors=(f"internal:{type(exc).__name__}",))
@@ -80,6 +86,7 @@ class _ReadThread:
                     break
             self._results.put((self, self._tick, _DONE, time.perf_counter() - started))
             if self.abandoned:
+                self._gpm.close()
                 return
 
 
@@ -88,9 +95,10 @@ class _GpuHistory:
 
     def __init__(self) -> None:
         self.utilization = Histogram(RATIO_BUCKETS)
-        self.pcie = {d: Histogram(RATIO_BUCKETS) for d in PCIE_DIRECTIONS}
-        self.clock_event_seconds = {name: 0.0 for _, name in CLOCK_EVENT_REASONS}
-        self.clock_events_seen = False  # exported only once the GPU has reported reasons at all
+        self.pcie = {d: Histogram(PCIE_BUCKETS) for d in PCIE_DIRECTIONS}
+        # Per reason, from its first active tick: a reason never active since start-up (most of the nine
+        # on a healthy GPU) would be a zero series on every scrape, saying no more than its absence.
+        self.clock_event_seconds: dict[str, float] = {}
 
 
 class Sampler:
@@ -333,7 +341,7 @@ class Sampler:
             reading=reading,
             utilization_hist=hist.utilization.freeze(),
             pcie_utilization_hist=tuple((d, h.freeze()) for d, h in hist.pcie.items()),
-            clock_event_seconds=tuple(hist.clock_event_seconds.items()) if hist.clock_events_seen else (),
+            clock_event_seconds=tuple(hist.clock_event_seconds.items()),
             stuck_call=stuck_call,
         )
         self._last_states[index] = state
@@ -349,11 +357,11 @@ class Sampler:
             ratio = r.pcie_utilization(d, link_max)
             if ratio is not None:
                 hist.pcie[d].observe(ratio)
-        if r.clock_event_reasons is not None:
-            hist.clock_events_seen = True
+        if r.clock_event_reasons:
+            seconds = hist.clock_event_seconds
             for bit, name in CLOCK_EVENT_REASONS:
                 if r.clock_event_reasons & bit:
-                    hist.clock_event_seconds[name] += self.interval
+                    seconds[name] = seconds.get(name, 0.0) + self.interval
 
     # ---- health ------------------------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:

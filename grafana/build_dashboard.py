@@ -100,12 +100,30 @@ ROWS: list[tuple[str, list[dict]]] = [
               [(f"host_cpu_core_utilization_ratio{{{HOST}}}", "{{instance}} cpu {{cpu}}")],
               w=12, max_value=1, description="One core pinned at 100 % while the GPU starves: a single-threaded "
                                              "data loader or tokeniser (CPU-side prefetch)."),
-        panel("state-timeline", "Clock event reasons (throttling)", "none",
-              [(f'max by (gpu, reason) (gpu_clock_event_active{{{SEL}, reason!="gpu_idle"}})',
-                "GPU {{gpu}} {{reason}}")],
-              w=12, thresholds=_thresholds((None, "transparent"), (1, "red")),
+        panel("state-timeline", "Clock event reasons (throttling)", "percentunit",
+              [(f'max by (gpu, reason) (rate(gpu_clock_event_seconds_total{{{SEL}, reason!="gpu_idle"}}'
+                f'[$__rate_interval]))', "GPU {{gpu}} {{reason}}")],
+              w=12, thresholds=_thresholds((None, "transparent"), (0.01, "red")),
               extra={"options": {"showValue": "never", "mergeValues": True}},
-              description="Red while a clocks-event (throttle) reason is active."),
+              description="Red while a clocks-event (throttle) reason was active, from the sampled seconds "
+                          "per reason (every tick, not one state per scrape)."),
+    ]),
+    ("Where the GPU time goes (GPM: Hopper and newer)", [
+        panel("timeseries", "Where the time goes: GPU $gpu", "percentunit",
+              [(f"gpu_utilization_ratio{{{SEL}}}", "{{instance}} utilisation (a kernel ran)"),
+               (f'gpu_sm_active_ratio{{{SEL}, gpu_instance_id=""}}', "{{instance}} SM active"),
+               (f'gpu_tensor_active_ratio{{{SEL}, gpu_instance_id=""}}', "{{instance}} tensor active"),
+               (f'gpu_dram_active_ratio{{{SEL}, gpu_instance_id=""}}', "{{instance}} DRAM active"),
+               (f"max by (instance, gpu) (gpu_pcie_utilization_ratio{{{SEL}}})", "{{instance}} PCIe % of link")],
+              w=6, max_value=1, extra={"repeat": "gpu", "repeatDirection": "h", "maxPerRow": 4},
+              description="Which wall the GPU hits: tensor active near SM active = tensor-core bound; DRAM "
+                          "active high = memory-bandwidth bound; PCIe near 1 = CPU->GPU copies; utilisation "
+                          "high with SM active low = small kernels or launch overhead. GPM activity is absent "
+                          "on GPUs before Hopper (only utilisation and PCIe then)."),
+        panel("timeseries", "NVLink throughput", "Bps",
+              [(f"gpu_nvlink_throughput_bytes_per_second{{{SEL}}}", "{{instance}} GPU {{gpu}} {{direction}}")],
+              w=12, description="Summed over links (GPM on Hopper+, else the per-link counters); absent on "
+                                "boards without NVLink."),
     ]),
     ("PCIe", [
         panel("timeseries", "PCIe throughput", "Bps",

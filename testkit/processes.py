@@ -30,6 +30,11 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> int:
     return proc.returncode
 
 
+def exposition_size(body: bytes) -> tuple[int, int]:
+    """(samples, bytes) of a text exposition: every line that is not a comment is one sample."""
+    return sum(1 for line in body.decode().splitlines() if line and not line.startswith("#")), len(body)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -37,3 +37,14 @@ def test_diagnosis_benchmark_prints_figures():
     assert r.returncode == 0, r.stderr
     print(r.stdout)
     assert re.search(r"^\| 2 \| 1 500 \| \d+\.\d+ MB \| \d+ µs \| \d+\.\d+ ms \| \d+ ms \|$", r.stdout, re.M), r.stdout
+
+
+def test_whole_exporter_cpu_on_the_stand_in_prints_figures(tmp_path):
+    out = tmp_path / "results.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--stand-in-only", "--quick", "--out",
+                        str(out)], cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    for case in ("GPM \\+ 18 NVLink links", "no GPM, no NVLink"):  # both ran and report a share of a core
+        assert re.search(rf"8 GPU @ 200ms, {case}\s*:\s+\d+\.\d+ % of one core", r.stdout), r.stdout
+    assert out.exists()

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from exporter.collectors import ALL as ALL_COLLECTORS
 from exporter.fake_nvml import FakeNvml
 from exporter.sources.cgroup import (
     CgroupPathError,
@@ -262,7 +263,7 @@ def test_process_series_appear_and_vanish_with_labels(procfs):
     for reader in s.nvml.gpus:
         reader._last_refresh.clear()  # skip the 1 s refresh wait
     s.tick()
-    assert families(s)["gpu_process_memory_used_bytes"].samples == []
+    assert "gpu_process_memory_used_bytes" not in families(s)  # an empty family is not rendered at all
 
 
 def test_processes_collector_can_be_switched_off(procfs):
@@ -271,9 +272,9 @@ def test_processes_collector_can_be_switched_off(procfs):
     from exporter.sources.procfs import ProcfsSource
 
     fake = FakeNvml(1)
-    s = Sampler(NvmlSource(fake, "fake", collect_processes=False), ProcfsSource(procfs.root))
+    s = Sampler(NvmlSource(fake, "fake", collectors=ALL_COLLECTORS - {"processes"}), ProcfsSource(procfs.root))
     s.tick()
-    assert families(s)["gpu_process_memory_used_bytes"].samples == []
+    assert "gpu_process_memory_used_bytes" not in families(s)
     assert fake.calls["nvmlDeviceGetComputeRunningProcesses"] == 0
 
 

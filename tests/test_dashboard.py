@@ -88,14 +88,27 @@ def test_every_panel_query_returns_data(stack, dashboard):
 
 @pytest.mark.e2e
 def test_gpu_panels_titled_by_pod_repeat_over_the_pod_variable(stack, dashboard):
-    (repeated,) = [p for p in data_panels(dashboard) if p.get("repeat")]
-    assert repeated["repeat"] == "pod" and "$pod" in repeated["title"]
+    (repeated,) = [p for p in data_panels(dashboard) if p.get("repeat") == "pod"]
+    assert "$pod" in repeated["title"]
     # What Grafana runs for the panel of one pod: that pod's GPU, with its namespace and pod labels.
     expr = re.sub(r"\$\{?(\w+)\}?", lambda m: {"pod": "synth-1"}.get(m.group(1), SUBSTITUTE[m.group(1)]),
                   repeated["targets"][0]["expr"])
     result = stack.prom.query(expr)
     assert [(r["metric"]["gpu"], r["metric"]["namespace"], r["metric"]["pod"]) for r in result] == [
         ("1", "tts", "synth-1")]
+
+
+@pytest.mark.e2e
+def test_where_the_time_goes_is_one_panel_per_gpu(stack, dashboard):
+    """Repeated over $gpu: Grafana runs each query with one GPU; every line is that GPU's, one series each
+    (the GPU-wide GPM series, not its MIG instances; PCIe as the busier direction)."""
+    (repeated,) = [p for p in data_panels(dashboard) if p.get("repeat") == "gpu"]
+    assert "$gpu" in repeated["title"] and len(repeated["targets"]) == 5
+    for t in repeated["targets"]:
+        expr = re.sub(r"\$\{?(\w+)\}?", lambda m: {"gpu": "1"}.get(m.group(1), SUBSTITUTE[m.group(1)]), t["expr"])
+        result = stack.prom.query(expr)
+        assert [r["metric"]["gpu"] for r in result] == ["1"], (expr, result)
+        assert 0.0 <= float(result[0]["value"][1]) <= 1.0
 
 
 @pytest.mark.e2e

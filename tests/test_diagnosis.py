@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from exporter.diagnosis import MIB, GpuWindow, Thresholds, Window, diagnose, render_text, report
 from exporter.diagnosis_history import _late_share, window_from_history
+from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 from exporter.fake_scenarios import SCENARIOS, ScenarioNvml
 from exporter.history import SampleHistory
 from exporter.sources.cgroup import CgroupSource
@@ -258,33 +259,10 @@ def test_bad_fake_scenario_is_one_line(args, capsys):
 
 
 def test_gpm_ratios_flow_from_a_reading_into_the_tensor_rule(tmp_path, procfs):
-    """A reading carrying GPM activity (as exporter.sources.gpm's GpmActivity at reading.gpm.activity)
-    reaches the diagnosis through the history ring."""
-    from dataclasses import dataclass as dc
-
+    """A reading carrying GPM activity (the gpm collector's spec rows) reaches the diagnosis through the
+    history ring; a GPU without GPM leaves the GPM rules silent."""
     from exporter.history import GPM_FIELDS
-    from exporter.snapshot import GpuState
-
-    @dc(frozen=True)
-    class Activity:
-        sm_active: float = 0.95
-        tensor_active: float = 0.9
-        dram_active: float = 0.2
-
-    @dc(frozen=True)
-    class Gpm:
-        activity: Activity = Activity()
-
-    class WithGpm:  # a GpuReading with the GPM field the reader adds
-        def __init__(self, reading) -> None:
-            self._r = reading
-            self.gpm = Gpm()
-
-        def __getattr__(self, name):
-            return getattr(self._r, name)
-
-        def __getitem__(self, spec):
-            return self._r[spec]
+    from exporter.sources.nvml.specs import DRAM_ACTIVE, SM_ACTIVE, TENSOR_ACTIVE
 
     clock, wall = ManualClock(), ManualClock(1_700_000_000.0)
     history = SampleHistory(10.0, 0.1, wall_clock=wall)
@@ -293,14 +271,21 @@ def test_gpm_ratios_flow_from_a_reading_into_the_tensor_rule(tmp_path, procfs):
         procfs.advance(busy=[2, 2], idle=[18, 18])
         snap = s.tick()
         g = snap.gpus[0]
-        history.append(replace(snap, gpus=(GpuState(g.identity, g.up, WithGpm(g.reading), g.utilization_hist,
-                                                     g.pcie_utilization_hist, g.clock_event_seconds),)))
+        busy_tensors = replace(g.reading, scalars={**g.reading.scalars, SM_ACTIVE: 0.95, TENSOR_ACTIVE: 0.9,
+                                                   DRAM_ACTIVE: 0.2})
+        history.append(replace(snap, gpus=(replace(g, reading=busy_tensors),)))
         clock.advance(0.1)
         wall.advance(0.1)
     w = window_from_history(history, 10.0)
     assert [w.gpus[0].tensor_active[-1], w.gpus[0].dram_active[-1]] == [0.9, 0.2] and len(GPM_FIELDS) == 3
     assert [f.rule for f in diagnose(w)] == ["nothing_abnormal", "tensor_bound", "short_window"]
-    plain = live_history(tmp_path, procfs, "healthy", ticks=5)
+    plain = SampleHistory(10.0, 0.1, wall_clock=wall)
+    s = make_sampler(FakeNvml(specs=[FakeGpuSpec(gpm_supported=False)], clock=clock), procfs.root, interval=0.1,
+                     clock=clock, history=plain)
+    for _ in range(5):
+        s.tick()
+        clock.advance(0.1)
+        wall.advance(0.1)
     assert window_from_history(plain, 10.0).gpus[0].tensor_active is None  # silent without GPM
 
 

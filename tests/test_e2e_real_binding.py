@@ -44,3 +44,34 @@ def test_real_pynvml_on_the_stand_in_reaches_prometheus_and_a_lost_gpu_costs_onl
     finally:
         prom.stop()
         exporter.stop()
+
+
+def test_gpm_activity_and_nvlink_through_real_pynvml_reach_prometheus(nvml_stub, tmp_path):
+    """GPU 0 has GPM (Hopper): activity and NVLink from GPM; GPU 1 has none (an A100): no activity series,
+    NVLink from its per-link field counters, and per link with --collector.nvlink-per-link."""
+    gib = 2**30
+    nvml_stub.configure({"gpus": 2, "gpm.1": 20, "gpm.2": 42.5, "gpm.3": 30, "gpm.5": 17.5, "gpm.10": 60,
+                         "gpm.60": 1000, "gpm.61": 250.5, "nvlink_links": 4, "gpm_supported.1": 0,
+                         "nvlink_tx_kib_s.1": gib / 1024, "nvlink_rx_kib_s.1": 2 * gib / 1024})
+    exporter = ExporterProcess("--sample.interval", "200ms", "--collector.nvlink-per-link", env=nvml_stub.env())
+    prom = PrometheusServer(tmp_path / "prom", {"gpu": [f"127.0.0.1:{exporter.port}"]})
+    try:
+        prom.wait_for('up{job="gpu"} == 1', timeout=30)
+        prom.wait_for("gpu_sm_active_ratio", timeout=30)
+        assert by_gpu(prom.query("gpu_sm_active_ratio")) == {"0": 0.425}  # absent, not 0, on GPU 1
+        assert by_gpu(prom.query("gpu_sm_occupancy_ratio")) == {"0": 0.30}
+        assert by_gpu(prom.query("gpu_tensor_active_ratio")) == {"0": 0.175}
+        assert by_gpu(prom.query("gpu_dram_active_ratio")) == {"0": 0.60}
+        assert by_gpu(prom.query("gpu_graphics_engine_active_ratio")) == {"0": 0.20}
+        prom.wait_for('gpu_nvlink_throughput_bytes_per_second{gpu="1"}', min_results=2, timeout=30)
+        tx = by_gpu(prom.query('gpu_nvlink_throughput_bytes_per_second{direction="tx"}'))
+        rx = by_gpu(prom.query('gpu_nvlink_throughput_bytes_per_second{direction="rx"}'))
+        assert tx["0"] == 250.5 * 2**20 and rx["0"] == 1000 * 2**20  # GPM's totals, MiB/s
+        assert abs(tx["1"] / (4 * gib) - 1) < 1e-3 and abs(rx["1"] / (8 * gib) - 1) < 1e-3  # 4 links' counters
+        links = prom.query('gpu_nvlink_link_throughput_bytes_per_second{gpu="1",direction="tx"}')
+        assert sorted(r["metric"]["link"] for r in links) == ["0", "1", "2", "3"]
+        assert all(abs(float(r["value"][1]) / gib - 1) < 1e-3 for r in links)
+        assert "Traceback" not in exporter.log()
+    finally:
+        prom.stop()
+        exporter.stop()

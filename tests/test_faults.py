@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from exporter.fake_nvml import FakeNvml, fake_call_names
 from exporter.server import make_server
-from tests.conftest import families, http_get, make_sampler
+from tests.conftest import ALL_COLLECTORS, families, http_get, make_sampler
 
 
 def test_gpu_with_every_call_not_supported_is_up_with_no_values(procfs):
@@ -94,7 +94,7 @@ def test_a_5s_hang_seen_through_http_while_everything_else_keeps_serving(procfs)
     fake = FakeNvml(2)
     s = make_sampler(fake, procfs.root, interval=0.1)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(lambda: s.snapshot))
+    registry.register(SnapshotCollector(lambda: s.snapshot, collectors=ALL_COLLECTORS))
     server = make_server("127.0.0.1:0", registry, s.health, generation=lambda: s.snapshot)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"

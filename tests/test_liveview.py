@@ -13,7 +13,7 @@ import pytest
 
 from exporter.fake_nvml import FakeNvml
 from exporter.history import GPU_FIELDS, SampleHistory
-from exporter.sources.nvml.specs import MEMORY_USED_RATIO, UTILIZATION
+from exporter.sources.nvml.specs import MEMORY_USED_RATIO, TENSOR_ACTIVE, UTILIZATION
 from tests.conftest import FakeProcfs, ManualClock, find_tool, http_get, make_sampler
 
 
@@ -46,6 +46,8 @@ def test_api_shape_and_values_match_what_the_fake_produced(procfs):
     assert doc["gpus"][0]["utilization"] == [s.gpus[0].reading[UTILIZATION] for s in last5]
     assert doc["gpus"][1]["memory_used_ratio"] == [s.gpus[1].reading[MEMORY_USED_RATIO] for s in last5]
     assert doc["host_cpu_utilization"] == [s.host.cpu_utilization for s in last5]
+    tensor = [s.gpus[1].reading[TENSOR_ACTIVE] for s in last5]  # GPM activity, for diagnosis
+    assert doc["gpus"][1]["tensor_active"] == tensor and None not in tensor
     util = doc["gpus"][0]["utilization"]
     assert doc["gpus"][0]["below_40_fraction"] == sum(u <= 0.4 for u in util) / len(util)
 

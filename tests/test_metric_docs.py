@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 import time
 
+import pynvml
+
 from exporter.collector import SnapshotCollector
+from exporter.collectors import ALL as ALL_COLLECTORS
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 from exporter.pods import PodCollector
 from exporter.sources.kubelet import ContainerRef, PodResources
 from exporter.sources.cgroup import CgroupSource
-from exporter.sources.nvml.specs import GPU_SCALARS
+from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
 from tests.conftest import REPO, make_sampler
 from tests.test_cgroup_processes import v2_tree
 
@@ -41,7 +44,7 @@ def exposed(name: str, kind: str) -> str:
 
 def test_every_spec_is_documented_with_its_type():
     docs = documented()
-    for spec in GPU_SCALARS:
+    for spec in GPU_SCALARS + NVLINK_PER_LINK_SCALARS:  # the per-link rows are off by default
         name = exposed(spec.name, spec.type)
         assert name in docs, f"{name} (specs.py) is not in docs/metrics.md"
         assert docs[name].startswith(spec.type), f"{name}: documented as {docs[name]!r}, spec says {spec.type}"
@@ -58,6 +61,8 @@ def test_every_emitted_family_is_documented_and_every_documented_metric_exists(p
     pods.append(PodResources(up=True, holders=((s.snapshot.gpus[1].identity.uuid,
                                                  (ContainerRef("tts", "synth-0", "model"),)),)))
     fake.emit_xid(1, 79)
+    # One failed call, so exporter_errors_total has a series (an empty family is not rendered).
+    fake.inject("nvmlDeviceGetTemperature", gpu=1, error=pynvml.NVML_ERROR_UNKNOWN, times=1)
     deadline = time.monotonic() + 5
     while not s.nvml.xid_counts() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -66,7 +71,8 @@ def test_every_emitted_family_is_documented_and_every_documented_metric_exists(p
         s.tick()
         procfs.advance(busy=[10, 20], idle=[90, 80])
     # Everything main() registers that renders the snapshot: the snapshot collector inside the pod one.
-    fams = list(PodCollector(SnapshotCollector(lambda: s.snapshot), lambda: s.snapshot, False).collect())
+    fams = list(PodCollector(SnapshotCollector(lambda: s.snapshot, collectors=ALL_COLLECTORS), lambda: s.snapshot,
+                             False).collect())
     s.stop()
     emitted = {exposed(m.name, m.type): m.type for m in fams if m.samples}
     assert len(emitted) > 40
@@ -76,6 +82,6 @@ def test_every_emitted_family_is_documented_and_every_documented_metric_exists(p
     wrong = sorted(n for n, kind in emitted.items() if not docs[n].startswith(kind))
     assert not wrong, f"documented with another type: {wrong}"
     # The server's exporter_http_* families are checked against the docs in test_collector.py.
-    every = {exposed(m.name, m.type) for m in fams} | {exposed(x.name, x.type) for x in GPU_SCALARS}
+    every = {exposed(m.name, m.type) for m in fams} | {exposed(x.name, x.type) for x in GPU_SCALARS + NVLINK_PER_LINK_SCALARS}
     stale = sorted(n for n in docs if n not in every and not n.startswith("exporter_http_"))
     assert not stale, f"documented but never exported: {stale}"

@@ -59,7 +59,7 @@ def test_mig_instances_are_re_enumerated(procfs, monkeypatch):
     fake.specs[0] = FakeGpuSpec()  # MIG turned off
     s.tick()
     fams = families(s)
-    assert fams["gpu_mig_memory_total_bytes"].samples == []
+    assert "gpu_mig_memory_total_bytes" not in fams  # no MIG device: the family is not rendered
     assert {x.labels["gpu"] for x in fams["gpu_process_memory_used_bytes"].samples} == {"0", "1"}
 
 
@@ -83,3 +83,20 @@ def test_mig_through_real_prometheus(exporter_proc, tmp_path):
     finally:
         prom.stop()
     assert http_get(exporter.url + "/healthz")[0] == 200
+
+
+def test_gpm_activity_per_gpu_instance_on_its_mig_devices(procfs):
+    """The only activity signal under MIG: GPM per GPU instance (nvmlGpmMigSampleGet), on the same MIG
+    devices and labels as the MIG memory series."""
+    fake, s = mig_sampler(procfs)
+    fams = families(s)
+    t = s.snapshot.taken_at - fake.t0  # the fake time of the last tick (sampler and fake share the clock)
+    tensor = {x.labels.get("gpu_instance_id"): x for x in fams["gpu_tensor_active_ratio"].samples
+              if x.labels["gpu"] == "0"}
+    mig = {x.labels["gpu_instance_id"]: x.labels for x in fams["gpu_mig_memory_used_bytes"].samples}
+    assert set(tensor) == {None, *mig}  # the whole GPU, and each GPU instance
+    for gi, labels in mig.items():
+        assert {k: tensor[gi].labels[k] for k in labels} == labels  # same label set as the MIG series
+        want = fake.gpm_percent_at(0, 5, t, int(gi)) / 100  # NVML_GPM_METRIC_ANY_TENSOR_UTIL
+        assert tensor[gi].value == pytest.approx(want, rel=1e-12)
+    assert len({x.value for gi, x in tensor.items() if gi}) > 1  # instances differ

@@ -12,9 +12,22 @@ from typing import Any, Iterator
 import pynvml
 import pytest
 
-from exporter.fake_nvml import FakeNvml
+from exporter.collectors import ALL as ALL_COLLECTORS
+from exporter.collector import SnapshotCollector
+from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from exporter.sources.gpm import RATIO_METRICS
 from exporter.sources.nvml import GpuReader, NvmlSource, specs
-from tests.conftest import ManualClock, make_sampler
+from exporter.sources.procfs import ProcfsSource
+from exporter.sampler import Sampler
+from tests.conftest import ManualClock, families, make_sampler
+
+MIB = 2**20
+# What the stand-in's GPM answers (percent, by NVML_GPM_METRIC_* id; 60/61: NVLink rx/tx MiB/s).
+STUB_GPM = {"gpm.1": 20, "gpm.2": 42.5, "gpm.3": 30, "gpm.5": 17.5, "gpm.10": 60, "gpm.60": 1000, "gpm.61": 250.5,
+            "nvlink_links": 18}
+GPM_FAMILIES = {"gpu_sm_active_ratio": "sm_active", "gpu_sm_occupancy_ratio": "sm_occupancy",
+                "gpu_tensor_active_ratio": "tensor_active", "gpu_dram_active_ratio": "dram_active",
+                "gpu_graphics_engine_active_ratio": "graphics_engine_active"}
 
 
 class FakeBackend:
@@ -39,6 +52,19 @@ class FakeBackend:
     def xid(self, gpu: int, code: int) -> None:
         self.nvml.emit_xid(gpu, code)
 
+    def gpm_percent(self, gpu: int, metric_id: int) -> float:
+        """What GPM answers now for the whole GPU (the fake's value at its current time)."""
+        return self.nvml.gpm_percent_at(gpu, metric_id, self.clock() - self.nvml.t0)
+
+    def links_without_gpm(self, gpu: int, links: int, tx_bps: float, rx_bps: float) -> None:
+        """A pre-Hopper NVLink board: no GPM, constant per-link rates from the field counters."""
+        self.nvml.specs[gpu] = FakeGpuSpec(gpm_supported=False, nvlink_links=links, nvlink_tx_low_bps=tx_bps,
+                                           nvlink_tx_high_bps=tx_bps, nvlink_rx_low_bps=rx_bps,
+                                           nvlink_rx_high_bps=rx_bps)
+
+    def no_nvlink(self, gpu: int) -> None:
+        self.nvml.specs[gpu] = FakeGpuSpec(nvlink_links=0)
+
 
 class StubBackend:
     """The real pynvml bound to the C stand-in; faults are lines of its config file."""
@@ -47,9 +73,10 @@ class StubBackend:
 
     def __init__(self, stub: Any, gpus: int) -> None:
         self.stub = stub
-        self.config: dict[str, Any] = {"gpus": gpus, "samples": "10,90,50", "sample_period_s": 0.02}
+        self.config: dict[str, Any] = {"gpus": gpus, "samples": "10,90,50", "sample_period_s": 0.02, **STUB_GPM}
         stub.configure(self.config)
         self.nvml = stub.bind()
+        self.clock = time.monotonic
 
     def _set(self, **kv: Any) -> None:
         self.config.update(kv)
@@ -70,6 +97,16 @@ class StubBackend:
     def xid(self, gpu: int, code: int) -> None:
         self._set(xid=f"{gpu}:{code}")
 
+    def gpm_percent(self, gpu: int, metric_id: int) -> float:
+        return float(self.config[f"gpm.{metric_id}"])
+
+    def links_without_gpm(self, gpu: int, links: int, tx_bps: float, rx_bps: float) -> None:
+        self._set(**{f"gpm_supported.{gpu}": 0, f"nvlink_links.{gpu}": links,
+                     f"nvlink_tx_kib_s.{gpu}": tx_bps / links / 1024, f"nvlink_rx_kib_s.{gpu}": rx_bps / links / 1024})
+
+    def no_nvlink(self, gpu: int) -> None:
+        self._set(**{f"nvlink_links.{gpu}": 0})
+
 
 @pytest.fixture(params=["fake", "stub"])
 def backend(request: pytest.FixtureRequest) -> Iterator[FakeBackend | StubBackend]:
@@ -81,7 +118,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[FakeBackend | StubBacken
 
 @pytest.fixture
 def source(backend) -> Iterator[NvmlSource]:
-    src = NvmlSource(backend.nvml, "real")
+    src = NvmlSource(backend.nvml, "real", collectors=ALL_COLLECTORS)
     src.poll(0.0)
     assert src.status.up, src.status.message
     yield src
@@ -248,3 +285,141 @@ def test_the_stand_ins_structs_have_pynvmls_layout(nvml_stub_lib, c_type, ctypes
         header = sizeof(b"nvmlGpmMetricsGet_t")
         assert header + pynvml.NVML_GPM_METRIC_MAX * ctypes.sizeof(ctypes_type) == ctypes.sizeof(
             pynvml.c_nvmlGpmMetricsGet_t)
+
+
+# ---- GPM activity and NVLink, as the exporter serves them ---------------------------------------------
+def by_gpu(fams: dict, name: str, **match: str) -> dict[str, float]:
+    """The GPU-wide series of a family (no MIG or link labels), by gpu, among those matching `match`."""
+    return {x.labels["gpu"]: x.value for x in fams[name].samples
+            if "gpu_instance_id" not in x.labels and "link" not in x.labels
+            and all(x.labels.get(k) == v for k, v in match.items())}
+
+
+def ticks(backend, procfs, n: int = 3, **source: Any) -> Sampler:
+    """A sampler on the backend's clock, ticked n times 200 ms apart (GPM needs pairs >= 100 ms apart)."""
+    s = Sampler(NvmlSource(backend.nvml, "real", clock=backend.clock, **{"collectors": ALL_COLLECTORS, **source}),
+                ProcfsSource(procfs.root),
+                interval=0.2, clock=backend.clock)
+    for i in range(n):
+        if i:
+            backend.advance(0.2)
+        s.tick()
+    return s
+
+
+def test_gpm_activity_and_nvlink_in_the_exporters_output_are_what_nvml_answers(backend, procfs):
+    s = ticks(backend, procfs)
+    try:
+        fams = families(s)
+        for name, field in GPM_FAMILIES.items():
+            want = {str(g): backend.gpm_percent(g, RATIO_METRICS[field]) / 100 for g in (0, 1)}
+            assert by_gpu(fams, name) == pytest.approx(want, rel=1e-12), name
+        for direction, metric_id in (("tx", 61), ("rx", 60)):  # GPM's NVLink totals, MiB/s
+            want = {str(g): backend.gpm_percent(g, metric_id) * MIB for g in (0, 1)}
+            assert by_gpu(fams, "gpu_nvlink_throughput_bytes_per_second", direction=direction) == pytest.approx(want)
+        assert "gpu_nvlink_link_throughput_bytes_per_second" not in fams  # per link: off by default
+    finally:
+        s.stop()
+
+
+def test_gpm_families_vanish_where_gpm_is_unsupported(backend, procfs):
+    backend.unsupported("nvmlGpmQueryDeviceSupport", 0)
+    s = ticks(backend, procfs)
+    try:
+        fams = families(s)
+        assert by_gpu(fams, "gpu_up") == {"0": 1, "1": 1}
+        for name in GPM_FAMILIES:
+            assert set(by_gpu(fams, name)) == {"1"}, name  # absent for GPU 0, never 0
+        # NVLink of GPU 0 falls back to its field counters
+        assert set(by_gpu(fams, "gpu_nvlink_throughput_bytes_per_second", direction="tx")) == {"0", "1"}
+    finally:
+        s.stop()
+
+
+def test_nvlink_rates_from_the_field_counters_sum_and_per_link(backend, procfs):
+    backend.links_without_gpm(0, links=4, tx_bps=4 * 2**30, rx_bps=8 * 2**30)
+    backend.no_nvlink(1)
+    with_links = specs.GPU_SCALARS + specs.NVLINK_PER_LINK_SCALARS  # --collector.nvlink-per-link
+    s = ticks(backend, procfs, specs=with_links)
+    try:
+        fams = {m.name: m for m in SnapshotCollector(lambda: s.snapshot, specs=with_links,
+                                                      collectors=ALL_COLLECTORS).collect()}
+        total = "gpu_nvlink_throughput_bytes_per_second"
+        assert by_gpu(fams, total, direction="tx") == {"0": pytest.approx(4 * 2**30, rel=1e-4)}  # GPU 1: no NVLink
+        assert by_gpu(fams, total, direction="rx") == {"0": pytest.approx(8 * 2**30, rel=1e-4)}
+        assert set(by_gpu(fams, "gpu_sm_active_ratio")) == {"1"}
+        links = {(x.labels["link"], x.labels["direction"]): x.value
+                 for x in fams["gpu_nvlink_link_throughput_bytes_per_second"].samples}
+        assert links == {(str(k), d): pytest.approx((2**30 if d == "tx" else 2 * 2**30), rel=1e-4)
+                         for k in range(4) for d in ("tx", "rx")}
+    finally:
+        s.stop()
+
+
+def test_a_lost_gpu_costs_only_that_gpus_activity(backend, procfs):
+    s = ticks(backend, procfs)
+    try:
+        backend.lose(1)
+        backend.advance(0.2)
+        s.tick()
+        fams = families(s)
+        assert by_gpu(fams, "gpu_up") == {"0": 1, "1": 0}
+        for name in GPM_FAMILIES:
+            assert set(by_gpu(fams, name)) == {"0"}, name
+        assert set(by_gpu(fams, "gpu_nvlink_throughput_bytes_per_second", direction="rx")) == {"0"}
+    finally:
+        s.stop()
+
+
+def test_gpm_per_mig_gpu_instance_through_real_pynvml(nvml_stub, procfs):
+    nvml_stub.configure({"gpus": 1, **STUB_GPM, "mig.0": "1,2", "gpm.2.gi1": 20, "gpm.2.gi2": 70})
+    backend = type("Stub", (), {"nvml": nvml_stub.bind(), "clock": time.monotonic,
+                                "advance": staticmethod(time.sleep)})()
+    s = ticks(backend, procfs)
+    try:
+        fams = families(s)
+        sm = {x.labels.get("gpu_instance_id", ""): (x.labels.get("mig_uuid", ""), x.value)
+              for x in fams["gpu_sm_active_ratio"].samples}
+        assert sm[""][1] == 0.425  # the whole GPU
+        assert sm["1"][1] == 0.20 and sm["2"][1] == 0.70  # per GPU instance, on its MIG device
+        assert sm["1"][0].startswith("MIG-") and sm["1"][0] != sm["2"][0]
+        mig_memory = {x.labels["mig_uuid"] for x in fams["gpu_mig_memory_used_bytes"].samples}
+        assert {sm["1"][0], sm["2"][0]} == mig_memory  # the same MIG devices as the other MIG series
+        dram = {x.labels.get("gpu_instance_id"): x.value for x in fams["gpu_dram_active_ratio"].samples}
+        assert dram == {None: 0.60, "1": 0.60, "2": 0.60}  # unset per instance: the stand-in's GPU-wide value
+    finally:
+        s.stop()
+
+
+def test_a_read_thread_stuck_in_gpm_never_shares_or_frees_its_buffers_early(procfs):
+    """The thread that replaces a stuck one allocates its own GPM samples; the stuck one frees its samples
+    only after its call has returned (the fake refuses a freed or unknown sample, so a late use shows)."""
+    fake = FakeNvml(2)
+    s = make_sampler(fake, procfs.root, interval=0.1, mode="real")
+    try:
+        for _ in range(2):
+            s.tick()
+            time.sleep(0.12)
+        assert fake.calls["nvmlGpmSampleAlloc"] == 4 and fake.calls["nvmlGpmMetricsGet"] == 2
+        fake.inject("nvmlGpmSampleGet", gpu=1, latency_s=1.0, times=1)
+        snap = s.tick()
+        assert snap.gpus[1].stuck_call == "nvmlGpmSampleGet" and snap.gpus[0].up
+        for _ in range(2):  # the new thread reads GPU 0 on two fresh samples; the stuck thread's stay
+            time.sleep(0.12)
+            snap = s.tick()
+        assert fake.calls["nvmlGpmSampleAlloc"] == 6 and fake.calls["nvmlGpmSampleFree"] == 0
+        assert snap.gpus[0].reading[specs.SM_ACTIVE] is not None
+        deadline = time.monotonic() + 5  # the hung call returns after 1 s; then its thread frees its four
+        while fake.calls["nvmlGpmSampleFree"] < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            s.tick()
+        assert fake.calls["nvmlGpmSampleFree"] == 4  # the stuck thread's, once: no double free
+        assert len(fake._gpm_samples) == fake.calls["nvmlGpmSampleAlloc"] - 4
+        for _ in range(3):  # GPU 1 is read again, by the new thread, on samples of its own
+            time.sleep(0.12)
+            snap = s.tick()
+        assert snap.gpus[1].up and snap.gpus[1].reading[specs.SM_ACTIVE] is not None
+        assert fake.calls["nvmlGpmSampleAlloc"] == 8 and len(fake._gpm_samples) == 4
+        assert dict(snap.stats.errors) == {("nvml", "nvmlGpmSampleGet"): 1}  # the hang, once; no failed GPM call
+    finally:
+        s.stop()

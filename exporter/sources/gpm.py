@@ -1,8 +1,9 @@
 """GPM (GPU Performance Monitoring, Hopper and newer) activity ratios and NVLink throughput of one GPU.
 
-Reads only, into plain dataclasses; not yet wired into the sampler. One `GpmReader` per GPU, created and
-used by the one thread that reads that GPU: the GPM sample buffers are never shared between threads (a
-race on shared GPM buffers was reported to crash a node's driver).
+Reads only, into plain dataclasses. One `GpmReader` per GPU, created and used by the one thread that reads
+that GPU: the GPM sample buffers are never shared between threads (a race on shared GPM buffers was
+reported to crash a node's driver). `GpmReaders` holds one read thread's readers: a new read thread starts
+its own (fresh buffers), and a thread frees its own on its way out, after its last call has returned.
 
 Per tick: one nvmlGpmSampleGet (plus one nvmlGpmMigSampleGet per GPU instance under MIG) and one
 nvmlGpmMetricsGet over the previous and the current sample, only when they are at least 100 ms apart (the
@@ -58,6 +59,7 @@ class GpmReading:
     nvlink_tx_bytes_per_second: float | None = None  # summed over links; None without NVLink
     nvlink_rx_bytes_per_second: float | None = None
     nvlink_source: str | None = None  # "gpm" or "fields"
+    nvlink_links: tuple[tuple[int, float | None, float | None], ...] = ()  # (link, tx, rx) with per_link
     errors: tuple[str, ...] = ()  # calls that failed this tick (not unsupported ones)
     lost: bool = False  # GpuIsLost: call rebind() with a fresh handle
 
@@ -113,13 +115,18 @@ class _SamplePair:
 class GpmReader:
     """GPM activity and NVLink throughput of one GPU. Not thread-safe: one reading thread owns it."""
 
-    def __init__(self, nvml: Any, handle: Any, index: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, nvml: Any, handle: Any, index: int, clock: Callable[[], float] = time.monotonic, *,
+                 activity: bool = True, nvlink: bool = True, per_link: bool = False) -> None:
+        """`activity`, `nvlink`, `per_link`: what to read (a collector switched off makes no NVML call).
+        Without `activity`, NVLink comes from the field counters; `per_link` reads them even with GPM."""
         self.nvml = nvml
         self.index = index
         self._clock = clock
         self._handle = handle
         self._logged: set[str] = set()
-        self._gpm: bool | None = None  # None: not probed yet
+        self._gpm: bool | None = None if activity else False  # None: not probed yet
+        self._nvlink = nvlink
+        self._per_link = per_link
         self._mig_unsupported = False
         self._pairs: dict[int | None, _SamplePair] = {}  # None: the whole GPU, else a GPU instance id
         self._last: dict[int | None, tuple[GpmActivity, float | None, float | None]] = {}
@@ -129,8 +136,13 @@ class GpmReader:
         self._link_fields: list[tuple[int, int]] = []
         self._link_prev: dict[tuple[int, int], CounterReading] = {}
         self._errors: list[str] = []
+        self.current_call: str | None = None  # the NVML function being called, for "stuck in <call>"
 
     # ---- public ------------------------------------------------------------------------------------
+    @property
+    def handle(self) -> Any:
+        return self._handle
+
     def read(self, gpu_instance_ids: Iterable[int] = ()) -> GpmReading:
         """One tick. `gpu_instance_ids`: the GPU's MIG instances (empty when MIG is off)."""
         self._errors = []
@@ -138,7 +150,7 @@ class GpmReader:
         now = self._clock()
         try:
             if self._links is None:
-                self._links = self._link_count()
+                self._links = self._link_count() if self._nvlink else 0
             activity, gpm_tx, gpm_rx = self._read_gpm(None, now)
             mig = []
             for gi in gpu_instance_ids:
@@ -150,16 +162,19 @@ class GpmReader:
                 self._last.pop(gone, None)
             tx = rx = None
             source = None
+            links: tuple[tuple[int, float | None, float | None], ...] = ()
             if self._links:
-                if gpm_tx is not None and gpm_rx is not None:
-                    tx, rx, source = gpm_tx, gpm_rx, "gpm"
-                else:
-                    tx, rx = self._read_link_counters()
+                from_gpm = gpm_tx is not None and gpm_rx is not None
+                if not from_gpm or self._per_link:
+                    tx, rx, links = self._read_link_counters()
                     source = "fields" if tx is not None or rx is not None else None
+                if from_gpm:
+                    tx, rx, source = gpm_tx, gpm_rx, "gpm"
         except _Lost:
             self._forget()
             return GpmReading(errors=tuple(self._errors), lost=True)
-        return GpmReading(activity, tuple(mig), tx, rx, source, tuple(self._errors))
+        return GpmReading(activity, tuple(mig), tx, rx, source, links if self._per_link else (),
+                          errors=tuple(self._errors))
 
     def rebind(self, handle: Any) -> None:
         """A fresh handle after the GPU was lost and reopened; the next pair starts from scratch."""
@@ -179,6 +194,7 @@ class GpmReader:
         if fn is None:
             self._log_once(what, f"{name} missing from this pynvml")
             raise _Unsupported(name)
+        self.current_call = name
         try:
             return fn(*args)
         except Exception as exc:
@@ -190,6 +206,8 @@ class GpmReader:
                 raise _Lost(err) from exc
             self._errors.append(name)
             return None
+        finally:
+            self.current_call = None
 
     def _log_once(self, what: str, why: str) -> None:
         if what not in self._logged:
@@ -266,8 +284,9 @@ class GpmReader:
         m.sample1, m.sample2 = sample1, sample2
         self._checked("nvmlGpmMetricsGet", m)
         values: dict[int, float | None] = {}
+        metrics = m.metrics  # once: every attribute of a pynvml struct goes through Python code
         for i, metric_id in enumerate(self._metrics_ids):
-            got = m.metrics[i]
+            got = metrics[i]
             value = float(got.value)
             if got.nvmlReturn != 0 or not math.isfinite(value) or value < 0:
                 values[metric_id] = None
@@ -294,28 +313,60 @@ class GpmReader:
         self._link_fields = [(f, link) for link in range(links) for f in (FI_NVLINK_TX, FI_NVLINK_RX)]
         return links
 
-    def _read_link_counters(self) -> tuple[float | None, float | None]:
-        """Sum over links of Δcounter/Δtimestamp per direction; None for a direction if any link failed."""
+    def _read_link_counters(self) -> tuple[float | None, float | None, tuple[tuple[int, float | None, float | None], ...]]:
+        """Sum over links of Δcounter/Δtimestamp per direction (None for a direction if any link failed),
+        and (link, tx, rx) per link."""
         try:
             got = self._call("NVLink counters", "nvmlDeviceGetFieldValues", self._handle, self._link_fields)
         except _Unsupported:
             self._links = 0
-            return None, None
+            return None, None, ()
         if got is None:
-            return None, None
-        sums: dict[int, float | None] = {FI_NVLINK_TX: 0.0, FI_NVLINK_RX: 0.0}
-        for (field, link), entry in zip(self._link_fields, got):
-            key = (field, link)
+            return None, None, ()
+        rates: dict[tuple[int, int], float | None] = {}
+        for key, entry in zip(self._link_fields, got):
             if entry.nvmlReturn != 0:
                 self._link_prev.pop(key, None)
-                sums[field] = None
+                rates[key] = None
                 continue
             cur = CounterReading(_integer(entry), int(entry.timestamp))
             rate = counter_rate(self._link_prev.get(key), cur, 2**32 if entry.valueType == 1 else 2**64, None)
             self._link_prev[key] = cur
-            total = sums[field]
-            sums[field] = None if rate is None or total is None else total + rate * 1024.0  # KiB
-        return sums[FI_NVLINK_TX], sums[FI_NVLINK_RX]
+            rates[key] = None if rate is None else rate * 1024.0  # KiB
+        links = range(self._links or 0)
+        per_link = tuple((link, rates.get((FI_NVLINK_TX, link)), rates.get((FI_NVLINK_RX, link))) for link in links)
+        return _sum(r[1] for r in per_link), _sum(r[2] for r in per_link), per_link
+
+
+class GpmReaders:
+    """One read thread's GpmReader per GPU. Only that thread calls get() and close(): a stuck thread's
+    buffers are never freed or reused by another while its call may still run."""
+
+    def __init__(self) -> None:
+        self._readers: dict[int, GpmReader] = {}
+
+    def get(self, index: int, handle: Any, new: Callable[[Any], GpmReader]) -> GpmReader:
+        """GPU `index`'s reader (`new(handle)` the first time), rebound when the GPU was reopened."""
+        reader = self._readers.get(index)
+        if reader is None:
+            reader = self._readers[index] = new(handle)
+        elif reader.handle is not handle:
+            reader.rebind(handle)
+        return reader
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+        self._readers.clear()
+
+
+def _sum(values: Iterable[float | None]) -> float | None:
+    total = 0.0
+    for v in values:
+        if v is None:
+            return None
+        total += v
+    return total
 
 
 def _ratio(percent: float | None) -> float | None:

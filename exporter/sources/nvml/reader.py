@@ -11,6 +11,8 @@ import logging
 import time
 from typing import Any, Callable
 
+from exporter import collectors as registry
+from exporter.sources.gpm import GpmReader, GpmReaders
 from exporter.sources.nvml.errors import (
     DENIED_ERRORS,
     DRIVER_GONE_ERRORS,
@@ -27,7 +29,9 @@ from exporter.sources.nvml.specs import (
     SAMPLE_BUFFER_SECONDS,
     Derived,
     FieldValue,
+    Gpm,
     GpuScalar,
+    NvLink,
     NvmlCall,
 )
 from exporter.sources.pcie import CounterReading, counter_rate, link_bytes_per_second
@@ -58,21 +62,35 @@ def _field_value(fv: Any) -> int | float:
             4: fv.value.sllVal, 5: fv.value.siVal}.get(fv.valueType, fv.value.ullVal)
 
 
+_Labelled = dict[GpuScalar, tuple[tuple[tuple[tuple[str, str], ...], float], ...]]
+
+
 class GpuReader:
-    """Reads one GPU. Not thread-safe: one read thread owns it; `in_call()` may be asked from another."""
+    """Reads one GPU. Not thread-safe: one read thread at a time uses it; `in_call()` may be asked from
+    another. GPM state is the read thread's own (a GpmReaders passed to read())."""
 
     def __init__(self, nvml: Any, index: int, pcie_fallback: BlockingPcieThroughput, *,
-                 specs: tuple[GpuScalar, ...] = GPU_SCALARS, collect_processes: bool = True,
+                 specs: tuple[GpuScalar, ...] = GPU_SCALARS, collectors: frozenset[str] = registry.DEFAULT,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.nvml = nvml
         self.index = index
         self.identity = GpuIdentity(index, "", "", "", None)
-        self.collect_processes = collect_processes
+        # A disabled collector's rows and calls are never made (collectors.py).
+        self.collect_processes = "processes" in collectors
+        self._collect_mig = "mig" in collectors
+        self._collect_clock_events = bool({"clock-events", "clock-event-state"} & collectors)
+        self._collect_ecc = "ecc" in collectors
+        self._collect_remapped_rows = bool({"ecc", "row-remap"} & collectors)
+        specs = registry.rows_enabled(collectors, specs)
         self._specs = specs
         # Split once by source: the read is on every tick.
         self._called = tuple((s, s.source) for s in specs if isinstance(s.source, NvmlCall))
         self._fields = tuple(s for s in specs if isinstance(s.source, FieldValue))
         self._derived = tuple((s, s.source) for s in specs if isinstance(s.source, Derived))
+        self._gpm = tuple((s, s.source) for s in specs if isinstance(s.source, Gpm))
+        self._nvlink = tuple((s, s.source) for s in specs if isinstance(s.source, NvLink))
+        self._own_gpm = GpmReaders()  # for callers that read from one thread only (tests, benches)
+        self._gpm_reader: GpmReader | None = None  # the one in use during a read, for in_call()
         self._clock = clock
         self._processes: tuple[GpuProcess, ...] | None = None
         self._last_refresh: dict[str, float] = {}  # what -> clock() of its last refresh (see _due)
@@ -94,7 +112,8 @@ class GpuReader:
 
     def in_call(self) -> str | None:
         """The NVML function this reader is blocked in right now, if any (for "stuck in <call>")."""
-        return self._current_call
+        gpm = self._gpm_reader
+        return self._current_call or (gpm.current_call if gpm is not None else None)
 
     def _due(self, what: str, period: float) -> bool:
         """True at most once per `period` seconds for `what`; the first ask is always due."""
@@ -202,10 +221,13 @@ class GpuReader:
         """The last read found the GPU lost (it is re-opened every REOPEN_BACKOFF_S)."""
         return self._handle is None and self._reopen_at > 0
 
-    def read(self) -> GpuReading:
+    def read(self, gpm: GpmReaders | None = None) -> GpuReading:
+        """One read. `gpm`: the calling thread's own GPM readers (the sampler's read thread passes its
+        own, so a thread that replaces a stuck one never touches the stuck one's GPM buffers)."""
         self._errors = []
         values: dict[str, Any] = {}
         scalars: dict[GpuScalar, float] = {}
+        labelled: _Labelled = {}
         try:
             if self._handle is None:
                 now = self._clock()
@@ -221,10 +243,48 @@ class GpuReader:
                     raise _GpuLost(error_name(exc)) from exc
             self._read_scalars(scalars)
             self._read_values(values, scalars)
+            if self._gpm or self._nvlink:
+                self._read_gpm(self._own_gpm if gpm is None else gpm, scalars, labelled)
         except _GpuLost:
             self._handle = None  # re-open later: after a reset the old handle is stale
             return GpuReading(errors=tuple(self._errors), lost=True)
-        return GpuReading(scalars=scalars, errors=tuple(self._errors), **values)
+        return GpuReading(scalars=scalars, labelled=labelled, errors=tuple(self._errors), **values)
+
+    def _read_gpm(self, readers: GpmReaders, scalars: dict[GpuScalar, float], labelled: _Labelled) -> None:
+        """GPM activity (the GPU's and per MIG GPU instance) and NVLink throughput, for the Gpm and NvLink
+        specs read; a collector switched off (its specs left out) makes no call."""
+        reader = readers.get(self.index, self._handle, self._new_gpm_reader)
+        mig = self._mig or ()
+        self._gpm_reader = reader
+        try:
+            got = reader.read(sorted({gi for _, _, gi, _ in mig if gi >= 0}))
+        finally:
+            self._gpm_reader = None
+        self._errors.extend(got.errors)
+        if got.lost:
+            raise _GpuLost("GPM")
+        per_instance = dict(got.mig)
+        for spec, source in self._gpm:
+            if got.activity is not None and (value := getattr(got.activity, source.activity)) is not None:
+                scalars[spec] = value
+            if per_instance:
+                labelled[spec] = tuple(
+                    ((("mig_uuid", uuid), ("gpu_instance_id", str(gi)), ("compute_instance_id", str(ci))), v)
+                    for _, uuid, gi, ci in mig
+                    if gi in per_instance and (v := getattr(per_instance[gi], source.activity)) is not None)
+        for spec, link_source in self._nvlink:
+            tx = link_source.direction == "tx"
+            if link_source.per_link:
+                links = tuple(((("link", str(link)),), v) for link, link_tx, link_rx in got.nvlink_links
+                              if (v := link_tx if tx else link_rx) is not None)
+                if links:
+                    labelled[spec] = links
+            elif (total := got.nvlink_tx_bytes_per_second if tx else got.nvlink_rx_bytes_per_second) is not None:
+                scalars[spec] = total
+
+    def _new_gpm_reader(self, handle: Any) -> GpmReader:
+        return GpmReader(self.nvml, handle, self.index, self._clock, activity=bool(self._gpm),
+                         nvlink=bool(self._nvlink), per_link=any(s.per_link for _, s in self._nvlink))
 
     def _read_scalars(self, out: dict[GpuScalar, float]) -> None:
         """Every scalar spec: one NVML call per distinct call (specs may share one), fields in one batch."""
@@ -273,13 +333,15 @@ class GpuReader:
             if prev is not None and at > prev[1] and joules >= prev[0] and POWER_FROM_ENERGY in self._specs:
                 scalars[POWER_FROM_ENERGY] = (joules - prev[0]) / (at - prev[1])  # none across a driver reload
             self._energy_prev = (joules, at)
-        v["clock_event_reasons"] = self._query(_CLOCK_EVENT_REASONS)
-        mig = self._read_mig()
+        if self._collect_clock_events:
+            v["clock_event_reasons"] = self._query(_CLOCK_EVENT_REASONS)
+        mig = self._read_mig() if self._collect_mig else None
         if mig is not None:
             v["mig"] = mig
         elif self.collect_processes:  # with MIG on, processes are listed per MIG device instead
             v["processes"] = self._read_processes()
-        v.update(self._read_health())
+        if self._collect_ecc or self._collect_remapped_rows:
+            v.update(self._read_health())
 
     def _read_mig(self) -> tuple[MigReading, ...] | None:
         """MIG devices with their memory and processes; None when MIG mode is off or unsupported.
@@ -325,10 +387,10 @@ class GpuReader:
         for error, etype in (("corrected", nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
                              ("uncorrected", nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED)):
             for scope, ctype in (("volatile", nvml.NVML_VOLATILE_ECC), ("aggregate", nvml.NVML_AGGREGATE_ECC)):
-                n = self._call("nvmlDeviceGetTotalEccErrors", etype, ctype, key="ecc")
+                n = self._call("nvmlDeviceGetTotalEccErrors", etype, ctype, key="ecc") if self._collect_ecc else None
                 if n is not None:
                     ecc.append(((error, scope), int(n)))
-        rows = self._call("nvmlDeviceGetRemappedRows")
+        rows = self._call("nvmlDeviceGetRemappedRows") if self._collect_remapped_rows else None
         self._health = {"ecc_errors": tuple(ecc) if ecc else None,
                         "remapped_rows": tuple(int(x) for x in rows) if rows is not None else None}
         return self._health

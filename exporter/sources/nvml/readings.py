@@ -59,6 +59,8 @@ class GpuReading:
     """
 
     scalars: Mapping[GpuScalar, float] = field(default_factory=dict)
+    # Labelled series of a spec beside its GPU-wide value: ((label, value) pairs, value) per MIG device or link.
+    labelled: Mapping[GpuScalar, tuple[tuple[tuple[tuple[str, str], ...], float], ...]] = field(default_factory=dict)
     pcie_tx_bytes_per_second: float | None = None
     pcie_rx_bytes_per_second: float | None = None
     clock_event_reasons: int | None = None  # bitmask

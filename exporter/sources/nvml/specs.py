@@ -2,8 +2,10 @@
 
 The reader (reader.py) reads every spec it is given and the collector renders every spec, so a new
 scalar metric is one row here, its answer in fake_nvml.py and its line in docs/metrics.md (a test checks
-the docs against this table). Families that are not one value per GPU (PCIe per direction, histograms,
-processes, MIG, ECC, clock events) keep their own code in the reader and the collector.
+the docs against this table). A row may also carry labelled series beside (or instead of) the GPU's own
+value: GPM activity per MIG GPU instance, NVLink per link (GpuReading.labelled). Families of another shape
+(PCIe per direction, histograms, processes, MIG memory, ECC, clock events) keep their own code in the
+reader and the collector.
 
 Like node_exporter's registerCollector(name, ...), every row names the collector it belongs to, so a
 collector switch can drop both its families and the NVML calls behind them.
@@ -45,6 +47,23 @@ class Derived:
     compute: Callable[[Mapping[GpuScalar, float]], float | None]
 
 
+@dataclass(frozen=True)
+class Gpm:
+    """One GPM activity ratio (a GpmActivity field, sources/gpm.py) over the last >= 100 ms sample pair, for
+    the GPU and, under MIG, per GPU instance (labelled with the instance's MIG devices)."""
+
+    activity: Literal["sm_active", "sm_occupancy", "tensor_active", "dram_active", "graphics_engine_active"]
+
+
+@dataclass(frozen=True)
+class NvLink:
+    """NVLink bytes/s in one direction, summed over links (GPM on Hopper+, else the per-link field
+    counters); `per_link`: one series per link (a `link` label) instead of the sum."""
+
+    direction: Literal["tx", "rx"]
+    per_link: bool = False
+
+
 # Filled in by GpuReader itself because it needs state across reads (a delta, the first read's buffer).
 STATEFUL = None
 
@@ -54,7 +73,7 @@ class GpuScalar:
     name: str  # as exposed, without _total for counters
     type: Literal["gauge", "counter"]
     help: str
-    source: NvmlCall | FieldValue | Derived | None
+    source: NvmlCall | FieldValue | Derived | Gpm | NvLink | None
     convert: Callable[[Any], float | None] = float  # NVML's answer -> base units
     labels: tuple[tuple[str, str], ...] = ()  # constant labels beside gpu, uuid (rows may share a name)
     collector: str = "gpu"
@@ -104,13 +123,14 @@ MEMORY_USED_RATIO = GpuScalar(
 SAMPLE_BUFFER_SECONDS = GpuScalar(
     "gpu_sample_buffer_seconds", "gauge",
     "How far back the driver's utilisation sample buffer reached at start-up: the longest --sample.interval "
-    "that loses no sample (nvmlDeviceGetSamples).", STATEFUL)
+    "that loses no sample (nvmlDeviceGetSamples).", STATEFUL, collector="sample-buffer")
 ENERGY = GpuScalar(
     "gpu_energy_joules", "counter", "Energy consumed since driver load (nvmlDeviceGetTotalEnergyConsumption).",
     NvmlCall("nvmlDeviceGetTotalEnergyConsumption"), _milli)
 POWER_FROM_ENERGY = GpuScalar(
     "gpu_power_from_energy_watts", "gauge",
-    "Average power over the last sampling interval: energy counter delta / time delta.", STATEFUL)
+    "Average power over the last sampling interval: energy counter delta / time delta.", STATEFUL,
+    collector="power-from-energy")  # rate(gpu_energy_joules_total) gives the same: off by default
 
 PCIE_REPLAY_ERRORS = GpuScalar(
     "gpu_pcie_replay_errors", "counter", "PCIe replays since driver load (nvmlDeviceGetPcieReplayCounter).",
@@ -135,9 +155,44 @@ FAN_SPEED = GpuScalar(
     "(nvmlDeviceGetFanSpeed_v2, fan 0); absent on boards without fans.",
     NvmlCall("nvmlDeviceGetFanSpeed_v2", (0,)), _percent)
 
+
+def _gpm(name: str, what: str, metric: str, activity: Any) -> GpuScalar:
+    return GpuScalar(name, "gauge", f"{what}, over the last >= 100 ms (GPM {metric}; Hopper and newer, absent "
+                     "elsewhere). Under MIG also per GPU instance, on each of its MIG devices.",
+                     Gpm(activity), collector="gpm")  # the GPM reader hands out 0-1 ratios already
+
+
+SM_ACTIVE = _gpm("gpu_sm_active_ratio", "Share of SMs busy (at least one warp resident)", "SM_UTIL", "sm_active")
+SM_OCCUPANCY = _gpm("gpu_sm_occupancy_ratio", "Resident warps against the SMs' maximum", "SM_OCCUPANCY",
+                    "sm_occupancy")
+TENSOR_ACTIVE = _gpm("gpu_tensor_active_ratio", "Share of time any tensor-core pipe was busy", "ANY_TENSOR_UTIL",
+                     "tensor_active")
+DRAM_ACTIVE = _gpm("gpu_dram_active_ratio", "DRAM bandwidth used against the peak", "DRAM_BW_UTIL", "dram_active")
+GRAPHICS_ENGINE_ACTIVE = _gpm("gpu_graphics_engine_active_ratio", "Share of time the graphics/compute engine was "
+                              "busy", "GRAPHICS_UTIL", "graphics_engine_active")
+
+
+def _nvlink(direction: Literal["tx", "rx"], per_link: bool) -> GpuScalar:
+    if per_link:
+        return GpuScalar("gpu_nvlink_link_throughput_bytes_per_second", "gauge",
+                         "NVLink payload bytes/s per link (NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_* deltas, scopeId = "
+                         "link); only with --collector.nvlink-per-link.", NvLink(direction, per_link=True),
+                         labels=(("direction", direction),), collector="nvlink-per-link")
+    return GpuScalar("gpu_nvlink_throughput_bytes_per_second", "gauge",
+                     "NVLink payload bytes/s, summed over links (GPM NVLINK_TOTAL_*_PER_SEC on Hopper+, else "
+                     "NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_* deltas); absent without NVLink.", NvLink(direction),
+                     labels=(("direction", direction),), collector="nvlink")
+
+
+NVLINK_TX, NVLINK_RX = _nvlink("tx", per_link=False), _nvlink("rx", per_link=False)
+NVLINK_LINK_TX, NVLINK_LINK_RX = _nvlink("tx", per_link=True), _nvlink("rx", per_link=True)
+
 # Rendering order; rows that share a name (the clocks) must be adjacent.
 GPU_SCALARS: tuple[GpuScalar, ...] = (
     UTILIZATION, MEMORY_BANDWIDTH_UTILIZATION, MEMORY_USED, MEMORY_TOTAL, MEMORY_USED_RATIO,
     SAMPLE_BUFFER_SECONDS, PCIE_REPLAY_ERRORS, TEMPERATURE, POWER, POWER_LIMIT, ENERGY, POWER_FROM_ENERGY,
     SM_CLOCK, MEMORY_CLOCK, FAN_SPEED,
+    SM_ACTIVE, SM_OCCUPANCY, TENSOR_ACTIVE, DRAM_ACTIVE, GRAPHICS_ENGINE_ACTIVE, NVLINK_TX, NVLINK_RX,
 )
+# Off by default (18 links x 2 directions per H100): GPU_SCALARS + these with --collector.nvlink-per-link.
+NVLINK_PER_LINK_SCALARS: tuple[GpuScalar, ...] = (NVLINK_LINK_TX, NVLINK_LINK_RX)
