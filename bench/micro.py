@@ -8,6 +8,7 @@ Prints figures; asserts nothing (timings belong here, not in tests). Runs in CI 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from exporter.pods import PodCollector  # noqa: E402
 from exporter.sampler import Sampler  # noqa: E402
 from exporter.sources.kubelet import ContainerRef, PodResources  # noqa: E402
 from exporter.sources.nvml import NvmlSource  # noqa: E402
+from exporter.sources.processes import ProcessAttributor  # noqa: E402
 from exporter.sources.procfs import ProcfsSource  # noqa: E402
 
 
@@ -59,8 +61,12 @@ def main() -> int:
         with_pods[label].register(PodCollector(SnapshotCollector(lambda: sampler.snapshot), lambda: sampler.snapshot,
                                                stamp_gpu_series))
     handle = fake.nvmlDeviceGetHandleByIndex(0)
+    host = ProcfsSource("/proc")
+    own_pid = [os.getpid()]
     rows = [
         ("tick", lambda: sampler.tick()),
+        ("host read (/proc stat+meminfo)", host.read),  # the procfs share of every tick
+        ("process lookup, new pid", lambda: ProcessAttributor("/proc").lookup(own_pid)),  # once per new GPU pid
         ("collect+render text", lambda: renderer.render(registry.collect())),
         ("collect+render openmetrics", lambda: renderer.render(registry.collect(), openmetrics=True)),
         ("collect+render text, pod info", lambda: renderer.render(with_pods["pods"].collect())),

@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.gpm_reader import STAND_IN  # noqa: E402  (the GPM and NVLink answers the reader bench uses)
 from testkit.nvml_stub import NvmlStub, build  # noqa: E402
-from testkit.processes import free_port, stop_process  # noqa: E402  (shared with the tests)
+from testkit.processes import exposition_size, free_port, stop_process  # noqa: E402  (shared with the tests)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -124,15 +124,13 @@ def scrape_series(port: int, n: int, gzip_ok: bool, pace_s: float = 0.0) -> dict
         if r.getheader("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
     conn.close()
-    samples = sum(1 for line in body.decode().splitlines() if line and not line.startswith("#"))
+    samples = exposition_size(body)[0]
     return {"median_ms": statistics.median(times) * 1e3, "p99_ms": percentile(times, 99) * 1e3,
             "bytes": size, "samples": samples, "scrapes": n, "pace_s": pace_s}
 
 
 def metric(port: int, name: str) -> dict[str, float]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
+    text = get(port).decode()
     out = {}
     for line in text.splitlines():
         if line.startswith(name):
@@ -181,6 +179,33 @@ def lateness(port: int, window: float, load: bool) -> dict:
     nonempty = [le for (le, c), (_, p) in zip(buckets, [(0, 0.0)] + buckets[:-1]) if c > p]
     return {"ticks": total, "p50_ms": quantile(0.5) * 1e3, "p99_ms": quantile(0.99) * 1e3,
             "max_bucket_ms": (nonempty[-1] * 1e3) if nonempty else 0.0, "under_scrape_load": load}
+
+
+def series_budget(window: float) -> dict:
+    """Plain-text scrapes (no Accept header, as the budget counts them) of the exporter with 8 GPUs at
+    its default collectors and of node_exporter, in the same run: the exporter's largest over `window`
+    (the fake's batch job adds a process per GPU every other 10 s)."""
+    t, ne = exporter(8), node_exporter()
+    try:
+        end, worst = time.monotonic() + window, (0, 0)
+        while time.monotonic() < end:
+            worst = max(worst, exposition_size(get(t.port)), key=lambda x: x[1])
+            time.sleep(0.5)
+        node = exposition_size(get(ne.port)) if ne else None
+    finally:
+        t.stop()
+        if ne:
+            ne.stop()
+    return {"exporter_8gpu": {"samples": worst[0], "bytes": worst[1]},
+            "node_exporter": {"samples": node[0], "bytes": node[1]} if node else None, "max_samples": 600}
+
+
+def get(port: int) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    body = conn.getresponse().read()
+    conn.close()
+    return body
 
 
 def sampler_cpu(gpus: int, interval: str, window: float, stand_in: NvmlStub | None = None) -> float:
@@ -250,6 +275,14 @@ def main() -> int:
                           f"  p99 {row['p99_ms']:6.2f} ms  {row['samples']:5} samples  {row['bytes']:7} bytes")
         finally:
             t.stop()
+
+    print("# series budget: one plain-text scrape, 8 GPUs at the default collectors beside node_exporter")
+    budget = results["budget"] = series_budget(12.0 if args.quick else 25.0)
+    ours, node = budget["exporter_8gpu"], budget["node_exporter"]
+    print(f"exporter 8 GPU      {ours['samples']:5} samples (budget 600)  {ours['bytes']:7} bytes")
+    if node:
+        print(f"node_exporter       {node['samples']:5} samples                {node['bytes']:7} bytes"
+              f"  -> exporter/node_exporter bytes {ours['bytes'] / node['bytes']:.2f}")
 
     print(f"# sampler CPU while idle (no scrapes), {window:g} s windows")
     for interval in ("200ms", "50ms"):

@@ -5,7 +5,6 @@ import argparse
 import gc
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -16,26 +15,35 @@ from typing import Any, NoReturn, Sequence
 from prometheus_client import CollectorRegistry, ProcessCollector
 
 from exporter import __version__
+from exporter import collectors as registry
 from exporter.collector import SnapshotCollector
 from exporter.durations import parse_duration
 from exporter.environment import ENV_PREFIX, env_name
+from exporter.fake_scenarios import SCENARIOS, ScenarioNvml, scenario_help
 from exporter.history import SampleHistory
 from exporter.sampler import Sampler
 from exporter.httpd import Limits
 from exporter.listen import ListenAddressError, parse_listen_address
 from exporter.pods import PodCollector
 from exporter.server import ServerCollector, bind, make_server
-from exporter.sources.cgroup import CgroupSource
+from exporter.sources.cgroup import CgroupSource, locate
 from exporter.sources.kubelet import DEFAULT_SOCKET, PodResourcesPoller
 from exporter.sources.nvml import NvmlSource
 from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
 from exporter.sources.processes import ProcessAttributor
+from exporter.sources.kernfile import read_once
 from exporter.sources.procfs import ProcfsSource
 from exporter.webconfig import WebConfigError, WebConfigWatcher
 
 log = logging.getLogger("exporter")
 
 MIN_INTERVAL_S = 0.010
+MAX_FAKE_GPUS = 64
+# --history.window / --sample.interval: rows the live view keeps (docs/live-view.md: 0.55 KB each at 8 GPUs,
+# 2.2 KB at 64): 18 000 is 1 h at 200 ms, 10 MB / 40 MB; a week at 10 ms would take the node's memory.
+MAX_HISTORY_ROWS = 18_000
+# Served by the exporter itself; the telemetry path must not shadow one of them.
+RESERVED_PATHS = ("/", "/healthz", "/api/v1/samples", "/api/v1/diagnosis")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +58,7 @@ class Config:
     log_level: str
     max_requests: int
     node_name: str
-    processes: bool
+    collectors: frozenset[str]  # the switchable collectors that are on (collectors.py)
     cgroupfs: str
     cgroup_path: str
     shm_path: str
@@ -61,7 +69,7 @@ class Config:
     web_config_file: str  # "": plain HTTP
     pod_resources_socket: str = DEFAULT_SOCKET
     pod_labels: bool = False
-    nvlink_per_link: bool = False
+    fake_scenario: str = ""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,17 +77,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+@dataclass(frozen=True)
+class _Setting:
+    """A flag's value and where it came from, so an error can name what the user actually wrote."""
+    flag: str
+    value: str
+    env: str | None  # the variable it came from; None: the command line or the default
+
+    def __str__(self) -> str:
+        return f"{self.env}={self.value!r} ({self.flag})" if self.env else f"{self.flag} {self.value!r}"
+
+
+_VALUE_FLAGS: dict[str, str] = {}  # flag -> default, filled by _build_parser
+_ENV_TRUE, _ENV_FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
 def _build_parser() -> _Parser:
     p = _Parser(
         prog="gpu-telemetry-exporter",
         description="Prometheus exporter sampling NVIDIA GPUs (NVML) and host CPU (procfs) several times a second. "
-        f"Every flag can also be set from the environment variable named in brackets ({ENV_PREFIX}...).",
+        f"Every flag can also be set from the environment variable named in brackets ({ENV_PREFIX}...). "
+        "`gpu-telemetry-exporter diagnose --help`: why the RTF jittered in a past window, from Prometheus.",
     )
 
-    def flag(name: str, default: Any, help_text: str, **kw: Any) -> None:
-        env = env_name(name)
-        p.add_argument(name, default=os.environ.get(env, default), help=f"{help_text} [{env}] (default: {default})",
-                       **kw)
+    def flag(name: str, default: str, help_text: str) -> None:
+        # default None: the environment and then the default are applied after parsing (_settings), so a
+        # bad value can be reported under the name it was given.
+        _VALUE_FLAGS[name] = default
+        p.add_argument(name, default=None, help=f"{help_text} [{env_name(name)}] (default: {default})")
 
     flag("--web.listen-address", ":9445", "address to listen on, [host]:port")
     flag("--web.telemetry-path", "/metrics", "path under which to expose metrics")
@@ -87,111 +112,205 @@ def _build_parser() -> _Parser:
     flag("--web.max-connections", "512", "maximum open client connections; at the limit the oldest idle or "
                                          "slow one is closed for a new one")
     flag("--web.config.file", "", "exporter-toolkit web config (YAML) for TLS and basic auth; empty: plain HTTP")
-    flag("--sample.interval", "200ms", "sampling interval (>= 10ms)")
+    flag("--sample.interval", "200ms", "sampling interval (>= 10ms), e.g. 200ms, 0.5s, 1m30s")
     flag("--path.procfs", "/proc", "procfs mount point (the host's /proc when run in a container)")
-    flag("--fake-gpus", "0", "serve N simulated GPUs instead of real NVML (demos, tests)")
-    flag("--fake-mig", "", "with --fake-gpus: put simulated GPU 0 in MIG mode with these instances, "
-                           "e.g. 3g.40gb,2g.20gb,1g.10gb,1g.10gb")
+    flag("--fake-gpus", "0", f"serve N simulated GPUs instead of real NVML (demos, tests; at most {MAX_FAKE_GPUS})")
+    flag("--fake-mig", "", "with --fake-gpus: put simulated GPU 0 (an H100 80GB) in MIG mode with these "
+                           "instances, e.g. 3g.40gb,2g.20gb,1g.10gb,1g.10gb")
     flag("--fake-churn", "0", "with --fake-gpus: a new batch process (new PID) every other DURATION on each "
                               "GPU, for label-churn soak tests; 0: the default 10 s schedule with fixed PIDs")
+    flag("--fake-scenario", "", "with --fake-gpus: drive every simulated GPU into one condition for the "
+                                "diagnosis (" + scenario_help().replace("%", "%%") + ")")
     flag("--log.level", "info", "log level: debug, info, warn, error")
     flag("--node.name", "", "node name for the `node` label of gpu_info (Kubernetes: from the downward API)")
     flag("--path.cgroupfs", "/sys/fs/cgroup", "cgroup filesystem mount point")
     flag("--cgroup.path", "", "cgroup to report CPU throttling and memory for, relative to --path.cgroupfs "
-                             "(default: the exporter's own)")
+                             "(default: the exporter's own); must exist at start-up")
     flag("--path.shm", "/dev/shm", "shared-memory mount to report (empty: off)")
     flag("--history.window", "5m", "how much full-resolution history the live view at / keeps (0: off)")
-    env = env_name("--collector.processes")
-    p.add_argument("--collector.processes", action=argparse.BooleanOptionalAction,
-                   default=os.environ.get(env, "true").lower() not in ("0", "false", "no", "off"),
-                   help=f"per-process GPU memory and utilisation with container/pod labels [{env}] (default: on)")
+    for c in registry.COLLECTORS:  # --[no-]collector.<name>, one per registered collector
+        env = env_name(f"--collector.{c.name}")
+        p.add_argument(f"--collector.{c.name}", action=argparse.BooleanOptionalAction, dest=f"collector.{c.name}",
+                       default=None, help=f"collector: {c.help} [{env}] (default: {'on' if c.default else 'off'})")
     flag("--kubernetes.pod-resources-socket", DEFAULT_SOCKET,
          "kubelet pod-resources socket for gpu_pod_info (which pod holds each GPU); polled every 5 s while it "
          "exists; empty: off")
-    env = env_name("--collector.nvlink-per-link")
-    p.add_argument("--collector.nvlink-per-link", action=argparse.BooleanOptionalAction,
-                   default=os.environ.get(env, "false").lower() in ("1", "true", "yes", "on"),
-                   help=f"NVLink throughput per link too (a `link` label; 36 series per H100) [{env}] (default: off)")
     env = env_name("--kubernetes.pod-labels")
-    p.add_argument("--kubernetes.pod-labels", action=argparse.BooleanOptionalAction,
-                   default=os.environ.get(env, "false").lower() in ("1", "true", "yes", "on"),
+    p.add_argument("--kubernetes.pod-labels", action=argparse.BooleanOptionalAction, default=None,
                    help="also stamp namespace/pod/container on every per-GPU series of a GPU one container "
                         f"holds (dcgm-exporter style; series change on every reschedule) [{env}] (default: off)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
 
+def _attach_dash_values(argv: Sequence[str]) -> list[str]:
+    """`--sample.interval -1s`: argparse takes '-1s' for an option and says only "expected one argument".
+    Hand such a value to its flag (as --sample.interval=-1s) so the value's own check says what is wrong."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        if argv[i] in _VALUE_FLAGS and value.startswith("-") and not value.startswith("--"):
+            out.append(f"{argv[i]}={value}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _settings(args: dict[str, Any]) -> dict[str, _Setting]:
+    """Each value flag's setting: the command line, else its environment variable, else the default."""
+    out = {}
+    for name, default in _VALUE_FLAGS.items():
+        value = args[name.lstrip("-").replace("-", "_")]
+        env = env_name(name)
+        if value is None and env in os.environ:
+            out[name] = _Setting(name, os.environ[env], env)
+        else:
+            out[name] = _Setting(name, default if value is None else value, None)
+    return out
+
+
+def _switch(flag: str, cli_value: bool | None, default: bool) -> bool:
+    """An on/off flag: --x / --no-x, else its variable (strictly true/false/1/0/yes/no), else the default."""
+    if cli_value is not None:
+        return cli_value
+    env = env_name(flag)
+    raw = os.environ.get(env)
+    if raw is None:
+        return default
+    if raw.strip().lower() in _ENV_TRUE:
+        return True
+    if raw.strip().lower() in _ENV_FALSE:
+        return False
+    raise ValueError(f"{env}={raw[:40]!r} ({flag}): want one of {', '.join(_ENV_TRUE + _ENV_FALSE)}")
+
+
 def parse_config(argv: Sequence[str] | None = None) -> Config:
     parser = _build_parser()
-    a = vars(parser.parse_args(argv))
+    a = vars(parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv)))
     try:
-        interval = parse_duration(a["sample.interval"])
+        s = _settings(a)
+        collectors = frozenset(c.name for c in registry.COLLECTORS
+                               if _switch(f"--collector.{c.name}", a[f"collector.{c.name}"], default=c.default))
+        pod_labels = _switch("--kubernetes.pod-labels", a["kubernetes.pod_labels"], default=False)
+        interval = _duration(s["--sample.interval"])
         if interval < MIN_INTERVAL_S:
-            raise ValueError(f"--sample.interval {a['sample.interval']!r} is below the 10ms minimum")
-        parse_listen_address(a["web.listen_address"])
-        path = a["web.telemetry_path"]
-        if not path.startswith("/") or path in ("/", "/healthz"):
-            raise ValueError(f"--web.telemetry-path {path!r} must start with / and not be / or /healthz")
-        fake = _non_negative_int("--fake-gpus", a["fake_gpus"])
-        max_requests = _non_negative_int("--web.max-requests", a["web.max_requests"])
-        max_connections = _non_negative_int("--web.max-connections", a["web.max_connections"])
+            raise ValueError(f"{s['--sample.interval']}: below the 10ms minimum")
+        listen = s["--web.listen-address"]
+        try:
+            parse_listen_address(listen.value)
+        except ListenAddressError as exc:
+            raise ValueError(f"{listen}: {exc}") from None
+        path = _telemetry_path(s["--web.telemetry-path"])
+        fake = _non_negative_int(s["--fake-gpus"])
+        if fake > MAX_FAKE_GPUS:
+            raise ValueError(f"{s['--fake-gpus']}: at most {MAX_FAKE_GPUS} simulated GPUs")
+        max_requests = _non_negative_int(s["--web.max-requests"])
+        max_connections = _non_negative_int(s["--web.max-connections"])
         if max_connections < 1:
-            raise ValueError("--web.max-connections must be at least 1")
-        level = str(a["log.level"]).lower()
+            raise ValueError(f"{s['--web.max-connections']}: must be at least 1")
+        level = s["--log.level"].value.lower()
         if level not in ("debug", "info", "warn", "warning", "error"):
-            raise ValueError(f"--log.level {level!r}: want debug, info, warn or error")
-        fake_mig = tuple(p for p in a["fake_mig"].split(",") if p)
-        if fake_mig and not fake:
-            raise ValueError("--fake-mig needs --fake-gpus")
-        bad = [p for p in fake_mig if not re.fullmatch(r"[1-7]g\.\d+gb", p)]
-        if bad or len(fake_mig) > 7:
-            raise ValueError(f"--fake-mig {a['fake_mig']!r}: want up to 7 profiles like 3g.40gb,1g.10gb")
-        fake_churn = parse_duration(a["fake_churn"])
+            raise ValueError(f"{s['--log.level']}: want debug, info, warn or error")
+        fake_mig = _fake_mig(s["--fake-mig"], fake)
+        fake_churn = _duration(s["--fake-churn"])
         if fake_churn and not fake:
-            raise ValueError("--fake-churn needs --fake-gpus")
-        if a["kubernetes.pod_labels"] and not a["kubernetes.pod_resources_socket"]:
+            raise ValueError(f"{s['--fake-churn']}: --fake-churn needs --fake-gpus")
+        fake_scenario = s["--fake-scenario"]
+        if fake_scenario.value and (not fake or fake_scenario.value not in SCENARIOS):
+            raise ValueError(f"{fake_scenario}: needs --fake-gpus and one of " + ", ".join(SCENARIOS))
+        pod_socket = s["--kubernetes.pod-resources-socket"].value
+        if pod_labels and not pod_socket:
             raise ValueError("--kubernetes.pod-labels needs --kubernetes.pod-resources-socket")
-        history = parse_duration(a["history.window"])
+        history = _duration(s["--history.window"])
         if history and history < interval:
-            raise ValueError(f"--history.window {a['history.window']!r} is shorter than --sample.interval")
-        procfs = a["path.procfs"]
+            raise ValueError(f"{s['--history.window']}: shorter than --sample.interval")
+        if history / interval > MAX_HISTORY_ROWS:
+            raise ValueError(f"{s['--history.window']}: keeps {history / interval:.0f} samples at "
+                             f"--sample.interval {interval:g}s; at most {MAX_HISTORY_ROWS} (e.g. 1h at 200ms)")
+        procfs = s["--path.procfs"].value
         stat = Path(procfs) / "stat"
         try:
-            with open(stat, "rb") as f:
-                f.read(1)
-        except OSError as exc:
-            raise ValueError(f"--path.procfs {procfs!r}: cannot read {stat}: {exc.strerror or exc}") from None
-        if a["web.config.file"]:
-            _web_config(a["web.config.file"])  # a bad file is a flag error, before anything starts
-    except (ValueError, ListenAddressError) as exc:
+            read_once(stat)  # a FIFO or device here would block start-up: refused, not opened blocking
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{s['--path.procfs']}: cannot read {stat}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        cgroupfs, cgroup_path = s["--path.cgroupfs"].value, s["--cgroup.path"].value
+        if cgroup_path:
+            try:
+                locate(cgroupfs, cgroup_path)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{s['--cgroup.path']}: {exc}") from None
+        web_config = s["--web.config.file"]
+        if web_config.value:
+            _web_config(web_config.value, str(web_config))  # a bad file is a flag error, before anything starts
+    except ValueError as exc:
         parser.error(str(exc))
-    return Config(listen_address=a["web.listen_address"], telemetry_path=path, sample_interval=interval,
-                  procfs=procfs, fake_gpus=fake, log_level=level, max_requests=max_requests,
-                  node_name=a["node.name"], processes=a["collector.processes"], cgroupfs=a["path.cgroupfs"],
-                  cgroup_path=a["cgroup.path"], shm_path=a["path.shm"], history_window=history, fake_mig=fake_mig,
-                  fake_churn=fake_churn, max_connections=max_connections, web_config_file=a["web.config.file"],
-                  pod_resources_socket=a["kubernetes.pod_resources_socket"], pod_labels=a["kubernetes.pod_labels"],
-                  nvlink_per_link=a["collector.nvlink_per_link"])
+    return Config(listen_address=listen.value, telemetry_path=path, sample_interval=interval, procfs=procfs,
+                  fake_gpus=fake, log_level=level, max_requests=max_requests, node_name=s["--node.name"].value,
+                  collectors=collectors, cgroupfs=cgroupfs, cgroup_path=cgroup_path, shm_path=s["--path.shm"].value,
+                  history_window=history, fake_mig=fake_mig, fake_churn=fake_churn, max_connections=max_connections,
+                  web_config_file=web_config.value, pod_resources_socket=pod_socket, pod_labels=pod_labels,
+                  fake_scenario=fake_scenario.value)
 
 
-def _web_config(path: str) -> WebConfigWatcher:
+def _web_config(path: str, subject: str) -> WebConfigWatcher:
+    """The watcher for a web config file; ValueError naming `subject` (the flag or variable) if it is bad."""
     try:
         return WebConfigWatcher(path)
     except WebConfigError as exc:
-        raise ValueError(f"--web.config.file {path!r}: {exc}") from None
+        raise ValueError(f"{subject}: {exc}") from None
 
 
-def _non_negative_int(flag: str, value: Any) -> int:
+def _duration(setting: _Setting) -> float:
     try:
-        n = int(value)
+        return parse_duration(setting.value)
+    except ValueError as exc:
+        raise ValueError(f"{setting}: {exc}") from None
+
+
+def _telemetry_path(setting: _Setting) -> str:
+    path = setting.value
+    if not path.startswith("/") or len(path) > 256 or any(c.isspace() or not c.isprintable() or c in "?#"
+                                                          for c in path):
+        raise ValueError(f"{setting}: want a path starting with / without spaces, ? or #, e.g. /metrics")
+    if path in RESERVED_PATHS:
+        raise ValueError(f"{setting}: taken by the exporter ({', '.join(RESERVED_PATHS)})")
+    return path
+
+
+def _fake_mig(setting: _Setting, fake_gpus: int) -> tuple[str, ...]:
+    profiles = tuple(p for p in setting.value.split(",") if p)
+    if not profiles:
+        return ()
+    if not fake_gpus:
+        raise ValueError(f"{setting}: --fake-mig needs --fake-gpus")
+    from exporter.fake_nvml import check_mig_layout
+
+    if len(profiles) > 7:
+        raise ValueError(f"{setting}: at most 7 instances")
+    try:
+        check_mig_layout(profiles)
+    except ValueError as exc:
+        raise ValueError(f"{setting}: {exc}") from None
+    return profiles
+
+
+def _non_negative_int(setting: _Setting) -> int:
+    try:
+        n = int(setting.value)
     except (TypeError, ValueError):
-        raise ValueError(f"{flag} {value!r} is not an integer") from None
+        raise ValueError(f"{setting}: not an integer") from None
     if n < 0:
-        raise ValueError(f"{flag} {value!r} must not be negative")
+        raise ValueError(f"{setting}: must not be negative")
     return n
 
 
 def _nvml_module(cfg: Config) -> tuple[Any, str]:
+    if cfg.fake_scenario:
+        return ScenarioNvml(cfg.fake_scenario, cfg.fake_gpus), "fake"
     if cfg.fake_gpus:
         from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 
@@ -208,16 +327,35 @@ def _nvml_module(cfg: Config) -> tuple[Any, str]:
     return pynvml, "real"
 
 
+def _handle_other_signals(web_config: WebConfigWatcher | None) -> None:
+    """SIGHUP reloads the web config (what Prometheus users send); SIGUSR1/2 would otherwise end the process."""
+    def hangup(*_: object) -> None:
+        if web_config is None:
+            log.info("SIGHUP: no --web.config.file to reload")
+        else:
+            log.info("SIGHUP: reloading %s", web_config.path)
+            web_config.request_reload()
+
+    signal.signal(signal.SIGHUP, hangup)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda signum, _: log.info("%s ignored", signal.Signals(signum).name))
+
+
 def _cgroup_source(cfg: Config) -> CgroupSource | None:
     try:
         cgroup = CgroupSource(cfg.cgroupfs, cfg.cgroup_path)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # e.g. /proc/self/cgroup unreadable, or the cgroup went away
         log.warning("cgroup metrics off: %s", exc)
         return None
     return cgroup if cgroup.available else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["diagnose"]:
+        from exporter.diagnose_cli import main as diagnose_main
+
+        return diagnose_main(argv[1:])
     cfg = parse_config(argv)
     # A thread waiting for the GIL gets it after the switch interval (5 ms by default): while a scrape
     # renders, the sampler would start its tick up to 5 ms late. 1 ms keeps ticks on time.
@@ -228,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        web_config = _web_config(cfg.web_config_file) if cfg.web_config_file else None
+        web_config = (_web_config(cfg.web_config_file, f"--web.config.file {cfg.web_config_file!r}")
+                      if cfg.web_config_file else None)
     except ValueError as exc:  # changed since the flags were checked
         print(f"gpu-telemetry-exporter: error: {exc}", file=sys.stderr)
         return 2
@@ -239,18 +378,21 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{exc.strerror or exc}", file=sys.stderr)
         return 2
     history = SampleHistory(cfg.history_window, cfg.sample_interval) if cfg.history_window else None
-    pods = PodResourcesPoller(cfg.pod_resources_socket) if cfg.pod_resources_socket else None
-    specs = GPU_SCALARS + (NVLINK_PER_LINK_SCALARS if cfg.nvlink_per_link else ())
-    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collect_processes=cfg.processes, specs=specs),
-                      ProcfsSource(cfg.procfs),
-                      interval=cfg.sample_interval, cgroup=_cgroup_source(cfg), shm_path=cfg.shm_path or None,
-                      attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None, history=history,
-                      pods=pods.latest_reading if pods else None)
+    on = cfg.collectors
+    pods = (PodResourcesPoller(cfg.pod_resources_socket)
+            if cfg.pod_resources_socket and "pod-info" in on else None)
+    specs = GPU_SCALARS + NVLINK_PER_LINK_SCALARS  # each row read and rendered only if its collector is on
+    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collectors=on, specs=specs), ProcfsSource(cfg.procfs),
+                      interval=cfg.sample_interval, cgroup=_cgroup_source(cfg) if "cgroup" in on else None,
+                      shm_path=(cfg.shm_path or None) if "shm" in on else None,
+                      attributor=ProcessAttributor(cfg.procfs) if on & {"processes", "mig"} else None,
+                      history=history, pods=pods.latest_reading if pods else None)
     registry = CollectorRegistry(auto_describe=False)
     server = make_server(sock, registry, sampler.health, cfg.telemetry_path, history=history,
                          generation=lambda: sampler.snapshot, web_config=web_config,
                          limits=Limits(max_requests=cfg.max_requests, max_connections=cfg.max_connections))
-    snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name, specs=specs)
+    snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name, specs=specs,
+                                           collectors=on)
     registry.register(PodCollector(snapshot_collector, lambda: sampler.snapshot, cfg.pod_labels) if pods
                       else snapshot_collector)
     ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost
@@ -259,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    _handle_other_signals(web_config)
 
     # Start-up objects (modules, registries) never die: keep them out of the collector's generations so a
     # full collection under scrape load scans less and pauses the sampler less.
@@ -277,7 +420,10 @@ def main(argv: Sequence[str] | None = None) -> int:
              __version__, scheme, shown, port, cfg.telemetry_path, auth, cfg.sample_interval, backend)
     if auth and scheme == "http":
         log.warning("basic auth without TLS: passwords cross the network in clear text")
-    stop.wait()
+    # A signal the kernel hands to another thread only runs its Python handler when the main thread
+    # wakes up: wake it every half second rather than block for good.
+    while not stop.wait(0.5):
+        pass
     log.info("shutting down")
     server.shutdown()
     server.server_close()

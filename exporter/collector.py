@@ -15,6 +15,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from exporter import __version__
+from exporter import collectors as registry
 from exporter.histogram import HistogramSnapshot
 from exporter.snapshot import GpuState, Snapshot
 from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS, PCIE_DIRECTIONS, GpuProcess, GpuReading
@@ -24,8 +25,17 @@ from exporter.sources.processes import ProcessIdentity
 GPU_LABELS = ["gpu", "uuid"]
 
 
+PROCESS_LABELS = ["pid", "comm", "container_id", "pod_uid"]
+
+
 def _labels(g: GpuState) -> list[str]:
     return [str(g.identity.index), g.identity.uuid]
+
+
+def _live(snap: Snapshot) -> list[tuple[GpuState, GpuReading]]:
+    """GPUs with a fresh, successful read: a lost or stuck GPU's old values would lie, so only these
+    export values."""
+    return [(g, g.reading) for g in snap.gpus if g.up and g.reading is not None]
 
 
 def _family(kind: str, name: str, doc: str, labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
@@ -74,20 +84,34 @@ def _add_processes(memory: GaugeMetricFamily, sm: GaugeMetricFamily | None, base
 
 class SnapshotCollector(Collector):
     """client_python's collect(): every family group in turn, each named after the collector it belongs
-    to (node_exporter style), from one snapshot. `specs` are the scalar GPU rows to render."""
+    to (node_exporter style; collectors.py), from one snapshot. `specs` are the scalar GPU rows to render;
+    groups and rows of a collector not in `collectors` are skipped."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], node_name: str = "",
-                 specs: tuple[GpuScalar, ...] = GPU_SCALARS) -> None:
+                 specs: tuple[GpuScalar, ...] = GPU_SCALARS,
+                 collectors: frozenset[str] = registry.DEFAULT) -> None:
         self._snapshot = snapshot
         self._node = node_name  # an empty label value is the same as no label to Prometheus
-        self._specs = specs
-        self._groups: tuple[tuple[str, Callable[[Snapshot], Iterator[Metric]]], ...] = (
+        self._specs = registry.rows_enabled(collectors, specs)
+        groups: tuple[tuple[str, Callable[[Snapshot], Iterator[Metric]]], ...] = (
             ("exporter", self._exporter_families),
             ("gpu", self._gpu_families),
+            ("pcie-link", self._pcie_link_family),
+            ("pcie-histograms", self._pcie_histogram_family),
+            ("clock-events", self._clock_event_seconds_family),
+            ("clock-event-state", self._clock_event_state_family),
+            ("ecc", self._ecc_family),
+            ("ecc", self._remapped_rows_family),
+            ("row-remap", self._row_remap_families),
             ("processes", self._process_families),
+            ("mig", self._mig_families),
             ("host", self._host_families),
+            ("cpu-per-core", self._cpu_per_core_family),
+            ("cpu-histogram", self._cpu_histogram_family),
             ("cgroup", self._cgroup_families),
+            ("shm", self._shm_families),
         )
+        self._groups = tuple(g for g in groups if registry.enabled(collectors, g[0]))
 
     def describe(self) -> list[Metric]:
         return []  # registration must not trigger a collect
@@ -95,7 +119,9 @@ class SnapshotCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
         for _collector, families in self._groups:
-            yield from families(snap)
+            for family in families(snap):
+                if family.samples:  # as client_golang: no HELP/TYPE bytes for a family with nothing in it
+                    yield family
 
     # ---- the exporter itself -----------------------------------------------------------------------
     def _exporter_families(self, snap: Snapshot) -> Iterator[Metric]:
@@ -143,31 +169,40 @@ class SnapshotCollector(Collector):
         yield info
         yield up
 
-        # Values are only exported from a fresh, successful read: a lost or stuck GPU's old values would lie.
-        live = [(g, g.reading) for g in gpus if g.up and g.reading is not None]
+        live = _live(snap)
         yield from _scalar_families(self._specs, live)
-
         yield from self._pcie_families(live)
-        yield from self._clock_event_families(gpus, live)
-        yield from self._health_families(snap, live)
+        yield from self._xid_family(snap)
 
         util = HistogramMetricFamily(
             "gpu_sampled_utilization_ratio",
-            "Every driver utilisation sample (nvmlDeviceGetSamples; the polled value where unsupported); "
-            "bucket le=0.4 over count = share of time at or below 40 %.",
+            "Every driver utilisation sample (nvmlDeviceGetSamples); le=0.4 / count = share of time <= 40 %.",
             labels=GPU_LABELS)
-        pcie = HistogramMetricFamily("gpu_sampled_pcie_utilization_ratio",
-                                     "Every sampled gpu_pcie_utilization_ratio, per direction.",
-                                     labels=GPU_LABELS + ["direction"])
         # A histogram appears with its first sample: a GPU without utilisation (MIG mode) exports none.
         for g in gpus:
             if g.utilization_hist.count:
                 util.add_metric(_labels(g), _buckets(g.utilization_hist), g.utilization_hist.sum)
+        yield util
+
+    def _pcie_histogram_family(self, snap: Snapshot) -> Iterator[Metric]:
+        pcie = HistogramMetricFamily("gpu_sampled_pcie_utilization_ratio", "Every sampled gpu_pcie_utilization_ratio; "
+                                     "le=0.9 / count = share of time <= 90 %.", labels=GPU_LABELS + ["direction"])
+        for g in snap.gpus:
             for d, h in g.pcie_utilization_hist:
                 if h.count:
                     pcie.add_metric(_labels(g) + [d], _buckets(h), h.sum)
-        yield util
         yield pcie
+
+    def _pcie_link_family(self, snap: Snapshot) -> Iterator[Metric]:
+        link = GaugeMetricFamily(
+            "gpu_pcie_link_max_bytes_per_second",
+            "Usable bytes/s per direction at the maximum link generation x width.", labels=GPU_LABELS + ["direction"])
+        for g, _ in _live(snap):
+            link_max = g.identity.pcie_link_max_bytes_per_second
+            if link_max:
+                for d in PCIE_DIRECTIONS:
+                    link.add_metric(_labels(g) + [d], link_max)
+        yield link
 
     def _pcie_families(self, live: list[tuple[GpuState, GpuReading]]) -> Iterator[Metric]:
         labels = GPU_LABELS + ["direction"]
@@ -175,17 +210,12 @@ class SnapshotCollector(Collector):
             "gpu_pcie_throughput_bytes_per_second",
             "PCIe payload bytes/s between the last two samples (NVML_FI_DEV_PCIE_COUNT_*_BYTES deltas).",
             labels=labels)
-        link = GaugeMetricFamily(
-            "gpu_pcie_link_max_bytes_per_second",
-            "Usable bytes/s per direction at the maximum link generation x width.", labels=labels)
         ratio = GaugeMetricFamily("gpu_pcie_utilization_ratio",
-                                  "gpu_pcie_throughput_bytes_per_second / gpu_pcie_link_max_bytes_per_second.",
+                                  "gpu_pcie_throughput_bytes_per_second / the link's maximum bytes/s.",
                                   labels=labels)
         for g, r in live:
             link_max = g.identity.pcie_link_max_bytes_per_second
             for d in PCIE_DIRECTIONS:
-                if link_max:
-                    link.add_metric(_labels(g) + [d], link_max)
                 bps = r.pcie_bytes_per_second(d)
                 if bps is None:
                     continue
@@ -194,29 +224,29 @@ class SnapshotCollector(Collector):
                 if share is not None:
                     ratio.add_metric(_labels(g) + [d], share)
         yield throughput
-        yield link
         yield ratio
 
-    def _clock_event_families(self, gpus: tuple[GpuState, ...],
-                        live: list[tuple[GpuState, GpuReading]]) -> Iterator[Metric]:
+    def _clock_event_state_family(self, snap: Snapshot) -> Iterator[Metric]:
         active = GaugeMetricFamily("gpu_clock_event_active",
                                    "1 while the clock event (throttle) reason is active "
                                    "(nvmlDeviceGetCurrentClocksEventReasons).",
                                    labels=GPU_LABELS + ["reason"])
-        for g, r in live:
-            if r.clock_event_reasons is not None:
-                for bit, name in CLOCK_EVENT_REASONS:
-                    active.add_metric(_labels(g) + [name], int(bool(r.clock_event_reasons & bit)))
+        masks = [(g, r.clock_event_reasons) for g, r in _live(snap) if r.clock_event_reasons is not None]
+        for g, mask in masks:
+            for bit, name in CLOCK_EVENT_REASONS:
+                active.add_metric(_labels(g) + [name], int(bool(mask & bit)))
         yield active
+
+    def _clock_event_seconds_family(self, snap: Snapshot) -> Iterator[Metric]:
         seconds = CounterMetricFamily("gpu_clock_event_seconds",
                                       "Sampled time each clock event reason was active (one interval per tick).",
                                       labels=GPU_LABELS + ["reason"])
-        for g in gpus:
+        for g in snap.gpus:
             for name, secs in g.clock_event_seconds:
                 seconds.add_metric(_labels(g) + [name], secs)
         yield seconds
 
-    def _health_families(self, snap: Snapshot, live: list[tuple[GpuState, GpuReading]]) -> Iterator[Metric]:
+    def _xid_family(self, snap: Snapshot) -> Iterator[Metric]:
         identity = {g.identity.index: g for g in snap.gpus}
         xid = CounterMetricFamily("gpu_xid_errors", "XID critical errors reported by the driver "
                                   "(NVML event nvmlEventTypeXidCriticalError), per XID code.",
@@ -225,58 +255,70 @@ class SnapshotCollector(Collector):
             if index in identity:
                 xid.add_metric(_labels(identity[index]) + [str(code)], n)
         yield xid
+
+    def _ecc_family(self, snap: Snapshot) -> Iterator[Metric]:
         ecc = CounterMetricFamily("gpu_ecc_errors", "ECC memory errors (nvmlDeviceGetTotalEccErrors); "
                                   "scope=volatile since driver load, aggregate over the board's life.",
                                   labels=GPU_LABELS + ["error", "scope"])
+        for g, r in _live(snap):
+            for (error, scope), n in r.ecc_errors or ():
+                ecc.add_metric(_labels(g) + [error, scope], n)
+        yield ecc
+
+    def _remapped_rows_family(self, snap: Snapshot) -> Iterator[Metric]:
         rows = GaugeMetricFamily("gpu_remapped_rows", "Memory rows remapped (nvmlDeviceGetRemappedRows), "
                                  "by the cause of the remap.", labels=GPU_LABELS + ["cause"])
+        for g, r in _live(snap):
+            if r.remapped_rows is not None:
+                rows.add_metric(_labels(g) + ["correctable"], r.remapped_rows[0])
+                rows.add_metric(_labels(g) + ["uncorrectable"], r.remapped_rows[1])
+        yield rows
+
+    def _row_remap_families(self, snap: Snapshot) -> Iterator[Metric]:
         pending = GaugeMetricFamily("gpu_row_remap_pending", "1 when a row remap waits for a GPU reset.",
                                     labels=GPU_LABELS)
         failed = GaugeMetricFamily("gpu_row_remap_failure", "1 when a row remap failed: replace the board.",
                                    labels=GPU_LABELS)
-        for g, r in live:
-            for (error, scope), n in r.ecc_errors or ():
-                ecc.add_metric(_labels(g) + [error, scope], n)
+        for g, r in _live(snap):
             if r.remapped_rows is not None:
-                corr, unc, is_pending, is_failed = r.remapped_rows
-                rows.add_metric(_labels(g) + ["correctable"], corr)
-                rows.add_metric(_labels(g) + ["uncorrectable"], unc)
+                _, _, is_pending, is_failed = r.remapped_rows
                 pending.add_metric(_labels(g), int(bool(is_pending)))
                 failed.add_metric(_labels(g), int(bool(is_failed)))
-        yield ecc
-        yield rows
         yield pending
         yield failed
 
-    # ---- processes ---------------------------------------------------------------------------------
+    # ---- processes and MIG devices -----------------------------------------------------------------
     def _process_families(self, snap: Snapshot) -> Iterator[Metric]:
         who = dict(snap.processes)
-        process_labels = ["pid", "comm", "container_id", "pod_uid"]
         memory = GaugeMetricFamily("gpu_process_memory_used_bytes",
                                    "GPU memory held by a process (nvmlDeviceGet{Compute,Graphics}RunningProcesses).",
-                                   labels=GPU_LABELS + process_labels)
+                                   labels=GPU_LABELS + PROCESS_LABELS)
         sm = GaugeMetricFamily("gpu_process_sm_utilization_ratio",
                                "SM utilisation of a process, latest driver sample (nvmlDeviceGetProcessUtilization).",
-                               labels=GPU_LABELS + process_labels)
+                               labels=GPU_LABELS + PROCESS_LABELS)
+        for g, r in _live(snap):
+            _add_processes(memory, sm, _labels(g), r.processes, who)
+        yield memory
+        yield sm
+
+    def _mig_families(self, snap: Snapshot) -> Iterator[Metric]:
+        who = dict(snap.processes)
         mig_labels = GPU_LABELS + ["mig_uuid", "gpu_instance_id", "compute_instance_id"]
         mig_used = GaugeMetricFamily("gpu_mig_memory_used_bytes", "Memory used on a MIG device "
                                      "(nvmlDeviceGetMemoryInfo on the MIG handle).", labels=mig_labels)
         mig_total = GaugeMetricFamily("gpu_mig_memory_total_bytes", "Memory of a MIG device.", labels=mig_labels)
         mig_memory = GaugeMetricFamily("gpu_mig_process_memory_used_bytes", "GPU memory held by a process on a "
                                        "MIG device (nvmlDeviceGetComputeRunningProcesses on the MIG handle).",
-                                       labels=mig_labels + process_labels)
-        for g in snap.gpus:
-            if not g.up or g.reading is None:
-                continue
-            _add_processes(memory, sm, _labels(g), g.reading.processes, who)
-            for m in g.reading.mig or ():
+                                       labels=mig_labels + PROCESS_LABELS)
+        for g, r in _live(snap):
+            for m in r.mig or ():
                 base = _labels(g) + [m.uuid, str(m.gpu_instance_id), str(m.compute_instance_id)]
                 if m.memory_used_bytes is not None:
                     mig_used.add_metric(base, m.memory_used_bytes)
                 if m.memory_total_bytes is not None:
                     mig_total.add_metric(base, m.memory_total_bytes)
                 _add_processes(mig_memory, None, base, m.processes, who)
-        yield from (memory, sm, mig_used, mig_total, mig_memory)
+        yield from (mig_used, mig_total, mig_memory)
 
     # ---- cgroup and /dev/shm ------------------------------------------------------------------------
     def _cgroup_families(self, snap: Snapshot) -> Iterator[Metric]:
@@ -302,6 +344,8 @@ class SnapshotCollector(Collector):
                     fam = _family(kind, name, doc, ["cgroup"])
                     fam.add_metric([c.path], value)
                     yield fam
+
+    def _shm_families(self, snap: Snapshot) -> Iterator[Metric]:
         shm = snap.shm
         if shm is not None:
             size = GaugeMetricFamily("host_shm_size_bytes", "Size of the shared-memory mount (statvfs).",
@@ -322,21 +366,25 @@ class SnapshotCollector(Collector):
             yield GaugeMetricFamily("host_cpu_utilization_ratio",
                                     "Busy share of all CPUs over the last interval (/proc/stat deltas).",
                                     value=host.cpu_utilization)
-        cores = GaugeMetricFamily("host_cpu_core_utilization_ratio",
-                                  "Busy share of one CPU over the last interval (/proc/stat deltas).",
-                                  labels=["cpu"])
-        for cpu, value in host.core_utilization:
-            cores.add_metric([cpu], value)
-        yield cores
         if host.memory_total_bytes is not None:
             yield GaugeMetricFamily("host_memory_total_bytes", "MemTotal from /proc/meminfo.",
                                     value=host.memory_total_bytes)
         if host.memory_available_bytes is not None:
             yield GaugeMetricFamily("host_memory_available_bytes", "MemAvailable from /proc/meminfo.",
                                     value=host.memory_available_bytes)
+
+    def _cpu_histogram_family(self, snap: Snapshot) -> Iterator[Metric]:
         h = snap.host_cpu_hist
         if h is not None:
             fam = HistogramMetricFamily("host_sampled_cpu_utilization_ratio",
                                         "Every sampled host_cpu_utilization_ratio.")
             fam.add_metric([], _buckets(h), h.sum)
             yield fam
+
+    def _cpu_per_core_family(self, snap: Snapshot) -> Iterator[Metric]:
+        cores = GaugeMetricFamily("host_cpu_core_utilization_ratio",
+                                  "Busy share of one CPU over the last interval (/proc/stat deltas).",
+                                  labels=["cpu"])
+        for cpu, value in snap.host.core_utilization if snap.host is not None else ():
+            cores.add_metric([cpu], value)
+        yield cores

@@ -132,6 +132,24 @@ def mig_memory_bytes(profile: str) -> int:
     return int(profile.split(".")[1].rstrip("gb")) * 1024 * MIB
 
 
+# The GPU instance profiles an H100 80GB (the fake's board) offers: 7 compute slices, 8 x 10 GB of memory.
+H100_MIG_PROFILES = ("1g.10gb", "1g.20gb", "2g.20gb", "3g.40gb", "4g.40gb", "7g.80gb")
+_MIG_COMPUTE_SLICES = 7
+_MIG_MEMORY_GB = 80
+
+
+def check_mig_layout(profiles: tuple[str, ...]) -> None:
+    """ValueError unless these instances fit on one H100 80GB as the driver would let them."""
+    unknown = [p for p in profiles if p not in H100_MIG_PROFILES]
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} not an H100 80GB profile ({', '.join(H100_MIG_PROFILES)})")
+    slices = sum(int(p.split("g.")[0]) for p in profiles)
+    memory = sum(int(p.split(".")[1][:-2]) for p in profiles)
+    if slices > _MIG_COMPUTE_SLICES or memory > _MIG_MEMORY_GB:
+        raise ValueError(f"{slices} compute slices and {memory} GB do not fit on the GPU "
+                         f"({_MIG_COMPUTE_SLICES} slices, {_MIG_MEMORY_GB} GB)")
+
+
 _MIG_ONLY_PARENT_UNSUPPORTED = ("nvmlDeviceGetUtilizationRates", "nvmlDeviceGetSamples",
                                 "nvmlDeviceGetProcessUtilization")
 

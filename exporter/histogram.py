@@ -9,12 +9,15 @@ import bisect
 import itertools
 from dataclasses import dataclass
 
-# Utilisation buckets: fine below 0.4 and around 0.9 (the RTF checklist's "starved" and "saturated" lines).
-RATIO_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
+# Each bucket is a series per GPU on every scrape (the series budget, docs/metrics.md), so a bound is
+# kept only where a panel or rule reads it. Utilisation: the RTF checklist's "starved" line (0.4, the
+# alerts and rules) and even steps for the dashboard's heatmap; no 1.0 bound, a ratio never exceeds it
+# (le=1.0 would repeat +Inf).
+RATIO_BUCKETS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
+# PCIe utilisation: only the saturation line (the PCIe alert, recording rule and panel: share above 90 %).
+PCIE_BUCKETS: tuple[float, ...] = (0.9,)
 # Sampler self-timing, in seconds: sub-millisecond reads up to a hung call.
-DURATION_BUCKETS: tuple[float, ...] = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-)
+DURATION_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.025, 0.1)
 
 
 @dataclass(frozen=True, slots=True)

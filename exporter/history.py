@@ -1,36 +1,73 @@
-"""The last minutes of samples at full resolution, for the built-in live view (/api/v1/samples).
+"""The last minutes of samples at full resolution, for the built-in live view (/api/v1/samples) and the
+diagnosis (/api/v1/diagnosis).
 
 Prometheus sees one point per scrape; this ring keeps every tick: one row per tick (wall time, host
-CPU, and per GPU utilisation, memory used ratio, PCIe tx/rx ratio, and GPM's SM, tensor and DRAM activity
-where the GPU has GPM, for readers that diagnose what bounds a GPU). The sampler appends, HTTP threads
-read; a lock guards the deque. Memory is bounded by window / interval rows, each a flat array of doubles
-(8 bytes a value; NaN for "no value"), about 1.1 MB for 5 minutes of 8 GPUs at 200 ms.
+CPU, the container's CFS-throttled share, and per GPU the charted ratios of GPU_FIELDS — utilisation,
+memory used, PCIe tx/rx, and GPM's SM, tensor and DRAM activity where the GPU has GPM — plus what the
+diagnosis reads: clock event bits, health, XID count).
+The sampler appends, HTTP threads read; a lock guards the deque. Memory is bounded by window / interval
+rows, each a flat array of doubles (8 bytes a value; NaN for "no value"), about 1.5 MB for 5 minutes of
+8 GPUs at 200 ms.
 """
 from __future__ import annotations
 
 import threading
 import time
 from array import array
-from collections import deque
+import json
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 from exporter.snapshot import GpuState, Snapshot
+from exporter.sources.cgroup import CgroupReading
 from exporter.sources.nvml.specs import DRAM_ACTIVE, MEMORY_USED_RATIO, SM_ACTIVE, TENSOR_ACTIVE, UTILIZATION
 
-# The last three are optional: null without GPM (pre-Hopper, the gpm collector off, the first tick).
-GPU_FIELDS = ("utilization", "memory_used_ratio", "pcie_tx_utilization", "pcie_rx_utilization",
-              "sm_active", "tensor_active", "dram_active")
+# Charted by the live view and served by /api/v1/samples; the GPM ratios are null without GPM (pre-Hopper,
+# the gpm collector off, the first tick).
+GPM_FIELDS = ("sm_active", "tensor_active", "dram_active")
+GPU_FIELDS = ("utilization", "memory_used_ratio", "pcie_tx_utilization", "pcie_rx_utilization", *GPM_FIELDS)
+# Kept for the diagnosis only. health: 0 up, 1 down (failing or stuck call), 2 lost.
+DIAGNOSIS_FIELDS = ("clock_event_reasons", "health", "xid_errors")
+ALL_GPU_FIELDS = GPU_FIELDS + DIAGNOSIS_FIELDS
+HOST_FIELDS = ("host_cpu_utilization", "cgroup_cpu_throttled_ratio")
 
 
 _NAN = float("nan")
 
 
-def _gpu_values(g: GpuState) -> tuple[float | None, ...]:
+def _gpu_values(g: GpuState, xids: int) -> tuple[float | None, ...]:
     r = g.reading
+    health = 2.0 if r is not None and r.lost else 0.0 if g.up else 1.0
     if r is None or not g.up:
-        return (None,) * len(GPU_FIELDS)
+        return (None,) * len(GPU_FIELDS) + (None, health, xids)
     link = g.identity.pcie_link_max_bytes_per_second
     return (r[UTILIZATION], r[MEMORY_USED_RATIO], r.pcie_utilization("tx", link), r.pcie_utilization("rx", link),
-            r[SM_ACTIVE], r[TENSOR_ACTIVE], r[DRAM_ACTIVE])
+            r[SM_ACTIVE], r[TENSOR_ACTIVE], r[DRAM_ACTIVE], r.clock_event_reasons, health, xids)
+
+
+def _throttled_ratio(prev: CgroupReading | None, cur: CgroupReading | None) -> float | None:
+    """Share of the CFS periods since the previous tick in which the cgroup was throttled."""
+    if prev is None or cur is None:
+        return None
+    if (prev.cpu_periods is None or cur.cpu_periods is None or prev.cpu_throttled_periods is None
+            or cur.cpu_throttled_periods is None):
+        return None
+    periods = cur.cpu_periods - prev.cpu_periods
+    throttled = cur.cpu_throttled_periods - prev.cpu_throttled_periods
+    return min(1.0, throttled / periods) if periods > 0 and throttled >= 0 else None
+
+
+@dataclass(frozen=True)
+class Columns:
+    """A window of the ring as aligned columns (oldest first): what the diagnosis reads."""
+
+    t: list[float]
+    host: dict[str, list[float | None]]  # HOST_FIELDS
+    gpus: dict[str, dict[str, list[float | None]]]  # gpu index -> ALL_GPU_FIELDS
+    names: dict[str, tuple[str, str]]  # gpu index -> (uuid, name)
+    mig: frozenset[str]  # GPUs in MIG mode (utilisation is not supported there)
+    latest: Snapshot | None  # for what does not change per tick: /dev/shm, the cgroup's limits, NVML status
 
 
 def _nullable(v: float) -> float | None:
@@ -41,10 +78,13 @@ class SampleHistory:
     def __init__(self, window_s: float, interval_s: float, wall_clock=time.time) -> None:
         self.window_s = window_s
         self.interval_s = interval_s
-        # Each row: (unix time, gpu ids, array [host cpu, gpu0 fields, gpu1 fields, ...]).
+        # Each row: (unix time, gpu ids, array [HOST_FIELDS, gpu0 ALL_GPU_FIELDS, gpu1 ..., ...]).
         self._rows: deque[tuple[float, tuple[str, ...], array]] = deque(maxlen=max(1, int(round(window_s / interval_s))))
         self._ids: tuple[str, ...] = ()  # shared by consecutive rows while the GPU set is unchanged
         self._names: dict[str, tuple[str, str]] = {}  # gpu -> (uuid, name)
+        self._mig: set[str] = set()
+        self._latest: Snapshot | None = None
+        self._prev_cgroup: CgroupReading | None = None
         self._lock = threading.Lock()
         self._wall = wall_clock
 
@@ -52,44 +92,98 @@ class SampleHistory:
         ids = tuple(str(g.identity.index) for g in snap.gpus)
         if ids != self._ids:
             self._ids = ids
-        values = [snap.host.cpu_utilization if snap.host else None]
+        values = [snap.host.cpu_utilization if snap.host else None, _throttled_ratio(self._prev_cgroup, snap.cgroup)]
+        self._prev_cgroup = snap.cgroup
+        xids: Counter[int] = Counter()
+        for (index, _), n in snap.xid_errors:
+            xids[index] += n
         for g in snap.gpus:
-            values.extend(_gpu_values(g))
+            values.extend(_gpu_values(g, xids[g.identity.index]))
         row = (self._wall(), self._ids, array("d", [_NAN if v is None else v for v in values]))
         with self._lock:
             self._rows.append(row)
+            self._latest = snap
             for g in snap.gpus:
-                self._names[str(g.identity.index)] = (g.identity.uuid, g.identity.name)
+                gpu = str(g.identity.index)
+                self._names[gpu] = (g.identity.uuid, g.identity.name)
+                if g.reading is not None and g.up:
+                    (self._mig.add if g.reading.mig is not None else self._mig.discard)(gpu)
 
-    def query(self, window_s: float) -> dict:
-        """The documented JSON shape (docs/live-view.md): columns aligned on `t`."""
+    def _window(self, window_s: float) -> tuple[list, dict, list[str], frozenset[str], Snapshot | None]:
+        """(rows newer than the last one minus window_s, gpu -> (uuid, name), the GPU ids among them,
+        the GPUs in MIG mode, the latest snapshot)."""
         with self._lock:
             rows = list(self._rows)
             names = dict(self._names)
+            mig = frozenset(self._mig)
+            latest = self._latest
         if rows:
             since = rows[-1][0] - window_s
             rows = [r for r in rows if r[0] > since]
-        gpu_ids = sorted({gpu for _, ids, _ in rows for gpu in ids}, key=int)
-        series: dict[str, dict[str, list[float | None]]] = {gpu: {f: [] for f in GPU_FIELDS} for gpu in gpu_ids}
-        width = len(GPU_FIELDS)
+        return rows, names, sorted({gpu for _, ids, _ in rows for gpu in ids}, key=int), mig, latest
+
+    @staticmethod
+    def _column(rows: list, gpu: str, k: int) -> Iterator[float | None]:
+        """One GPU field (index k of ALL_GPU_FIELDS) over the rows, None where the GPU was absent or had no value."""
+        width, first = len(ALL_GPU_FIELDS), len(HOST_FIELDS)
+        last_ids: tuple | None = None
+        at: int | None = None
         for _, ids, values in rows:
-            where = {gpu: 1 + i * width for i, gpu in enumerate(ids)}
-            for gpu in gpu_ids:
-                at = where.get(gpu)
-                for k, f in enumerate(GPU_FIELDS):
-                    series[gpu][f].append(None if at is None else _nullable(values[at + k]))
+            if ids is not last_ids:  # consecutive rows share one ids tuple while the GPU set holds
+                last_ids = ids
+                at = first + ids.index(gpu) * width if gpu in ids else None
+            yield None if at is None else _nullable(values[at + k])
+
+    @staticmethod
+    def _below_40(utilization: Iterable[float | None]) -> float | None:
+        util = [v for v in utilization if v is not None]
+        return (sum(1 for v in util if v <= 0.4) / len(util)) if util else None
+
+    def columns(self, window_s: float) -> Columns:
+        """The rows newer than (newest - window_s) as columns: what the diagnosis reads."""
+        rows, names, gpu_ids, mig, latest = self._window(window_s)
+        gpus = {gpu: {f: list(self._column(rows, gpu, k)) for k, f in enumerate(ALL_GPU_FIELDS)} for gpu in gpu_ids}
+        host = {f: [_nullable(values[k]) for _, _, values in rows] for k, f in enumerate(HOST_FIELDS)}
+        return Columns([t for t, _, _ in rows], host, gpus, names, mig, latest)
+
+    def query(self, window_s: float) -> dict:
+        """The documented JSON shape (docs/live-view.md): columns aligned on `t`."""
+        rows, names, gpu_ids, mig, _ = self._window(window_s)
         gpus = []
         for gpu in gpu_ids:
-            util = [v for v in series[gpu]["utilization"] if v is not None]
+            series = {f: list(self._column(rows, gpu, k)) for k, f in enumerate(GPU_FIELDS)}
             gpus.append({
                 "gpu": gpu, "uuid": names.get(gpu, ("", ""))[0], "name": names.get(gpu, ("", ""))[1],
-                **series[gpu],
-                "below_40_fraction": (sum(1 for v in util if v <= 0.4) / len(util)) if util else None,
+                "mig": gpu in mig, **series, "below_40_fraction": self._below_40(series["utilization"]),
             })
         return {
             "interval_seconds": self.interval_s,
             "window_seconds": window_s,
+            "history_seconds": self.window_s,
             "t": [round(t, 3) for t, _, _ in rows],
             "host_cpu_utilization": [_nullable(values[0]) for _, _, values in rows],
             "gpus": gpus,
         }
+
+    def query_json(self, window_s: float) -> bytes:
+        """query() as compact JSON, written a column at a time: peak memory is about the size of the
+        output, not a Python float and a list slot per value (tens of MB for 5 minutes of 64 GPUs)."""
+        rows, names, gpu_ids, mig, _ = self._window(window_s)
+        dump = json.dumps
+        parts = [f'{{"interval_seconds":{dump(self.interval_s)},"window_seconds":{dump(window_s)},'
+                 f'"history_seconds":{dump(self.window_s)},"t":'.encode(),
+                 _json_list(round(t, 3) for t, _, _ in rows), b',"host_cpu_utilization":',
+                 _json_list(_nullable(values[0]) for _, _, values in rows), b',"gpus":[']
+        for n, gpu in enumerate(gpu_ids):
+            uuid, name = names.get(gpu, ("", ""))
+            parts.append(f'{"," if n else ""}{{"gpu":{dump(gpu)},"uuid":{dump(uuid)},"name":{dump(name)},'
+                         f'"mig":{dump(gpu in mig)}'.encode())
+            for k, f in enumerate(GPU_FIELDS):
+                parts += (f',"{f}":'.encode(), _json_list(self._column(rows, gpu, k)))
+            parts.append(f',"below_40_fraction":{dump(self._below_40(self._column(rows, gpu, 0)))}}}'.encode())
+        parts.append(b"]}")
+        return b"".join(parts)
+
+
+def _json_list(values: Iterable[float | None]) -> bytes:
+    return ("[" + ",".join("null" if v is None else repr(v) for v in values) + "]").encode()

@@ -14,9 +14,9 @@ import queue
 import threading
 import time
 from collections import Counter
-from typing import Callable
+from typing import Callable, TypeVar
 
-from exporter.histogram import DURATION_BUCKETS, RATIO_BUCKETS, Histogram
+from exporter.histogram import DURATION_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS, Histogram
 from exporter.history import SampleHistory
 from exporter.snapshot import GpuState, SamplerStats, Snapshot
 from exporter.sources.cgroup import CgroupSource
@@ -31,10 +31,11 @@ from exporter.sources.shm import read_shm
 from exporter.transitions import TransitionLog
 
 log = logging.getLogger("exporter.sampler")
+R = TypeVar("R")
 
 GPU_DEADLINE_SHARE = 0.6  # GPU reads must come back within this share of the interval
 HEALTHY_WITHIN_INTERVALS = 5
-LATENESS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+LATENESS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25)  # the 5 ms goal; a missed tick
 _DONE = -1  # gpu index of the message a read thread posts after its last GPU
 
 # (thread, tick, gpu index, reading) per GPU; (thread, tick, _DONE, seconds the reads took) at the end.
@@ -94,9 +95,10 @@ class _GpuHistory:
 
     def __init__(self) -> None:
         self.utilization = Histogram(RATIO_BUCKETS)
-        self.pcie = {d: Histogram(RATIO_BUCKETS) for d in PCIE_DIRECTIONS}
-        self.clock_event_seconds = {name: 0.0 for _, name in CLOCK_EVENT_REASONS}
-        self.clock_events_seen = False  # exported only once the GPU has reported reasons at all
+        self.pcie = {d: Histogram(PCIE_BUCKETS) for d in PCIE_DIRECTIONS}
+        # Per reason, from its first active tick: a reason never active since start-up (most of the nine
+        # on a healthy GPU) would be a zero series on every scrape, saying no more than its absence.
+        self.clock_event_seconds: dict[str, float] = {}
 
 
 class Sampler:
@@ -181,7 +183,7 @@ class Sampler:
         self._ticks += 1
         seq = self._ticks
 
-        failed = self.nvml.poll(now)
+        failed = self._isolated("nvml", lambda: self.nvml.poll(now))
         if failed:
             self._errors[("nvml", failed)] += 1
         self._sync_reader()
@@ -192,17 +194,13 @@ class Sampler:
             self._reader_thread.dispatch(seq, to_read)
 
         procfs_started = time.perf_counter()
-        host = self.procfs.read()
+        host = self._isolated("procfs", self.procfs.read)
         self._durations["procfs"].observe(time.perf_counter() - procfs_started)
-        for name in host.errors:
-            self._errors[("procfs", name)] += 1
-        self._transitions.update("procfs", {n: f"cannot read or parse {n}" for n in host.errors})
-        if host.cpu_utilization is not None:
+        if host is not None and host.cpu_utilization is not None:
             self._host_cpu.observe(host.cpu_utilization)
-        cgroup = self.cgroup.read() if self.cgroup is not None else None
-        for name in cgroup.errors if cgroup else ():
-            self._errors[("cgroup", name)] += 1
-        shm = read_shm(self.shm_path) if self.shm_path else None
+        cgroup = self._isolated("cgroup", self.cgroup.read) if self.cgroup is not None else None
+        shm_path = self.shm_path
+        shm = self._isolated("shm", lambda: read_shm(shm_path)) if shm_path else None
 
         fresh: dict[int, GpuReading] = {}
         if to_read:
@@ -214,8 +212,11 @@ class Sampler:
         gpus = tuple(self._gpu_state(r, fresh.get(r.index), now) for r in self._gpus)
         processes: tuple = ()
         if self.attributor is not None:
+            attributor = self.attributor
             pids = set().union(*(g.reading.pids() for g in gpus if g.reading))
-            processes = tuple(sorted(self.attributor.lookup(pids).items()))
+            processes = tuple(sorted((self._isolated("processes", lambda: attributor.lookup(pids)) or {}).items()))
+
+        xid_errors = self._isolated("xid", self.nvml.xid_counts) or ()
 
         self._durations["all"].observe(time.perf_counter() - tick_started)
         snap = Snapshot(
@@ -236,13 +237,31 @@ class Sampler:
             processes=processes,
             cgroup=cgroup,
             shm=shm,
-            xid_errors=self.nvml.xid_counts(),
-            pods=self.pods() if self.pods is not None else None,
+            xid_errors=xid_errors,
+            pods=self._isolated("pods", self.pods) if self.pods is not None else None,
         )
         self.snapshot = snap  # a single reference assignment: scrapes see the old or the new, whole
         if self.history is not None:
             self.history.append(snap)
         return snap
+
+    def _isolated(self, source: str, read: Callable[[], R]) -> R | None:
+        """One source's read, isolated from the tick: an exception costs that source's series this tick
+        (None), is counted as exporter_errors_total{source, call="internal:<type>"} and logged once per
+        transition. Files a reading names in its `errors` are counted and logged the same way."""
+        try:
+            reading = read()
+        except Exception as exc:  # a bug or a hostile file in one source must not cost the others
+            call = f"internal:{type(exc).__name__}"
+            self._errors[(source, call)] += 1
+            self._transitions.update(source, {call: "read failed"}, detail=str(exc)[:200])
+            log.debug("%s read failed", source, exc_info=True)
+            return None
+        problems = getattr(reading, "errors", ())  # HostReading, CgroupReading: files that failed this tick
+        for name in problems:
+            self._errors[(source, name)] += 1
+        self._transitions.update(source, {name: f"cannot read or parse {name}" for name in problems})
+        return reading
 
     def _sync_reader(self) -> None:
         """A new set of GPUs (NVML (re)initialised): start from a fresh read thread."""
@@ -322,7 +341,7 @@ class Sampler:
             reading=reading,
             utilization_hist=hist.utilization.freeze(),
             pcie_utilization_hist=tuple((d, h.freeze()) for d, h in hist.pcie.items()),
-            clock_event_seconds=tuple(hist.clock_event_seconds.items()) if hist.clock_events_seen else (),
+            clock_event_seconds=tuple(hist.clock_event_seconds.items()),
             stuck_call=stuck_call,
         )
         self._last_states[index] = state
@@ -338,11 +357,11 @@ class Sampler:
             ratio = r.pcie_utilization(d, link_max)
             if ratio is not None:
                 hist.pcie[d].observe(ratio)
-        if r.clock_event_reasons is not None:
-            hist.clock_events_seen = True
+        if r.clock_event_reasons:
+            seconds = hist.clock_event_seconds
             for bit, name in CLOCK_EVENT_REASONS:
                 if r.clock_event_reasons & bit:
-                    hist.clock_event_seconds[name] += self.interval
+                    seconds[name] = seconds.get(name, 0.0) + self.interval
 
     # ---- health ------------------------------------------------------------------------------------
     def health(self) -> tuple[bool, str]:
@@ -367,4 +386,6 @@ class Sampler:
                 lines.append(f"gpu {g.identity.index}: down")
         if snap.host is not None and snap.host.errors:
             lines.append("procfs: cannot read " + ", ".join(snap.host.errors))
+        if snap.cgroup is not None and snap.cgroup.errors:
+            lines.append("cgroup: cannot read " + ", ".join(snap.cgroup.errors))
         return healthy, "\n".join(lines) + "\n"

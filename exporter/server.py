@@ -2,7 +2,9 @@
 /api/v1/samples, served by the bounded asyncio server of httpd.py (limits, TLS and basic auth there).
 
 A scrape renders the latest snapshot once: concurrent scrapers of the same snapshot share the rendered
-(and gzipped) bytes, so 200 scrapers cost about one render, and the sampler keeps its schedule.
+(and gzipped) bytes, so 200 scrapers cost about one render, and the sampler keeps its schedule. The live
+view's JSON is shared per window for up to a second, and at most `_SAMPLES_RENDERS` of those renders
+run at once (503 beyond): 5 minutes of 64 GPUs is 7.5 MB of JSON.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import json
 import logging
 import socket
 import threading
+import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
@@ -19,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 from exporter import __version__
+from exporter.diagnosis_history import diagnosis_json
 from exporter.durations import parse_duration
 from exporter.exposition import TextRenderer
 from exporter.history import SampleHistory
@@ -57,6 +62,57 @@ class _RenderCache:
             return body
 
 
+class _SharedRenders:
+    """Bodies of one history endpoint (/api/v1/samples, /api/v1/diagnosis) per window, rendered at most
+    once per `max_age_s` each and at most `renders` at a time; None when that many are already running.
+
+    Keyed by age, not by snapshot: the sampler publishes several snapshots a second, and every body
+    still being written to a slow client stays in memory, so one body per snapshot made 40 clients
+    hold 40 different multi-megabyte bodies. The live view polls once a second; a body up to a second
+    old is what it would have seen anyway. Renders run on their own `renders` threads: glibc gives
+    each thread that allocates its own malloc arena and keeps what it freed, so multi-megabyte renders
+    spread over the 40 request threads left ~100 MB resident (measured; 17 MB with one arena)."""
+
+    def __init__(self, render: Callable[[float], bytes], renders: int, name: str, max_age_s: float = 1.0,
+                 windows: int = 4, clock: Callable[[], float] = time.monotonic) -> None:
+        self._render = render
+        self._renders = threading.BoundedSemaphore(renders)
+        self._render_threads = ThreadPoolExecutor(max_workers=renders, thread_name_prefix=f"{name}-render")
+        self._max_age_s = max_age_s
+        self._windows = windows
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: dict[float, tuple[float, threading.Lock, list[bytes]]] = {}
+
+    def get(self, window: float) -> bytes | None:
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(window)
+            if entry is None or now - entry[0] >= self._max_age_s:
+                self._entries.pop(window, None)
+                if len(self._entries) >= self._windows:
+                    self._entries.pop(next(iter(self._entries)))
+                entry = self._entries[window] = (now, threading.Lock(), [])
+        _, lock, body = entry
+        with lock:  # later requests for this window wait for the first one's render and share it
+            if body:
+                return body[0]
+            if not self._renders.acquire(blocking=False):
+                return None
+            try:
+                body.append(self._render_threads.submit(self._render, window).result())
+            finally:
+                self._renders.release()
+            return body[0]
+
+
+_SAMPLES_RENDERS = 2
+# A diagnosis of a long window over many GPUs costs seconds of CPU (docs/performance.md): one at a time,
+# shared by everyone asking for the same window within a second, 503 for the rest.
+_DIAGNOSIS_RENDERS = 1
+_MAX_QUERY = 256  # bytes of query string the history endpoints read; their one parameter needs a few
+
+
 class ExporterApp:
     def __init__(self, registry: CollectorRegistry, health: Callable[[], tuple[bool, str]],
                  telemetry_path: str, history: SampleHistory | None,
@@ -66,8 +122,11 @@ class ExporterApp:
         self.telemetry_path = telemetry_path
         self.history = history
         self.cache = _RenderCache(lambda om: text.render(registry.collect(), openmetrics=om), generation)
-        self.landing = live_page(telemetry_path)
+        self.landing = live_page(telemetry_path, history.window_s if history else 0.0)
         self.landing_gz = gzip.compress(self.landing, compresslevel=9)
+        self.samples = _SharedRenders(history.query_json, _SAMPLES_RENDERS, "samples") if history else None
+        self.diagnoses = (_SharedRenders(lambda w: diagnosis_json(history, w), _DIAGNOSIS_RENDERS, "diagnosis")
+                          if history else None)
 
     def inline(self, request: Request) -> Response | None:
         """Cheap answers, on the server's loop: never queued behind scrapes, never refused by the cap."""
@@ -78,8 +137,8 @@ class ExporterApp:
         if path == "/":
             gz = _wants_gzip(request)
             return Response(200, self.landing_gz if gz else self.landing, "text/html; charset=utf-8",
-                            (("Content-Encoding", "gzip"),) if gz else ())
-        if path not in (self.telemetry_path, "/api/v1/samples"):
+                            _encoding_headers(gz))
+        if path not in (self.telemetry_path, "/api/v1/samples", "/api/v1/diagnosis"):
             return Response(404, b"not found\n")
         return None
 
@@ -90,24 +149,74 @@ class ExporterApp:
             om = content_type.startswith("application/openmetrics-text")
             gz = _wants_gzip(request)
             return Response(200, self.cache.get(om, gz), content_type,
-                            (("Content-Encoding", "gzip"),) if gz else ())
-        return self._samples(request)
+                            _encoding_headers(gz, vary="Accept, Accept-Encoding"))
+        if request.path == "/api/v1/diagnosis":
+            # A window longer than the history kept is capped to it: "the last hour" means "all there is".
+            return self._history_query(request, self.diagnoses, "5m", cap=True)
+        return self._history_query(request, self.samples, "60s", cap=False)
 
-    def _samples(self, request: Request) -> Response:
-        if self.history is None:
+    def _history_query(self, request: Request, renders: _SharedRenders | None, default: str, cap: bool) -> Response:
+        if self.history is None or renders is None:
             return _json(404, {"error": "history is off (--history.window=0)"})
-        query = urllib.parse.parse_qs(request.query)
         try:
-            window = parse_duration(query.get("window", ["60s"])[0])
+            window = parse_duration(window_param(request.query, default))
         except ValueError as exc:
             return _json(400, {"error": str(exc)})
-        if not 0 < window <= self.history.window_s:
-            return _json(400, {"error": f"window must be > 0 and <= {self.history.window_s:g}s (--history.window)"})
-        return _json(200, self.history.query(window))
+        kept = self.history.window_s
+        if cap and window > 0:
+            window = min(window, kept)
+        if not 0 < window <= kept:
+            return _json(400, {"error": f"window must be > 0 and <= {kept:g}s (--history.window)"})
+        body = renders.get(window)
+        if body is None:
+            return Response(503, b'{"error":"busy: too many history queries at once, retry"}', "application/json",
+                            (("Retry-After", "1"),))
+        return Response(200, body, "application/json")
+
+
+def window_param(query: str, default: str) -> str:
+    """The `window` parameter of a history endpoint (`default` when absent). Length-capped before any
+    parsing, so what reaches parse_duration is short whatever a client sends."""
+    if len(query) > _MAX_QUERY:
+        raise ValueError(f"query string longer than {_MAX_QUERY} bytes")
+    try:
+        pairs = urllib.parse.parse_qsl(query, max_num_fields=8)
+    except ValueError:
+        raise ValueError("too many query parameters") from None
+    window = dict(pairs).get("window", default)
+    if len(window) > 32:
+        raise ValueError("window: too long, want e.g. 60s or 5m")
+    return window
 
 
 def _wants_gzip(request: Request) -> bool:
-    return "gzip" in request.headers.get("accept-encoding", "")
+    """Accept-Encoding as RFC 9110 reads it: gzip (or *) with a q-value above 0; 'gzip;q=0' refuses it."""
+    header = request.headers.get("accept-encoding", "")
+    star = False
+    for item in header.split(","):
+        coding, _, params = item.partition(";")
+        coding = coding.strip().lower()
+        if coding not in ("gzip", "x-gzip", "*"):
+            continue
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip()[:5])
+                except ValueError:
+                    q = 0.0
+        if coding == "*":
+            star = q > 0
+        else:
+            return q > 0
+    return star
+
+
+def _encoding_headers(gz: bool, vary: str = "Accept-Encoding") -> tuple[tuple[str, str], ...]:
+    """Caches between a client and us must not hand a gzipped page (or another format) to a client that
+    did not ask for it: Vary names the request headers the answer depends on."""
+    return (("Content-Encoding", "gzip"), ("Vary", vary)) if gz else (("Vary", vary),)
 
 
 def _json(code: int, doc: dict) -> Response:
@@ -132,7 +241,8 @@ class ServerCollector:
         yield requests
         closed = CounterMetricFamily(
             "exporter_http_connections_closed", "Connections closed, by reason (done, client_closed, idle_timeout, "
-            "header_timeout, write_timeout, evicted, connection_limit, bad_request, shutdown).", labels=["reason"])
+            "header_timeout, write_timeout, evicted, connection_limit, bad_request, tls_error, internal_error, "
+            "accept_failed, shutdown).", labels=["reason"])
         for reason, n in sorted(dict(stats.closed).items()):
             closed.add_metric([reason], n)
         yield closed
@@ -191,8 +301,8 @@ def make_server(
     app = ExporterApp(registry, health, telemetry_path, history, generation)
     return HttpServer(
         bind(listen_address) if isinstance(listen_address, str) else listen_address, app, limits or Limits(),
-        ssl_context=web_config.ssl_context if web_config else None,
+        tls=web_config.tls_context if web_config else (lambda: None),
         auth=web_config.auth if web_config else None,
         extra_headers=web_config.headers if web_config else (lambda: ()),
         server_name=f"gpu-telemetry-exporter/{__version__}",
-        on_tick=web_config.poll if web_config else None)
+        background=web_config.poll if web_config else None)

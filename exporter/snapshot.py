@@ -21,7 +21,7 @@ class GpuState:
     reading: GpuReading | None  # None while no fresh read came back (stuck call, never opened)
     utilization_hist: HistogramSnapshot
     pcie_utilization_hist: tuple[tuple[str, HistogramSnapshot], ...]  # per direction
-    clock_event_seconds: tuple[tuple[str, float], ...]  # per reason, seconds active; () if never reported
+    clock_event_seconds: tuple[tuple[str, float], ...]  # seconds active, per reason active at least once
     stuck_call: str | None = None  # the NVML call a worker has been blocked in past the deadline
 
 

@@ -100,12 +100,13 @@ ROWS: list[tuple[str, list[dict]]] = [
               [(f"host_cpu_core_utilization_ratio{{{HOST}}}", "{{instance}} cpu {{cpu}}")],
               w=12, max_value=1, description="One core pinned at 100 % while the GPU starves: a single-threaded "
                                              "data loader or tokeniser (CPU-side prefetch)."),
-        panel("state-timeline", "Clock event reasons (throttling)", "none",
-              [(f'max by (gpu, reason) (gpu_clock_event_active{{{SEL}, reason!="gpu_idle"}})',
-                "GPU {{gpu}} {{reason}}")],
-              w=12, thresholds=_thresholds((None, "transparent"), (1, "red")),
+        panel("state-timeline", "Clock event reasons (throttling)", "percentunit",
+              [(f'max by (gpu, reason) (rate(gpu_clock_event_seconds_total{{{SEL}, reason!="gpu_idle"}}'
+                f'[$__rate_interval]))', "GPU {{gpu}} {{reason}}")],
+              w=12, thresholds=_thresholds((None, "transparent"), (0.01, "red")),
               extra={"options": {"showValue": "never", "mergeValues": True}},
-              description="Red while a clocks-event (throttle) reason is active."),
+              description="Red while a clocks-event (throttle) reason was active, from the sampled seconds "
+                          "per reason (every tick, not one state per scrape)."),
     ]),
     ("Where the GPU time goes (GPM: Hopper and newer)", [
         panel("timeseries", "Where the time goes: GPU $gpu", "percentunit",

@@ -30,6 +30,11 @@ def stop_process(proc: subprocess.Popen, timeout: float = 5.0) -> int:
     return proc.returncode
 
 
+def exposition_size(body: bytes) -> tuple[int, int]:
+    """(samples, bytes) of a text exposition: every line that is not a comment is one sample."""
+    return sum(1 for line in body.decode().splitlines() if line and not line.startswith("#")), len(body)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,11 +64,12 @@ def http_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tup
 class ExporterProcess:
     """The exporter as a user runs it: `python -m exporter ...` in its own process."""
 
-    def __init__(self, *args: str, env: dict | None = None) -> None:
+    def __init__(self, *args: str, env: dict | None = None, prefix: tuple[str, ...] = ()) -> None:
+        """prefix: a command that runs the exporter's command line (e.g. unshare with a small tmpfs)."""
         self.stderr_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"exporter-{os.getpid()}-{time.time_ns()}.log"
         self._stderr = open(self.stderr_path, "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", "--web.listen-address", "127.0.0.1:0", *args],
+            [*prefix, sys.executable, "-m", "exporter", "--web.listen-address", "127.0.0.1:0", *args],
             stdout=subprocess.DEVNULL, stderr=self._stderr, cwd=REPO, env={**os.environ, **(env or {})})
         self.port = self._wait_for_port()
         self.url = f"http://127.0.0.1:{self.port}"

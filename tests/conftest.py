@@ -6,11 +6,13 @@ from typing import Iterator
 
 import pytest
 
+from exporter.collectors import ALL as ALL_COLLECTORS
 from exporter.collector import SnapshotCollector
 from exporter.fake_nvml import FakeNvml
 from exporter.histogram import HistogramSnapshot
 from exporter.sampler import Sampler
 from exporter.sources.nvml import NvmlSource
+from exporter.sources.nvml.specs import GPU_SCALARS
 from exporter.sources.procfs import ProcfsSource
 from testkit.processes import (  # noqa: F401  (tests import these from here)
     REPO,
@@ -66,6 +68,16 @@ class FakeProcfs:
             core[2] += i
         self.write()
 
+    def add_process(self, pid: int, name: str, cgroup: str) -> None:
+        """<pid>/{stat,cmdline,comm,cgroup} as the kernel writes them: stat and comm cut the name at 15."""
+        d = self.root / str(pid)
+        d.mkdir(exist_ok=True)
+        fields = ["S", "1"] + ["0"] * 48  # state, ppid, then zeros (started 0 jiffies after boot)
+        (d / "stat").write_text(f"{pid} ({name[:15]}) {' '.join(fields)}\n")
+        (d / "cmdline").write_text(f"/usr/bin/{name}\0--port\0" + "9000\0")
+        (d / "comm").write_text(name[:15] + "\n")
+        (d / "cgroup").write_text(cgroup)
+
     def write(self) -> None:
         c0, c1 = self.cores
         agg = [c0[j] + c1[j] for j in range(3)]
@@ -84,8 +96,11 @@ def clock() -> ManualClock:
 
 
 def make_sampler(nvml: FakeNvml | None, procfs_root: Path, interval: float = 0.2, clock=time.monotonic,
-                 mode: str = "fake", **extra) -> Sampler:
-    return Sampler(NvmlSource(nvml, mode, backoff_initial_s=0.01, backoff_max_s=0.02, clock=clock),
+                 mode: str = "fake", collectors: frozenset[str] = ALL_COLLECTORS, specs: tuple = GPU_SCALARS,
+                 **extra) -> Sampler:
+    """Every collector on unless told otherwise: tests see every family (test_collectors.py: the defaults)."""
+    return Sampler(NvmlSource(nvml, mode, backoff_initial_s=0.01, backoff_max_s=0.02, clock=clock,
+                              collectors=collectors, specs=specs),
                    ProcfsSource(procfs_root), interval=interval, clock=clock, **extra)
 
 
@@ -96,9 +111,9 @@ def fraction_at_or_below(h: HistogramSnapshot, bound: float) -> float | None:
     return h.cumulative[h.bounds.index(bound)] / h.count
 
 
-def families(sampler: Sampler) -> dict:
+def families(sampler: Sampler, collectors: frozenset[str] = ALL_COLLECTORS) -> dict:
     """name -> Metric from one collect(), keyed by the family name as exposed (counters without _total)."""
-    return {m.name: m for m in SnapshotCollector(lambda: sampler.snapshot).collect()}
+    return {m.name: m for m in SnapshotCollector(lambda: sampler.snapshot, collectors=collectors).collect()}
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--seconds", type=float, default=600.0, help="exit after this long (bounded by design)")
+    ap.add_argument("--spike-after", type=float, default=None,
+                    help="from this many seconds on, every request's RTF is --spike-rtf (a jitter to diagnose)")
+    ap.add_argument("--spike-rtf", type=float, default=1.2)
     a = ap.parse_args()
     registry = CollectorRegistry()
     rtf = Histogram("tts_real_time_factor", "Synthesis time / audio duration, per request.",
@@ -30,7 +33,8 @@ def main() -> None:
     started = time.monotonic()
     while time.monotonic() - started < a.seconds:
         t = time.monotonic() - started
-        rtf.observe(0.45 + 0.25 * math.sin(t / 5.0))
+        spiking = a.spike_after is not None and t >= a.spike_after
+        rtf.observe(a.spike_rtf if spiking else 0.45 + 0.25 * math.sin(t / 5.0))
         time.sleep(0.1)
 
 

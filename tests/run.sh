@@ -21,6 +21,7 @@ command -v openssl >/dev/null || missing+=(openssl)  # certificates for the TLS 
 # gcc and libc headers build the C stand-in for libnvidia-ml.so.1 (testkit/nvml_stub) that real pynvml loads
 command -v gcc >/dev/null || missing+=(gcc)
 [ -e /usr/include/stdio.h ] || missing+=(libc6-dev)
+command -v unshare >/dev/null || missing+=(util-linux)  # a 64 MiB tmpfs as /dev/shm for the diagnosis tests
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi

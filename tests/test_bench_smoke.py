@@ -1,4 +1,5 @@
-"""Smoke run of bench/micro.py: it must run and print its figures (timings are reported, never asserted)."""
+"""Smoke runs of bench/micro.py and bench/diagnosis.py: they must run and print their figures (timings are
+reported, never asserted)."""
 from __future__ import annotations
 
 import re
@@ -28,6 +29,14 @@ def test_gpm_reader_benchmark_prints_figures():
     print(r.stdout)
     for source in ("gpm", "fields"):  # both NVLink paths ran and report a cost
         assert re.search(rf"CPU\s+\d+\.\d+ ms per tick\s+\d+\.\d+ % of a core\s+\(NVLink: {source}\)", r.stdout), r.stdout
+
+
+def test_diagnosis_benchmark_prints_figures():
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "diagnosis.py"), "--gpus", "2"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    assert re.search(r"^\| 2 \| 1 500 \| \d+\.\d+ MB \| \d+ µs \| \d+\.\d+ ms \| \d+ ms \|$", r.stdout, re.M), r.stdout
 
 
 def test_whole_exporter_cpu_on_the_stand_in_prints_figures(tmp_path):

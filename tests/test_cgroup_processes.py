@@ -5,10 +5,22 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from exporter.collectors import ALL as ALL_COLLECTORS
 from exporter.fake_nvml import FakeNvml
-from exporter.sources.cgroup import CgroupSource, container_of, parse_cpu_max, parse_proc_cgroup
-from exporter.sources.processes import ProcessAttributor
+from exporter.sources.cgroup import (
+    CgroupPathError,
+    CgroupSource,
+    container_of,
+    locate,
+    parse_cpu_max,
+    parse_keyed,
+    parse_limit,
+    parse_proc_cgroup,
+)
+from exporter.sources.processes import ProcessAttributor, ProcessIdentity
 from exporter.sources.shm import read_shm
 from tests.conftest import families, make_sampler
 
@@ -33,6 +45,16 @@ LAYOUTS = {
 def test_container_and_pod_from_every_cgroup_layout(layout):
     text, container, pod = LAYOUTS[layout]
     assert container_of(parse_proc_cgroup(text)) == (container, pod)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("0123456789abcdef:/-_.podkubeslicescrio\n"), max_size=3000)
+       | st.text(max_size=500))
+def test_proc_cgroup_parsing_fuzzed(text):
+    """/proc/<pid>/cgroup of any process on the node: never raises, ids have their fixed shapes."""
+    container, pod = container_of(parse_proc_cgroup(text))
+    assert container == "" or (len(container) == 64 and set(container) <= set("0123456789abcdef"))
+    assert pod == "" or len(pod) == 36
 
 
 def write(path: Path, text: str) -> None:
@@ -112,26 +134,119 @@ def test_missing_files_are_errors_not_exceptions(tmp_path):
 
 def test_parse_cpu_max():
     assert parse_cpu_max("max 100000") is None and parse_cpu_max("250000 100000") == 2.5
+    for bad in ("1.5 100000", "100000 0", "max 0", "abc def", "100000", "", "1 2 3", "-5 100000", "9" * 30 + " 1"):
+        with pytest.raises(ValueError):
+            parse_cpu_max(bad)
+
+
+def test_parse_keyed_and_limit_refuse_garbage():
+    assert parse_keyed("usage_usec 5\n\nnr_periods 0\n") == {"usage_usec": 5, "nr_periods": 0}
+    for bad in ("usage_usec five", "usage_usec", "a 1 2", "x -1", "x 1e3", "x \u00b2"):
+        with pytest.raises(ValueError):
+            parse_keyed(bad)
+    assert parse_limit("max") is None and parse_limit("-1") is None and parse_limit("4096\n") == 4096
+    assert parse_limit("9223372036854771712") is None  # v1's "no limit"
+
+
+V2_FILES = ("cpu.stat", "cpu.max", "memory.current", "memory.max")
+
+
+@pytest.mark.parametrize("name,content", [
+    ("cpu.max", b"1.5 100000\n"),  # not an integer
+    ("cpu.max", b"100000 0\n"),  # period 0
+    ("cpu.stat", b"\x00\x01garbage here\n"),
+    ("memory.current", b"\xff\xfe1048576\n"),  # not UTF-8
+    ("memory.max", b""),  # truncated to nothing
+])
+def test_a_malformed_file_costs_its_own_values_only(tmp_path, name, content):
+    root = tmp_path / "cgroup"
+    v2_tree(root, "/tts", 2_000_000, 100, 25, 400_000)
+    (root / "tts" / name).write_bytes(content)
+    r = CgroupSource(root, path="/tts").read()
+    assert r.errors == (name,)
+    values = {"cpu.stat": r.cpu_periods, "cpu.max": r.cpu_limit_cores, "memory.current": r.memory_usage_bytes,
+              "memory.max": r.memory_limit_bytes}
+    assert values.pop(name) is None
+    assert None not in values.values()  # the other files still report
+
+
+CGROUP_FILE_TEXT = st.one_of(
+    st.binary(max_size=300),
+    st.text(alphabet=st.sampled_from("0123456789 -max\nusec_nr\t.\u00b2"), max_size=300).map(str.encode),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(contents=st.tuples(*[CGROUP_FILE_TEXT] * 6), v2=st.booleans())
+def test_cgroup_source_survives_arbitrary_bytes(tmp_path_factory, contents, v2):
+    root = tmp_path_factory.mktemp("cg")
+    if v2:
+        v2_tree(root, "/t", 1, 1, 1, 1)
+        names, dirs = V2_FILES, [root / "t"] * 4
+    else:
+        names = ("cpu.stat", "cpu.cfs_quota_us", "cpu.cfs_period_us", "cpuacct.usage", "memory.usage_in_bytes",
+                 "memory.limit_in_bytes")
+        dirs = [root / "cpu,cpuacct" / "t"] * 4 + [root / "memory" / "t"] * 2
+    for name, d, content in zip(names, dirs, contents):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / name).write_bytes(content)
+    r = CgroupSource(root, path="/t").read()
+    assert set(r.errors) <= set(names)
+    for value in (r.cpu_usage_seconds, r.cpu_periods, r.cpu_throttled_periods, r.cpu_throttled_seconds,
+                  r.cpu_limit_cores, r.memory_usage_bytes, r.memory_limit_bytes):
+        assert value is None or value >= 0
+
+
+def test_an_explicit_cgroup_that_does_not_exist_is_refused(tmp_path):
+    """Not the root's figures under the wrong name (the path may be misspelt)."""
+    root = tmp_path / "cgroup"
+    v2_tree(root, "/tts", 1, 0, 0, 0)
+    with pytest.raises(CgroupPathError, match="no cgroup '/tts-typo'"):
+        locate(root, "/tts-typo")
+    v1 = tmp_path / "v1"
+    write(v1 / "memory" / "tts" / "memory.usage_in_bytes", "5\n")
+    with pytest.raises(CgroupPathError):
+        locate(v1, "/other")
+    # v1, present under one controller only: that controller is read, the others are not (no root figures).
+    assert set(locate(v1, "/tts").files) == {"memory.usage_in_bytes", "memory.limit_in_bytes"}
+    with pytest.raises(CgroupPathError):
+        locate(tmp_path / "no-cgroupfs", "/tts")
 
 
 def test_attribution_of_gpu_processes(tmp_path, procfs):
-    write(procfs.root / "4000" / "comm", "chattts-server\n")
-    write(procfs.root / "4000" / "cgroup", LAYOUTS["v2 systemd containerd"][0])
-    write(procfs.root / "4001" / "comm", "python\n")
-    write(procfs.root / "4001" / "cgroup", LAYOUTS["not in a container"][0])
+    procfs.add_process(4000, "chattts-server", LAYOUTS["v2 systemd containerd"][0])
+    procfs.add_process(4001, "python", LAYOUTS["not in a container"][0])
     attributor = ProcessAttributor(procfs.root)
     who = attributor.lookup([4000, 4001, 4999])  # 4999 exited before we looked: empty labels, no error
     assert who[4000].comm == "chattts-server" and (who[4000].container_id, who[4000].pod_uid) == (CID, UID)
     assert who[4001].container_id == "" and who[4999].comm == ""
-    (procfs.root / "4000" / "comm").write_text("renamed\n")
+    procfs.add_process(4000, "renamed", LAYOUTS["v2 systemd containerd"][0])
     assert attributor.lookup([4000])[4000].comm == "chattts-server"  # cached while the pid lives
     attributor.lookup([])  # 4000 exited: forgotten
     assert attributor.lookup([4000])[4000].comm == "renamed"
 
 
+def test_process_name_is_not_cut_at_15_characters(procfs):
+    """psutil completes the kernel's 15-character comm from the command line."""
+    procfs.add_process(4000, "chattts-inference-server", LAYOUTS["v2 docker"][0])
+    assert (procfs.root / "4000" / "comm").read_text() == "chattts-inferen\n"
+    assert ProcessAttributor(procfs.root).lookup([4000])[4000].comm == "chattts-inference-server"
+
+
+@pytest.mark.parametrize("damage", ["stat", "cgroup", "fifo"])
+def test_a_process_with_unreadable_files_gets_empty_labels(procfs, damage):
+    procfs.add_process(4000, "tts", LAYOUTS["v2 docker"][0])
+    target = procfs.root / "4000" / ("stat" if damage != "cgroup" else "cgroup")
+    target.unlink()
+    if damage == "fifo":
+        os.mkfifo(target)
+    else:
+        target.write_bytes(b"\xff garbage (")
+    assert ProcessAttributor(procfs.root).lookup([4000])[4000] == ProcessIdentity()
+
+
 def test_process_series_appear_and_vanish_with_labels(procfs):
-    write(procfs.root / "4000" / "comm", "chattts-server\n")
-    write(procfs.root / "4000" / "cgroup", LAYOUTS["v1 cgroupfs kubepods"][0])
+    procfs.add_process(4000, "chattts-server", LAYOUTS["v1 cgroupfs kubepods"][0])
     fake = FakeNvml(2)
     fake.set_processes(0, [(4000, 3 * 2**30), (7777, None)])
     fake.set_processes(1, [])
@@ -148,7 +263,7 @@ def test_process_series_appear_and_vanish_with_labels(procfs):
     for reader in s.nvml.gpus:
         reader._last_refresh.clear()  # skip the 1 s refresh wait
     s.tick()
-    assert families(s)["gpu_process_memory_used_bytes"].samples == []
+    assert "gpu_process_memory_used_bytes" not in families(s)  # an empty family is not rendered at all
 
 
 def test_processes_collector_can_be_switched_off(procfs):
@@ -157,9 +272,9 @@ def test_processes_collector_can_be_switched_off(procfs):
     from exporter.sources.procfs import ProcfsSource
 
     fake = FakeNvml(1)
-    s = Sampler(NvmlSource(fake, "fake", collect_processes=False), ProcfsSource(procfs.root))
+    s = Sampler(NvmlSource(fake, "fake", collectors=ALL_COLLECTORS - {"processes"}), ProcfsSource(procfs.root))
     s.tick()
-    assert families(s)["gpu_process_memory_used_bytes"].samples == []
+    assert "gpu_process_memory_used_bytes" not in families(s)
     assert fake.calls["nvmlDeviceGetComputeRunningProcesses"] == 0
 
 
@@ -175,4 +290,5 @@ def test_cgroup_and_shm_families(tmp_path, procfs):
     assert fams["cgroup_cpu_limit_cores"].samples[0].value == 1.5
     st = os.statvfs(shm_dir)
     assert fams["host_shm_size_bytes"].samples[0].value == st.f_blocks * st.f_frsize
-    assert read_shm(str(tmp_path / "missing")) is None
+    with pytest.raises(OSError):
+        read_shm(str(tmp_path / "missing"))  # the sampler counts and logs it (test_faults.py)

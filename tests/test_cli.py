@@ -8,8 +8,11 @@ import sys
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exporter.cli import env_name, parse_duration
+from exporter.durations import MAX_CHARS
 from tests.conftest import REPO, http_get
 
 
@@ -21,7 +24,24 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--sample.interval=-1s"], "invalid duration"),
+    (["--sample.interval=-1s"], "--sample.interval '-1s': invalid duration '-1s': must not be negative"),
+    (["--sample.interval", "-1s"], "--sample.interval '-1s': invalid duration '-1s': must not be negative"),
+    (["--sample.interval", "200"], "missing unit"),  # was 200 s
+    (["--sample.interval", "1" * 15000 + "x"], "longer than 64 characters"),
+    (["--history.window", "1" * 60 + "y"], "longer than 292 years"),
+    (["--history.window", "24h"], "at most 18000"),  # a day at 200 ms: 432 000 rows
+    (["--fake-gpus", "65"], "at most 64 simulated GPUs"),
+    (["--fake-gpus", "1", "--fake-mig", "4g.40gb,4g.40gb"], "8 compute slices and 80 GB do not fit"),
+    (["--fake-gpus", "1", "--fake-mig", "3g.40gb,3g.40gb,1g.10gb"], "7 compute slices and 90 GB do not fit"),
+    (["--fake-gpus", "1", "--fake-mig", "5g.50gb"], "not an H100 80GB profile"),
+    (["--fake-mig", "1g.10gb"], "--fake-mig needs --fake-gpus"),
+    (["--web.telemetry-path", "/"], "taken by the exporter"),
+    (["--web.telemetry-path", "/healthz"], "taken by the exporter"),
+    (["--web.telemetry-path", "/api/v1/samples"], "taken by the exporter"),
+    (["--web.telemetry-path", "/api/v1/diagnosis"], "taken by the exporter"),
+    (["--web.telemetry-path", "/my metrics"], "without spaces"),
+    (["--web.telemetry-path", "/metrics?x=1"], "without spaces, ? or #"),
+    (["--cgroup.path", "/no/such/cgroup-here"], "--cgroup.path '/no/such/cgroup-here': no cgroup"),
     (["--sample.interval", "5ms"], "below the 10ms minimum"),
     (["--sample.interval", "fast"], "invalid duration"),
     (["--web.listen-address", "nonsense"], "--web.listen-address"),
@@ -32,7 +52,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["--log.level", "loud"], "--log.level"),
     (["--web.telemetry-path", "metrics"], "--web.telemetry-path"),
     (["--no-such-flag"], "unrecognized arguments"),
-    (["--web.max-connections", "0"], "--web.max-connections must be at least 1"),
+    (["--web.max-connections", "0"], "--web.max-connections '0': must be at least 1"),
     (["--web.config.file", "/nonexistent/web.yml"], "cannot read /nonexistent/web.yml"),
     (["--fake-churn", "1s"], "--fake-churn needs --fake-gpus"),
     (["--kubernetes.pod-resources-socket", "", "--kubernetes.pod-labels"], "--kubernetes.pod-labels needs"),
@@ -45,9 +65,35 @@ def test_bad_flags_exit_2_with_one_line(args, needle):
     assert "Traceback" not in r.stderr
 
 
-def test_bad_value_from_environment_is_reported_too():
-    r = run_cli(env={"GPU_EXPORTER_SAMPLE_INTERVAL": "1ms"})
-    assert r.returncode == 2 and "below the 10ms minimum" in r.stderr
+@pytest.mark.parametrize("env,needle", [
+    ({"GPU_EXPORTER_SAMPLE_INTERVAL": "1ms"}, "GPU_EXPORTER_SAMPLE_INTERVAL='1ms' (--sample.interval): below the 10ms"),
+    ({"GPU_EXPORTER_FAKE_GPUS": "lots"}, "GPU_EXPORTER_FAKE_GPUS='lots' (--fake-gpus): not an integer"),
+    ({"GPU_EXPORTER_WEB_TELEMETRY_PATH": "/healthz"}, "GPU_EXPORTER_WEB_TELEMETRY_PATH='/healthz'"),
+    ({"GPU_EXPORTER_COLLECTOR_PROCESSES": "off"}, "GPU_EXPORTER_COLLECTOR_PROCESSES='off' (--collector.processes)"),
+    ({"GPU_EXPORTER_COLLECTOR_PROCESSES": "ture"}, "want one of true, 1, yes, false, 0, no"),
+])
+def test_bad_value_from_environment_names_the_variable(env, needle):
+    r = run_cli(env=env)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_the_command_line_wins_over_the_environment_and_is_named():
+    r = run_cli("--sample.interval", "2ms", env={"GPU_EXPORTER_SAMPLE_INTERVAL": "200ms"})
+    assert r.returncode == 2 and "--sample.interval '2ms': below" in r.stderr and "GPU_EXPORTER" not in r.stderr
+
+
+def test_a_fifo_as_proc_stat_is_refused_at_once(tmp_path):
+    """open() of a FIFO without a writer blocks forever: start-up must not."""
+    procfs = tmp_path / "proc"
+    procfs.mkdir()
+    import os
+
+    os.mkfifo(procfs / "stat")
+    started = time.monotonic()
+    r = run_cli("--path.procfs", str(procfs))  # run_cli's own timeout (20 s) bounds a hang
+    assert time.monotonic() - started < 15
+    assert r.returncode == 2 and "not a regular file" in r.stderr
 
 
 def test_port_in_use_exits_2():
@@ -63,8 +109,51 @@ def test_port_in_use_exits_2():
 
 def test_helpers():
     assert env_name("--web.listen-address") == "GPU_EXPORTER_WEB_LISTEN_ADDRESS"
-    assert parse_duration("200ms") == pytest.approx(0.2)
-    assert parse_duration("1m") == 60 and parse_duration("0.5") == 0.5
+
+
+@pytest.mark.parametrize("text,seconds", [
+    ("200ms", 0.2), ("0.5s", 0.5), ("1m", 60), ("1m30s", 90), ("500us", 0.0005), ("500\u00b5s", 0.0005),
+    ("1d", 86400), ("1w", 7 * 86400), ("1y", 365 * 86400), ("1h2m3s4ms", 3723.004), ("1.5h", 5400), ("0", 0),
+    ("250ns", 250e-9), (" 2s ", 2.0),
+])
+def test_parse_duration_prometheus_and_go_forms(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text,why", [
+    ("200", "missing unit"), ("0.5", "missing unit"), ("-1s", "must not be negative"), ("1s1m", "largest to smallest"),
+    ("1m1m", "largest to smallest"), ("1x", "unknown unit"), ("1e3s", "unknown unit"), ("", "empty"),
+    ("s", "want e.g."),
+    ("1..5s", "want e.g."), ("1 s", "unknown unit"), ("inf", "want e.g."), ("9" * 40 + "y", "longer than 292 years"),
+    ("1" * (MAX_CHARS + 1) + "s", "longer than 64 characters"),
+])
+def test_parse_duration_says_what_is_wrong(text, why):
+    with pytest.raises(ValueError, match=why):
+        parse_duration(text)
+
+
+def test_parse_duration_rejects_15000_digits_at_once():
+    """The issue's attack: ~15 000 digits and a bad character took 4.7 s of GIL here with the old regex."""
+    text = "1" * 15_000 + "x"
+    started = time.perf_counter()
+    for _ in range(1000):
+        with pytest.raises(ValueError):
+            parse_duration(text)
+    assert time.perf_counter() - started < 1.0  # 1000 rejections; each was seconds
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=200) | st.text(alphabet=st.sampled_from("0123456789.smhdwyun\u00b5 -"), max_size=80))
+def test_parse_duration_fuzzed(text):
+    """Any text: a non-negative number of seconds or ValueError, nothing else, in bounded time."""
+    started = time.perf_counter()
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        assert len(str(exc)) < 300  # never echoes an unbounded input
+    else:
+        assert 0 <= value < 2**63 / 1e9
+    assert time.perf_counter() - started < 0.5  # generous: the machine may be loaded
 
 
 @pytest.mark.e2e

@@ -20,7 +20,8 @@ def wait_for(predicate, timeout: float = 5.0) -> bool:
 
 
 def xid_series(s) -> dict[tuple[str, str], float]:
-    return {(x.labels["gpu"], x.labels["xid"]): x.value for x in families(s)["gpu_xid_errors"].samples
+    fam = families(s).get("gpu_xid_errors")  # absent until the first XID: an empty family is not rendered
+    return {(x.labels["gpu"], x.labels["xid"]): x.value for x in (fam.samples if fam else ())
             if x.name.endswith("_total")}
 
 

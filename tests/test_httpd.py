@@ -3,6 +3,7 @@ deadline (slowloris), idle timeout, connection cap with eviction, write timeout,
 4xx for every kind of bad request. Raw sockets, 127.0.0.1 only, every loop bounded."""
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ class App:
         self.delay = delay
 
     def inline(self, request: Request) -> Response | None:
-        return Response(200, b"inline\n") if request.path == "/fast" else None
+        return Response(200, b"inline\n") if request.path in ("/fast", "/healthz") else None
 
     def handle(self, request: Request) -> Response:
         time.sleep(self.delay)
@@ -32,8 +33,8 @@ class App:
 def serve():
     servers = []
 
-    def start(app: App | None = None, **limits) -> HttpServer:
-        server = HttpServer(bind("127.0.0.1:0"), app or App(), Limits(**limits))
+    def start(app: App | None = None, tls=None, **limits) -> HttpServer:
+        server = HttpServer(bind("127.0.0.1:0"), app or App(), Limits(**limits), tls=lambda: tls)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return server
@@ -108,7 +109,7 @@ def test_keep_alive_serves_many_requests_on_one_connection(serve):
             while not data.endswith(b"ok\n"):
                 data += s.recv(4096)
             assert status_of(data) == 200
-        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\nConnection: close\r\n\r\n")
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         both = read_until_closed(s)  # pipelined: answered in order
     assert both.count(b"HTTP/1.1 200") == 2 and both.endswith(b"inline\n")
 
@@ -133,16 +134,42 @@ def test_at_the_connection_cap_the_oldest_idle_then_the_oldest_slow_connection_m
         s.close()
 
 
-def test_when_every_connection_is_busy_a_new_one_gets_503(serve):
-    server = serve(App(delay=1.0), max_connections=2)
+def test_when_every_connection_is_busy_only_health_gets_in_then_new_ones_get_503(serve):
+    server = serve(App(delay=1.5), max_connections=2, reserve_connections=1)
     busy = [connect(server) for _ in range(2)]
     for s in busy:
         s.sendall(GOOD)
     time.sleep(0.3)
-    assert status_of(ask(server, GOOD)) == 503
+    assert status_of(ask(server, GOOD)) == 503  # a reserved place answers the probe path only
+    assert status_of(ask(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")) == 200
+    with connect(server) as holder:  # takes the one reserved place...
+        time.sleep(0.2)
+        assert status_of(ask(server, GOOD)) == 503  # ...so the next is refused outright
     assert all(status_of(read_until_closed(s)) == 200 for s in busy)
     assert server.stats.closed["connection_limit"] == 1
     for s in busy:
+        s.close()
+
+
+def test_health_is_answered_when_pipelining_clients_that_never_read_fill_the_cap(serve):
+    """Defect 10: each of these clients pipelines requests for a large page and never reads, so every
+    connection is busy writing. They are the first to go for a newcomer, and /healthz gets in."""
+    server = serve(App(body=b"x" * 2_000_000), max_connections=8, reserve_connections=0, write_timeout_s=30)
+    hogs = []
+    for _ in range(8):
+        s = connect(server)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 20)
+        hogs.append(s)
+    deadline = time.monotonic() + 10
+    while sum(c.stalled for c in list(server._connections)) < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for _ in range(5):
+        t0 = time.monotonic()
+        assert status_of(ask(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) == 200
+        assert time.monotonic() - t0 < 5
+    assert server.stats.closed["evicted"] >= 1 and server.stats.closed["connection_limit"] == 0
+    for s in hogs:
         s.close()
 
 
@@ -161,7 +188,7 @@ def test_request_cap_refuses_at_once_and_health_is_never_refused(serve):
     for t in threads:
         t.start()
     time.sleep(0.3)
-    assert status_of(ask(server, b"GET /fast HTTP/1.1\r\nConnection: close\r\n\r\n")) == 200  # inline: not capped
+    assert status_of(ask(server, b"GET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) == 200  # inline: not capped
     for t in threads:
         t.join(10)
     ok = [e for s, e in results if s == 200]
@@ -197,22 +224,24 @@ def test_threads_stay_bounded_under_many_connections(serve):
 
 
 @pytest.mark.parametrize("raw, status", [
-    (b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431),
-    (b"GET /metrics HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
-    (b"GET /" + b"a" * 17_000 + b" HTTP/1.1\r\n\r\n", 431),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+    (b"GET /" + b"a" * 17_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n", 400),  # TLS to a plain port
     (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),  # HTTP/2 prior knowledge: we speak 1.1
-    (b"GET /metrics HTTP/1.2\r\n\r\n", 505),
+    (b"GET /metrics HTTP/1.2\r\nHost: x\r\n\r\n", 505),
     (b"GET /metrics\r\n\r\n", 400),  # HTTP/0.9
-    (b"GET  /metrics HTTP/1.1\r\n\r\n", 400),
-    (b"G(T /metrics HTTP/1.1\r\n\r\n", 400),
-    (b"GET metrics HTTP/1.1\r\n\r\n", 400),
-    (b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", 400),
-    (b"GET /metrics HTTP/1.1\r\nX-A: b\r\n  folded\r\n\r\n", 400),
-    (b"GET /metrics HTTP/1.1\r\nBad Name: x\r\n\r\n", 400),
-    (b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", 405),
-    (b"GET /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", 413),
-    (b"GET /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 413),
+    (b"GET  /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"G(T /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET metrics HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # asterisk form is for OPTIONS only
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
+    (b"GET /metrics HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),  # two Hosts
+    (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 405),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 413),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 413),
 ])
 def test_bad_requests_get_a_4xx_and_the_server_goes_on(serve, raw, status):
     server = serve()
@@ -224,24 +253,31 @@ def test_bad_requests_get_a_4xx_and_the_server_goes_on(serve, raw, status):
 
 def test_head_http10_and_half_close(serve):
     server = serve()
-    head = ask(server, b"HEAD /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+    head = ask(server, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status_of(head) == 200 and b"Content-Length: 3\r\n" in head and head.endswith(b"\r\n\r\n")
     assert ask(server, b"GET /metrics HTTP/1.0\r\n\r\n").endswith(b"ok\n")  # 1.0: answered, then closed
     with connect(server) as s:
-        s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         s.shutdown(socket.SHUT_WR)  # like `printf ... | nc -N`
         assert read_until_closed(s).endswith(b"ok\n")
 
 
+_HEAD_PARTS = st.sampled_from([b"GET ", b"HEAD ", b"OPTIONS ", b"/", b"*", b"http://h/p?q", b" HTTP/1.1",
+                                b" HTTP/1.0", b"\r\n", b"\n", b"Host: x", b":", b" ", b"\t", b"%00", b"\x00",
+                                b"\xff", b"Connection: close", b"Content-Length: 0"])
+
+
 @settings(max_examples=400, deadline=None)
-@given(st.binary(max_size=300) | st.text(max_size=300).map(lambda t: t.encode("utf-8")))
+@given(st.binary(max_size=300) | st.text(max_size=300).map(lambda t: t.encode("utf-8"))
+       | st.lists(_HEAD_PARTS, max_size=40).map(b"".join))
 def test_parse_head_only_ever_raises_bad_request(head):
     try:
-        request = parse_head(head, "-", 100)
+        request = parse_head(head, "-")
     except BadRequest as exc:
         assert 400 <= exc.status < 600
     else:
-        assert request.method and request.target.startswith("/")
+        assert request.method and request.version in ("HTTP/1.0", "HTTP/1.1")
+        assert request.path.startswith("/") or (request.path == "*" and request.method == "OPTIONS")
 
 
 def test_concurrent_scrapes_of_one_snapshot_share_one_render():
@@ -278,3 +314,218 @@ def test_serves_on_ipv6_loopback():
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- HTTP details h11 gets right (issue #13's smaller ones)
+
+def test_bare_lf_absolute_form_and_options_are_answered(serve):
+    server = serve()
+    assert status_of(ask(server, b"GET /metrics HTTP/1.1\nHost: x\nConnection: close\n\n")) == 200  # no hang
+    absolute = ask(server, b"GET http://x/fast?a=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(absolute) == 200 and absolute.endswith(b"inline\n")
+    options = ask(server, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(options) == 200 and b"Allow: GET, HEAD, OPTIONS\r\n" in options
+
+
+def test_http10_keep_alive_gets_its_answer_and_the_connection_ends(serve):
+    server = serve(idle_timeout_s=30)
+    with connect(server) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        s.settimeout(3)  # h11 answers 1.0 with Connection: close and closes: no wait for the idle timeout
+        t0 = time.monotonic()
+        data = read_until_closed(s)
+    assert status_of(data) == 200 and data.endswith(b"ok\n") and b"Connection: close" in data
+    assert time.monotonic() - t0 < 3
+
+
+def test_an_exception_while_answering_closes_that_connection_and_is_logged(serve, caplog):
+    """Defect 4: a header value h11 cannot encode used to leave every connection hanging."""
+    server = serve(idle_timeout_s=30, header_timeout_s=30)
+    server.extra_headers = lambda: (("X-Quote", "\u201cq\u201d"),)
+    with connect(server) as s, caplog.at_level("ERROR", logger="exporter.server"):
+        s.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert closed_within(s, 3.0)
+    assert server.stats.closed["internal_error"] == 1
+    assert any("error answering GET /fast" in r.getMessage() for r in caplog.records)
+    server.extra_headers = lambda: ()
+    assert status_of(ask(server, GOOD)) == 200  # the server itself goes on
+
+
+def test_background_work_runs_off_the_loop(serve):
+    """Defect 8: reloads (YAML, certificates, bcrypt) block; /healthz must not wait for them."""
+    threads = []
+
+    def slow_reload() -> None:
+        threads.append(threading.current_thread().name)
+        time.sleep(1.5)
+
+    server = HttpServer(bind("127.0.0.1:0"), App(), Limits(), background=slow_reload)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 5
+        while not threads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        assert status_of(ask(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) == 200
+        assert time.monotonic() - t0 < 1.0  # answered while the reload still sleeps
+        assert threads[0].startswith("http-background")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- TLS inside the connection (defect 2)
+
+@pytest.fixture(scope="module")
+def tls_context(tmp_path_factory):
+    import ssl
+    import subprocess
+
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-keyout", str(d / "k"), "-out", str(d / "c")],
+                   check=True, capture_output=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(d / "c", d / "k")
+    return ctx
+
+
+def tls_wrap(server: HttpServer):
+    from testkit.loadgen import tls_client_context
+
+    return tls_client_context().wrap_socket(connect(server), server_hostname="127.0.0.1")
+
+
+def test_handshaking_connections_count_against_the_cap_and_the_header_deadline(serve, tls_context):
+    server = serve(tls=tls_context, max_connections=4, reserve_connections=0, header_timeout_s=0.5)
+    silent = [connect(server) for _ in range(4)]  # TCP only, never a ClientHello
+    deadline = time.monotonic() + 3
+    while server.stats.open_connections < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.stats.open_connections == 4  # admitted (and counted) before any handshake
+    with tls_wrap(server) as s:  # the cap is full of handshaking ones: the oldest makes room
+        s.sendall(GOOD)
+        assert status_of(read_until_closed(s)) == 200
+    assert server.stats.closed["evicted"] >= 1
+    assert all(closed_within(s, 3.0) for s in silent[1:])  # the head deadline covers the handshake
+    assert server.stats.closed["header_timeout"] >= 3
+    for s in silent:
+        s.close()
+
+
+def test_tls_half_closed_client_gets_its_answer(serve, tls_context):
+    server = serve(tls=tls_context)
+    with tls_wrap(server) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(5)
+        # the TCP half-close of `printf 'GET ...' | openssl s_client -ign_eof`: no more data will come
+        socket.socket.shutdown(s, socket.SHUT_WR)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except (OSError, ValueError):
+            pass
+    assert status_of(data) == 200 and data.endswith(b"ok\n")
+
+
+def test_bad_tls_is_a_closed_connection_not_a_stuck_one(serve, tls_context):
+    server = serve(tls=tls_context)
+    answer = ask(server, GOOD)  # plain HTTP to the TLS port
+    assert not answer.startswith(b"HTTP/1.1 200")
+    assert server.stats.closed["tls_error"] == 1
+    with tls_wrap(server) as s:
+        s.sendall(GOOD)
+        assert status_of(read_until_closed(s)) == 200
+
+
+# -- fair password-check queue (defect 3)
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["push", "pop"]), st.integers(0, 5)), max_size=200),
+       st.integers(1, 8))
+def test_fair_queue_is_bounded_and_a_flood_only_pushes_itself_out(ops, capacity):
+    from exporter.fairqueue import FairQueue
+
+    q: FairQueue[tuple[int, int]] = FairQueue(capacity)
+    waiting: dict[int, list[tuple[int, int]]] = {}
+    for n, (op, key) in enumerate(ops):
+        if op == "push":
+            lengths = {k: len(v) for k, v in waiting.items()}
+            dropped = q.push(key, (key, n))
+            waiting.setdefault(key, []).append((key, n))
+            if dropped is not None:
+                waiting[dropped[0]].remove(dropped)
+                # whoever lost a place belongs to a key at least as long as the newcomer's
+                assert lengths.get(dropped[0], 0) + (dropped[0] == key) >= lengths.get(key, 0) + 1
+        else:
+            item = q.pop()
+            if item is not None:
+                waiting[item[0]].remove(item)
+                assert item == min(waiting[item[0]] + [item], key=lambda i: i[1])  # FIFO within a key
+        assert len(q) == sum(map(len, waiting.values())) <= capacity
+
+
+def test_fair_queue_serves_keys_in_turn():
+    from exporter.fairqueue import FairQueue
+
+    q: FairQueue[str] = FairQueue(64)
+    for i in range(20):
+        q.push("flood", f"guess{i}")
+    q.push("scraper", "login")
+    served = [q.pop() for _ in range(3)]
+    assert "login" in served[:2]  # after at most one of the flood's, not after all twenty
+
+
+# -- /api/v1/samples (defect 7)
+
+def test_samples_share_one_render_per_window_for_a_second_and_cap_renders(mocker, clock):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from exporter.history import SampleHistory
+    from exporter.server import _SharedRenders
+
+    history = SampleHistory(60, 1.0)
+    slow = threading.Event()
+    real_query = history.query_json
+
+    def query(window: float) -> bytes:
+        slow.wait(2)
+        return real_query(window)
+
+    spy = mocker.patch.object(history, "query_json", side_effect=query)
+    cache = _SharedRenders(history.query_json, renders=1, name="samples", max_age_s=1.0, clock=clock)
+    with ThreadPoolExecutor(12) as pool:
+        same = [pool.submit(cache.get, 30.0) for _ in range(10)]
+        time.sleep(0.2)
+        other = pool.submit(cache.get, 10.0)  # a second window while the only render slot is taken
+        time.sleep(0.2)
+        slow.set()
+        bodies = {f.result() for f in same}
+        assert other.result() is None  # refused at once, not queued
+    assert len(bodies) == 1 and spy.call_count == 1
+    clock.advance(0.9)
+    assert cache.get(30.0) in bodies and spy.call_count == 1  # still fresh: shared
+    clock.advance(0.2)
+    assert cache.get(30.0) is not None and spy.call_count == 2  # a second old: rendered anew
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=600) | st.lists(st.sampled_from(["window=", "&", "=", "1", "9", "s", "m", "%", "ff", ";"]),
+                                        max_size=300).map("".join))
+def test_window_param_only_ever_raises_value_error_and_stays_short(query):
+    from exporter.server import window_param
+
+    try:
+        window = window_param(query, "60s")
+    except ValueError:
+        return
+    assert len(window) <= 32
+
+
+def test_samples_json_is_the_documented_document(procfs):
+    from tests.test_liveview import sampled_history
+
+    history, _ = sampled_history(procfs, ticks=30)
+    for window in (0.05, 0.45, 2.0):
+        assert json.loads(history.query_json(window)) == history.query(window)

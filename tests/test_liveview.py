@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from exporter.fake_nvml import FakeNvml
 from exporter.history import GPU_FIELDS, SampleHistory
 from exporter.sources.nvml.specs import MEMORY_USED_RATIO, TENSOR_ACTIVE, UTILIZATION
-from tests.conftest import ManualClock, find_tool, http_get, make_sampler
+from tests.conftest import FakeProcfs, ManualClock, find_tool, http_get, make_sampler
 
 
 def sampled_history(procfs, ticks: int, window: float = 2.0, interval: float = 0.1):
@@ -32,11 +35,11 @@ def sampled_history(procfs, ticks: int, window: float = 2.0, interval: float = 0
 def test_api_shape_and_values_match_what_the_fake_produced(procfs):
     history, snaps = sampled_history(procfs, ticks=10)
     doc = history.query(0.45)  # rows newer than last - 0.45 s: the last 5 ticks, 0.1 s apart
-    assert doc["interval_seconds"] == 0.1 and len(doc["t"]) == 5
+    assert doc["interval_seconds"] == 0.1 and len(doc["t"]) == 5 and doc["history_seconds"] == 2.0
     assert doc["t"] == sorted(doc["t"]) and len(doc["host_cpu_utilization"]) == 5
     assert [g["gpu"] for g in doc["gpus"]] == ["0", "1"]
     for g in doc["gpus"]:
-        assert g["name"] == "NVIDIA H100 80GB HBM3" and g["uuid"].startswith("GPU-")
+        assert g["name"] == "NVIDIA H100 80GB HBM3" and g["uuid"].startswith("GPU-") and g["mig"] is False
         for f in GPU_FIELDS:
             assert len(g[f]) == 5, f
     last5 = snaps[-5:]
@@ -83,15 +86,35 @@ def chromium(args: list[str], tmp_path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-@pytest.fixture
-def live_exporter(exporter_proc):
-    p = exporter_proc("--fake-gpus", "2", "--sample.interval", "100ms")
-    deadline = time.monotonic() + 10
+def screenshot(url: str, name: str, tmp_path) -> Path:
+    """A PNG of the page; GPU_EXPORTER_SCREENSHOTS=docs/img writes the documentation's pictures."""
+    shot = Path(os.environ.get("GPU_EXPORTER_SCREENSHOTS") or tmp_path) / name
+    r = chromium([f"--screenshot={shot.resolve()}", url], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    return shot
+
+
+def started(exporter_proc, *args: str, samples: int = 10):
+    p = exporter_proc(*args)
+    deadline = time.monotonic() + 15
     while time.monotonic() < deadline:  # some history to draw
-        if len(json.loads(http_get(p.url + "/api/v1/samples?window=60s")[2])["t"]) >= 10:
+        status, _, body = http_get(p.url + "/api/v1/samples?window=10s")
+        if status != 200 or len(json.loads(body)["t"]) >= samples:
             break
         time.sleep(0.2)
     return p
+
+
+@pytest.fixture
+def live_exporter(exporter_proc):
+    return started(exporter_proc, "--fake-gpus", "2", "--sample.interval", "100ms", samples=30)
+
+
+def dom(url: str, tmp_path) -> str:
+    r = chromium(["--dump-dom", url], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
 
 
 @pytest.mark.e2e
@@ -105,6 +128,88 @@ def test_page_draws_every_gpu_in_a_real_browser(live_exporter, tmp_path):
     status = re.search(r'<span id="status"[^>]*>([^<]*)<', dom).group(1)
     assert re.fullmatch(r"\d+ samples every 100 ms", status), status
     assert 'href="/metrics"' in dom and 'href="/healthz"' in dom
-    shot = tmp_path / "live-view.png"
-    r = chromium([f"--screenshot={shot}", live_exporter.url + "/"], tmp_path)
-    assert r.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+    screenshot(live_exporter.url + "/", "live-view.png", tmp_path)
+
+
+@pytest.mark.e2e
+def test_findings_panel_axes_and_threshold_lines(live_exporter, tmp_path):
+    page = dom(live_exporter.url + "/", tmp_path)
+    findings = re.search(r'<section id="findings"[^>]*data-first="([a-z_]+)"', page)
+    assert findings, page[:3000]
+    api = json.loads(http_get(live_exporter.url + "/api/v1/diagnosis?window=60s")[2])
+    assert re.findall(r'<li data-rule="([a-z_]+)"', page)[:1] == [api["findings"][0]["rule"]]
+    # threshold lines, labelled, on the GPU charts only; a time axis on every chart
+    gpu_canvas = re.search(r'<section class="gpu" data-gpu="0">.*?<canvas ([^>]*)>', page, re.S).group(1)
+    assert 'data-lines="40 % starved (utilisation),90 % saturated (PCIe)"' in gpu_canvas
+    host_canvas = re.search(r'<canvas id="host-canvas" ([^>]*)>', page).group(1)
+    assert 'data-lines=""' in host_canvas
+    for canvas in (gpu_canvas, host_canvas):
+        assert 'data-ticks="\u221260 s,\u221250 s,\u221240 s,\u221230 s,\u221220 s,\u221210 s,now"' in canvas, canvas
+    assert re.findall(r'<button data-w="(\d+)"', page) == ["60", "300"]  # the default 5 min history
+
+
+class BusyHost:
+    """A --path.procfs whose CPU is 95 % busy, advanced every 20 ms while the page is open."""
+
+    def __init__(self, root: Path) -> None:
+        self.procfs = FakeProcfs(root)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.02):
+            self.procfs.advance(busy=[19, 19], idle=[1, 1])  # more often than the sampler reads
+
+
+@pytest.mark.e2e
+def test_a_diagnosis_in_the_browser(exporter_proc, tmp_path):
+    """The README's opening picture: a GPU starved by a busy host CPU, named at the top of the page."""
+    host = BusyHost(tmp_path / "proc")
+    try:
+        p = started(exporter_proc, "--fake-gpus", "2", "--fake-scenario", "starved", "--sample.interval", "100ms",
+                    "--path.procfs", str(host.procfs.root), "--no-collector.processes", "--history.window", "15s",
+                    "--path.cgroupfs", str(tmp_path), "--path.shm", str(tmp_path), samples=100)
+        page = dom(p.url + "/", tmp_path)
+        assert 'data-first="cpu_starvation"' in page
+        assert "host CPU ≥ 90 % during" in page and "num_workers 4 → 8" in page
+        screenshot(p.url + "/", "diagnosis.png", tmp_path)
+    finally:
+        host.stop.set()
+
+
+@pytest.mark.e2e
+def test_notice_when_history_is_off(exporter_proc, tmp_path):
+    p = exporter_proc("--fake-gpus", "1", "--history.window", "0")
+    page = dom(p.url + "/", tmp_path)
+    notice = re.search(r'<section id="notices" class="notice">([^<]*)<', page)
+    assert notice and notice.group(1).startswith("History is off (--history.window=0)"), page[:3000]
+    assert "<button" not in page.split("<script>")[0]  # no window to choose
+
+
+@pytest.mark.e2e
+def test_notice_when_no_gpu_is_found(exporter_proc, tmp_path):
+    p = started(exporter_proc, "--fake-gpus", "0", "--sample.interval", "100ms", samples=3)
+    page = dom(p.url + "/", tmp_path)
+    notice = re.search(r'<section id="notices" class="notice">([^<]*)<', page)
+    assert notice and notice.group(1).startswith("No GPU found"), page[:3000]
+    assert 'data-first="no_gpu"' in page and 'data-gpus="0"' in page
+
+
+@pytest.mark.e2e
+def test_mig_gpu_says_utilisation_is_not_supported(exporter_proc, tmp_path):
+    p = started(exporter_proc, "--fake-gpus", "1", "--fake-mig", "3g.40gb,1g.10gb", "--sample.interval", "100ms")
+    page = dom(p.url + "/", tmp_path)
+    stat = re.search(r'<section class="gpu" data-gpu="0">.*?<div class="stat">([^<]*)<', page, re.S).group(1)
+    assert stat == "utilisation not supported under MIG (memory and PCIe still shown)"
+    screenshot(p.url + "/", "live-view-mig.png", tmp_path)
+
+
+@pytest.mark.e2e
+def test_window_buttons_never_ask_for_more_than_kept(exporter_proc, tmp_path):
+    p = started(exporter_proc, "--fake-gpus", "1", "--sample.interval", "100ms", "--history.window", "30s")
+    page = dom(p.url + "/", tmp_path)
+    assert re.findall(r'<button data-w="(\d+)"', page) == ["30"]
+    assert 'class="on"' in re.search(r'<button data-w="30"[^>]*>', page).group(0)
+    status = re.search(r'<span id="status"[^>]*>([^<]*)<', page).group(1)
+    assert re.fullmatch(r"\d+ samples every 100 ms", status), status  # not "error: ... HTTP 400"

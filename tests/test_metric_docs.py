@@ -5,7 +5,10 @@ from __future__ import annotations
 import re
 import time
 
+import pynvml
+
 from exporter.collector import SnapshotCollector
+from exporter.collectors import ALL as ALL_COLLECTORS
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 from exporter.pods import PodCollector
 from exporter.sources.kubelet import ContainerRef, PodResources
@@ -58,6 +61,8 @@ def test_every_emitted_family_is_documented_and_every_documented_metric_exists(p
     pods.append(PodResources(up=True, holders=((s.snapshot.gpus[1].identity.uuid,
                                                  (ContainerRef("tts", "synth-0", "model"),)),)))
     fake.emit_xid(1, 79)
+    # One failed call, so exporter_errors_total has a series (an empty family is not rendered).
+    fake.inject("nvmlDeviceGetTemperature", gpu=1, error=pynvml.NVML_ERROR_UNKNOWN, times=1)
     deadline = time.monotonic() + 5
     while not s.nvml.xid_counts() and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -66,7 +71,8 @@ def test_every_emitted_family_is_documented_and_every_documented_metric_exists(p
         s.tick()
         procfs.advance(busy=[10, 20], idle=[90, 80])
     # Everything main() registers that renders the snapshot: the snapshot collector inside the pod one.
-    fams = list(PodCollector(SnapshotCollector(lambda: s.snapshot), lambda: s.snapshot, False).collect())
+    fams = list(PodCollector(SnapshotCollector(lambda: s.snapshot, collectors=ALL_COLLECTORS), lambda: s.snapshot,
+                             False).collect())
     s.stop()
     emitted = {exposed(m.name, m.type): m.type for m in fams if m.samples}
     assert len(emitted) > 40

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import pynvml
 import pytest
 
+from exporter.collectors import ALL as ALL_COLLECTORS
 from exporter.collector import SnapshotCollector
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 from exporter.sampler import Sampler
@@ -117,7 +118,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[FakeBackend | StubBacken
 
 @pytest.fixture
 def source(backend) -> Iterator[NvmlSource]:
-    src = NvmlSource(backend.nvml, "real")
+    src = NvmlSource(backend.nvml, "real", collectors=ALL_COLLECTORS)
     src.poll(0.0)
     assert src.status.up, src.status.message
     yield src
@@ -296,7 +297,8 @@ def by_gpu(fams: dict, name: str, **match: str) -> dict[str, float]:
 
 def ticks(backend, procfs, n: int = 3, **source: Any) -> Sampler:
     """A sampler on the backend's clock, ticked n times 200 ms apart (GPM needs pairs >= 100 ms apart)."""
-    s = Sampler(NvmlSource(backend.nvml, "real", clock=backend.clock, **source), ProcfsSource(procfs.root),
+    s = Sampler(NvmlSource(backend.nvml, "real", clock=backend.clock, **{"collectors": ALL_COLLECTORS, **source}),
+                ProcfsSource(procfs.root),
                 interval=0.2, clock=backend.clock)
     for i in range(n):
         if i:
@@ -340,7 +342,8 @@ def test_nvlink_rates_from_the_field_counters_sum_and_per_link(backend, procfs):
     with_links = specs.GPU_SCALARS + specs.NVLINK_PER_LINK_SCALARS  # --collector.nvlink-per-link
     s = ticks(backend, procfs, specs=with_links)
     try:
-        fams = {m.name: m for m in SnapshotCollector(lambda: s.snapshot, specs=with_links).collect()}
+        fams = {m.name: m for m in SnapshotCollector(lambda: s.snapshot, specs=with_links,
+                                                      collectors=ALL_COLLECTORS).collect()}
         total = "gpu_nvlink_throughput_bytes_per_second"
         assert by_gpu(fams, total, direction="tx") == {"0": pytest.approx(4 * 2**30, rel=1e-4)}  # GPU 1: no NVLink
         assert by_gpu(fams, total, direction="rx") == {"0": pytest.approx(8 * 2**30, rel=1e-4)}

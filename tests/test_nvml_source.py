@@ -6,6 +6,7 @@ import time
 import pynvml
 import pytest
 
+from exporter import collectors as registry
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 from exporter.sources.nvml import GpuReader, NvmlSource
 from exporter.sources.nvml.reader import REOPEN_BACKOFF_S
@@ -171,7 +172,9 @@ def test_pcie_fallback_uses_blocking_call_off_the_read_path(clock):
         return blocking(device, counter)
 
     fake.nvmlDeviceGetPcieThroughput = recording
-    r = open_reader(fake)
+    src = NvmlSource(fake, "fake", clock=fake.clock, collectors=registry.DEFAULT - {"nvlink"})  # NVLink reads
+    src.poll(0.0)  # fields too (per-link counters); only PCIe's one call is counted here
+    r = src.gpus[0]
     r.read()  # discovers the counters are unsupported and starts the fallback thread
     import time
 

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from exporter.collector import SnapshotCollector
+from exporter.collectors import ALL as ALL_COLLECTORS
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 from exporter.pods import PodCollector
 from exporter.sources.kubelet import ContainerRef, PodResources, PodResourcesPoller
@@ -41,7 +42,7 @@ def setup(procfs):
 
 
 def collect(sampler, gpu_series=False) -> dict:
-    inner = SnapshotCollector(lambda: sampler.snapshot)
+    inner = SnapshotCollector(lambda: sampler.snapshot, collectors=ALL_COLLECTORS)
     return {m.name: m for m in PodCollector(inner, lambda: sampler.snapshot, gpu_series).collect()}
 
 

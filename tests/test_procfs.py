@@ -1,9 +1,16 @@
 from __future__ import annotations
 
-from hypothesis import given, settings
+import os
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.sources.procfs import CpuTimes, ProcfsSource, parse_meminfo, parse_proc_stat, utilization
+from exporter.sources.kernfile import MAX_BYTES, KernelFile, read_once
+from exporter.sources.procfs import CpuTimes, ProcfsSource, parse_proc_stat, utilization
+from tests.conftest import MEMINFO, FakeProcfs
 
 
 def test_parse_proc_stat_aggregate_and_cores():
@@ -56,6 +63,21 @@ def test_source_per_core_and_hotplug(procfs):
     assert r.errors == ()
 
 
+def test_a_cpu_offlined_in_the_middle_keeps_the_others_numbers(procfs):
+    """Why /proc/stat is not read through psutil: its per-CPU list has no CPU numbers, so with cpu1 of
+    cpu0..cpu2 offline, cpu2 would come back as "1" and be compared with cpu1's counters."""
+    def write(cores):
+        lines = [f"cpu  {sum(b for b, _ in cores.values())} 0 0 {sum(i for _, i in cores.values())} 0 0 0 0 0 0"]
+        lines += [f"cpu{n} {b} 0 0 {i} 0 0 0 0 0 0" for n, (b, i) in cores.items()]
+        (procfs.root / "stat").write_text("\n".join(lines) + "\nintr 1\n")
+
+    src = ProcfsSource(procfs.root)
+    write({0: (100, 900), 1: (500, 500), 2: (10, 990)})
+    src.read()
+    write({0: (110, 990), 2: (100, 1000)})  # cpu1 offline; cpu0 10 % busy, cpu2 90 % busy since
+    assert dict(src.read().core_utilization) == {"0": pytest.approx(0.1), "2": pytest.approx(0.9)}
+
+
 def test_missing_and_truncated_files_are_errors_not_exceptions(procfs):
     src = ProcfsSource(procfs.root)
     (procfs.root / "stat").write_text("cpu")  # truncated mid-line
@@ -65,15 +87,73 @@ def test_missing_and_truncated_files_are_errors_not_exceptions(procfs):
     assert set(r.errors) == {"stat", "meminfo"}
 
 
-def test_parse_meminfo_units():
-    m = parse_meminfo("MemTotal: 2 kB\nHugePages_Total: 3\nbroken line\nX:\n")
-    assert m == {"MemTotal": 2048, "HugePages_Total": 3}
+def test_memory_through_psutil_in_kib_and_estimated_without_memavailable(procfs):
+    src = ProcfsSource(procfs.root)
+    r = src.read()
+    assert (r.memory_total_bytes, r.memory_available_bytes) == (16384000 * 1024, 8192000 * 1024)
+    # A kernel before 3.14 has no MemAvailable: psutil estimates it (here from MemFree), no error.
+    (procfs.root / "meminfo").write_text("MemTotal: 2048 kB\nMemFree: 1024 kB\n")
+    r = src.read()
+    assert (r.memory_total_bytes, r.memory_available_bytes, r.errors) == (2048 * 1024, 1024 * 1024, ())
+    (procfs.root / "meminfo").write_text("MemTotal: 2048 kB\nMemFree:\n")  # truncated mid-line
+    assert src.read().errors == ("meminfo",)
+
+
+def test_procfs_files_are_read_only_by_their_own_source(procfs, tmp_path):
+    """psutil.PROCFS_PATH is global: each source sets its own before reading."""
+    other = FakeProcfs(tmp_path / "other")
+    (other.root / "meminfo").write_text(MEMINFO.replace("16384000", "1000"))
+    a, b = ProcfsSource(procfs.root), ProcfsSource(other.root)
+    assert (a.read().memory_total_bytes, b.read().memory_total_bytes, a.read().memory_total_bytes) == (
+        16384000 * 1024, 1000 * 1024, 16384000 * 1024)
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from("cpu0123456789 -\nabx:kB"), max_size=400))
-def test_parsers_never_raise_on_garbage(text):
+def test_proc_stat_parser_never_raises_on_garbage(text):
     for times in parse_proc_stat(text).values():
         assert 0 <= times.busy <= times.total
-    for value in parse_meminfo(text).values():
-        assert value >= 0
+
+
+PROC_FILE_TEXT = st.one_of(
+    st.binary(max_size=2000),
+    st.text(alphabet=st.sampled_from("cpu0123456789 -+_.\n\tMemTotalAvailbFrkB:\u00b2"), max_size=2000).map(str.encode),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stat=PROC_FILE_TEXT, meminfo=PROC_FILE_TEXT)
+def test_source_survives_arbitrary_bytes_in_its_files(procfs, stat, meminfo):
+    """Hostile or truncated /proc files: never an exception, never a value out of range, bounded time."""
+    src = ProcfsSource(procfs.root)
+    src.read()
+    (procfs.root / "stat").write_bytes(stat)
+    (procfs.root / "meminfo").write_bytes(meminfo)
+    started = time.monotonic()
+    r = src.read()
+    assert time.monotonic() - started < 1.0
+    assert set(r.errors) <= {"stat", "meminfo"}
+    for value in [r.cpu_utilization] + [v for _, v in r.core_utilization]:
+        assert value is None or 0 <= value <= 1
+    assert (r.memory_total_bytes is None) == ("meminfo" in r.errors)
+
+
+def test_a_fifo_or_a_device_is_refused_without_blocking(procfs):
+    os.unlink(procfs.root / "stat")
+    os.mkfifo(procfs.root / "stat")
+    os.unlink(procfs.root / "meminfo")
+    os.mkfifo(procfs.root / "meminfo")
+    done = []
+    t = threading.Thread(target=lambda: done.append(ProcfsSource(procfs.root).read()), daemon=True)
+    t.start()
+    t.join(5)  # bounded: a blocking open would never return (no writer ever comes)
+    assert done and set(done[0].errors) == {"stat", "meminfo"}
+    with pytest.raises(OSError, match="not a regular file"):
+        read_once("/dev/zero")  # endless: refused before a byte is read
+
+
+def test_an_oversized_file_is_an_error_not_a_memory_blowup(tmp_path):
+    big = tmp_path / "stat"
+    big.write_bytes(b"cpu  1 2 3 4\n" + b"x" * (MAX_BYTES + 1))
+    with pytest.raises(OSError, match="larger than"):
+        KernelFile(big).read()

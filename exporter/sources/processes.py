@@ -1,4 +1,5 @@
-"""Who a GPU process is: its command name and container/pod, from the (host's) procfs.
+"""Who a GPU process is: its name (psutil) and container/pod (its cgroup file, which psutil does not
+parse), from the (host's) procfs.
 
 NVML reports host PIDs; with hostPID (DaemonSet) or a shared PID namespace (sidecar) they are visible
 under --path.procfs. A process that exits between NVML's list and this read simply gets empty labels
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Iterable
 
 from exporter.sources.cgroup import container_of, parse_proc_cgroup
+from exporter.sources.kernfile import check_regular, read_once
+from exporter.sources.procfs import psutil_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +26,7 @@ class ProcessIdentity:
 class ProcessAttributor:
     def __init__(self, procfs: str | Path = "/proc") -> None:
         self._procfs = Path(procfs)
+        self._root = str(procfs)
         self._cache: dict[int, ProcessIdentity] = {}
 
     def lookup(self, pids: Iterable[int]) -> dict[int, ProcessIdentity]:
@@ -41,9 +45,12 @@ class ProcessAttributor:
     def _read(self, pid: int) -> ProcessIdentity | None:
         base = self._procfs / str(pid)
         try:
-            comm = (base / "comm").read_text().strip()
-            cgroups = parse_proc_cgroup((base / "cgroup").read_text())
-        except (OSError, UnicodeDecodeError):
-            return None  # exited, or not visible from this PID namespace
+            # psutil open()s these itself: refuse a FIFO or device first, or the read would block the tick.
+            check_regular(base / "stat")
+            check_regular(base / "cmdline")  # read for names the kernel cut at 15 characters
+            name = psutil_at(self._root).Process(pid).name()
+            cgroups = parse_proc_cgroup(read_once(base / "cgroup"))
+        except Exception:  # exited, not visible from this PID namespace, or files psutil cannot parse
+            return None
         container, pod = container_of(cgroups)
-        return ProcessIdentity(comm, container, pod)
+        return ProcessIdentity(name, container, pod)

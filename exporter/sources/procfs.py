@@ -2,13 +2,26 @@
 
 Utilisation is busy/total over the *delta* between two reads of /proc/stat; the since-boot average that
 a single read gives is exactly the figure that hides jitter.
+
+Memory comes from psutil. CPU times do not: psutil.cpu_times(percpu=True) returns a list in file order
+without the CPU numbers, so with a CPU offlined in the middle (cpu1 of cpu0..cpu3) every later core would
+be labelled one too low and its delta taken against another core's counters; it also fails the whole read
+on one malformed line and needs a second read of the file for the aggregate (31 us a tick against 16 us
+here). /proc/stat is read by hand below, keyed by the kernel's own CPU numbers.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
-from exporter.sources.kernfile import KernelFile
+import psutil
+
+from exporter.sources.kernfile import KernelFile, check_regular
+
+# We report total and available only; psutil warns (once, on stderr) when fields we do not use are missing.
+warnings.filterwarnings("ignore", message=r".*memory stats couldn't be determined", category=RuntimeWarning)
 
 # /proc/stat cpu columns: user nice system idle iowait irq softirq steal guest guest_nice.
 # guest and guest_nice are already counted inside user and nice, so they are left out of the total.
@@ -42,7 +55,7 @@ def parse_proc_stat(text: str) -> dict[str, CpuTimes]:
             continue
         parts = line.split()
         label = parts[0][3:]
-        if label and not label.isdigit():
+        if label and not (label.isascii() and label.isdigit()):
             continue
         try:
             values = [int(v) for v in parts[1 : 1 + _SUMMED_COLUMNS]]
@@ -67,27 +80,21 @@ def utilization(prev: CpuTimes | None, cur: CpuTimes) -> float | None:
     return d_busy / d_total
 
 
-def parse_meminfo(text: str) -> dict[str, int]:
-    """`/proc/meminfo` fields in bytes (the file says kB, meaning KiB)."""
-    fields: dict[str, int] = {}
-    for line in text.splitlines():
-        name, sep, rest = line.partition(":")
-        if not sep:
-            continue
-        parts = rest.split()
-        if not parts or not parts[0].isdigit():
-            continue
-        scale = 1024 if len(parts) > 1 and parts[1] == "kB" else 1
-        fields[name.strip()] = int(parts[0]) * scale
-    return fields
+def psutil_at(procfs: str) -> ModuleType:
+    """psutil reading under `procfs`. PROCFS_PATH is psutil's one global, read on every call: set it before
+    each use (every reader runs on the sampler thread, and in production all share one procfs)."""
+    psutil.PROCFS_PATH = procfs
+    return psutil
 
 
 class ProcfsSource:
     """Reads /proc/stat and /proc/meminfo; keeps the previous CPU times to compute deltas."""
 
     def __init__(self, procfs: str | Path = "/proc") -> None:
+        self._root = str(procfs)
         self._stat = KernelFile(Path(procfs) / "stat")
-        self._meminfo = KernelFile(Path(procfs) / "meminfo")
+        self._meminfo = Path(procfs) / "meminfo"
+        self._zoneinfo = Path(procfs) / "zoneinfo"  # psutil's fallback where MemAvailable is missing
         self._prev: dict[str, CpuTimes] = {}
 
     def read(self) -> HostReading:
@@ -98,7 +105,7 @@ class ProcfsSource:
             times = parse_proc_stat(self._stat.read())
             if "all" not in times:
                 raise ValueError("no aggregate cpu line")
-        except (OSError, ValueError, UnicodeDecodeError):
+        except (OSError, ValueError):
             errors.append("stat")
             times = {}
         for label, cur in times.items():
@@ -115,9 +122,16 @@ class ProcfsSource:
 
         total = available = None
         try:
-            mem = parse_meminfo(self._meminfo.read())
-            total = mem["MemTotal"]
-            available = mem.get("MemAvailable")
-        except (OSError, KeyError, UnicodeDecodeError):
+            total, available = self._memory()
+        except Exception:  # psutil parsing a file under a user-given path: any failure is "unreadable"
             errors.append("meminfo")
         return HostReading(cpu, tuple(cores), total, available, tuple(errors))
+
+    def _memory(self) -> tuple[int, int]:
+        """(MemTotal, available) in bytes; available is psutil's estimate where MemAvailable is missing."""
+        # psutil open()s the files itself: refuse a FIFO or device first, or the read would block the tick.
+        check_regular(self._meminfo)
+        if self._zoneinfo.exists():
+            check_regular(self._zoneinfo)
+        memory = psutil_at(self._root).virtual_memory()
+        return memory.total, memory.available

@@ -13,9 +13,7 @@ class ShmReading:
     used_bytes: int
 
 
-def read_shm(path: str) -> ShmReading | None:
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
+def read_shm(path: str) -> ShmReading:
+    """statvfs of the mount; OSError when it is not there (the sampler counts and logs it)."""
+    st = os.statvfs(path)
     return ShmReading(path, st.f_blocks * st.f_frsize, (st.f_blocks - st.f_bfree) * st.f_frsize)

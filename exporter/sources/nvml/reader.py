@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any, Callable
 
+from exporter import collectors as registry
 from exporter.sources.gpm import GpmReader, GpmReaders
 from exporter.sources.nvml.errors import (
     DENIED_ERRORS,
@@ -69,12 +70,18 @@ class GpuReader:
     another. GPM state is the read thread's own (a GpmReaders passed to read())."""
 
     def __init__(self, nvml: Any, index: int, pcie_fallback: BlockingPcieThroughput, *,
-                 specs: tuple[GpuScalar, ...] = GPU_SCALARS, collect_processes: bool = True,
+                 specs: tuple[GpuScalar, ...] = GPU_SCALARS, collectors: frozenset[str] = registry.DEFAULT,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.nvml = nvml
         self.index = index
         self.identity = GpuIdentity(index, "", "", "", None)
-        self.collect_processes = collect_processes
+        # A disabled collector's rows and calls are never made (collectors.py).
+        self.collect_processes = "processes" in collectors
+        self._collect_mig = "mig" in collectors
+        self._collect_clock_events = bool({"clock-events", "clock-event-state"} & collectors)
+        self._collect_ecc = "ecc" in collectors
+        self._collect_remapped_rows = bool({"ecc", "row-remap"} & collectors)
+        specs = registry.rows_enabled(collectors, specs)
         self._specs = specs
         # Split once by source: the read is on every tick.
         self._called = tuple((s, s.source) for s in specs if isinstance(s.source, NvmlCall))
@@ -326,13 +333,15 @@ class GpuReader:
             if prev is not None and at > prev[1] and joules >= prev[0] and POWER_FROM_ENERGY in self._specs:
                 scalars[POWER_FROM_ENERGY] = (joules - prev[0]) / (at - prev[1])  # none across a driver reload
             self._energy_prev = (joules, at)
-        v["clock_event_reasons"] = self._query(_CLOCK_EVENT_REASONS)
-        mig = self._read_mig()
+        if self._collect_clock_events:
+            v["clock_event_reasons"] = self._query(_CLOCK_EVENT_REASONS)
+        mig = self._read_mig() if self._collect_mig else None
         if mig is not None:
             v["mig"] = mig
         elif self.collect_processes:  # with MIG on, processes are listed per MIG device instead
             v["processes"] = self._read_processes()
-        v.update(self._read_health())
+        if self._collect_ecc or self._collect_remapped_rows:
+            v.update(self._read_health())
 
     def _read_mig(self) -> tuple[MigReading, ...] | None:
         """MIG devices with their memory and processes; None when MIG mode is off or unsupported.
@@ -378,10 +387,10 @@ class GpuReader:
         for error, etype in (("corrected", nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
                              ("uncorrected", nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED)):
             for scope, ctype in (("volatile", nvml.NVML_VOLATILE_ECC), ("aggregate", nvml.NVML_AGGREGATE_ECC)):
-                n = self._call("nvmlDeviceGetTotalEccErrors", etype, ctype, key="ecc")
+                n = self._call("nvmlDeviceGetTotalEccErrors", etype, ctype, key="ecc") if self._collect_ecc else None
                 if n is not None:
                     ecc.append(((error, scope), int(n)))
-        rows = self._call("nvmlDeviceGetRemappedRows")
+        rows = self._call("nvmlDeviceGetRemappedRows") if self._collect_remapped_rows else None
         self._health = {"ecc_errors": tuple(ecc) if ecc else None,
                         "remapped_rows": tuple(int(x) for x in rows) if rows is not None else None}
         return self._health

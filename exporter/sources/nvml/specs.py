@@ -123,13 +123,14 @@ MEMORY_USED_RATIO = GpuScalar(
 SAMPLE_BUFFER_SECONDS = GpuScalar(
     "gpu_sample_buffer_seconds", "gauge",
     "How far back the driver's utilisation sample buffer reached at start-up: the longest --sample.interval "
-    "that loses no sample (nvmlDeviceGetSamples).", STATEFUL)
+    "that loses no sample (nvmlDeviceGetSamples).", STATEFUL, collector="sample-buffer")
 ENERGY = GpuScalar(
     "gpu_energy_joules", "counter", "Energy consumed since driver load (nvmlDeviceGetTotalEnergyConsumption).",
     NvmlCall("nvmlDeviceGetTotalEnergyConsumption"), _milli)
 POWER_FROM_ENERGY = GpuScalar(
     "gpu_power_from_energy_watts", "gauge",
-    "Average power over the last sampling interval: energy counter delta / time delta.", STATEFUL)
+    "Average power over the last sampling interval: energy counter delta / time delta.", STATEFUL,
+    collector="power-from-energy")  # rate(gpu_energy_joules_total) gives the same: off by default
 
 PCIE_REPLAY_ERRORS = GpuScalar(
     "gpu_pcie_replay_errors", "counter", "PCIe replays since driver load (nvmlDeviceGetPcieReplayCounter).",

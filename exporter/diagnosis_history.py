@@ -1,0 +1,72 @@
+"""The diagnosis from the exporter's own full-resolution history: GET /api/v1/diagnosis?window=5m."""
+from __future__ import annotations
+
+import json
+
+from exporter.diagnosis import DEFAULT_THRESHOLDS, GpuWindow, Thresholds, Window, diagnose, report
+from exporter.history import SampleHistory
+from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS
+
+
+def _reason_shares(bits: list[float | None]) -> dict[str, float]:
+    """clock event bitmask per tick -> share of the ticks each reason was active."""
+    seen = [int(b) for b in bits if b is not None]
+    if not seen:
+        return {}
+    return {name: sum(1 for b in seen if b & bit) / len(seen) for bit, name in CLOCK_EVENT_REASONS}
+
+
+def _measured(series: list[float | None]) -> list[float | None] | None:
+    """None for a series with no value at all (not measured: the GPM rules stay silent)."""
+    return series if any(v is not None for v in series) else None
+
+
+def _late_share(t: list[float], interval: float, late_intervals: float) -> float | None:
+    """Share of scheduled ticks that came late (gap over late_intervals) or were skipped, from row times."""
+    if len(t) < 2:
+        return None
+    late = scheduled = 0
+    for a, b in zip(t, t[1:]):
+        slots = max(1, round((b - a) / interval))
+        scheduled += slots
+        if b - a > late_intervals * interval:
+            late += slots - 1 if slots > 1 else 1
+    return late / scheduled
+
+
+def window_from_history(history: SampleHistory, window_s: float, th: Thresholds = DEFAULT_THRESHOLDS) -> Window:
+    cols = history.columns(window_s)
+    snap = cols.latest
+    xids_now: dict[str, list[int]] = {}
+    for (index, code), _ in snap.xid_errors if snap else ():
+        xids_now.setdefault(str(index), []).append(code)
+    gpus = []
+    for gpu, s in cols.gpus.items():
+        xids = [v for v in s["xid_errors"] if v is not None]
+        gpus.append(GpuWindow(
+            gpu=gpu, name=cols.names.get(gpu, ("", ""))[1], mig=gpu in cols.mig,
+            utilization=s["utilization"], memory_used_ratio=s["memory_used_ratio"],
+            pcie_tx=s["pcie_tx_utilization"], pcie_rx=s["pcie_rx_utilization"],
+            clock_events=_reason_shares(s["clock_event_reasons"]), health=s["health"],
+            xid_events=int(xids[-1] - xids[0]) if xids else 0, xid_codes=tuple(sorted(xids_now.get(gpu, ()))),
+            sm_active=_measured(s["sm_active"]), tensor_active=_measured(s["tensor_active"]),
+            dram_active=_measured(s["dram_active"]),
+        ))
+    shm = snap.shm if snap else None
+    covered = cols.t[-1] - cols.t[0] + history.interval_s if cols.t else 0.0
+    return Window(
+        seconds=round(min(window_s, covered), 3), interval_s=history.interval_s, host_cpu=cols.host["host_cpu_utilization"],
+        cgroup_throttled=cols.host["cgroup_cpu_throttled_ratio"], gpus=tuple(gpus),
+        shm_path=shm.path if shm else None, shm_size_bytes=shm.size_bytes if shm else None,
+        shm_used_bytes=shm.used_bytes if shm else None,
+        sampler_late_share=_late_share(cols.t, history.interval_s, th.sampler_late_intervals),
+        nvml_message="" if gpus or snap is None else snap.nvml.message)
+
+
+def diagnosis_json(history: SampleHistory, window_s: float) -> bytes:
+    """The body of GET /api/v1/diagnosis for a window already checked by the server and capped to the
+    history kept (the window actually covered is less while the history fills)."""
+    w = window_from_history(history, window_s)
+    doc = report(w, diagnose(w))
+    doc.update(requested_seconds=window_s, history_seconds=history.window_s)
+    return json.dumps(doc, separators=(",", ":")).encode()

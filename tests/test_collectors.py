@@ -1,0 +1,171 @@
+"""Collectors you can switch (exporter/collectors.py): each switch removes its families and the NVML calls
+behind them; the registry, --help and README's flag table agree."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from exporter import collectors as registry
+from exporter.cli import parse_config
+from exporter.collector import SnapshotCollector
+from exporter.environment import env_name
+from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from exporter.pods import PodCollector
+from exporter.sources.cgroup import CgroupSource
+from exporter.sources.kubelet import ContainerRef, PodResources
+from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
+from tests.conftest import REPO, ManualClock, make_sampler
+from tests.test_cgroup_processes import v2_tree
+
+SPECS = GPU_SCALARS + NVLINK_PER_LINK_SCALARS  # what main() passes: each row is kept or dropped by its collector
+# NVML functions only a group of collectors needs: with all of the group off, none is called.
+OWN_CALLS: dict[frozenset[str], tuple[str, ...]] = {
+    frozenset({"ecc"}): ("nvmlDeviceGetTotalEccErrors",),
+    frozenset({"ecc", "row-remap"}): ("nvmlDeviceGetRemappedRows",),
+    frozenset({"clock-events", "clock-event-state"}): ("nvmlDeviceGetCurrentClocksEventReasons",),
+    frozenset({"processes"}): ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses",
+                               "nvmlDeviceGetProcessUtilization"),
+    frozenset({"mig"}): ("nvmlDeviceGetMigMode", "nvmlDeviceGetMaxMigDeviceCount",
+                         "nvmlDeviceGetMigDeviceHandleByIndex"),
+    frozenset({"gpm", "nvlink", "nvlink-per-link"}): ("nvmlGpmSampleGet", "nvmlGpmMetricsGet"),
+}
+
+
+def exposed(m) -> str:
+    return m.name + "_total" if m.type == "counter" else m.name
+
+
+def run(tmp_path, procfs, on: frozenset[str]) -> tuple[dict, Counter]:
+    """A few ticks of 3 fake GPUs (GPU 0 in MIG mode), a cgroup, /dev/shm and a kubelet answer, with the
+    collectors `on`: (exposed family -> samples, NVML calls made)."""
+    clock = ManualClock()
+    fake = FakeNvml(specs=[FakeGpuSpec(mig_profiles=("3g.40gb", "1g.10gb")), FakeGpuSpec(), FakeGpuSpec()],
+                    clock=clock)
+    root = tmp_path / f"cgroup-{len(on)}-{hash(on)}"
+    v2_tree(root, "/tts", 2_000_000, 100, 25, 400_000)
+    pods: list[PodResources] = []
+    s = make_sampler(fake, procfs.root, clock=clock, collectors=on, specs=SPECS,
+                     cgroup=CgroupSource(root, path="/tts") if "cgroup" in on else None,
+                     shm_path=str(tmp_path) if "shm" in on else None,
+                     pods=(lambda: pods[0] if pods else None) if "pod-info" in on else None)
+    try:
+        s.tick()
+        pods.append(PodResources(up=True, holders=((s.snapshot.gpus[1].identity.uuid,
+                                                     (ContainerRef("tts", "synth-0", "model"),)),)))
+        for _ in range(12):  # 2.4 s of fake time: GPM pairs, PCIe rates, a 1 s process refresh
+            clock.advance(0.2)
+            procfs.advance(busy=[10, 20], idle=[90, 80])
+            s.tick()
+        fake.nvmlDeviceGetCurrentClocksEventReasons = lambda h: 0x4  # sw_power_cap, so its counter shows
+        clock.advance(0.2)
+        procfs.advance(busy=[10, 20], idle=[90, 80])
+        s.tick()
+        inner = SnapshotCollector(lambda: s.snapshot, specs=SPECS, collectors=on)
+        top = PodCollector(inner, lambda: s.snapshot, False) if "pod-info" in on else inner
+        fams = {exposed(m): m.samples for m in top.collect()}
+    finally:
+        s.stop()
+    return fams, Counter(fake.calls)
+
+
+@pytest.fixture(scope="module")
+def everything(tmp_path_factory):
+    from tests.conftest import FakeProcfs
+
+    tmp = tmp_path_factory.mktemp("all")
+    return run(tmp, FakeProcfs(tmp / "proc"), registry.ALL)
+
+
+@pytest.mark.parametrize("collector", registry.COLLECTORS, ids=lambda c: c.name)
+def test_each_switch_removes_its_families_and_no_other(collector, everything, tmp_path, procfs):
+    fams_on, calls_on = everything
+    fams_off, calls_off = run(tmp_path, procfs, registry.ALL - {collector.name})
+    for name in collector.families:
+        assert fams_on.get(name), f"{name} is not produced with every collector on: the test proves nothing"
+        assert name not in fams_off, f"--no-collector.{collector.name} still exports {name}"
+    # Every other family is still there (a family listed under two collectors goes with either).
+    assert set(fams_on) - set(collector.families) == set(fams_off)
+    # Switching a collector off never costs NVML calls (with mig off, a MIG GPU's processes are listed on
+    # the GPU itself instead of per instance: fewer calls, not none).
+    assert sum(calls_off.values()) <= sum(calls_on.values()), collector.name
+
+
+@pytest.mark.parametrize("group", OWN_CALLS, ids=lambda g: "+".join(sorted(g)))
+def test_a_switched_off_collector_makes_no_nvml_calls_for_its_families(group, everything, tmp_path, procfs):
+    _, calls_on = everything
+    _, calls_off = run(tmp_path, procfs, registry.ALL - group)
+    for function in OWN_CALLS[group]:
+        assert calls_on[function] > 0, f"{function} is not called with every collector on"
+        assert calls_off[function] == 0, f"{function} called with {sorted(group)} off"
+
+
+def test_spec_rows_of_a_disabled_collector_are_not_read(tmp_path, procfs):
+    """A spec row (specs.py) names its collector; off, its NVML call is not made."""
+    _, calls = run(tmp_path, procfs, registry.DEFAULT)
+    assert "gpu_sample_buffer_seconds" not in registry.DEFAULT  # a STATEFUL row: nothing of its own to call
+    for spec in SPECS:
+        if spec.collector not in registry.ALWAYS_ON and spec.collector not in registry.DEFAULT:
+            shared = [s for s in SPECS if s.source is spec.source and registry.enabled(registry.DEFAULT,
+                                                                                          s.collector)]
+            function = getattr(spec.source, "function", None)
+            if function and not shared:
+                assert calls[function] == 0, spec.name
+
+
+def test_registry_names_every_spec_collector_and_documented_families():
+    names = [c.name for c in registry.COLLECTORS]
+    assert len(names) == len(set(names))
+    assert not set(names) & set(registry.ALWAYS_ON)
+    for spec in SPECS:
+        assert registry.enabled(registry.ALL, spec.collector)  # KeyError for an unregistered name
+    with pytest.raises(KeyError):
+        registry.enabled(registry.ALL, "no-such-collector")
+    docs = (REPO / "docs" / "metrics.md").read_text()
+    for c in registry.COLLECTORS:
+        for family in c.families:
+            assert f"`{family}`" in docs, f"{family} ({c.name}) is not in docs/metrics.md"
+
+
+def test_flags_and_environment_switch_collectors(procfs):
+    base = ["--path.procfs", str(procfs.root)]
+    assert parse_config(base).collectors == registry.DEFAULT
+    cfg = parse_config(base + ["--collector.ecc", "--no-collector.processes"])
+    assert cfg.collectors == (registry.DEFAULT | {"ecc"}) - {"processes"}
+
+
+def test_environment_variables_switch_collectors(monkeypatch, procfs):
+    monkeypatch.setenv(env_name("--collector.ecc"), "true")
+    monkeypatch.setenv(env_name("--collector.pcie-histograms"), "0")
+    cfg = parse_config(["--path.procfs", str(procfs.root)])
+    assert "ecc" in cfg.collectors and "pcie-histograms" not in cfg.collectors
+    # The command line wins over the environment.
+    assert "ecc" not in parse_config(["--path.procfs", str(procfs.root), "--no-collector.ecc"]).collectors
+
+
+def test_a_bad_environment_value_is_one_line_and_exit_2(procfs):
+    env_var = env_name("--collector.ecc")
+    r = subprocess.run([sys.executable, "-m", "exporter", "--path.procfs", str(procfs.root)], cwd=REPO,
+                       capture_output=True, text=True, timeout=30,
+                       env={"PATH": "/usr/bin:/bin", env_var: "maybe"})
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and env_var in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_lists_every_collector_with_its_default():
+    r = subprocess.run([sys.executable, "-m", "exporter", "--help"], cwd=REPO, capture_output=True, text=True,
+                       timeout=30)
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    for c in registry.COLLECTORS:
+        assert f"--collector.{c.name}, --no-collector.{c.name}" in text
+        assert f"[{env_name('--collector.' + c.name)}] (default: {'on' if c.default else 'off'})" in text
+
+
+def test_readme_flag_table_equals_the_registry():
+    rows = re.findall(r"^\| `--\[no-\]collector\.([a-z-]+)` \| `([A-Z_]+)` \| (on|off) \|",
+                      (REPO / "README.md").read_text(), flags=re.M)
+    assert rows == [(c.name, env_name(f"--collector.{c.name}"), "on" if c.default else "off")
+                    for c in registry.COLLECTORS]

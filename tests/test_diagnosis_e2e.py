@@ -1,0 +1,267 @@
+"""Each scenario, end to end: real exporter processes (fake GPUs driven by --fake-scenario; host CPU,
+CPU quota and /dev/shm from files and a tmpfs the test makes) → /api/v1/diagnosis of each process, and a
+real Prometheus scraping them all → `gpu-telemetry-exporter diagnose` names the same finding first, and
+says when the fake TTS service's RTF crossed 0.7 and which finding coincides."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import REPO, ExporterProcess, FakeProcfs, PrometheusServer, free_port, http_get, stop_process
+from tests.test_cgroup_processes import v2_tree
+
+pytestmark = pytest.mark.e2e
+SHM_MIB = 64  # Docker's default /dev/shm
+WINDOW = "20s"
+
+
+def small_shm(mountpoint: Path) -> tuple[tuple[str, ...], str]:
+    """(command prefix, --path.shm) for a 64 MiB shared-memory mount: the machine's own /dev/shm where it
+    is that small (Docker's default, where namespaces are often not allowed), else a tmpfs of that size in
+    the exporter's own mount namespace (a user namespace makes that work unprivileged)."""
+    st = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
+    if st and st.f_blocks * st.f_frsize <= SHM_MIB * 1024 * 1024:
+        return (), "/dev/shm"
+    unshare = shutil.which("unshare")
+    assert unshare, "unshare (util-linux) is needed to give the exporter a small tmpfs as /dev/shm"
+    script = f'mount -t tmpfs -o size={SHM_MIB}m tmpfs "$0" && exec "$@"'
+    return (unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script, str(mountpoint)), str(mountpoint)
+
+
+class Writers:
+    """Advances the fake /proc/stat and cgroup cpu.stat counters every 50 ms until stopped."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.jobs: list = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        k = 0
+        while not self.stop.wait(0.05):
+            k += 1
+            for job in self.jobs:
+                job(k)
+
+
+class Scenarios:
+    EXPECTED = {  # name -> (--fake-scenario, host condition, first finding)
+        "healthy": ("healthy", None, "nothing_abnormal"),
+        "cpu-starved": ("starved", "host-busy", "cpu_starvation"),
+        "cpu-quota": ("starved", "quota", "cpu_quota_throttled"),
+        "pcie": ("pcie-saturated", None, "pcie_saturated"),
+        "throttled": ("throttled", None, "clocks_throttled"),
+        "near-oom": ("near-oom", None, "near_oom"),
+        "shm": ("healthy", "small-shm", "shm_too_small"),
+    }
+
+    def __init__(self, tmp: Path) -> None:
+        self.writers = Writers()
+        self.exporters: dict[str, ExporterProcess] = {}
+        self.tts: subprocess.Popen | None = None
+        self.prom: PrometheusServer | None = None
+        try:
+            self._start(tmp)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, tmp: Path) -> None:
+        for name, (scenario, host, _) in self.EXPECTED.items():
+            d = tmp / name
+            procfs = FakeProcfs(d / "proc")
+            (d / "cgroup").mkdir()
+            (d / "shm").mkdir()
+            args = ["--fake-gpus", "1", "--fake-scenario", scenario, "--sample.interval", "100ms",
+                    "--no-collector.processes", "--path.procfs", str(procfs.root),
+                    "--path.cgroupfs", str(d / "cgroup"), "--path.shm", str(d / "shm")]
+            busy = host == "host-busy"
+            self.writers.jobs.append(lambda k, p=procfs, busy=busy: p.advance(
+                busy=[5, 5] if busy else [1, 1], idle=[0, 0] if busy else [4, 4]))
+            if host == "quota":
+                v2_tree(d / "cgroup", "/tts", 0, 0, 0, 0)
+                args += ["--cgroup.path", "/tts"]
+                self.writers.jobs.append(lambda k, root=d / "cgroup": v2_tree(
+                    root, "/tts", k * 40_000, k * 5, k * 4, k * 30_000))
+            prefix: tuple[str, ...] = ()
+            if host == "small-shm":
+                prefix, args[-1] = small_shm(d / "shm")
+            self.exporters[name] = ExporterProcess(*args, prefix=prefix)
+        self.writers.thread.start()
+        tts_port = free_port()
+        self.tts = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_tts.py"), "--port", str(tts_port),
+                                     "--seconds", "300", "--spike-after", "12"], cwd=REPO)
+        self.prom = PrometheusServer(tmp / "prom", {
+            "gpu": [f"127.0.0.1:{p.port}" for p in self.exporters.values()], "tts": [f"127.0.0.1:{tts_port}"]})
+        self.prom.wait_for('up{job="gpu"} == 1', timeout=60, min_results=len(self.exporters))
+        self.prom.wait_for(f'count_over_time(gpu_up[1m]) >= 22', timeout=90, min_results=len(self.exporters))
+
+    def close(self) -> None:
+        self.writers.stop.set()
+        if self.prom:
+            self.prom.stop()
+        if self.tts:
+            stop_process(self.tts)
+        for p in self.exporters.values():
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory) -> Iterator[Scenarios]:
+    s = Scenarios(tmp_path_factory.mktemp("diag"))
+    yield s
+    s.close()
+
+
+def diagnose_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "exporter", "diagnose", *args], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+
+
+def summary(findings: list[dict]) -> str:
+    return "; ".join(f"{f['rule']} {f['score']}: {f['evidence']}" for f in findings)
+
+
+@pytest.mark.parametrize("name", Scenarios.EXPECTED)
+def test_scenario_named_by_the_live_endpoint(scenarios, name):
+    p = scenarios.exporters[name]
+    status, headers, body = http_get(p.url + f"/api/v1/diagnosis?window={WINDOW}")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    doc = json.loads(body)
+    assert doc["findings"][0]["rule"] == Scenarios.EXPECTED[name][2], summary(doc["findings"])
+
+
+@pytest.mark.parametrize("name", Scenarios.EXPECTED)
+def test_scenario_named_by_diagnose_from_prometheus(scenarios, name):
+    instance = f"127.0.0.1:{scenarios.exporters[name].port}"
+    r = diagnose_cli("--prometheus", scenarios.prom.url, "--instance", instance, "--window", WINDOW,
+                     "--rtf-selector", '{job="tts"}', "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["instance"] == instance and doc["gpus"] == ["0"]
+    assert doc["findings"][0]["rule"] == Scenarios.EXPECTED[name][2], summary(doc["findings"])
+
+
+def test_prometheus_window_reads_the_sample_histograms(scenarios):
+    """Starved, busy and saturated shares come from the sample histograms (every tick), not only gauges."""
+    import time
+
+    from exporter.diagnose_cli import Prometheus, PromWindow
+
+    now = time.time()
+    starved = PromWindow(Prometheus(scenarios.prom.url), f"127.0.0.1:{scenarios.exporters['cpu-starved'].port}")
+    w = starved.build(now - 15, now)
+    shares = [v for v in w.gpus[0].starved_share if v is not None]
+    busy = [v for v in w.host_busy_share if v is not None]
+    assert len(shares) >= 8 and 0.6 < sum(shares) / len(shares) <= 1.0, shares  # the scenario: 85 % starved
+    assert len(busy) >= 8 and min(busy) > 0.9, busy  # the fake /proc/stat: 100 % busy
+    pcie = PromWindow(Prometheus(scenarios.prom.url), f"127.0.0.1:{scenarios.exporters['pcie'].port}").build(now - 15, now)
+    rx = [v for v in pcie.gpus[0].pcie_saturated_share["rx"] if v is not None]
+    assert len(rx) >= 8 and 0.5 < sum(rx) / len(rx) < 1.0, rx  # busy 90 % of the time at 97 % of the link
+
+
+def test_diagnose_from_to_in_rfc3339(scenarios):
+    import time
+    from datetime import datetime, timezone
+
+    instance = f"127.0.0.1:{scenarios.exporters['near-oom'].port}"
+    now = time.time()
+    start, end = (datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") for t in (now - 20, now))
+    r = diagnose_cli("--prometheus", scenarios.prom.url, "--instance", instance, "--from", start, "--to", end,
+                     "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert (doc["start"], doc["end"]) == (start, end) and doc["findings"][0]["rule"] == "near_oom"
+
+
+def test_diagnose_says_when_rtf_crossed_and_what_coincides(scenarios):
+    instance = f"127.0.0.1:{scenarios.exporters['cpu-starved'].port}"
+    r = diagnose_cli("--prometheus", scenarios.prom.url, "--instance", instance, "--window", "1m",
+                     "--rtf-selector", '{job="tts"}')
+    assert r.returncode == 0, r.stderr
+    assert "RTF: p95 crossed 0.7 at " in r.stdout, r.stdout
+    assert "coinciding finding: GPU 0 starved by the CPU side (host CPU busy) (cpu_starvation)" in r.stdout
+    assert r.stdout.startswith(f"Diagnosis of {instance} from ")
+
+
+def test_diagnose_needs_an_instance_when_several(scenarios):
+    r = diagnose_cli("--prometheus", scenarios.prom.url, "--window", WINDOW)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "several exporter instances; pick one with --instance" in r.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prometheus", "ftp://prom"], "invalid --prometheus URL"),
+    (["--prometheus", "http://127.0.0.1:1"], "cannot reach Prometheus at http://127.0.0.1:1"),
+    (["--prometheus", "http://prom:99999"], "bad port"),
+    (["--prometheus", "http://127.0.0.1:1", "--at", "yesterday"], "invalid time 'yesterday'"),
+    (["--prometheus", "http://127.0.0.1:1", "--from", "now-5m"], "--from and --to go together"),
+    (["--prometheus", "http://127.0.0.1:1", "--from", "now", "--to", "now-5m"], "empty window"),
+    (["--prometheus", "http://127.0.0.1:1", "--at", "now", "--from", "now-1m", "--to", "now"], "either --at"),
+    (["--prometheus", "http://127.0.0.1:1", "--window", "fast"], "--window: invalid duration"),
+    (["--prometheus", "http://127.0.0.1:1", "--rtf-selector", "job=tts"], "invalid --rtf-selector"),
+    (["--prometheus", "http://127.0.0.1:1", "--bogus"], "unrecognized arguments"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    r = diagnose_cli(*args)
+    assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_server_that_is_not_prometheus(exporter_proc):
+    p = exporter_proc("--fake-gpus", "1")  # answers /api/v1/query with 404
+    r = diagnose_cli("--prometheus", p.url)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "answered 404" in r.stderr, r.stderr
+
+
+class JunkPrometheus:
+    """An HTTP server on 127.0.0.1 that answers every API call with a fixed body (bounded: a daemon thread
+    serving until closed)."""
+
+    def __init__(self, body: bytes) -> None:
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("body", [
+    b"not json",
+    b'{"status": "success"}',
+    b'{"status": "success", "data": {"result": {"a": 1}}}',
+    b'{"status": "success", "data": {"result": [{"metric": {}, "value": [1, "x"]}]}}',
+    b'{"status": "success", "data": {"result": [{"metric": {"instance": 7}, "value": [1, "1"]}]}}',
+    b'{"status": "error", "error": "parse error at char 3"}',
+])
+def test_an_answer_that_is_not_prometheus_is_one_line(body):
+    junk = JunkPrometheus(body)
+    try:
+        r = diagnose_cli("--prometheus", junk.url, "--instance", "x:1")
+    finally:
+        junk.close()
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "did not answer like a Prometheus server" in r.stderr or "parse error at char 3" in r.stderr
