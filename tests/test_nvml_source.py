@@ -163,7 +163,7 @@ def test_pcie_counter_wrap_gives_a_correct_rate(clock):
 def test_pcie_fallback_uses_blocking_call_off_the_read_path(clock):
     import threading
 
-    fake = FakeNvml(1, spec=FakeGpuSpec(pcie_counters=False, gpm_supported=False, nvlink_links=0))
+    fake = FakeNvml(1, spec=FakeGpuSpec(pcie_counters=False))
     callers = set()
     blocking = fake.nvmlDeviceGetPcieThroughput
 
@@ -185,7 +185,7 @@ def test_pcie_fallback_uses_blocking_call_off_the_read_path(clock):
         reading = r.read()
     assert reading.pcie_rx_bytes_per_second is not None and reading.pcie_rx_bytes_per_second > 0
     assert callers == {"pcie-fallback"}  # the 20 ms call never runs on the reading thread
-    assert fake.calls["nvmlDeviceGetFieldValues"] == 2  # unsupported: probed once (and the NVLink link count once)
+    assert fake.calls["nvmlDeviceGetFieldValues"] == 1  # unsupported: probed once
 
 
 def test_fan_speed_is_a_ratio_and_omitted_where_not_supported(clock):
