@@ -1,5 +1,5 @@
 """The NVML source through both NVML stand-ins: the Python fake, and the real pynvml (ctypes structs,
-versioned calls, two-call buffers, event sets) loaded against the C stand-in in testkit/nvml_stub.
+versioned calls, two-call buffers, event sets, GPM) loaded against the C stand-in in testkit/nvml_stub.
 
 Each test drives the backend through the same small interface, so what passes on the fake has to pass
 through pynvml's real struct layouts too.
@@ -15,10 +15,10 @@ import pytest
 from exporter.collectors import ALL as ALL_COLLECTORS
 from exporter.collector import SnapshotCollector
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from exporter.sampler import Sampler
 from exporter.sources.gpm import RATIO_METRICS
 from exporter.sources.nvml import GpuReader, NvmlSource, specs
 from exporter.sources.procfs import ProcfsSource
-from exporter.sampler import Sampler
 from tests.conftest import ManualClock, families, make_sampler
 
 MIB = 2**20
@@ -372,9 +372,8 @@ def test_a_lost_gpu_costs_only_that_gpus_activity(backend, procfs):
 
 
 def test_gpm_per_mig_gpu_instance_through_real_pynvml(nvml_stub, procfs):
-    nvml_stub.configure({"gpus": 1, **STUB_GPM, "mig.0": "1,2", "gpm.2.gi1": 20, "gpm.2.gi2": 70})
-    backend = type("Stub", (), {"nvml": nvml_stub.bind(), "clock": time.monotonic,
-                                "advance": staticmethod(time.sleep)})()
+    backend = StubBackend(nvml_stub, 1)
+    backend._set(**{"mig.0": "1,2", "gpm.2.gi1": 20, "gpm.2.gi2": 70})
     s = ticks(backend, procfs)
     try:
         fams = families(s)
