@@ -53,7 +53,8 @@ COLLECTORS: tuple[Collector, ...] = (
     Collector("mig", True, "MIG devices: memory (and processes, with the processes collector) per instance",
               ("gpu_mig_memory_used_bytes", "gpu_mig_memory_total_bytes", "gpu_mig_process_memory_used_bytes")),
     Collector("cpu-per-core", True, "busy share of each CPU", ("host_cpu_core_utilization_ratio",)),
-    Collector("cpu-histogram", False, "histogram of every sampled host CPU utilisation",
+    Collector("cpu-histogram", True, "histogram of every sampled host CPU utilisation (le=0.9 only: the "
+              "diagnosis' host-busy share reads it)",
               ("host_sampled_cpu_utilization_ratio",)),
     Collector("cgroup", True, "CPU throttling and memory of the watched cgroup (--cgroup.path)",
               ("cgroup_cpu_usage_seconds_total", "cgroup_cpu_throttled_seconds_total",

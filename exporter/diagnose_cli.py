@@ -23,7 +23,7 @@ from typing import Sequence
 
 from exporter.diagnosis import DEFAULT_THRESHOLDS, Finding, GpuWindow, Window, diagnose, render_text, report
 from exporter.durations import parse_duration
-from exporter.histogram import RATIO_BUCKETS
+from exporter.histogram import HOST_CPU_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS
 
 RTF_LIMIT = 0.7  # the checklist's "RTF suddenly > 0.7"
 RTF_QUANTILE = 0.95
@@ -206,11 +206,12 @@ class PromWindow:
         # The sample histograms keep every tick between scrapes: shares per step where a threshold is a bucket.
         hist_w = _secs(3 * scrape)
         th = DEFAULT_THRESHOLDS
-        starved = self._hist_share(q, "gpu_sampled_utilization_ratio", th.starved_utilization, "gpu", hist_w)
-        pcie_sat = {d: self._hist_share(q, "gpu_sampled_pcie_utilization_ratio", th.pcie_saturated, "gpu", hist_w,
-                                        above=True, extra=f',direction="{d}"') for d in ("rx", "tx")}
-        host_busy = self._hist_share(q, "host_sampled_cpu_utilization_ratio", th.host_cpu_busy, None, hist_w,
-                                     above=True)
+        starved = self._hist_share(q, "gpu_sampled_utilization_ratio", RATIO_BUCKETS, th.starved_utilization, "gpu",
+                                   hist_w)
+        pcie_sat = {d: self._hist_share(q, "gpu_sampled_pcie_utilization_ratio", PCIE_BUCKETS, th.pcie_saturated,
+                                        "gpu", hist_w, above=True, extra=f',direction="{d}"') for d in ("rx", "tx")}
+        host_busy = self._hist_share(q, "host_sampled_cpu_utilization_ratio", HOST_CPU_BUCKETS, th.host_cpu_busy,
+                                     None, hist_w, above=True)
         window_gpus = tuple(GpuWindow(
             gpu=g, name=names.get(g, ""), mig=g in mig,
             **{f: per_gpu[f].get(g, empty) for f in per_gpu},
@@ -236,11 +237,11 @@ class PromWindow:
             sampler_late_share=self.sampler_late(end, span, interval),
             nvml_message="" if window_gpus else ("NVML is down" if nvml == 0 else "NVML reports no GPU"))
 
-    def _hist_share(self, q, metric: str, threshold: float, by: str | None, rate_w: str, above: bool = False,
-                    extra: str = "") -> dict[str, list[float | None]] | None:
+    def _hist_share(self, q, metric: str, buckets: tuple[float, ...], threshold: float, by: str | None,
+                    rate_w: str, above: bool = False, extra: str = "") -> dict[str, list[float | None]] | None:
         """Per step and `by` label: the share of a sample histogram's observations at or below threshold (or
-        above it); None when the threshold is not one of the histogram's buckets."""
-        if threshold not in RATIO_BUCKETS:
+        above it); None when the threshold is not one of that histogram's `buckets`."""
+        if threshold not in buckets:
             return None
         group = f"sum by ({by})" if by else "sum"
         below = (f'{group} (rate({metric}_bucket{{{self.sel}{extra},le="{threshold:g}"}}[{rate_w}])) / '

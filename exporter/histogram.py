@@ -16,6 +16,8 @@ from dataclasses import dataclass
 RATIO_BUCKETS: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8)
 # PCIe utilisation: only the saturation line (the PCIe alert, recording rule and panel: share above 90 %).
 PCIE_BUCKETS: tuple[float, ...] = (0.9,)
+# Host CPU: only the diagnosis' "host busy" line (share of samples above 90 %, docs/diagnosis.md).
+HOST_CPU_BUCKETS: tuple[float, ...] = (0.9,)
 # Sampler self-timing, in seconds: sub-millisecond reads up to a hung call.
 DURATION_BUCKETS: tuple[float, ...] = (0.001, 0.005, 0.025, 0.1)
 

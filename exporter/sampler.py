@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from typing import Callable, TypeVar
 
-from exporter.histogram import DURATION_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS, Histogram
+from exporter.histogram import DURATION_BUCKETS, HOST_CPU_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS, Histogram
 from exporter.history import SampleHistory
 from exporter.snapshot import GpuState, SamplerStats, Snapshot
 from exporter.sources.cgroup import CgroupSource
@@ -130,7 +130,7 @@ class Sampler:
         self._stuck: dict[int, tuple[_ReadThread, str]] = {}  # gpu -> (abandoned thread, call it is in)
         self._last_states: dict[int, GpuState] = {}
         self._histories: dict[int, _GpuHistory] = {}
-        self._host_cpu = Histogram(RATIO_BUCKETS)
+        self._host_cpu = Histogram(HOST_CPU_BUCKETS)
         self._durations = {s: Histogram(DURATION_BUCKETS) for s in ("nvml", "procfs", "all")}
         self._lateness = Histogram(LATENESS_BUCKETS)
         self._errors: Counter[tuple[str, str]] = Counter()
