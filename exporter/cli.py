@@ -183,6 +183,20 @@ def _nvml_module(cfg: Config) -> tuple[Any, str]:
     return pynvml, "real"
 
 
+def _handle_other_signals(web_config: WebConfigWatcher | None) -> None:
+    """SIGHUP reloads the web config (what Prometheus users send); SIGUSR1/2 would otherwise end the process."""
+    def hangup(*_: object) -> None:
+        if web_config is None:
+            log.info("SIGHUP: no --web.config.file to reload")
+        else:
+            log.info("SIGHUP: reloading %s", web_config.path)
+            web_config.request_reload()
+
+    signal.signal(signal.SIGHUP, hangup)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda signum, _: log.info("%s ignored", signal.Signals(signum).name))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(argv)
     # A thread waiting for the GIL gets it after the switch interval (5 ms by default): while a scrape
@@ -223,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    _handle_other_signals(cfg.web_config)
 
     # Start-up objects (modules, registries) never die: keep them out of the collector's generations so a
     # full collection under scrape load scans less and pauses the sampler less.

@@ -1,27 +1,34 @@
 """A small HTTP/1.1 server on one asyncio loop, built so that bad clients cannot exhaust it.
 
-Why not http.server: a thread per connection lets idle or slow clients (slowloris) pin threads, and a
-socket read timeout does not stop a client that sends one byte a second. Here a connection costs a
-protocol object, not a thread, and every phase has a bound:
+HTTP/1.1 itself (request parsing, framing, keep-alive, HEAD) is h11's; this module owns the timing and
+the bounds around it. A connection costs a protocol object and an h11 state machine, not a thread, and
+every phase has a bound:
 
+- TLS handshake and request head: `header_timeout_s` from the moment the TCP connection is accepted
+  (TLS runs inside the connection, tlsconn.py, so handshaking clients count like any other);
 - idle keep-alive wait for the next request: `idle_timeout_s`;
-- first byte of a request to the end of its head: `header_timeout_s` (the slowloris bound);
 - head size and header count: `max_head_bytes` / `max_headers` (431 beyond), request bodies: 413;
 - open connections: `max_connections`. At the cap a new connection evicts the oldest idle one, then the
-  oldest one still sending its head; only when every connection is being served is the new one refused.
-  A scraper (head in one packet) therefore always gets in, however many slow clients are connected;
+  oldest one still handshaking or sending its head, then the oldest one whose client does not read its
+  answer. When every connection is being served, up to `reserve_connections` more are let in that
+  answer only the priority paths (/healthz) and get 503 for anything else;
 - requests in flight: `max_requests` (503 beyond, like node_exporter's --web.max-requests). Handlers
   run on a pool of at most that many threads, so threads stay bounded whatever the load;
+- password checks (bcrypt): one thread, a bounded queue served round-robin per (peer, user), so a
+  guesser delays a real scraper's first login by one check, not by its whole backlog (fairqueue.py);
 - a response written to a client that does not read it: `write_timeout_s`, then the connection is cut.
 
 The application supplies `inline(request)` for cheap answers made on the loop (health, 404) and
 `handle(request)` for work done on the pool. Authentication (an `Authenticator`) runs before either.
+An exception while answering closes that connection and is logged; the others go on.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import logging
+import resource
 import socket
 import ssl
 import threading
@@ -32,22 +39,25 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Callable, Mapping, Protocol
 
-log = logging.getLogger("exporter.server")
+import h11
 
-_END_OF_HEAD = b"\r\n\r\n"
-_TOKEN_CHARS = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+from exporter.fairqueue import FairQueue
+from exporter.tlsconn import TlsSession
+
+log = logging.getLogger("exporter.server")
 
 
 @dataclass(frozen=True)
 class Limits:
     max_requests: int = 40  # requests in flight; 0 = no cap (the worker pool still bounds threads)
     max_connections: int = 512
+    reserve_connections: int = 16  # past the cap, for /healthz only
     header_timeout_s: float = 10.0
     idle_timeout_s: float = 60.0
     write_timeout_s: float = 30.0
-    tls_handshake_timeout_s: float = 10.0
     max_head_bytes: int = 16 * 1024
     max_headers: int = 100
+    max_pending_auth: int = 32  # bcrypt checks queued
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,9 @@ class App(Protocol):
 class Authenticator(Protocol):
     def exempt(self, request: Request) -> bool: ...
 
+    def user(self, request: Request) -> str:
+        """The user name the request claims ('' without credentials): the fairness key with the peer."""
+
     def check_cached(self, request: Request) -> bool | None:
         """True/False when decided without real work; None when a slow check (bcrypt) is needed."""
 
@@ -93,36 +106,45 @@ class BadRequest(Exception):
         self.status = status
 
 
-def parse_head(head: bytes, peer: str, max_headers: int) -> Request:
-    """Parse a request head (without the final blank line). Raises BadRequest with the 4xx/5xx to send."""
-    try:
-        text = head.decode("latin-1")
-    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-        raise BadRequest(400, "undecodable head") from None
-    lines = text.split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[0] or not parts[1]:
-        raise BadRequest(400, "malformed request line")
-    method, target, version = parts
-    if not set(method) <= _TOKEN_CHARS:
-        raise BadRequest(400, "malformed method")
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        status = 505 if version.startswith("HTTP/") else 400
-        raise BadRequest(status, "unsupported HTTP version")
-    if not target.startswith("/") or any(c < "!" or c == "\x7f" for c in target):
-        raise BadRequest(400, "malformed request target")
-    if len(lines) - 1 > max_headers:
+def to_request(event: h11.Request, peer: str, limits: Limits) -> Request:
+    """Our checks on top of h11's: size and count bounds, HTTP version, the request target's form."""
+    size = len(event.method) + len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers)
+    if size > limits.max_head_bytes:
+        raise BadRequest(431, "request head too large")
+    if len(event.headers) > limits.max_headers:
         raise BadRequest(431, "too many header fields")
+    if event.http_version not in (b"1.0", b"1.1"):
+        raise BadRequest(505, "unsupported HTTP version")
+    method = event.method.decode("ascii")  # h11 checked it is a token
+    target = event.target.decode("latin-1")
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+    elif target == "*" and method == "OPTIONS":
+        path, query = "*", ""
+    elif target[:7].lower() == "http://" or target[:8].lower() == "https://":  # absolute form (proxies)
+        parts = urllib.parse.urlsplit(target)
+        path, query = parts.path or "/", parts.query
+    else:
+        raise BadRequest(400, "malformed request target")
     headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or not set(name) <= _TOKEN_CHARS:  # also rejects obsolete line folding
-            raise BadRequest(400, "malformed header field")
-        key = name.lower()
-        value = value.strip(" \t")
-        headers[key] = f"{headers[key]}, {value}" if key in headers else value
-    path, _, query = target.partition("?")
-    return Request(method, target, urllib.parse.unquote(path), query, version, headers, peer)
+    for name, value in event.headers:
+        key, text = name.decode("ascii"), value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return Request(method, target, urllib.parse.unquote(path), query, "HTTP/" + event.http_version.decode(),
+                   headers, peer)
+
+
+def parse_head(head: bytes, peer: str, limits: Limits = Limits()) -> Request:
+    """Parse one request head (without the final blank line) as the server does; raises BadRequest."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_head_bytes)
+    conn.receive_data(head + b"\r\n\r\n")
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise BadRequest(exc.error_status_hint, str(exc)) from None
+    if not isinstance(event, h11.Request):
+        raise BadRequest(400, "incomplete request head")
+    return to_request(event, peer, limits)
 
 
 @dataclass
@@ -136,19 +158,23 @@ class ServerStats:
 
 
 class _Connection(asyncio.Protocol):
-    # states: "idle" (waiting for a request), "head" (receiving one), "busy" (being answered)
+    # states: "handshake" (TLS), "idle" (waiting for a request), "head" (receiving one), "busy" (being
+    # answered), "linger" (closing politely)
     def __init__(self, server: HttpServer) -> None:
         self.server = server
-        self.state = "idle"
+        self.state = "new"
         self.since = 0.0
-        self.buf = bytearray()
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.limits.max_head_bytes)
+        self.tls: TlsSession | None = None
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task | None = None
         self.peer = "-"
-        self.writable: asyncio.Future | None = None
+        self.writable: asyncio.Future | None = None  # set while the client does not read what we write
         self.closed = False
-        self.eof = False
+        self.eof = False  # the client half-closed: answer what it sent, then close
+        self.reserve = False  # admitted past the cap: priority paths only
+        self.must_close = False  # the request had a body we did not read
 
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -161,30 +187,51 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else "-"
         transport.set_write_buffer_limits(high=64 * 1024)
-        if not self.server.admit(self):
+        context = self.server.tls_context()
+        if not self.server.admit(self, tls=context is not None):
             return
-        self._to_idle()
+        if context is not None:
+            self.tls = TlsSession(context)
+            self._set_state("handshake", self._head_timeout(), "header_timeout")
+        else:
+            self._to_idle()
 
     def data_received(self, data: bytes) -> None:
         if self.closed or self.state == "linger":
             return  # discarded: a connection being closed politely
-        self.buf += data
-        if self.state == "busy":
-            if len(self.buf) > self.server.limits.max_head_bytes:  # pipelined flood while we answer
-                self.transport.pause_reading()
-            return
-        if self.state == "idle":
-            self._set_state("head", self.server.limits.header_timeout_s, "header_timeout")
-        self._try_request()
+        if self.tls is not None:
+            try:
+                data = self.tls.receive(data)
+            except ssl.SSLError as exc:
+                log.debug("%s: TLS: %s", self.peer, exc)
+                self._flush_tls()  # the alert, so the client learns why
+                self.close("tls_error")
+                return
+            self._flush_tls()
+            if self.state == "handshake":
+                if not self.tls.handshaken:
+                    return
+                self._to_idle()
+        if data:
+            self.h11.receive_data(data)
+            if self.state == "busy":
+                if len(self.h11.trailing_data[0]) > self.server.limits.max_head_bytes:
+                    self.transport.pause_reading()  # pipelined flood while we answer
+            else:
+                if self.state == "idle":
+                    self._set_state("head", self._head_timeout(), "header_timeout")
+                self._next_request()
+        if self.tls is not None and self.tls.peer_closed and not self.closed:
+            self.eof_received()
 
     def eof_received(self) -> bool:
-        if self.state == "busy":  # the client half-closed after its request: answer, then close
-            self.eof = True
-            return True
         if self.state == "linger":
             self.close_now()
-        else:
-            self.close("client_closed")
+            return False
+        self.eof = True
+        if self.state == "busy":  # the client half-closed after its request: answer, then close
+            return True
+        self.close("client_closed")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -205,6 +252,10 @@ class _Connection(asyncio.Protocol):
         self.writable = None
 
     # -- state
+    def _head_timeout(self) -> float:
+        # past the cap a connection gets a short deadline: it holds a reserved place
+        return min(self.server.limits.header_timeout_s, 2.0) if self.reserve else self.server.limits.header_timeout_s
+
     def _set_state(self, state: str, timeout: float | None, reason: str) -> None:
         self.state = state
         self.since = time.monotonic()
@@ -219,9 +270,16 @@ class _Connection(asyncio.Protocol):
 
     def _to_idle(self) -> None:
         self._set_state("idle", self.server.limits.idle_timeout_s, "idle_timeout")
-        if self.buf:  # a pipelined request already arrived
-            self._set_state("head", self.server.limits.header_timeout_s, "header_timeout")
-            self._try_request()
+        if self.h11.trailing_data[0]:  # a pipelined request already arrived
+            self._set_state("head", self._head_timeout(), "header_timeout")
+            self._next_request()
+        elif self.eof:
+            self.close("client_closed")
+
+    @property
+    def stalled(self) -> bool:
+        """Being answered, but the client does not read the answer."""
+        return self.state == "busy" and self.writable is not None
 
     def close(self, reason: str, linger: bool = False) -> None:
         """Close and count why. With linger, half-close and discard what the client still sends for a
@@ -230,17 +288,21 @@ class _Connection(asyncio.Protocol):
             return
         self.server.stats.closed[reason] += 1
         log.debug("%s: connection closed: %s", self.peer, reason)
-        if linger and self.transport is not None and self.transport.can_write_eof() and not self.eof:
+        if self.transport is None:
+            return
+        abort = reason in ("write_timeout", "evicted")
+        if self.tls is not None and self.tls.handshaken and not abort:
+            self.tls.close()
+            self._flush_tls()
+        if linger and self.transport.can_write_eof() and not self.eof:
             self._set_state("linger", 2.0, "")
             self.timer = asyncio.get_running_loop().call_later(2.0, self.close_now)
-            self.buf.clear()
             self.transport.resume_reading()
             self.transport.write_eof()
             return
         self.closed = True
         self._cancel_timer()
-        if self.transport is not None:
-            self.transport.abort() if reason in ("write_timeout", "evicted") else self.transport.close()
+        self.transport.abort() if abort else self.transport.close()
 
     def close_now(self) -> None:
         self.closed = True
@@ -248,47 +310,86 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _try_request(self) -> None:
-        limits = self.server.limits
-        end = self.buf.find(_END_OF_HEAD)
-        if (end if end >= 0 else len(self.buf)) > limits.max_head_bytes:
-            self._reject(BadRequest(431, "request head too large"))
+    def _flush_tls(self) -> None:
+        out = self.tls.outgoing()
+        if out:
+            self.transport.write(out)
+
+    def _write(self, pieces: list) -> None:
+        if self.tls is None:
+            self.transport.writelines(pieces)
             return
-        if end < 0:
-            return  # the head is not complete yet
-        head = bytes(self.buf[:end])
-        del self.buf[: end + len(_END_OF_HEAD)]
-        self._set_state("busy", None, "")
+        for piece in pieces:
+            self.tls.send(piece)
+        self._flush_tls()
+
+    # -- requests
+    def _next_request(self) -> None:
         try:
-            request = parse_head(head.lstrip(b"\r\n"), self.peer, limits.max_headers)
+            event = self.h11.next_event()
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                self.close("client_closed")
+                return
+            assert isinstance(event, h11.Request)
+            request = to_request(event, self.peer, self.server.limits)
+            # Requests we answer carry no body; one that does is answered (413/405), then closed.
+            self.must_close = (not isinstance(self.h11.next_event(), h11.EndOfMessage)
+                               or "transfer-encoding" in request.headers
+                               or request.headers.get("content-length", "0") != "0")
+        except h11.RemoteProtocolError as exc:
+            self._reject(BadRequest(exc.error_status_hint, str(exc)))
+            return
         except BadRequest as exc:
             self._reject(exc)
             return
+        self._set_state("busy", None, "")
         self.task = asyncio.get_running_loop().create_task(self._serve(request))
 
     def _reject(self, exc: BadRequest) -> None:
         self._set_state("busy", None, "")
         log.debug("%s: bad request: %s", self.peer, exc)
-        self.task = asyncio.get_running_loop().create_task(
-            self._send(Response(exc.status, f"{HTTPStatus(exc.status).phrase}: {exc}\n".encode(), close=True),
-                       head_only=False, keep_alive=False, reason="bad_request"))
+        response = Response(exc.status, f"{HTTPStatus(exc.status).phrase}: {exc}\n".encode(), close=True)
+        self.task = asyncio.get_running_loop().create_task(self._serve(None, response))
 
-    async def _serve(self, request: Request) -> None:
-        response, slot = await self.server.respond(request)
-        keep_alive = _keep_alive(request) and not response.close
+    async def _serve(self, request: Request | None, response: Response | None = None) -> None:
+        """Answer request (or send the given error response). Whatever goes wrong closes this connection
+        and is logged: a client must never be left waiting on a connection nobody serves."""
+        slot = False
         try:
-            await self._send(response, request.method == "HEAD", keep_alive)
+            if request is not None:
+                response, slot = await self.server.respond(request, self)
+            await self._send(response, request is not None and request.method == "HEAD",
+                             "done" if request is not None else "bad_request")
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # e.g. a header h11 refuses: this connection goes, the server does not
+            what = f"{request.method} {request.target}" if request else "a bad request"
+            log.exception("%s: error answering %s; connection closed", self.peer, what)
+            self.close("internal_error")
         finally:
             if slot:
                 self.server.release()
-        log.debug('%s "%s %s %s" %d %d', self.peer, request.method, request.target, request.version,
-                  response.status, len(response.body))
+        if request is not None and response is not None:
+            log.debug('%s "%s %s %s" %d %d', self.peer, request.method, request.target, request.version,
+                      response.status, len(response.body))
 
-    async def _send(self, response: Response, head_only: bool, keep_alive: bool, reason: str = "done") -> None:
+    async def _send(self, response: Response, head_only: bool, reason: str) -> None:
         if self.closed:
             return
+        headers = [("Server", self.server.server_name), ("Content-Type", response.content_type),
+                   ("Content-Length", str(len(response.body))), *response.headers, *self.server.extra_headers()]
+        if response.close or self.must_close or self.reserve:
+            headers.append(("Connection", "close"))
+        phrase = HTTPStatus(response.status).phrase if response.status in HTTPStatus._value2member_map_ else ""
+        pieces = self.h11.send_with_data_passthrough(h11.Response(status_code=response.status, headers=headers,
+                                                                  reason=phrase))
+        if not head_only and response.body:
+            pieces += self.h11.send_with_data_passthrough(h11.Data(data=response.body))
+        pieces += self.h11.send_with_data_passthrough(h11.EndOfMessage())
         self.server.stats.requests[response.status] += 1
-        self.transport.write(self.server.encode(response, head_only, keep_alive))
+        self._write(pieces)
         if self.writable is not None:  # the client is not reading: wait, but not forever
             try:
                 await asyncio.wait_for(asyncio.shield(self.writable), self.server.limits.write_timeout_s)
@@ -297,91 +398,113 @@ class _Connection(asyncio.Protocol):
                 return
         if self.closed:
             return
-        if not keep_alive or self.eof:
-            self.close(reason, linger=True)
+        if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
+            self.close(reason, linger=True)  # h11 says this connection ends here (Connection: close, HTTP/1.0)
             return
+        self.h11.start_next_cycle()
         self.transport.resume_reading()
         self._to_idle()
 
 
-def _keep_alive(request: Request) -> bool:
-    conn = request.headers.get("connection", "").lower()
-    if request.version == "HTTP/1.0":
-        return "keep-alive" in conn
-    return "close" not in conn
-
-
 class HttpServer:
     """Bound in the constructor (a taken port fails early); `serve_forever` runs the loop in the caller's
-    thread; `shutdown` (from another thread) stops it and waits, like socketserver."""
+    thread; `shutdown` (from another thread) stops it and waits, like socketserver.
+
+    tls: returns the SSL context for a new connection (None: plain HTTP); asked per connection, so a
+    reloaded configuration takes effect for the next client without touching live ones.
+    background: blocking work (config reloads) run every second on its own thread, never overlapping."""
 
     def __init__(self, sock: socket.socket, app: App, limits: Limits = Limits(),
-                 ssl_context: ssl.SSLContext | None = None, auth: Authenticator | None = None,
+                 tls: Callable[[], ssl.SSLContext | None] = lambda: None, auth: Authenticator | None = None,
                  extra_headers: Callable[[], tuple[tuple[str, str], ...]] = lambda: (),
-                 server_name: str = "exporter", on_tick: Callable[[], None] | None = None) -> None:
+                 server_name: str = "exporter", background: Callable[[], None] | None = None,
+                 priority_paths: frozenset[str] = frozenset({"/healthz"})) -> None:
         self.socket = sock
         self.server_address = sock.getsockname()
         self.app = app
         self.limits = limits
-        self.ssl_context = ssl_context
+        self.tls_context = tls
         self.auth = auth
         self.extra_headers = extra_headers
         self.server_name = server_name
-        self.on_tick = on_tick  # called every second on the loop (config reload checks)
+        self.background = background
+        self.priority_paths = priority_paths
         self.stats = ServerStats()
         self._connections: dict[_Connection, None] = {}  # insertion-ordered: oldest first
+        self._reserve: dict[_Connection, None] = {}
         self._pool = ThreadPoolExecutor(max_workers=limits.max_requests or 64, thread_name_prefix="http-worker")
         self._auth_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-auth")
-        self._auth_pending = 0
+        self._background_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-background")
+        self._auth_queue: FairQueue[tuple[Request, asyncio.Future]] = FairQueue(limits.max_pending_auth)
+        self._auth_worker: asyncio.Task | None = None
+        self._accept_failing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
         self._running = threading.Event()
         self._done = threading.Event()
 
     # -- connection bookkeeping (loop thread)
-    def admit(self, conn: _Connection) -> bool:
+    def admit(self, conn: _Connection, tls: bool) -> bool:
+        if self._accept_failing:
+            self._accept_failing = False
+            log.info("accepting connections again")
         if len(self._connections) >= self.limits.max_connections:
             victim = self._evictable()
-            if victim is None:
+            if victim is not None:
+                victim.close_now() if victim.state == "linger" else victim.close("evicted")
+                self.forget(victim)
+            elif len(self._reserve) < self.limits.reserve_connections:
+                conn.reserve = True
+                self._reserve[conn] = None
+                self.stats.open_connections = len(self._connections) + len(self._reserve)
+                return True
+            else:
                 self.stats.closed["connection_limit"] += 1
                 conn.closed = True
-                conn.transport.write(self.encode(Response(503, b"too many open connections\n"), False, False))
+                if not tls:  # a TLS client could not read a plain answer
+                    conn.transport.writelines(conn.h11.send_with_data_passthrough(h11.Response(
+                        status_code=503, headers=[("Content-Length", "0"), ("Connection", "close")])))
                 conn.transport.close()
                 return False
-            victim.close_now() if victim.state == "linger" else victim.close("evicted")
-            self.forget(victim)
         self._connections[conn] = None
-        self.stats.open_connections = len(self._connections)
+        self.stats.open_connections = len(self._connections) + len(self._reserve)
         return True
 
     def _evictable(self) -> _Connection | None:
-        for state in ("linger", "idle", "head"):
-            candidates = [c for c in self._connections if c.state == state]
+        for wanted in ("linger", "idle", "head", "stalled"):
+            if wanted == "head":
+                candidates = [c for c in self._connections if c.state in ("handshake", "head")]
+            elif wanted == "stalled":
+                candidates = [c for c in self._connections if c.stalled]
+            else:
+                candidates = [c for c in self._connections if c.state == wanted]
             if candidates:
                 return min(candidates, key=lambda c: c.since)
         return None
 
     def forget(self, conn: _Connection) -> None:
         self._connections.pop(conn, None)
-        self.stats.open_connections = len(self._connections)
+        self._reserve.pop(conn, None)
+        self.stats.open_connections = len(self._connections) + len(self._reserve)
 
     # -- requests (loop thread)
-    async def respond(self, request: Request) -> tuple[Response, bool]:
+    async def respond(self, request: Request, conn: _Connection) -> tuple[Response, bool]:
         """(response, whether it holds a request slot the caller must release)."""
+        if conn.reserve and request.path not in self.priority_paths:
+            return Response(503, b"too many open connections\n", close=True), False
+        if request.method == "OPTIONS":
+            return Response(200, headers=(("Allow", "GET, HEAD, OPTIONS"),), close=conn.must_close), False
         if request.method not in ("GET", "HEAD"):
-            return Response(405, b"method not allowed\n", headers=(("Allow", "GET, HEAD"),), close=True), False
-        if request.headers.get("transfer-encoding") or request.headers.get("content-length", "0") != "0":
+            return Response(405, b"method not allowed\n", headers=(("Allow", "GET, HEAD, OPTIONS"),), close=True), False
+        if conn.must_close:
             return Response(413, b"request bodies are not accepted\n", close=True), False
         if self.auth is not None and not self.auth.exempt(request):
             ok = self.auth.check_cached(request)
             if ok is None:
-                if self._auth_pending >= 8:  # password guessing must not queue up bcrypt work without end
-                    return Response(503, b"too many pending authentications\n", close=True), False
-                self._auth_pending += 1
-                try:
-                    ok = await asyncio.get_running_loop().run_in_executor(self._auth_pool, self.auth.check, request)
-                finally:
-                    self._auth_pending -= 1
+                ok = await self._check_password(request)
+            if ok is None:
+                return Response(503, b"too many pending authentications\n", headers=(("Retry-After", "1"),),
+                                close=True), False
             if not ok:
                 return self.auth.challenge(), False
         try:
@@ -404,52 +527,88 @@ class HttpServer:
             response = Response(500, b"internal error\n")
         return response, True
 
+    async def _check_password(self, request: Request) -> bool | None:
+        """bcrypt on the auth thread, queued fairly; None when the queue refused it."""
+        future = asyncio.get_running_loop().create_future()
+        dropped = self._auth_queue.push((request.peer, self.auth.user(request)), (request, future))
+        if dropped is not None and not dropped[1].done():
+            dropped[1].set_result(None)
+        if self._auth_worker is None or self._auth_worker.done():
+            self._auth_worker = asyncio.get_running_loop().create_task(self._run_password_checks())
+        return await future
+
+    async def _run_password_checks(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (item := self._auth_queue.pop()) is not None:
+            request, future = item
+            if future.done():  # its client went away while it waited
+                continue
+            try:
+                ok = await loop.run_in_executor(self._auth_pool, self.auth.check, request)
+            except Exception:
+                log.exception("password check failed")
+                ok = False
+            if not future.done():
+                future.set_result(ok)
+
     def release(self) -> None:
         self.stats.in_flight -= 1
-
-    def encode(self, r: Response, head_only: bool, keep_alive: bool) -> bytes:
-        reason = HTTPStatus(r.status).phrase if r.status in HTTPStatus._value2member_map_ else "Status"
-        lines = [f"HTTP/1.1 {r.status} {reason}", f"Server: {self.server_name}",
-                 f"Content-Type: {r.content_type}", f"Content-Length: {len(r.body)}"]
-        lines += [f"{k}: {v}" for k, v in r.headers]
-        lines += [f"{k}: {v}" for k, v in self.extra_headers()]
-        if not keep_alive:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        return head if head_only else head + r.body
 
     # -- lifecycle
     def serve_forever(self) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
+        loop.set_exception_handler(self._loop_exception)
         try:
-            server = loop.run_until_complete(loop.create_server(
-                lambda: _Connection(self), sock=self.socket, ssl=self.ssl_context,
-                ssl_handshake_timeout=self.limits.tls_handshake_timeout_s if self.ssl_context else None,
-                backlog=256))
+            server = loop.run_until_complete(loop.create_server(lambda: _Connection(self), sock=self.socket,
+                                                                backlog=256))
             self._stop = loop.create_future()
-            if self.on_tick is not None:
-                self._schedule_tick()
+            if self.background is not None:
+                self._schedule_background()
             self._running.set()
             loop.run_until_complete(self._stop)
             server.close()
-            for conn in list(self._connections):
+            for conn in list(self._connections) + list(self._reserve):
                 conn.close("shutdown")
-            loop.run_until_complete(asyncio.sleep(0))
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                loop.run_until_complete(asyncio.wait(tasks, timeout=1))
         finally:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._auth_pool.shutdown(wait=False, cancel_futures=True)
+            for pool in (self._pool, self._auth_pool, self._background_pool):
+                pool.shutdown(wait=False, cancel_futures=True)
             loop.close()
             self._done.set()
 
-    def _schedule_tick(self) -> None:
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            # asyncio's accept loop retries by itself a second later; one line per episode, not a traceback
+            # per attempt
+            self.stats.closed["accept_failed"] += 1
+            if not self._accept_failing:
+                self._accept_failing = True
+                log.error("cannot accept connections: %s (open file limit %d, %d connections open); "
+                          "retrying every second", exc.strerror, resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                          self.stats.open_connections)
+            return
+        loop.default_exception_handler(context)
+
+    def _schedule_background(self) -> None:
+        running: list[asyncio.Future] = []
+
         def tick() -> None:
-            try:
-                self.on_tick()
-            except Exception:
-                log.exception("periodic server task failed")
+            if not running or running[0].done():
+                running[:] = [self._loop.run_in_executor(self._background_pool, self._run_background)]
             self._loop.call_later(1.0, tick)
         self._loop.call_later(1.0, tick)
+
+    def _run_background(self) -> None:
+        try:
+            self.background()
+        except Exception:
+            log.exception("periodic server task failed")
 
     def shutdown(self) -> None:
         if not self._running.wait(timeout=5):

@@ -2,7 +2,9 @@
 /api/v1/samples, served by the bounded asyncio server of httpd.py (limits, TLS and basic auth there).
 
 A scrape renders the latest snapshot once: concurrent scrapers of the same snapshot share the rendered
-(and gzipped) bytes, so 200 scrapers cost about one render, and the sampler keeps its schedule.
+(and gzipped) bytes, so 200 scrapers cost about one render, and the sampler keeps its schedule. The live
+view's JSON is shared the same way per snapshot and window, and at most `_SAMPLES_RENDERS` of those
+renders run at once (503 beyond): a 5-minute window at 64 GPUs is megabytes of Python objects.
 """
 from __future__ import annotations
 
@@ -75,6 +77,44 @@ class _RenderCache:
             return body
 
 
+class _SamplesCache:
+    """/api/v1/samples bodies per window for the current generation, rendered at most once each and at
+    most `renders` at a time; None when that many are already running."""
+
+    def __init__(self, history: SampleHistory, generation: Callable[[], object] | None, renders: int,
+                 windows: int = 8) -> None:
+        self._history = history
+        self._generation = generation or object
+        self._renders = threading.BoundedSemaphore(renders)
+        self._windows = windows
+        self._lock = threading.Lock()
+        self._key: object = None
+        self._entries: dict[float, tuple[threading.Lock, list[bytes]]] = {}
+
+    def get(self, window: float) -> bytes | None:
+        generation = self._generation()
+        with self._lock:
+            if generation is not self._key:
+                self._key, self._entries = generation, {}
+            if window not in self._entries and len(self._entries) >= self._windows:
+                self._entries.pop(next(iter(self._entries)))
+            lock, body = self._entries.setdefault(window, (threading.Lock(), []))
+        with lock:  # later requests for this window wait for the first one's render and share it
+            if body:
+                return body[0]
+            if not self._renders.acquire(blocking=False):
+                return None
+            try:
+                body.append(json.dumps(self._history.query(window), separators=(",", ":")).encode())
+            finally:
+                self._renders.release()
+            return body[0]
+
+
+_SAMPLES_RENDERS = 2
+_MAX_QUERY = 256  # bytes of query string /api/v1/samples reads; its one parameter needs a few
+
+
 class ExporterApp:
     def __init__(self, registry: CollectorRegistry, health: Callable[[], tuple[bool, str]],
                  telemetry_path: str, history: SampleHistory | None,
@@ -86,6 +126,7 @@ class ExporterApp:
         self.cache = _RenderCache(lambda om: text.render(registry.collect(), openmetrics=om), generation)
         self.landing = live_page(telemetry_path)
         self.landing_gz = gzip.compress(self.landing, compresslevel=9)
+        self.samples = _SamplesCache(history, generation, _SAMPLES_RENDERS) if history else None
 
     def inline(self, request: Request) -> Response | None:
         """Cheap answers, on the server's loop: never queued behind scrapes, never refused by the cap."""
@@ -96,7 +137,7 @@ class ExporterApp:
         if path == "/":
             gz = _wants_gzip(request)
             return Response(200, self.landing_gz if gz else self.landing, "text/html; charset=utf-8",
-                            (("Content-Encoding", "gzip"),) if gz else ())
+                            _encoding_headers(gz))
         if path not in (self.telemetry_path, "/api/v1/samples"):
             return Response(404, b"not found\n")
         return None
@@ -108,24 +149,67 @@ class ExporterApp:
             om = content_type.startswith("application/openmetrics-text")
             gz = _wants_gzip(request)
             return Response(200, self.cache.get(om, gz), content_type,
-                            (("Content-Encoding", "gzip"),) if gz else ())
+                            _encoding_headers(gz) + (("Vary", "Accept, Accept-Encoding"),))
         return self._samples(request)
 
     def _samples(self, request: Request) -> Response:
-        if self.history is None:
+        if self.history is None or self.samples is None:
             return _json(404, {"error": "history is off (--history.window=0)"})
-        query = urllib.parse.parse_qs(request.query)
         try:
-            window = parse_duration(query.get("window", ["60s"])[0])
+            window = parse_duration(samples_window(request.query))
         except ValueError as exc:
             return _json(400, {"error": str(exc)})
         if not 0 < window <= self.history.window_s:
             return _json(400, {"error": f"window must be > 0 and <= {self.history.window_s:g}s (--history.window)"})
-        return _json(200, self.history.query(window))
+        body = self.samples.get(window)
+        if body is None:
+            return Response(503, b'{"error":"busy: too many history queries at once, retry"}', "application/json",
+                            (("Retry-After", "1"),))
+        return Response(200, body, "application/json")
+
+
+def samples_window(query: str) -> str:
+    """The `window` parameter of /api/v1/samples ('60s' when absent). Length-capped before any parsing,
+    so what reaches parse_duration is short whatever a client sends."""
+    if len(query) > _MAX_QUERY:
+        raise ValueError(f"query string longer than {_MAX_QUERY} bytes")
+    try:
+        pairs = urllib.parse.parse_qsl(query, max_num_fields=8)
+    except ValueError:
+        raise ValueError("too many query parameters") from None
+    window = dict(pairs).get("window", "60s")
+    if len(window) > 32:
+        raise ValueError("window: too long, want e.g. 60s or 5m")
+    return window
 
 
 def _wants_gzip(request: Request) -> bool:
-    return "gzip" in request.headers.get("accept-encoding", "")
+    """Accept-Encoding as RFC 9110 reads it: gzip (or *) with a q-value above 0; 'gzip;q=0' refuses it."""
+    header = request.headers.get("accept-encoding", "")
+    star = False
+    for item in header.split(","):
+        coding, _, params = item.partition(";")
+        coding = coding.strip().lower()
+        if coding not in ("gzip", "x-gzip", "*"):
+            continue
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value.strip()[:5])
+                except ValueError:
+                    q = 0.0
+        if coding == "*":
+            star = q > 0
+        else:
+            return q > 0
+    return star
+
+
+def _encoding_headers(gz: bool) -> tuple[tuple[str, str], ...]:
+    """Caches between a client and us must not hand a gzipped page to a client that did not ask for one."""
+    return (("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")) if gz else (("Vary", "Accept-Encoding"),)
 
 
 def _json(code: int, doc: dict) -> Response:
@@ -150,7 +234,8 @@ class ServerCollector:
         yield requests
         closed = CounterMetricFamily(
             "exporter_http_connections_closed", "Connections closed, by reason (done, client_closed, idle_timeout, "
-            "header_timeout, write_timeout, evicted, connection_limit, bad_request, shutdown).", labels=["reason"])
+            "header_timeout, write_timeout, evicted, connection_limit, bad_request, tls_error, internal_error, "
+            "accept_failed, shutdown).", labels=["reason"])
         for reason, n in sorted(dict(stats.closed).items()):
             closed.add_metric([reason], n)
         yield closed
@@ -208,8 +293,8 @@ def make_server(
     app = ExporterApp(registry, health, telemetry_path, history, generation)
     return HttpServer(
         bind(listen_address), app, limits or Limits(),
-        ssl_context=web_config.ssl_context if web_config else None,
+        tls=web_config.tls_context if web_config else (lambda: None),
         auth=web_config.auth if web_config else None,
         extra_headers=web_config.headers if web_config else (lambda: ()),
         server_name=f"gpu-telemetry-exporter/{__version__}",
-        on_tick=web_config.poll if web_config else None)
+        background=web_config.poll if web_config else None)

@@ -21,7 +21,7 @@ class App:
         self.delay = delay
 
     def inline(self, request: Request) -> Response | None:
-        return Response(200, b"inline\n") if request.path == "/fast" else None
+        return Response(200, b"inline\n") if request.path in ("/fast", "/healthz") else None
 
     def handle(self, request: Request) -> Response:
         time.sleep(self.delay)
@@ -108,7 +108,7 @@ def test_keep_alive_serves_many_requests_on_one_connection(serve):
             while not data.endswith(b"ok\n"):
                 data += s.recv(4096)
             assert status_of(data) == 200
-        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\nConnection: close\r\n\r\n")
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\nGET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         both = read_until_closed(s)  # pipelined: answered in order
     assert both.count(b"HTTP/1.1 200") == 2 and both.endswith(b"inline\n")
 
@@ -133,16 +133,42 @@ def test_at_the_connection_cap_the_oldest_idle_then_the_oldest_slow_connection_m
         s.close()
 
 
-def test_when_every_connection_is_busy_a_new_one_gets_503(serve):
-    server = serve(App(delay=1.0), max_connections=2)
+def test_when_every_connection_is_busy_only_health_gets_in_then_new_ones_get_503(serve):
+    server = serve(App(delay=1.5), max_connections=2, reserve_connections=1)
     busy = [connect(server) for _ in range(2)]
     for s in busy:
         s.sendall(GOOD)
     time.sleep(0.3)
-    assert status_of(ask(server, GOOD)) == 503
+    assert status_of(ask(server, GOOD)) == 503  # a reserved place answers the probe path only
+    assert status_of(ask(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")) == 200
+    with connect(server) as holder:  # takes the one reserved place...
+        time.sleep(0.2)
+        assert status_of(ask(server, GOOD)) == 503  # ...so the next is refused outright
     assert all(status_of(read_until_closed(s)) == 200 for s in busy)
     assert server.stats.closed["connection_limit"] == 1
     for s in busy:
+        s.close()
+
+
+def test_health_is_answered_when_pipelining_clients_that_never_read_fill_the_cap(serve):
+    """Defect 10: each of these clients pipelines requests for a large page and never reads, so every
+    connection is busy writing. They are the first to go for a newcomer, and /healthz gets in."""
+    server = serve(App(body=b"x" * 2_000_000), max_connections=8, reserve_connections=0, write_timeout_s=30)
+    hogs = []
+    for _ in range(8):
+        s = connect(server)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 20)
+        hogs.append(s)
+    deadline = time.monotonic() + 10
+    while sum(c.stalled for c in list(server._connections)) < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for _ in range(5):
+        t0 = time.monotonic()
+        assert status_of(ask(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) == 200
+        assert time.monotonic() - t0 < 5
+    assert server.stats.closed["evicted"] >= 1 and server.stats.closed["connection_limit"] == 0
+    for s in hogs:
         s.close()
 
 
@@ -161,7 +187,7 @@ def test_request_cap_refuses_at_once_and_health_is_never_refused(serve):
     for t in threads:
         t.start()
     time.sleep(0.3)
-    assert status_of(ask(server, b"GET /fast HTTP/1.1\r\nConnection: close\r\n\r\n")) == 200  # inline: not capped
+    assert status_of(ask(server, b"GET /fast HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) == 200  # inline: not capped
     for t in threads:
         t.join(10)
     ok = [e for s, e in results if s == 200]
@@ -197,22 +223,24 @@ def test_threads_stay_bounded_under_many_connections(serve):
 
 
 @pytest.mark.parametrize("raw, status", [
-    (b"GET /metrics HTTP/1.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431),
-    (b"GET /metrics HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
-    (b"GET /" + b"a" * 17_000 + b" HTTP/1.1\r\n\r\n", 431),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n", 431),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+    (b"GET /" + b"a" * 17_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 431),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n", 400),  # TLS to a plain port
     (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),  # HTTP/2 prior knowledge: we speak 1.1
-    (b"GET /metrics HTTP/1.2\r\n\r\n", 505),
+    (b"GET /metrics HTTP/1.2\r\nHost: x\r\n\r\n", 505),
     (b"GET /metrics\r\n\r\n", 400),  # HTTP/0.9
-    (b"GET  /metrics HTTP/1.1\r\n\r\n", 400),
-    (b"G(T /metrics HTTP/1.1\r\n\r\n", 400),
-    (b"GET metrics HTTP/1.1\r\n\r\n", 400),
-    (b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", 400),
-    (b"GET /metrics HTTP/1.1\r\nX-A: b\r\n  folded\r\n\r\n", 400),
-    (b"GET /metrics HTTP/1.1\r\nBad Name: x\r\n\r\n", 400),
-    (b"POST /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", 405),
-    (b"GET /metrics HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc", 413),
-    (b"GET /metrics HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 413),
+    (b"GET  /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"G(T /metrics HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET metrics HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400),  # asterisk form is for OPTIONS only
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nBad Name: x\r\n\r\n", 400),
+    (b"GET /metrics HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 without Host
+    (b"GET /metrics HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),  # two Hosts
+    (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 405),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", 413),
+    (b"GET /metrics HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 413),
 ])
 def test_bad_requests_get_a_4xx_and_the_server_goes_on(serve, raw, status):
     server = serve()
@@ -224,24 +252,31 @@ def test_bad_requests_get_a_4xx_and_the_server_goes_on(serve, raw, status):
 
 def test_head_http10_and_half_close(serve):
     server = serve()
-    head = ask(server, b"HEAD /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+    head = ask(server, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status_of(head) == 200 and b"Content-Length: 3\r\n" in head and head.endswith(b"\r\n\r\n")
     assert ask(server, b"GET /metrics HTTP/1.0\r\n\r\n").endswith(b"ok\n")  # 1.0: answered, then closed
     with connect(server) as s:
-        s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         s.shutdown(socket.SHUT_WR)  # like `printf ... | nc -N`
         assert read_until_closed(s).endswith(b"ok\n")
 
 
+_HEAD_PARTS = st.sampled_from([b"GET ", b"HEAD ", b"OPTIONS ", b"/", b"*", b"http://h/p?q", b" HTTP/1.1",
+                                b" HTTP/1.0", b"\r\n", b"\n", b"Host: x", b":", b" ", b"\t", b"%00", b"\x00",
+                                b"\xff", b"Connection: close", b"Content-Length: 0"])
+
+
 @settings(max_examples=400, deadline=None)
-@given(st.binary(max_size=300) | st.text(max_size=300).map(lambda t: t.encode("utf-8")))
+@given(st.binary(max_size=300) | st.text(max_size=300).map(lambda t: t.encode("utf-8"))
+       | st.lists(_HEAD_PARTS, max_size=40).map(b"".join))
 def test_parse_head_only_ever_raises_bad_request(head):
     try:
-        request = parse_head(head, "-", 100)
+        request = parse_head(head, "-")
     except BadRequest as exc:
         assert 400 <= exc.status < 600
     else:
-        assert request.method and request.target.startswith("/")
+        assert request.method and request.version in ("HTTP/1.0", "HTTP/1.1")
+        assert request.path.startswith("/") or (request.path == "*" and request.method == "OPTIONS")
 
 
 def test_concurrent_scrapes_of_one_snapshot_share_one_render():
