@@ -254,6 +254,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              __version__, scheme, shown, port, cfg.telemetry_path, auth, cfg.sample_interval, backend)
     if auth and scheme == "http":
         log.warning("basic auth without TLS: passwords cross the network in clear text")
+    for note in cfg.web_config.notes() if cfg.web_config else ():
+        log.warning("web config: %s", note)
     stop.wait()
     log.info("shutting down")
     server.shutdown()

@@ -247,6 +247,11 @@ def _reason(exc: Exception) -> str:
     return str(getattr(exc, "reason", None) or exc)
 
 
+def _load_chain(ctx: ssl.SSLContext, cert: bytes, key: bytes) -> None:
+    with _memory_file(cert) as cert_path, _memory_file(key) as key_path:
+        ctx.load_cert_chain(cert_path, key_path, password=_no_passphrase)
+
+
 def new_tls_context(tls: TlsSettings) -> ssl.SSLContext:
     """A fresh server context for the settings; reads the certificate files. Raises ValueError."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -254,8 +259,7 @@ def new_tls_context(tls: TlsSettings) -> ssl.SSLContext:
     ctx.maximum_version = tls.max_version or ssl.TLSVersion.MAXIMUM_SUPPORTED
     cert, key = tls.cert.read("cert_file"), tls.key.read("key_file")
     try:
-        with _memory_file(cert) as cert_path, _memory_file(key) as key_path:
-            ctx.load_cert_chain(cert_path, key_path, password=_no_passphrase)
+        _load_chain(ctx, cert, key)
     except (ssl.SSLError, ValueError) as exc:
         raise ValueError(f"{SECTION}: cannot load {tls.cert.describe('cert_file')} with "
                          f"{tls.key.describe('key_file')}: {_reason(exc)}") from None
@@ -275,7 +279,41 @@ def new_tls_context(tls: TlsSettings) -> ssl.SSLContext:
         ctx.set_ecdh_curve(tls.curve)
     if not tls.prefer_server_ciphers:
         ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    if tls.min_version < ssl.TLSVersion.TLSv1_2 and not _speaks(cert, key, tls.min_version):
+        name = next(k for k, v in TLS_VERSIONS.items() if v == tls.min_version)
+        raise ValueError(f"{SECTION}.min_version {name}: this system's OpenSSL ({ssl.OPENSSL_VERSION}) refuses "
+                         "that version at its security level; use TLS12")
     return ctx
+
+
+def _speaks(cert: bytes, key: bytes, version: ssl.TLSVersion) -> bool:
+    """Whether a handshake at exactly `version` succeeds with this certificate (in memory, no network):
+    setting minimum_version is accepted even where OpenSSL's security level then refuses the version."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    _load_chain(server, cert, key)
+    server.minimum_version = version
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    client.minimum_version = client.maximum_version = version
+    pipes = [(ssl.MemoryBIO(), ssl.MemoryBIO()) for _ in range(2)]
+    c = client.wrap_bio(pipes[0][0], pipes[0][1])
+    s = server.wrap_bio(pipes[1][0], pipes[1][1], server_side=True)
+    try:
+        for _ in range(10):
+            done = 0
+            for obj in (c, s):
+                try:
+                    obj.do_handshake()
+                    done += 1
+                except ssl.SSLWantReadError:
+                    pass
+            pipes[1][0].write(pipes[0][1].read())
+            pipes[0][0].write(pipes[1][1].read())
+            if done == 2:
+                return True
+    except ssl.SSLError:
+        return False
+    return False
 
 
 def peer_sans(peercert: dict[str, Any] | None) -> set[str]:
