@@ -219,7 +219,7 @@ class _Connection(asyncio.Protocol):
             if self.state == "handshake":
                 if not self.tls.handshaken:
                     return
-                if not self.server.allow_peer(self.tls.peercert()):
+                if not self.server.allow_peer(self.tls.peercert):
                     log.debug("%s: client certificate names none of client_allowed_sans", self.peer)
                     self.close("client_san")
                     return
@@ -440,15 +440,15 @@ class HttpServer:
     tls: returns the SSL context for a new connection (None: plain HTTP); asked per connection, so a
     reloaded configuration takes effect for the next client without touching live ones.
     background: blocking work (config reloads) run every second on its own thread, never overlapping.
-    allow_peer: after a TLS handshake, whether that client (its certificate, as getpeercert() gives it)
-    may stay; allow_request: False answers 429 (a rate limit). Both run on the loop: keep them cheap."""
+    allow_peer: after a TLS handshake, whether that client may stay, given a getter for its certificate
+    (as getpeercert() decodes it; only called when needed); allow_request: False answers 429 (a rate limit). Both run on the loop: keep them cheap."""
 
     def __init__(self, sock: socket.socket, app: App, limits: Limits = Limits(),
                  tls: Callable[[], ssl.SSLContext | None] = lambda: None, auth: Authenticator | None = None,
                  extra_headers: Callable[[], tuple[tuple[str, str], ...]] = lambda: (),
                  server_name: str = "exporter", background: Callable[[], None] | None = None,
                  priority_paths: frozenset[str] = frozenset({"/healthz"}),
-                 allow_peer: Callable[[dict | None], bool] = lambda cert: True,
+                 allow_peer: Callable[[Callable[[], dict | None]], bool] = lambda peercert: True,
                  allow_request: Callable[[Request], bool] = lambda request: True) -> None:
         self.socket = sock
         self.server_address = sock.getsockname()

@@ -298,5 +298,5 @@ def make_server(
         extra_headers=web_config.headers if web_config else (lambda: ()),
         server_name=f"gpu-telemetry-exporter/{__version__}",
         background=web_config.poll if web_config else None,
-        allow_peer=web_config.allow_peer if web_config else (lambda cert: True),
+        allow_peer=web_config.allow_peer if web_config else (lambda peercert: True),
         allow_request=web_config.allow_request if web_config else (lambda request: True))

@@ -46,7 +46,7 @@ import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from exporter import tlsconfig
 from exporter.httpd import Request, Response
@@ -278,10 +278,11 @@ class WebConfigWatcher:
     def notes(self) -> tuple[str, ...]:
         return self.config.notes
 
-    def allow_peer(self, peercert: dict | None) -> bool:
-        """After a TLS handshake: whether the client's certificate names an allowed SAN (if that is set)."""
+    def allow_peer(self, peercert: Callable[[], dict | None]) -> bool:
+        """After a TLS handshake: whether the client's certificate names an allowed SAN (if that is set);
+        the certificate is decoded only then."""
         tls = self.config.tls
-        return tls is None or tlsconfig.allowed_peer(tls, peercert)
+        return tls is None or tls.allowed_sans is None or tlsconfig.allowed_peer(tls, peercert())
 
     def allow_request(self, request: Request) -> bool:
         """rate_limit: False when the request is over the budget (429)."""

@@ -42,9 +42,8 @@ def make_cert(d: Path, ca: str, name: str, ext: str) -> None:
             "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt", cwd=d)
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
+def make_pki(d: Path) -> Path:
+    """Two CAs; server certificates for 127.0.0.1; a client of "ca" and a stranger of "other-ca"."""
     make_ca(d, "ca")
     make_ca(d, "other-ca")
     make_cert(d, "ca", "server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
@@ -52,6 +51,11 @@ def pki(tmp_path_factory) -> Path:
     make_cert(d, "ca", "client", "extendedKeyUsage=clientAuth\n")
     make_cert(d, "other-ca", "stranger", "extendedKeyUsage=clientAuth\n")
     return d
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def htpasswd_hash(password: str) -> str:

@@ -24,7 +24,7 @@ from exporter.ratelimit import RateLimit, TokenBucket, parse_rate_limit
 from exporter.webconfig import WebConfigError, WebConfigWatcher, parse_web_config
 from exporter.webheaders import parse_headers
 from tests.conftest import REPO, ExporterProcess, ManualClock, read_until_closed
-from tests.test_web_security import client_context, get, htpasswd_hash, make_ca, make_cert, openssl, refused
+from tests.test_web_security import client_context, get, htpasswd_hash, make_cert, make_pki, openssl, refused
 
 CLIENT = "extendedKeyUsage=clientAuth\n"
 SPIFFE = "spiffe://cluster.local/ns/monitoring/sa/prometheus"
@@ -32,17 +32,12 @@ SPIFFE = "spiffe://cluster.local/ns/monitoring/sa/prometheus"
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("parity-pki")
-    make_ca(d, "ca")
-    make_ca(d, "other-ca")
-    make_cert(d, "ca", "server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    make_cert(d, "ca", "client", CLIENT)
+    d = make_pki(tmp_path_factory.mktemp("parity-pki"))
     make_cert(d, "ca", "by-dns", f"subjectAltName=DNS:scraper.example.net\n{CLIENT}")
     make_cert(d, "ca", "by-email", f"subjectAltName=email:ops@example.net\n{CLIENT}")
     make_cert(d, "ca", "by-uri", f"subjectAltName=URI:{SPIFFE}\n{CLIENT}")
     make_cert(d, "ca", "by-ipv6", f"subjectAltName=IP:::1\n{CLIENT}")
     make_cert(d, "ca", "intruder", f"subjectAltName=DNS:intruder.example.net,email:x@example.net\n{CLIENT}")
-    make_cert(d, "other-ca", "stranger", CLIENT)
     openssl("pkey", "-in", "server.key", "-aes256", "-passout", "pass:x", "-out", "encrypted.key", cwd=d)
     return d
 
