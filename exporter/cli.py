@@ -256,7 +256,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("basic auth without TLS: passwords cross the network in clear text")
     for note in cfg.web_config.notes() if cfg.web_config else ():
         log.warning("web config: %s", note)
-    stop.wait()
+    # A signal the kernel hands to another thread only runs its Python handler when the main thread
+    # wakes up: wake it every half second rather than block for good.
+    while not stop.wait(0.5):
+        pass
     log.info("shutting down")
     server.shutdown()
     server.server_close()

@@ -470,7 +470,7 @@ class HttpServer:
         self._background_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-background")
         self._auth_queue: FairQueue[tuple[Request, asyncio.Future]] = FairQueue(limits.max_pending_auth)
         self._auth_worker: asyncio.Task | None = None
-        self._accept_failing = False
+        self._accept_logged_at = -1e9  # monotonic time of the last "cannot accept" line
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future | None = None
         self._running = threading.Event()
@@ -478,9 +478,6 @@ class HttpServer:
 
     # -- connection bookkeeping (loop thread)
     def admit(self, conn: _Connection, tls: bool) -> bool:
-        if self._accept_failing:
-            self._accept_failing = False
-            log.info("accepting connections again")
         if len(self._connections) >= self.limits.max_connections:
             victim = self._evictable()
             if victim is not None:
@@ -619,14 +616,16 @@ class HttpServer:
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-            # asyncio's accept loop retries by itself a second later; one line per episode, not a traceback
-            # per attempt
+            # asyncio's accept loop retries by itself a second later: one line a minute while it lasts, not a
+            # traceback per attempt
             self.stats.closed["accept_failed"] += 1
-            if not self._accept_failing:
-                self._accept_failing = True
-                log.error("cannot accept connections: %s (open file limit %d, %d connections open); "
-                          "retrying every second", exc.strerror, resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-                          self.stats.open_connections)
+            now = time.monotonic()
+            if now - self._accept_logged_at >= 60:
+                self._accept_logged_at = now
+                log.error("cannot accept connections: %s (open file limit %d, %d connections open); retrying "
+                          "every second, logged once a minute (exporter_http_connections_closed_total"
+                          "{reason=\"accept_failed\"} counts them)", exc.strerror,
+                          resource.getrlimit(resource.RLIMIT_NOFILE)[0], self.stats.open_connections)
             return
         loop.default_exception_handler(context)
 

@@ -1,12 +1,16 @@
 """Load generators shared by tests/test_load.py (which asserts) and bench/load.py (which reports):
-many keep-alive scrapers, a burst of simultaneous one-shot requests, a slowloris crowd, and a watch on
-the exporter's thread count. 127.0.0.1 only; every loop ends by itself."""
+many keep-alive scrapers, a burst of simultaneous one-shot requests, a slowloris crowd, idle TLS and
+silent TCP connections, password guessers, and watches on the exporter's thread count and memory. 127.0.0.1 only; every loop ends by itself."""
 from __future__ import annotations
 
+import base64
 import http.client
 import socket
+import ssl
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -176,3 +180,90 @@ class SlowLoris:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(30)
+
+
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """Resident memory of a process from /proc/<pid>/status (VmRSS now, VmHWM peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field}: line")
+
+
+def timed_get(url: str, context: ssl.SSLContext | None = None, headers: dict | None = None,
+              timeout: float = 10.0) -> tuple[object, float]:
+    """(status or the error, seconds) for one GET on a new connection."""
+    t0 = time.monotonic()
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as r:
+            r.read()
+            status: object = r.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except OSError as exc:
+        status = repr(exc)
+    return status, time.monotonic() - t0
+
+
+def tls_client_context() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    return ctx
+
+
+def open_tls_idle(port: int, n: int, timeout: float = 10.0) -> list[socket.socket]:
+    """n TLS connections that finish the handshake and then send nothing (those the server cut stay
+    in the list, closed)."""
+    ctx = tls_client_context()
+    socks = []
+    for _ in range(n):
+        try:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            socks.append(ctx.wrap_socket(raw, server_hostname="127.0.0.1"))
+        except OSError:
+            pass
+    return socks
+
+
+def open_silent(port: int, n: int) -> list[socket.socket]:
+    """n TCP connections that send nothing at all (no TLS ClientHello, no request)."""
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        socks.append(s)
+    return socks
+
+
+def basic_auth(user: str, password: str) -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+class Guessers:
+    """`n` clients guessing passwords back to back (a new user name and password, on a new connection,
+    each time) until the block ends."""
+
+    def __init__(self, url: str, n: int, context: ssl.SSLContext | None = None) -> None:
+        self.url, self.n, self.context = url, n, context
+        self.statuses: list[object] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
+
+    def _run(self, i: int) -> None:
+        k = 0
+        while not self._stop.is_set():
+            k += 1
+            status, _ = timed_get(self.url, self.context, basic_auth(f"guess{i}-{k}", f"pw{k}"), timeout=10)
+            self.statuses.append(status)
+
+    def __enter__(self) -> "Guessers":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(15)

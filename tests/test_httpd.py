@@ -313,3 +313,227 @@ def test_serves_on_ipv6_loopback():
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- HTTP details h11 gets right (issue #13's smaller ones)
+
+def test_bare_lf_absolute_form_and_options_are_answered(serve):
+    server = serve()
+    assert status_of(ask(server, b"GET /metrics HTTP/1.1\nHost: x\nConnection: close\n\n")) == 200  # no hang
+    absolute = ask(server, b"GET http://x/fast?a=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(absolute) == 200 and absolute.endswith(b"inline\n")
+    options = ask(server, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status_of(options) == 200 and b"Allow: GET, HEAD, OPTIONS\r\n" in options
+
+
+def test_http10_keep_alive_gets_its_answer_and_the_connection_ends(serve):
+    server = serve(idle_timeout_s=30)
+    with connect(server) as s:
+        s.sendall(b"GET /metrics HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        s.settimeout(3)  # h11 answers 1.0 with Connection: close and closes: no wait for the idle timeout
+        t0 = time.monotonic()
+        data = read_until_closed(s)
+    assert status_of(data) == 200 and data.endswith(b"ok\n") and b"Connection: close" in data
+    assert time.monotonic() - t0 < 3
+
+
+def test_an_exception_while_answering_closes_that_connection_and_is_logged(serve, caplog):
+    """Defect 4: a header value h11 cannot encode used to leave every connection hanging."""
+    server = serve(idle_timeout_s=30, header_timeout_s=30)
+    server.extra_headers = lambda: (("X-Quote", "\u201cq\u201d"),)
+    with connect(server) as s, caplog.at_level("ERROR", logger="exporter.server"):
+        s.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert closed_within(s, 3.0)
+    assert server.stats.closed["internal_error"] == 1
+    assert any("error answering GET /fast" in r.getMessage() for r in caplog.records)
+    server.extra_headers = lambda: ()
+    assert status_of(ask(server, GOOD)) == 200  # the server itself goes on
+
+
+def test_background_work_runs_off_the_loop(serve):
+    """Defect 8: reloads (YAML, certificates, bcrypt) block; /healthz must not wait for them."""
+    threads = []
+
+    def slow_reload() -> None:
+        threads.append(threading.current_thread().name)
+        time.sleep(1.5)
+
+    server = HttpServer(bind("127.0.0.1:0"), App(), Limits(), background=slow_reload)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 5
+        while not threads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        assert status_of(ask(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) == 200
+        assert time.monotonic() - t0 < 1.0  # answered while the reload still sleeps
+        assert threads[0].startswith("http-background")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- TLS inside the connection (defect 2)
+
+@pytest.fixture(scope="module")
+def tls_context(tmp_path_factory):
+    import ssl
+    import subprocess
+
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-keyout", str(d / "k"), "-out", str(d / "c")],
+                   check=True, capture_output=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(d / "c", d / "k")
+    return ctx
+
+
+def tls_serve(ctx, **limits) -> HttpServer:
+    server = HttpServer(bind("127.0.0.1:0"), App(), Limits(**limits), tls=lambda: ctx)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def tls_wrap(server: HttpServer):
+    from tests.loadgen import tls_client_context
+
+    return tls_client_context().wrap_socket(connect(server), server_hostname="127.0.0.1")
+
+
+def test_handshaking_connections_count_against_the_cap_and_the_header_deadline(tls_context):
+    server = tls_serve(tls_context, max_connections=4, reserve_connections=0, header_timeout_s=0.5)
+    try:
+        silent = [connect(server) for _ in range(4)]  # TCP only, never a ClientHello
+        deadline = time.monotonic() + 3
+        while server.stats.open_connections < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.stats.open_connections == 4  # admitted (and counted) before any handshake
+        with tls_wrap(server) as s:  # the cap is full of handshaking ones: the oldest makes room
+            s.sendall(GOOD)
+            assert status_of(read_until_closed(s)) == 200
+        assert server.stats.closed["evicted"] >= 1
+        assert all(closed_within(s, 3.0) for s in silent[1:])  # the head deadline covers the handshake
+        assert server.stats.closed["header_timeout"] >= 3
+        for s in silent:
+            s.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tls_half_closed_client_gets_its_answer(tls_context):
+    server = tls_serve(tls_context)
+    try:
+        with tls_wrap(server) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.settimeout(5)
+            # the TCP half-close of `printf 'GET ...' | openssl s_client -ign_eof`: no more data will come
+            socket.socket.shutdown(s, socket.SHUT_WR)
+            data = b""
+            try:
+                while chunk := s.recv(65536):
+                    data += chunk
+            except (OSError, ValueError):
+                pass
+        assert status_of(data) == 200 and data.endswith(b"ok\n")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_bad_tls_is_a_closed_connection_not_a_stuck_one(tls_context):
+    server = tls_serve(tls_context)
+    try:
+        answer = ask(server, GOOD)  # plain HTTP to the TLS port: Go's answer (issue #19)
+        assert answer.startswith(b"HTTP/1.0 400 Bad Request") and server.stats.closed["bad_request"] == 1
+        assert not ask(server, b"\x15\x03\x03\x00\x02\x02\x28" * 4).startswith(b"HTTP")  # an alert, closed
+        assert server.stats.closed["tls_error"] == 1
+        with tls_wrap(server) as s:
+            s.sendall(GOOD)
+            assert status_of(read_until_closed(s)) == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- fair password-check queue (defect 3)
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["push", "pop"]), st.integers(0, 5)), max_size=200),
+       st.integers(1, 8))
+def test_fair_queue_is_bounded_and_a_flood_only_pushes_itself_out(ops, capacity):
+    from exporter.fairqueue import FairQueue
+
+    q: FairQueue[tuple[int, int]] = FairQueue(capacity)
+    waiting: dict[int, list[tuple[int, int]]] = {}
+    for n, (op, key) in enumerate(ops):
+        if op == "push":
+            lengths = {k: len(v) for k, v in waiting.items()}
+            dropped = q.push(key, (key, n))
+            waiting.setdefault(key, []).append((key, n))
+            if dropped is not None:
+                waiting[dropped[0]].remove(dropped)
+                # whoever lost a place belongs to a key at least as long as the newcomer's
+                assert lengths.get(dropped[0], 0) + (dropped[0] == key) >= lengths.get(key, 0) + 1
+        else:
+            item = q.pop()
+            if item is not None:
+                waiting[item[0]].remove(item)
+                assert item == min(waiting[item[0]] + [item], key=lambda i: i[1])  # FIFO within a key
+        assert len(q) == sum(map(len, waiting.values())) <= capacity
+
+
+def test_fair_queue_serves_keys_in_turn():
+    from exporter.fairqueue import FairQueue
+
+    q: FairQueue[str] = FairQueue(64)
+    for i in range(20):
+        q.push("flood", f"guess{i}")
+    q.push("scraper", "login")
+    served = [q.pop() for _ in range(3)]
+    assert "login" in served[:2]  # after at most one of the flood's, not after all twenty
+
+
+# -- /api/v1/samples (defect 7)
+
+def test_samples_share_one_render_per_snapshot_and_window_and_cap_renders(mocker):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from exporter.history import SampleHistory
+    from exporter.server import _SamplesCache
+
+    history = SampleHistory(60, 1.0)
+    generation = [object()]
+    slow = threading.Event()
+    real_query = history.query
+
+    def query(window: float) -> dict:
+        slow.wait(2)
+        return real_query(window)
+
+    spy = mocker.patch.object(history, "query", side_effect=query)
+    cache = _SamplesCache(history, lambda: generation[0], renders=1)
+    with ThreadPoolExecutor(12) as pool:
+        same = [pool.submit(cache.get, 30.0) for _ in range(10)]
+        other = pool.submit(cache.get, 10.0)  # a second window while the only render slot is taken
+        time.sleep(0.3)
+        slow.set()
+        bodies = {f.result() for f in same}
+        assert other.result() is None  # refused at once, not queued
+    assert len(bodies) == 1 and spy.call_count == 1
+    generation[0] = object()  # next snapshot: rendered anew
+    assert cache.get(30.0) is not None and spy.call_count == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=600) | st.lists(st.sampled_from(["window=", "&", "=", "1", "9", "s", "m", "%", "ff", ";"]),
+                                        max_size=300).map("".join))
+def test_samples_window_only_ever_raises_value_error_and_stays_short(query):
+    from exporter.server import samples_window
+
+    try:
+        window = samples_window(query)
+    except ValueError:
+        return
+    assert len(window) <= 32

@@ -331,3 +331,145 @@ def http_get_plain(url: str) -> bytes:
     from tests.conftest import http_get
 
     return http_get(url)[2]
+
+
+# -- issue #13: web config hardening
+
+@pytest.mark.parametrize("config, message", [
+    ("http_server_config: {headers: {Strict-Transport-Security: \u201cmax-age=1\u201d}}", "plain ASCII"),
+    ("http_server_config: {headers: {X-Frame-Options: \"a\\tb\\x01\"}}", "plain ASCII"),
+    ("tls_server_config: {cert_file: [a.crt], key_file: a.key}", "cert_file: want a string"),
+    ("tls_server_config: {cert_file: a.crt, key_file: {7: 7}}", "key_file: want a string"),  # 7 alone: "7", as in Go
+    ("tls_server_config: {cert_file: a.crt, key_file: a.key, client_auth_type: [x]}", "client_auth_type"),
+    ("tls_server_config: {cert_file: a.crt, key_file: a.key, min_version: 1.2}", "min_version"),
+    ("tls_server_config: {cert_file: a.crt, key_file: a.key, client_auth_type: {a: b}}", "client_auth_type"),
+    ("http_server_config: {headers: {1: b}}", "1 can not be configured"),
+    ("basic_auth_users: {7: x}", "not a user name"),
+    ("basic_auth_users: {prometheus: [x]}", "not a bcrypt hash"),
+    ("basic_auth_users: {prometheus: \"$2y$10$" + "a" * 53 + "\\n\"}", "not a bcrypt hash"),  # trailing newline
+    ("basic_auth_users: {prometheus: \"$2y$31$" + "a" * 53 + "\"}", "bcrypt cost 31"),
+    ("basic_auth_users: {prometheus: \"$2y$03$" + "a" * 53 + "\"}", "bcrypt cost 3"),
+    ("http_server_config: [1, 2]", "want a mapping"),
+])
+def test_wrong_types_and_bad_values_are_one_line_errors(config, message, tmp_path):
+    with pytest.raises(WebConfigError, match=message) as err:
+        parse_web_config(config, tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_non_utf8_and_typographic_quote_configs_exit_2_with_one_line(tmp_path):
+    (tmp_path / "latin1.yml").write_bytes(b"http_server_config:\n  headers:\n    X-Frame-Options: \xe9t\xe9\n")
+    (tmp_path / "quotes.yml").write_text("http_server_config:\n  headers:\n    X-Frame-Options: \u201cDENY\u201d\n")
+    for name in ("latin1.yml", "quotes.yml"):
+        r = subprocess.run([sys.executable, "-m", "exporter", "--web.config.file", str(tmp_path / name)],
+                           cwd=REPO, capture_output=True, text=True, timeout=30)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "not UTF-8" in subprocess.run(
+        [sys.executable, "-m", "exporter", "--web.config.file", str(tmp_path / "latin1.yml")], cwd=REPO,
+        capture_output=True, text=True, timeout=30).stderr
+
+
+def test_a_bad_reload_logs_one_error_and_keeps_serving(tmp_path, caplog):
+    path = tmp_path / "web.yml"
+    path.write_text("http_server_config: {headers: {X-Frame-Options: deny}}\n")
+    watcher = WebConfigWatcher(path)
+    for bad in (b"http_server_config: {headers: {X-Frame-Options: \xff}}\n",
+                "http_server_config: {headers: {X-Frame-Options: \u201cDENY\u201d}}\n".encode(),
+                b"tls_server_config: {cert_file: [1], key_file: 2}\n"):
+        caplog.clear()
+        path.write_bytes(bad)
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+        with caplog.at_level("ERROR", logger="exporter.webconfig"):
+            assert watcher.poll() is False
+            assert watcher.poll() is False  # unchanged: not logged again
+        assert len(caplog.records) == 1 and "not reloaded" in caplog.records[0].getMessage()
+        assert caplog.records[0].exc_info is None  # one line, no traceback
+        assert watcher.headers() == (("X-Frame-Options", "deny"),)
+
+
+def test_dummy_hash_for_unknown_users_costs_what_the_configured_ones_cost():
+    """Defect 3: a fixed cost-10 dummy beside cost-5 users told which user names exist."""
+    for cost in (4, 6):
+        auth = BasicAuth({"a": bcrypt.hashpw(b"x", bcrypt.gensalt(rounds=4)),
+                          "b": bcrypt.hashpw(b"y", bcrypt.gensalt(rounds=cost))})
+        assert auth._dummy.split(b"$")[2] == b"%02d" % cost
+    assert BasicAuth({"a": bcrypt.hashpw(b"x", bcrypt.gensalt(rounds=4))}).user(request_with(basic("a", "x"))) == "a"
+
+
+def test_min_version_tls10_is_refused_or_really_spoken(pki):
+    """`min_version: TLS10` must not claim what this OpenSSL refuses: either it is an error at load, or a
+    TLS 1.0 client really gets through."""
+    from exporter.webconfig import build_tls_context, load_web_config
+
+    (pki / "tls10.yml").write_text("tls_server_config: {cert_file: server.crt, key_file: server.key, "
+                                   "min_version: TLS10}\n")
+    try:
+        server_ctx = build_tls_context(load_web_config(pki / "tls10.yml").tls)
+    except WebConfigError as exc:
+        assert "refuses" in str(exc) and "TLS12" in str(exc)
+        return
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    client.minimum_version = client.maximum_version = ssl.TLSVersion.TLSv1
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    c, s = client.wrap_bio(c_in, c_out), server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    for _ in range(10):
+        for obj in (c, s):
+            try:
+                obj.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    assert c.version() == "TLSv1"
+
+
+def test_reload_drops_a_removed_client_ca(pki, tmp_path):
+    """Defect 8: the live SSL context was changed in place, and load_verify_locations only ever adds."""
+    bundle = tmp_path / "clients.crt"
+    bundle.write_bytes((pki / "ca.crt").read_bytes() + (pki / "other-ca.crt").read_bytes())
+    config = tmp_path / "mtls.yml"
+    config.write_text(f"tls_server_config:\n  cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n"
+                      f"  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: {bundle}\n")
+    exporter = ExporterProcess("--fake-gpus", "1", "--web.config.file", str(config))
+    try:
+        port = exporter.port
+        assert get(port, "/metrics", client_context(pki, "stranger"))[0] == 200  # other-ca is trusted
+        bundle.write_bytes((pki / "ca.crt").read_bytes())  # other-ca removed
+        deadline = time.monotonic() + 10
+        while not refused(lambda: get(port, "/metrics", client_context(pki, "stranger"))) \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert refused(lambda: get(port, "/metrics", client_context(pki, "stranger")))
+        assert get(port, "/metrics", client_context(pki, "client"))[0] == 200
+    finally:
+        stop_process(exporter.proc)
+
+
+def test_sighup_reloads_and_sigusr_signals_do_not_kill(tmp_path):
+    """Defect 9: SIGHUP, SIGUSR1 and SIGUSR2 ended the process silently."""
+    import signal
+
+    path = tmp_path / "web.yml"
+    path.write_text("http_server_config: {headers: {X-Frame-Options: deny}}\n")
+    exporter = ExporterProcess("--fake-gpus", "1", "--web.config.file", str(path))
+    try:
+        for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+            exporter.proc.send_signal(sig)
+        deadline = time.monotonic() + 10
+        while "reloaded" not in exporter.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert exporter.proc.poll() is None
+        log = exporter.log()
+        assert "SIGUSR1 ignored" in log and "SIGUSR2 ignored" in log and "web config" in log and "reloaded" in log
+        status, _, _ = http_get_plain_status(f"http://127.0.0.1:{exporter.port}/healthz")
+        assert status in (200, 503)
+    finally:
+        stop_process(exporter.proc)
+
+
+def http_get_plain_status(url: str) -> tuple[int, dict, bytes]:
+    from tests.conftest import http_get
+
+    return http_get(url)

@@ -1,0 +1,139 @@
+"""Issue #13 against the exporter as a user runs it, on 127.0.0.1 with bounded loops: TLS memory under
+idle and silent connections, the file-descriptor limit, password guessing beside a real first login,
+/api/v1/samples under concurrency and hostile query strings, content negotiation."""
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import bcrypt
+import pytest
+
+from tests.conftest import REPO, ExporterProcess, http_get, stop_process
+from tests.loadgen import Guessers, basic_auth, open_silent, open_tls_idle, rss_bytes, timed_get, tls_client_context
+
+pytestmark = pytest.mark.e2e
+MB = 1024 * 1024
+
+
+@pytest.fixture
+def cert(tmp_path) -> Path:
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1", "-keyout", str(tmp_path / "s.key"), "-out",
+                    str(tmp_path / "s.crt")], check=True, capture_output=True)
+    (tmp_path / "tls.yml").write_text("tls_server_config: {cert_file: s.crt, key_file: s.key}\n")
+    return tmp_path / "tls.yml"
+
+
+def test_idle_tls_and_silent_connections_stay_within_memory_and_scrapes_go_on(cert, exporter_proc):
+    """Defect 2: each TLS connection cost ~256 KiB, and handshaking ones were not counted at all."""
+    e = exporter_proc("--fake-gpus", "2", "--web.config.file", str(cert), "--web.max-connections", "64")
+    ctx = tls_client_context()
+    url = f"https://127.0.0.1:{e.port}"
+    assert timed_get(url + "/healthz", ctx)[0] in (200, 503)
+    base = rss_bytes(e.proc.pid)
+    idle = open_tls_idle(e.port, 100)
+    silent = open_silent(e.port, 400)
+    try:
+        time.sleep(1)
+        assert timed_get(url + "/healthz", ctx)[0] == 200
+        assert timed_get(url + "/metrics", ctx)[0] == 200
+        growth = rss_bytes(e.proc.pid, "VmHWM") - base
+        assert growth < 40 * MB, f"RSS grew {growth / MB:.0f} MB"  # was ~130 MB: 500 x 256 KiB buffers
+        body = timed_get(url + "/metrics", ctx)
+        assert body[0] == 200
+    finally:
+        for s in idle + silent:
+            s.close()
+
+
+def test_at_the_file_descriptor_limit_one_line_is_logged_and_serving_resumes(tmp_path):
+    log_path = tmp_path / "exporter.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            ["bash", "-c", 'ulimit -n 48 && exec "$0" -m exporter --fake-gpus 1 --web.listen-address 127.0.0.1:0',
+             sys.executable], cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        import re
+        deadline = time.monotonic() + 15
+        while not (m := re.search(r"listening on http://127\.0\.0\.1:(\d+)/", log_path.read_text())):
+            assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()
+            time.sleep(0.05)
+        port = int(m.group(1))
+        silent = open_silent(port, 80)
+        time.sleep(3.5)  # asyncio retries accept every second
+        text = log_path.read_text()
+        assert text.count("cannot accept connections") == 1 and "Traceback" not in text, text[-3000:]
+        for s in silent:
+            s.close()
+        deadline = time.monotonic() + 10
+        status: object = None
+        while status != 200 and time.monotonic() < deadline:
+            status = timed_get(f"http://127.0.0.1:{port}/healthz", timeout=3)[0]
+            time.sleep(0.2)
+        assert status == 200 and proc.poll() is None
+    finally:
+        stop_process(proc)
+
+
+def test_a_first_login_gets_in_while_16_clients_guess(tmp_path, exporter_proc):
+    """Defect 3: the real scraper's first (uncached) login got 503 'too many pending authentications'
+    whenever guessers kept the bcrypt queue full."""
+    users = {f"scraper{i}": f"pw{i}" for i in range(3)}
+    (tmp_path / "auth.yml").write_text("basic_auth_users:\n" + "".join(
+        f"  {u}: {bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=8)).decode()}\n" for u, p in users.items()))
+    e = exporter_proc("--fake-gpus", "1", "--web.config.file", str(tmp_path / "auth.yml"))
+    url = e.url + "/metrics"
+    with Guessers(url, 16) as guessers:
+        time.sleep(1.5)
+        logins = [timed_get(url, headers=basic_auth(u, p), timeout=15)[0] for u, p in users.items()]
+    assert logins == [200, 200, 200]
+    assert guessers.statuses.count(401) > 16  # the guessing was real and was answered
+    assert set(guessers.statuses) <= {401, 503}
+
+
+def test_samples_api_is_bounded_under_concurrency_and_hostile_queries(exporter_proc):
+    """Defects 1 (the query side) and 7: a long window value, a long query string and 30 concurrent
+    clients get 400s, shared renders or a quick 503, and /healthz is answered meanwhile."""
+    e = exporter_proc("--fake-gpus", "8", "--sample.interval", "100ms", "--history.window", "1m")
+    e.wait_for_sample()
+    for query in ("window=" + "9" * 2_000 + "x", "window=" + "9" * 40, "a=b&" * 600, "window=1s&" * 20,
+                  "window=%ff%fe"):
+        t0 = time.monotonic()
+        status, _, body = http_get(f"{e.url}/api/v1/samples?{query}", timeout=10)
+        assert status == 400 and b"error" in body and time.monotonic() - t0 < 5, (query[:20], status)
+    assert http_get(f"{e.url}/api/v1/samples?window={'9' * 20_000}x", timeout=10)[0] == 431  # past the head cap
+    statuses: list[object] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            statuses.append(timed_get(e.url + "/api/v1/samples?window=1m", timeout=20)[0])
+
+    threads = [threading.Thread(target=client) for _ in range(30)]
+    for t in threads:
+        t.start()
+    try:
+        health = [timed_get(e.url + "/healthz", timeout=10)[0] for _ in range(10)]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert health.count(200) == 10
+    assert statuses.count(200) > 0 and set(statuses) <= {200, 503}
+
+
+def test_gzip_only_when_accepted_and_vary_always(exporter_proc):
+    e = exporter_proc("--fake-gpus", "1")
+    e.wait_for_sample()
+    for accept, gz in (("gzip", True), ("gzip;q=0", False), ("identity, gzip;q=0.0", False),
+                       ("*;q=0.5", True), ("gzip;q=0, *", False), ("br", False), ("GZIP;Q=1", True)):
+        status, headers, body = http_get(e.url + "/metrics", headers={"Accept-Encoding": accept})
+        assert status == 200 and headers.get("Content-Encoding") == ("gzip" if gz else None), accept
+        assert "Accept-Encoding" in headers["Vary"]
+        text = gzip.decompress(body) if gz else body
+        assert b"gpu_up" in text
