@@ -7,6 +7,7 @@ PEM, the cipher and curve actually negotiated, 429 after the burst, headers serv
 the wrong protocol on either port."""
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import subprocess
@@ -74,10 +75,14 @@ def test_verify_without_a_ca_uses_the_system_roots(pki, auth_type, mode):
     assert any("system's CA roots" in note for note in w.notes())
 
 
-def test_inline_certificate_key_and_client_ca(pki):
+def test_inline_certificate_key_and_client_ca(pki, mocker):
+    memory_files = mocker.spy(os, "memfd_create")
+    before = set(pki.iterdir())
     w = watcher(pki, "inline", "tls_server_config:\n"
                 f"  cert: {indented(pki / 'server.crt')}  key: {indented(pki / 'server.key')}"
                 f"  client_ca: {indented(pki / 'ca.crt')}  client_auth_type: VerifyClientCertIfGiven\n")
+    assert memory_files.call_count == 2  # certificate and key went through memory, not disk
+    assert set(pki.iterdir()) - before == {pki / "inline.yml"}
     assert w.config.tls.files() == []  # nothing on disk to watch: the YAML itself is
     assert len(w.ssl_context.get_ca_certs()) == 1
     assert "BEGIN" not in repr(w.config.tls)  # the key is not shown in reprs (logs, tracebacks)
@@ -219,10 +224,13 @@ def test_refused_with_reason(pki, name, text, message):
 
 
 def test_refused_config_exits_2_with_one_line(pki):
-    for name, text, needle in [("exit-any", TLS + "  client_auth_type: RequireAnyClientCert\n",
-                                "cannot request a certificate without verifying"),
-                               ("exit-missing", "tls_server_config:\n  cert_file: gone.crt\n  key_file: server.key\n",
-                                f"cannot read cert_file {pki}/gone.crt")]:
+    for name, text, needle in [
+        ("exit-any", TLS + "  client_auth_type: RequireAnyClientCert\n", UNVERIFIED),
+        ("exit-missing", "tls_server_config:\n  cert_file: gone.crt\n  key_file: server.key\n",
+         f"cannot read cert_file {pki}/gone.crt"),
+        ("exit-cipher", TLS + "  cipher_suites: [TLS_RSA_WITH_RC4_128_SHA]\n", "unknown cipher: TLS_RSA_WITH_RC4_128_SHA"),
+        ("exit-frame", "http_server_config:\n  headers:\n    X-Frame-Options: allow\n", "invalid value for X-Frame"),
+    ]:
         (pki / f"{name}.yml").write_text(text)
         r = subprocess.run([sys.executable, "-m", "exporter", "--web.config.file", str(pki / f"{name}.yml")],
                            cwd=REPO, capture_output=True, text=True, timeout=30)
