@@ -228,7 +228,8 @@ def test_refused_config_exits_2_with_one_line(pki):
         ("exit-any", TLS + "  client_auth_type: RequireAnyClientCert\n", UNVERIFIED),
         ("exit-missing", "tls_server_config:\n  cert_file: gone.crt\n  key_file: server.key\n",
          f"cannot read cert_file {pki}/gone.crt"),
-        ("exit-cipher", TLS + "  cipher_suites: [TLS_RSA_WITH_RC4_128_SHA]\n", "unknown cipher: TLS_RSA_WITH_RC4_128_SHA"),
+        ("exit-cipher", TLS + "  cipher_suites: [TLS_RSA_WITH_RC4_128_SHA]\n",
+         "unknown cipher: TLS_RSA_WITH_RC4_128_SHA"),
         ("exit-frame", "http_server_config:\n  headers:\n    X-Frame-Options: allow\n", "invalid value for X-Frame"),
     ]:
         (pki / f"{name}.yml").write_text(text)
