@@ -437,3 +437,27 @@ def test_rate_limit_reload_takes_effect(pki, tmp_path):
     path.write_text("rate_limit: {interval: 1h, burst: 5}\n")
     w.request_reload()
     assert w.poll() and w.allow_request(req)
+
+
+def test_real_prometheus_with_and_without_an_allowed_san(pki, tmp_path):
+    """Prometheus's own Go TLS client presenting client certificates: the one whose certificate names an
+    allowed SAN is up with data, the other (same CA) is down."""
+    from tests.conftest import PrometheusServer
+
+    exporter = start(pki, "live-prom-sans", TLS + "  client_auth_type: RequireAndVerifyClientCert\n"
+                     "  client_ca_file: ca.crt\n  client_allowed_sans: [scraper.example.net]\n")
+    target = [f"127.0.0.1:{exporter.port}"]
+
+    def job(cert: str) -> list[str]:
+        return ["scheme: https", "tls_config:", f"  ca_file: {pki}/ca.crt", f"  cert_file: {pki}/{cert}.crt",
+                f"  key_file: {pki}/{cert}.key"]
+    prom = PrometheusServer(tmp_path / "prom", {"allowed": target, "intruder": target},
+                            job_settings={"allowed": job("by-dns"), "intruder": job("intruder")})
+    try:
+        assert prom.wait_for('up{job="allowed"} == 1', timeout=30)
+        assert prom.wait_for('gpu_up{job="allowed",gpu="0"}', timeout=15)
+        assert prom.wait_for('up{job="intruder"} == 0', timeout=15)
+        assert not prom.query('gpu_up{job="intruder"}')
+    finally:
+        prom.stop()
+        exporter.stop()
