@@ -48,6 +48,7 @@ log = logging.getLogger("exporter.server")
 
 _TLS_HANDSHAKE = 0x16  # the first byte of every TLS connection: a handshake record
 _HTTP_TO_HTTPS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"  # Go's
+_WRITE_CHUNK = 64 * 1024  # the transport's high-water mark: a slow reader holds at most about this much
 
 
 @dataclass(frozen=True)
@@ -350,6 +351,17 @@ class _Connection(asyncio.Protocol):
             self.tls.send(piece)
         self._flush_tls()
 
+    async def _drained(self, deadline: float) -> bool:
+        """Wait while the client does not read what we wrote, until the response's write deadline; False
+        when the connection is gone or was cut for it."""
+        if self.writable is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self.writable), deadline - asyncio.get_running_loop().time())
+            except asyncio.TimeoutError:
+                self.close("write_timeout")
+                return False
+        return not self.closed
+
     # -- requests
     def _next_request(self) -> None:
         try:
@@ -410,19 +422,20 @@ class _Connection(asyncio.Protocol):
         if response.close or self.must_close or self.reserve:
             headers.append(("Connection", "close"))
         phrase = HTTPStatus(response.status).phrase if response.status in HTTPStatus._value2member_map_ else ""
-        pieces = self.h11.send_with_data_passthrough(h11.Response(status_code=response.status, headers=headers,
-                                                                  reason=phrase))
-        if not head_only and response.body:
-            pieces += self.h11.send_with_data_passthrough(h11.Data(data=response.body))
-        pieces += self.h11.send_with_data_passthrough(h11.EndOfMessage())
         self.server.stats.requests[response.status] += 1
-        self._write(pieces)
-        if self.writable is not None:  # the client is not reading: wait, but not forever
-            try:
-                await asyncio.wait_for(asyncio.shield(self.writable), self.server.limits.write_timeout_s)
-            except asyncio.TimeoutError:
-                self.close("write_timeout")
+        self._write(self.h11.send_with_data_passthrough(h11.Response(status_code=response.status, headers=headers,
+                                                                     reason=phrase)))
+        # The body goes out a chunk at a time as the client takes it: written at once, every slow reader
+        # would hold its own copy of the rest in the transport's buffer (40 readers x 4 MB of JSON).
+        deadline = asyncio.get_running_loop().time() + self.server.limits.write_timeout_s
+        body = memoryview(response.body if not head_only else b"")
+        for start in range(0, len(body), _WRITE_CHUNK):
+            self._write(self.h11.send_with_data_passthrough(h11.Data(data=body[start:start + _WRITE_CHUNK])))
+            if not await self._drained(deadline):
                 return
+        self._write(self.h11.send_with_data_passthrough(h11.EndOfMessage()))
+        if not await self._drained(deadline):
+            return
         if self.closed:
             return
         if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:

@@ -82,7 +82,7 @@ class _SamplesCache:
     most `renders` at a time; None when that many are already running."""
 
     def __init__(self, history: SampleHistory, generation: Callable[[], object] | None, renders: int,
-                 windows: int = 8) -> None:
+                 windows: int = 4) -> None:
         self._history = history
         self._generation = generation or object
         self._renders = threading.BoundedSemaphore(renders)
@@ -105,7 +105,7 @@ class _SamplesCache:
             if not self._renders.acquire(blocking=False):
                 return None
             try:
-                body.append(json.dumps(self._history.query(window), separators=(",", ":")).encode())
+                body.append(self._history.query_json(window))
             finally:
                 self._renders.release()
             return body[0]

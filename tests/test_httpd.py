@@ -3,6 +3,7 @@ deadline (slowloris), idle timeout, connection cap with eviction, write timeout,
 4xx for every kind of bad request. Raw sockets, 127.0.0.1 only, every loop bounded."""
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -506,13 +507,13 @@ def test_samples_share_one_render_per_snapshot_and_window_and_cap_renders(mocker
     history = SampleHistory(60, 1.0)
     generation = [object()]
     slow = threading.Event()
-    real_query = history.query
+    real_query = history.query_json
 
-    def query(window: float) -> dict:
+    def query(window: float) -> bytes:
         slow.wait(2)
         return real_query(window)
 
-    spy = mocker.patch.object(history, "query", side_effect=query)
+    spy = mocker.patch.object(history, "query_json", side_effect=query)
     cache = _SamplesCache(history, lambda: generation[0], renders=1)
     with ThreadPoolExecutor(12) as pool:
         same = [pool.submit(cache.get, 30.0) for _ in range(10)]
@@ -537,3 +538,11 @@ def test_samples_window_only_ever_raises_value_error_and_stays_short(query):
     except ValueError:
         return
     assert len(window) <= 32
+
+
+def test_samples_json_is_the_documented_document(procfs):
+    from tests.test_liveview import sampled_history
+
+    history, _ = sampled_history(procfs, ticks=30)
+    for window in (0.05, 0.45, 2.0):
+        assert json.loads(history.query_json(window)) == history.query(window)
