@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,8 +29,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from tests.conftest import ExporterProcess, stop_process  # noqa: E402
-from tests.loadgen import (Guessers, basic_auth, open_silent, open_tls_idle, percentile, rss_bytes,  # noqa: E402
-                           timed_get, tls_client_context)
+from tests.loadgen import (basic_auth, guessers, open_silent, open_tls_idle, percentile, repeaters,  # noqa: E402
+                           rss_bytes, timed_get, tls_client_context)
 
 MB = 1024 * 1024
 
@@ -92,7 +91,7 @@ def auth_scenario(d: Path) -> dict:
         known = [timed_get(url, headers=basic_auth("prometheus", f"wrong{i}"))[1] for i in range(15)]
         unknown = [timed_get(url, headers=basic_auth(f"nobody{i}", "wrong"))[1] for i in range(15)]
         first_logins = []
-        with Guessers(url, 16) as guess:
+        with guessers(url, 16) as guess:
             time.sleep(2)
             for i in range(5):
                 first_logins.append(timed_get(url, headers=basic_auth(f"first{i}", f"pw{i}")))
@@ -112,19 +111,9 @@ def samples_scenario() -> dict:
         time.sleep(61)  # a full window of history
         base = rss_bytes(e.proc.pid)
         peak_before = rss_bytes(e.proc.pid, "VmHWM")
-        stop = threading.Event()
-        statuses: list[object] = []
-
-        def client() -> None:
-            while not stop.is_set():
-                statuses.append(timed_get(e.url + "/api/v1/samples?window=1m", timeout=30)[0])
-        threads = [threading.Thread(target=client) for _ in range(40)]
-        for t in threads:
-            t.start()
-        health = latencies(e.url + "/healthz", 40, 0.25, timeout=30)
-        stop.set()
-        for t in threads:
-            t.join(60)
+        with repeaters(e.url + "/api/v1/samples?window=1m", 40) as crowd:
+            health = latencies(e.url + "/healthz", 40, 0.25, timeout=30)
+        statuses = crowd.statuses
         time.sleep(5)
         return {"rss_before_mb": base / MB, "rss_peak_mb": rss_bytes(e.proc.pid, "VmHWM") / MB,
                 "peak_growth_mb": (rss_bytes(e.proc.pid, "VmHWM") - max(base, peak_before)) / MB,

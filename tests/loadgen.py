@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -241,12 +242,12 @@ def basic_auth(user: str, password: str) -> dict:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
-class Guessers:
-    """`n` clients guessing passwords back to back (a new user name and password, on a new connection,
-    each time) until the block ends."""
+class Crowd:
+    """`n` clients each sending `request(client, k)` (returns a status) back to back until the block
+    ends; every status is kept."""
 
-    def __init__(self, url: str, n: int, context: ssl.SSLContext | None = None) -> None:
-        self.url, self.n, self.context = url, n, context
+    def __init__(self, n: int, request: Callable[[int, int], object]) -> None:
+        self.request = request
         self.statuses: list[object] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
@@ -255,10 +256,9 @@ class Guessers:
         k = 0
         while not self._stop.is_set():
             k += 1
-            status, _ = timed_get(self.url, self.context, basic_auth(f"guess{i}-{k}", f"pw{k}"), timeout=10)
-            self.statuses.append(status)
+            self.statuses.append(self.request(i, k))
 
-    def __enter__(self) -> "Guessers":
+    def __enter__(self) -> "Crowd":
         for t in self._threads:
             t.start()
         return self
@@ -266,4 +266,14 @@ class Guessers:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         for t in self._threads:
-            t.join(15)
+            t.join(30)
+
+
+def guessers(url: str, n: int, context: ssl.SSLContext | None = None) -> Crowd:
+    """`n` clients guessing passwords (a new user name and password, on a new connection, each time)."""
+    return Crowd(n, lambda i, k: timed_get(url, context, basic_auth(f"guess{i}-{k}", f"pw{k}"))[0])
+
+
+def repeaters(url: str, n: int, timeout: float = 30) -> Crowd:
+    """`n` clients asking for the same URL back to back, each on a new connection."""
+    return Crowd(n, lambda i, k: timed_get(url, timeout=timeout)[0])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import bcrypt
 import pytest
 
 from tests.conftest import REPO, ExporterProcess, http_get, stop_process
-from tests.loadgen import Guessers, basic_auth, open_silent, open_tls_idle, rss_bytes, timed_get, tls_client_context
+from tests.loadgen import (basic_auth, guessers, open_silent, open_tls_idle, repeaters, rss_bytes, timed_get,
+                           tls_client_context)
 
 pytestmark = pytest.mark.e2e
 MB = 1024 * 1024
@@ -88,12 +88,12 @@ def test_a_first_login_gets_in_while_16_clients_guess(tmp_path, exporter_proc):
         f"  {u}: {bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=8)).decode()}\n" for u, p in users.items()))
     e = exporter_proc("--fake-gpus", "1", "--web.config.file", str(tmp_path / "auth.yml"))
     url = e.url + "/metrics"
-    with Guessers(url, 16) as guessers:
+    with guessers(url, 16) as crowd:
         time.sleep(1.5)
         logins = [timed_get(url, headers=basic_auth(u, p), timeout=15)[0] for u, p in users.items()]
     assert logins == [200, 200, 200]
-    assert guessers.statuses.count(401) > 16  # the guessing was real and was answered
-    assert set(guessers.statuses) <= {401, 503}
+    assert crowd.statuses.count(401) > 16  # the guessing was real and was answered
+    assert set(crowd.statuses) <= {401, 503}
 
 
 def test_samples_api_is_bounded_under_concurrency_and_hostile_queries(exporter_proc):
@@ -107,22 +107,9 @@ def test_samples_api_is_bounded_under_concurrency_and_hostile_queries(exporter_p
         status, _, body = http_get(f"{e.url}/api/v1/samples?{query}", timeout=10)
         assert status == 400 and b"error" in body and time.monotonic() - t0 < 5, (query[:20], status)
     assert http_get(f"{e.url}/api/v1/samples?window={'9' * 20_000}x", timeout=10)[0] == 431  # past the head cap
-    statuses: list[object] = []
-    stop = threading.Event()
-
-    def client() -> None:
-        while not stop.is_set():
-            statuses.append(timed_get(e.url + "/api/v1/samples?window=1m", timeout=20)[0])
-
-    threads = [threading.Thread(target=client) for _ in range(30)]
-    for t in threads:
-        t.start()
-    try:
+    with repeaters(e.url + "/api/v1/samples?window=1m", 30, timeout=20) as crowd:
         health = [timed_get(e.url + "/healthz", timeout=10)[0] for _ in range(10)]
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
+    statuses = crowd.statuses
     assert health.count(200) == 10
     assert statuses.count(200) > 0 and set(statuses) <= {200, 503}
 

@@ -33,8 +33,8 @@ class App:
 def serve():
     servers = []
 
-    def start(app: App | None = None, **limits) -> HttpServer:
-        server = HttpServer(bind("127.0.0.1:0"), app or App(), Limits(**limits))
+    def start(app: App | None = None, tls=None, **limits) -> HttpServer:
+        server = HttpServer(bind("127.0.0.1:0"), app or App(), Limits(**limits), tls=lambda: tls)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return server
@@ -390,72 +390,54 @@ def tls_context(tmp_path_factory):
     return ctx
 
 
-def tls_serve(ctx, **limits) -> HttpServer:
-    server = HttpServer(bind("127.0.0.1:0"), App(), Limits(**limits), tls=lambda: ctx)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 def tls_wrap(server: HttpServer):
     from tests.loadgen import tls_client_context
 
     return tls_client_context().wrap_socket(connect(server), server_hostname="127.0.0.1")
 
 
-def test_handshaking_connections_count_against_the_cap_and_the_header_deadline(tls_context):
-    server = tls_serve(tls_context, max_connections=4, reserve_connections=0, header_timeout_s=0.5)
-    try:
-        silent = [connect(server) for _ in range(4)]  # TCP only, never a ClientHello
-        deadline = time.monotonic() + 3
-        while server.stats.open_connections < 4 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert server.stats.open_connections == 4  # admitted (and counted) before any handshake
-        with tls_wrap(server) as s:  # the cap is full of handshaking ones: the oldest makes room
-            s.sendall(GOOD)
-            assert status_of(read_until_closed(s)) == 200
-        assert server.stats.closed["evicted"] >= 1
-        assert all(closed_within(s, 3.0) for s in silent[1:])  # the head deadline covers the handshake
-        assert server.stats.closed["header_timeout"] >= 3
-        for s in silent:
-            s.close()
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_handshaking_connections_count_against_the_cap_and_the_header_deadline(serve, tls_context):
+    server = serve(tls=tls_context, max_connections=4, reserve_connections=0, header_timeout_s=0.5)
+    silent = [connect(server) for _ in range(4)]  # TCP only, never a ClientHello
+    deadline = time.monotonic() + 3
+    while server.stats.open_connections < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.stats.open_connections == 4  # admitted (and counted) before any handshake
+    with tls_wrap(server) as s:  # the cap is full of handshaking ones: the oldest makes room
+        s.sendall(GOOD)
+        assert status_of(read_until_closed(s)) == 200
+    assert server.stats.closed["evicted"] >= 1
+    assert all(closed_within(s, 3.0) for s in silent[1:])  # the head deadline covers the handshake
+    assert server.stats.closed["header_timeout"] >= 3
+    for s in silent:
+        s.close()
 
 
-def test_tls_half_closed_client_gets_its_answer(tls_context):
-    server = tls_serve(tls_context)
-    try:
-        with tls_wrap(server) as s:
-            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-            s.settimeout(5)
-            # the TCP half-close of `printf 'GET ...' | openssl s_client -ign_eof`: no more data will come
-            socket.socket.shutdown(s, socket.SHUT_WR)
-            data = b""
-            try:
-                while chunk := s.recv(65536):
-                    data += chunk
-            except (OSError, ValueError):
-                pass
-        assert status_of(data) == 200 and data.endswith(b"ok\n")
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_tls_half_closed_client_gets_its_answer(serve, tls_context):
+    server = serve(tls=tls_context)
+    with tls_wrap(server) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.settimeout(5)
+        # the TCP half-close of `printf 'GET ...' | openssl s_client -ign_eof`: no more data will come
+        socket.socket.shutdown(s, socket.SHUT_WR)
+        data = b""
+        try:
+            while chunk := s.recv(65536):
+                data += chunk
+        except (OSError, ValueError):
+            pass
+    assert status_of(data) == 200 and data.endswith(b"ok\n")
 
 
-def test_bad_tls_is_a_closed_connection_not_a_stuck_one(tls_context):
-    server = tls_serve(tls_context)
-    try:
-        answer = ask(server, GOOD)  # plain HTTP to the TLS port: Go's answer (issue #19)
-        assert answer.startswith(b"HTTP/1.0 400 Bad Request") and server.stats.closed["bad_request"] == 1
-        assert not ask(server, b"\x15\x03\x03\x00\x02\x02\x28" * 4).startswith(b"HTTP")  # an alert, closed
-        assert server.stats.closed["tls_error"] == 1
-        with tls_wrap(server) as s:
-            s.sendall(GOOD)
-            assert status_of(read_until_closed(s)) == 200
-    finally:
-        server.shutdown()
-        server.server_close()
+def test_bad_tls_is_a_closed_connection_not_a_stuck_one(serve, tls_context):
+    server = serve(tls=tls_context)
+    answer = ask(server, GOOD)  # plain HTTP to the TLS port: Go's answer (issue #19)
+    assert answer.startswith(b"HTTP/1.0 400 Bad Request") and server.stats.closed["bad_request"] == 1
+    assert not ask(server, b"\x15\x03\x03\x00\x02\x02\x28" * 4).startswith(b"HTTP")  # an alert, closed
+    assert server.stats.closed["tls_error"] == 1
+    with tls_wrap(server) as s:
+        s.sendall(GOOD)
+        assert status_of(read_until_closed(s)) == 200
 
 
 # -- fair password-check queue (defect 3)
