@@ -480,14 +480,13 @@ def test_fair_queue_serves_keys_in_turn():
 
 # -- /api/v1/samples (defect 7)
 
-def test_samples_share_one_render_per_snapshot_and_window_and_cap_renders(mocker):
+def test_samples_share_one_render_per_window_for_a_second_and_cap_renders(mocker, clock):
     from concurrent.futures import ThreadPoolExecutor
 
     from exporter.history import SampleHistory
     from exporter.server import _SamplesCache
 
     history = SampleHistory(60, 1.0)
-    generation = [object()]
     slow = threading.Event()
     real_query = history.query_json
 
@@ -496,17 +495,20 @@ def test_samples_share_one_render_per_snapshot_and_window_and_cap_renders(mocker
         return real_query(window)
 
     spy = mocker.patch.object(history, "query_json", side_effect=query)
-    cache = _SamplesCache(history, lambda: generation[0], renders=1)
+    cache = _SamplesCache(history, renders=1, max_age_s=1.0, clock=clock)
     with ThreadPoolExecutor(12) as pool:
         same = [pool.submit(cache.get, 30.0) for _ in range(10)]
+        time.sleep(0.2)
         other = pool.submit(cache.get, 10.0)  # a second window while the only render slot is taken
-        time.sleep(0.3)
+        time.sleep(0.2)
         slow.set()
         bodies = {f.result() for f in same}
         assert other.result() is None  # refused at once, not queued
     assert len(bodies) == 1 and spy.call_count == 1
-    generation[0] = object()  # next snapshot: rendered anew
-    assert cache.get(30.0) is not None and spy.call_count == 2
+    clock.advance(0.9)
+    assert cache.get(30.0) in bodies and spy.call_count == 1  # still fresh: shared
+    clock.advance(0.2)
+    assert cache.get(30.0) is not None and spy.call_count == 2  # a second old: rendered anew
 
 
 @settings(max_examples=300, deadline=None)
