@@ -37,7 +37,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Mapping, Protocol, cast
 
 import h11
 
@@ -181,6 +181,11 @@ class _Connection(asyncio.Protocol):
         self.must_close = False  # the request had a body we did not read
         self.fresh = True  # nothing received yet: the first byte tells TLS from plain HTTP
 
+    @property
+    def tx(self) -> asyncio.Transport:
+        assert self.transport is not None  # set in connection_made, before any other callback
+        return self.transport
+
     # -- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -229,7 +234,7 @@ class _Connection(asyncio.Protocol):
             self.h11.receive_data(data)
             if self.state == "busy":
                 if len(self.h11.trailing_data[0]) > self.server.limits.max_head_bytes:
-                    self.transport.pause_reading()  # pipelined flood while we answer
+                    self.tx.pause_reading()  # pipelined flood while we answer
             else:
                 if self.state == "idle":
                     self._set_state("head", self._head_timeout(), "header_timeout")
@@ -242,10 +247,10 @@ class _Connection(asyncio.Protocol):
         capital letter): answered at once as Go's net/http does, instead of waiting for the head deadline."""
         if self.tls is None and first == _TLS_HANDSHAKE:
             self.server.stats.requests[400] += 1
-            self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            self.tx.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         elif self.tls is not None and ord("A") <= first <= ord("Z"):
             self.server.stats.requests[400] += 1
-            self.transport.write(_HTTP_TO_HTTPS)
+            self.tx.write(_HTTP_TO_HTTPS)
         else:
             return False
         self.tls = None  # nothing of TLS was started: close plainly
@@ -322,30 +327,35 @@ class _Connection(asyncio.Protocol):
         if self.tls is not None and self.tls.handshaken and not abort:
             self.tls.close()
             self._flush_tls()
-        if linger and self.transport.can_write_eof() and not self.eof:
+        if linger and self.tx.can_write_eof() and not self.eof:
             self._set_state("linger", 2.0, "")
             self.timer = asyncio.get_running_loop().call_later(2.0, self.close_now)
-            self.transport.resume_reading()
-            self.transport.write_eof()
+            self.tx.resume_reading()
+            self.tx.write_eof()
             return
         self.closed = True
         self._cancel_timer()
-        self.transport.abort() if abort else self.transport.close()
+        self.tx.abort() if abort else self.tx.close()
 
     def close_now(self) -> None:
         self.closed = True
         self._cancel_timer()
         if self.transport is not None:
-            self.transport.close()
+            self.tx.close()
 
     def _flush_tls(self) -> None:
+        if self.tls is None:
+            return
         out = self.tls.outgoing()
         if out:
-            self.transport.write(out)
+            self.tx.write(out)
 
-    def _write(self, pieces: list) -> None:
+    def _h11_send(self, event: h11.Response | h11.Data | h11.EndOfMessage) -> list[bytes]:
+        return self.h11.send_with_data_passthrough(event) or []
+
+    def _write(self, pieces: list[bytes]) -> None:
         if self.tls is None:
-            self.transport.writelines(pieces)
+            self.tx.writelines(pieces)
             return
         for piece in pieces:
             self.tls.send(piece)
@@ -399,6 +409,7 @@ class _Connection(asyncio.Protocol):
         try:
             if request is not None:
                 response, slot = await self.server.respond(request, self)
+            assert response is not None  # given for a rejected request, made for an accepted one
             await self._send(response, request is not None and request.method == "HEAD",
                              "done" if request is not None else "bad_request")
         except asyncio.CancelledError:
@@ -423,17 +434,17 @@ class _Connection(asyncio.Protocol):
             headers.append(("Connection", "close"))
         phrase = HTTPStatus(response.status).phrase if response.status in HTTPStatus._value2member_map_ else ""
         self.server.stats.requests[response.status] += 1
-        self._write(self.h11.send_with_data_passthrough(h11.Response(status_code=response.status, headers=headers,
-                                                                     reason=phrase)))
+        self._write(self._h11_send(h11.Response(status_code=response.status, headers=headers, reason=phrase)))
         # The body goes out a chunk at a time as the client takes it: written at once, every slow reader
         # would hold its own copy of the rest in the transport's buffer (40 readers x 4 MB of JSON).
         deadline = asyncio.get_running_loop().time() + self.server.limits.write_timeout_s
         body = memoryview(response.body if not head_only else b"")
         for start in range(0, len(body), _WRITE_CHUNK):
-            self._write(self.h11.send_with_data_passthrough(h11.Data(data=body[start:start + _WRITE_CHUNK])))
+            # h11 passes any bytes-like object through; a memoryview slice avoids copying the body
+            self._write(self._h11_send(h11.Data(data=cast(bytes, body[start:start + _WRITE_CHUNK]))))
             if not await self._drained(deadline):
                 return
-        self._write(self.h11.send_with_data_passthrough(h11.EndOfMessage()))
+        self._write(self._h11_send(h11.EndOfMessage()))
         if not await self._drained(deadline):
             return
         if self.closed:
@@ -442,7 +453,7 @@ class _Connection(asyncio.Protocol):
             self.close(reason, linger=True)  # h11 says this connection ends here (Connection: close, HTTP/1.0)
             return
         self.h11.start_next_cycle()
-        self.transport.resume_reading()
+        self.tx.resume_reading()
         self._to_idle()
 
 
@@ -459,7 +470,7 @@ class HttpServer:
     def __init__(self, sock: socket.socket, app: App, limits: Limits = Limits(),
                  tls: Callable[[], ssl.SSLContext | None] = lambda: None, auth: Authenticator | None = None,
                  extra_headers: Callable[[], tuple[tuple[str, str], ...]] = lambda: (),
-                 server_name: str = "exporter", background: Callable[[], None] | None = None,
+                 server_name: str = "exporter", background: Callable[[], object] | None = None,
                  priority_paths: frozenset[str] = frozenset({"/healthz"}),
                  allow_peer: Callable[[Callable[[], dict | None]], bool] = lambda peercert: True,
                  allow_request: Callable[[Request], bool] = lambda request: True) -> None:
@@ -505,9 +516,9 @@ class HttpServer:
                 self.stats.closed["connection_limit"] += 1
                 conn.closed = True
                 if not tls:  # a TLS client could not read a plain answer
-                    conn.transport.writelines(conn.h11.send_with_data_passthrough(h11.Response(
+                    conn.tx.writelines(conn._h11_send(h11.Response(
                         status_code=503, headers=[("Content-Length", "0"), ("Connection", "close")])))
-                conn.transport.close()
+                conn.tx.close()
                 return False
         self._connections[conn] = None
         self.stats.open_connections = len(self._connections) + len(self._reserve)
@@ -574,6 +585,7 @@ class HttpServer:
 
     async def _check_password(self, request: Request) -> bool | None:
         """bcrypt on the auth thread, queued fairly; None when the queue refused it."""
+        assert self.auth is not None  # only called to authenticate
         future = asyncio.get_running_loop().create_future()
         dropped = self._auth_queue.push((request.peer, self.auth.user(request)), (request, future))
         if dropped is not None and not dropped[1].done():
@@ -583,13 +595,14 @@ class HttpServer:
         return await future
 
     async def _run_password_checks(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop, auth = asyncio.get_running_loop(), self.auth
+        assert auth is not None  # started by _check_password
         while (item := self._auth_queue.pop()) is not None:
             request, future = item
             if future.done():  # its client went away while it waited
                 continue
             try:
-                ok = await loop.run_in_executor(self._auth_pool, self.auth.check, request)
+                ok = await loop.run_in_executor(self._auth_pool, auth.check, request)
             except Exception:
                 log.exception("password check failed")
                 ok = False
@@ -643,24 +656,32 @@ class HttpServer:
         loop.default_exception_handler(context)
 
     def _schedule_background(self) -> None:
+        loop, background = self._loop, self.background
+        assert loop is not None and background is not None  # called from serve_forever when background is set
         running: list[asyncio.Future] = []
+
+        def run() -> None:
+            try:
+                background()
+            except Exception:
+                log.exception("periodic server task failed")
 
         def tick() -> None:
             if not running or running[0].done():
-                running[:] = [self._loop.run_in_executor(self._background_pool, self._run_background)]
-            self._loop.call_later(1.0, tick)
-        self._loop.call_later(1.0, tick)
-
-    def _run_background(self) -> None:
-        try:
-            self.background()
-        except Exception:
-            log.exception("periodic server task failed")
+                running[:] = [loop.run_in_executor(self._background_pool, run)]
+            loop.call_later(1.0, tick)
+        loop.call_later(1.0, tick)
 
     def shutdown(self) -> None:
         if not self._running.wait(timeout=5):
             return
-        self._loop.call_soon_threadsafe(lambda: self._stop.done() or self._stop.set_result(None))
+        loop, stop = self._loop, self._stop
+        assert loop is not None and stop is not None  # both are set before _running
+
+        def finish() -> None:
+            if not stop.done():
+                stop.set_result(None)
+        loop.call_soon_threadsafe(finish)
         self._done.wait(timeout=10)
 
     def server_close(self) -> None:

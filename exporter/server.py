@@ -265,7 +265,7 @@ def bind(listen_address: str) -> socket.socket:
         host = "::" if family == socket.AF_INET6 else ""
     else:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, host = infos[0][0], infos[0][4][0]
+        family, host = infos[0][0], str(infos[0][4][0])
     try:
         return _listen(family, host, port)
     except OSError:

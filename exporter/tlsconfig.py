@@ -153,13 +153,14 @@ def parse_tls_server_config(doc: dict, base_dir: Path) -> TlsSettings | None:
         if key not in _KEYS:
             raise ValueError(f"{SECTION}: unknown key {key!r}")
 
-    versions = []
-    for key, default in (("min_version", "TLS12"), ("max_version", "")):
-        name = _text(doc, key) or default
+    def version(key: str, default: str) -> str:
+        name = _text(doc, key) or default  # null or absent: the default, as in Go
         if name and name not in TLS_VERSIONS:
             raise ValueError(f"{SECTION}.{key}: unknown TLS version: {name} (want one of {', '.join(TLS_VERSIONS)})")
-        versions.append(TLS_VERSIONS[name] if name else None)
-    min_version, max_version = versions
+        return name
+    min_version = TLS_VERSIONS[version("min_version", "TLS12")]
+    max_name = version("max_version", "")
+    max_version = TLS_VERSIONS[max_name] if max_name else None
     if max_version is not None and max_version < min_version:
         raise ValueError(f"{SECTION}.max_version is below min_version")
 
@@ -169,7 +170,7 @@ def parse_tls_server_config(doc: dict, base_dir: Path) -> TlsSettings | None:
         for name in suites:
             if name not in CIPHER_SUITES:
                 raise ValueError(f"{SECTION}.cipher_suites: unknown cipher: {name}")
-        tls12 = [CIPHER_SUITES[name] for name in suites if CIPHER_SUITES[name]]
+        tls12 = [ossl for ossl in (CIPHER_SUITES[name] for name in suites) if ossl]
         if tls12:
             ciphers = ":".join(dict.fromkeys(tls12))
         elif max_version is not None and max_version < ssl.TLSVersion.TLSv1_3:
@@ -178,7 +179,8 @@ def parse_tls_server_config(doc: dict, base_dir: Path) -> TlsSettings | None:
         else:  # no TLS 1.2 suite allowed: Go's handshake fails below TLS 1.3, and so will ours
             min_version = ssl.TLSVersion.TLSv1_3
 
-    curve, curves_left_out = None, ()
+    curve: str | None = None
+    curves_left_out: tuple[str, ...] = ()
     curves = _names(doc, "curve_preferences")
     if curves:
         for name in curves:

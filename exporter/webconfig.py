@@ -260,7 +260,7 @@ class WebConfigWatcher:
         return files + (tls.files() if tls is not None else [])
 
     def _stat(self) -> tuple:
-        sig = []
+        sig: list[tuple[int, int, int] | None] = []
         for f in self._files():
             try:
                 st = os.stat(f)

@@ -358,7 +358,9 @@ def negotiated(port: int, pki: Path, ciphers: str) -> str:
     ctx.set_ciphers(ciphers)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
-            return s.cipher()[0]
+            cipher = s.cipher()
+            assert cipher is not None  # the handshake is done
+            return cipher[0]
 
 
 @pytest.mark.parametrize("prefer, expected", [("true", "ECDHE-ECDSA-AES256-GCM-SHA384"),
