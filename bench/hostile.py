@@ -28,8 +28,8 @@ import bcrypt
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tests.conftest import ExporterProcess, stop_process  # noqa: E402
-from tests.loadgen import (basic_auth, guessers, open_silent, open_tls_idle, percentile, repeaters,  # noqa: E402
+from testkit.processes import ExporterProcess, stop_process  # noqa: E402
+from testkit.loadgen import (basic_auth, guessers, open_silent, open_tls_idle, percentile, repeaters,  # noqa: E402
                            rss_bytes, timed_get, tls_client_context)
 
 MB = 1024 * 1024

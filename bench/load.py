@@ -20,8 +20,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tests.conftest import ExporterProcess, http_get, stop_process  # noqa: E402
-from tests.loadgen import (SlowLoris, ThreadWatch, burst, lateness_within_5ms, metric_values,  # noqa: E402
+from testkit.processes import ExporterProcess, http_get, stop_process  # noqa: E402
+from testkit.loadgen import (SlowLoris, ThreadWatch, burst, lateness_within_5ms, metric_values,  # noqa: E402
                            percentile, scrape_concurrently, threads_of)
 
 

@@ -18,8 +18,10 @@ from prometheus_client import CollectorRegistry  # noqa: E402
 
 from exporter.collector import SnapshotCollector  # noqa: E402
 from exporter.exposition import TextRenderer  # noqa: E402
-from exporter.fake_nvml import FakeNvml  # noqa: E402
+from exporter.fake_nvml import FakeNvml, fake_uuid  # noqa: E402
+from exporter.pods import PodCollector  # noqa: E402
 from exporter.sampler import Sampler  # noqa: E402
+from exporter.sources.kubelet import ContainerRef, PodResources  # noqa: E402
 from exporter.sources.nvml import NvmlSource  # noqa: E402
 from exporter.sources.procfs import ProcfsSource  # noqa: E402
 
@@ -42,23 +44,33 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=500)
     a = ap.parse_args()
     fake = FakeNvml(a.gpus)
-    sampler = Sampler(NvmlSource(fake, "fake"), ProcfsSource("/proc"), interval=0.2)
+    # Every GPU held by its own pod, as the kubelet pod-resources API would say (feature on).
+    pods = PodResources(up=True, holders=tuple((fake_uuid(i), (ContainerRef("tts", f"synth-{i}", "model"),))
+                                               for i in range(a.gpus)))
+    sampler = Sampler(NvmlSource(fake, "fake"), ProcfsSource("/proc"), interval=0.2, pods=lambda: pods)
     for _ in range(3):
         sampler.tick()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(lambda: sampler.snapshot))
     renderer = TextRenderer()
+    with_pods = {}
+    for label, stamp_gpu_series in (("pods", False), ("pods+labels", True)):
+        with_pods[label] = CollectorRegistry(auto_describe=False)
+        with_pods[label].register(PodCollector(SnapshotCollector(lambda: sampler.snapshot), lambda: sampler.snapshot,
+                                               stamp_gpu_series))
     handle = fake.nvmlDeviceGetHandleByIndex(0)
     rows = [
         ("tick", lambda: sampler.tick()),
         ("collect+render text", lambda: renderer.render(registry.collect())),
         ("collect+render openmetrics", lambda: renderer.render(registry.collect(), openmetrics=True)),
+        ("collect+render text, pod info", lambda: renderer.render(with_pods["pods"].collect())),
+        ("  same, --kubernetes.pod-labels", lambda: renderer.render(with_pods["pods+labels"].collect())),
         ("fake NVML call", lambda: fake.nvmlDeviceGetPowerUsage(handle)),
     ]
     print(f"# {a.gpus} fake GPUs, {a.iterations} iterations; wall and process CPU per call")
     for label, fn in rows:
         wall, cpu = per_call(fn, a.iterations)
-        print(f"{label:28} wall {fmt(wall)}   cpu {fmt(cpu)}")
+        print(f"{label:32} wall {fmt(wall)}   cpu {fmt(cpu)}")
     return 0
 
 

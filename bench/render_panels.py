@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import Stack, http_get  # noqa: E402  (one implementation of the test stack)
+from testkit.processes import Stack, http_get  # noqa: E402  (one implementation of the test stack)
 
 PANELS = ["GPU utilisation", "Time at or below 40 % utilisation", "Host CPU per core", "PCIe % of link max",
           "Real-time factor p50 / p95"]

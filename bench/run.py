@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import free_port, stop_process  # noqa: E402  (shared with the tests)
+from testkit.processes import free_port, stop_process  # noqa: E402  (shared with the tests)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -50,10 +50,10 @@ def wait_http(port: int, path: str, timeout: float = 20.0) -> None:
 
 
 class Target:
-    def __init__(self, name: str, argv: list[str], port: int) -> None:
+    def __init__(self, name: str, argv: list[str], port: int, ready_path: str = "/metrics") -> None:
         self.name, self.port = name, port
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-        wait_http(port, "/metrics")
+        wait_http(port, ready_path)
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()

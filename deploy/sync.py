@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Write the generated manifests from their one source of truth:
 
-- deploy/base/prometheusrule.yaml      from deploy/rules/gpu-telemetry.rules.yml
+- deploy/base/prometheusrule.yaml      from deploy/rules/gpu-telemetry.rules.yml (alerts)
+- deploy/base/prometheusrule-recording.yaml  from deploy/rules/gpu-telemetry.recording.yml (fleet rules)
 - deploy/grafana/dashboard-configmap.yaml  from grafana/dashboards/gpu-telemetry.json
 
 Run: python3 deploy/sync.py   (needs PyYAML). Tests fail when a generated file is out of date.
@@ -14,9 +15,11 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 RULES = HERE / "rules" / "gpu-telemetry.rules.yml"
+RECORDING = HERE / "rules" / "gpu-telemetry.recording.yml"
 DASHBOARD = HERE.parent / "grafana" / "dashboards" / "gpu-telemetry.json"
 TARGETS = {
     HERE / "base" / "prometheusrule.yaml": "rules",
+    HERE / "base" / "prometheusrule-recording.yaml": "recording",
     HERE / "grafana" / "dashboard-configmap.yaml": "dashboard",
 }
 
@@ -27,13 +30,14 @@ def _yaml(doc: dict, source: Path) -> str:
 
 
 def render(kind: str) -> str:
-    if kind == "rules":
+    if kind in ("rules", "recording"):
+        source, name = (RULES, "gpu-telemetry-exporter") if kind == "rules" else (RECORDING, "gpu-telemetry-fleet")
         return _yaml({
             "apiVersion": "monitoring.coreos.com/v1",
             "kind": "PrometheusRule",
-            "metadata": {"name": "gpu-telemetry-exporter"},
-            "spec": {"groups": yaml.safe_load(RULES.read_text())["groups"]},
-        }, RULES)
+            "metadata": {"name": name},
+            "spec": {"groups": yaml.safe_load(source.read_text())["groups"]},
+        }, source)
     # The Grafana sidecar (kube-prometheus-stack, grafana chart) loads ConfigMaps with this label.
     return _yaml({
         "apiVersion": "v1",

@@ -18,11 +18,15 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from exporter import __version__
 from exporter.collector import SnapshotCollector
 from exporter.durations import parse_duration
+from exporter.environment import ENV_PREFIX, env_name
 from exporter.history import SampleHistory
 from exporter.sampler import Sampler
 from exporter.httpd import Limits
-from exporter.server import ListenAddressError, ServerCollector, make_server, parse_listen_address
+from exporter.listen import ListenAddressError, parse_listen_address
+from exporter.pods import PodCollector
+from exporter.server import ServerCollector, bind, make_server
 from exporter.sources.cgroup import CgroupSource
+from exporter.sources.kubelet import DEFAULT_SOCKET, PodResourcesPoller
 from exporter.sources.nvml import NvmlSource
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.procfs import ProcfsSource
@@ -31,16 +35,12 @@ from exporter.webconfig import WebConfigError, WebConfigWatcher
 log = logging.getLogger("exporter")
 
 MIN_INTERVAL_S = 0.010
-ENV_PREFIX = "GPU_EXPORTER_"
 
 
-def env_name(flag: str) -> str:
-    """--sample.interval -> GPU_EXPORTER_SAMPLE_INTERVAL"""
-    return ENV_PREFIX + re.sub(r"[.-]", "_", flag.lstrip("-")).upper()
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Config:
+    """The parsed, validated flags: plain values only (main() builds the live objects from them)."""
+
     listen_address: str
     telemetry_path: str
     sample_interval: float
@@ -57,7 +57,9 @@ class Config:
     fake_mig: tuple[str, ...]
     fake_churn: float
     max_connections: int
-    web_config: WebConfigWatcher | None
+    web_config_file: str  # "": plain HTTP
+    pod_resources_socket: str = DEFAULT_SOCKET
+    pod_labels: bool = False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -101,6 +103,14 @@ def _build_parser() -> _Parser:
     p.add_argument("--collector.processes", action=argparse.BooleanOptionalAction,
                    default=os.environ.get(env, "true").lower() not in ("0", "false", "no", "off"),
                    help=f"per-process GPU memory and utilisation with container/pod labels [{env}] (default: on)")
+    flag("--kubernetes.pod-resources-socket", DEFAULT_SOCKET,
+         "kubelet pod-resources socket for gpu_pod_info (which pod holds each GPU); polled every 5 s while it "
+         "exists; empty: off")
+    env = env_name("--kubernetes.pod-labels")
+    p.add_argument("--kubernetes.pod-labels", action=argparse.BooleanOptionalAction,
+                   default=os.environ.get(env, "false").lower() in ("1", "true", "yes", "on"),
+                   help="also stamp namespace/pod/container on every per-GPU series of a GPU one container "
+                        f"holds (dcgm-exporter style; series change on every reschedule) [{env}] (default: off)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -133,6 +143,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         fake_churn = parse_duration(a["fake_churn"])
         if fake_churn and not fake:
             raise ValueError("--fake-churn needs --fake-gpus")
+        if a["kubernetes.pod_labels"] and not a["kubernetes.pod_resources_socket"]:
+            raise ValueError("--kubernetes.pod-labels needs --kubernetes.pod-resources-socket")
         history = parse_duration(a["history.window"])
         if history and history < interval:
             raise ValueError(f"--history.window {a['history.window']!r} is shorter than --sample.interval")
@@ -143,17 +155,23 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
                 f.read(1)
         except OSError as exc:
             raise ValueError(f"--path.procfs {procfs!r}: cannot read {stat}: {exc.strerror or exc}") from None
-        web_config = None
         if a["web.config.file"]:
-            try:
-                web_config = WebConfigWatcher(a["web.config.file"])
-            except WebConfigError as exc:
-                raise ValueError(f"--web.config.file {a['web.config.file']!r}: {exc}") from None
+            _web_config(a["web.config.file"])  # a bad file is a flag error, before anything starts
     except (ValueError, ListenAddressError) as exc:
         parser.error(str(exc))
-    return Config(a["web.listen_address"], path, interval, procfs, fake, level, max_requests, a["node.name"],
-                  a["collector.processes"], a["path.cgroupfs"], a["cgroup.path"], a["path.shm"], history,
-                  fake_mig, fake_churn, max_connections, web_config)
+    return Config(listen_address=a["web.listen_address"], telemetry_path=path, sample_interval=interval,
+                  procfs=procfs, fake_gpus=fake, log_level=level, max_requests=max_requests,
+                  node_name=a["node.name"], processes=a["collector.processes"], cgroupfs=a["path.cgroupfs"],
+                  cgroup_path=a["cgroup.path"], shm_path=a["path.shm"], history_window=history, fake_mig=fake_mig,
+                  fake_churn=fake_churn, max_connections=max_connections, web_config_file=a["web.config.file"],
+                  pod_resources_socket=a["kubernetes.pod_resources_socket"], pod_labels=a["kubernetes.pod_labels"])
+
+
+def _web_config(path: str) -> WebConfigWatcher:
+    try:
+        return WebConfigWatcher(path)
+    except WebConfigError as exc:
+        raise ValueError(f"--web.config.file {path!r}: {exc}") from None
 
 
 def _non_negative_int(flag: str, value: Any) -> int:
@@ -171,7 +189,7 @@ def _nvml_module(cfg: Config) -> tuple[Any, str]:
         from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 
         # GPU 1 reports XID 31 (an application's GPU memory page fault) after 5 s, then every minute.
-        churn = {"batch_period_s": cfg.fake_churn, "batch_new_pid": True} if cfg.fake_churn else {}
+        churn: dict[str, Any] = {"batch_period_s": cfg.fake_churn, "batch_new_pid": True} if cfg.fake_churn else {}
         specs = [FakeGpuSpec(mig_profiles=cfg.fake_mig if i == 0 else (),
                              xid_schedule=(5.0, 60.0, 31) if i == 1 else None, **churn)
                  for i in range(cfg.fake_gpus)]
@@ -197,6 +215,15 @@ def _handle_other_signals(web_config: WebConfigWatcher | None) -> None:
         signal.signal(sig, lambda signum, _: log.info("%s ignored", signal.Signals(signum).name))
 
 
+def _cgroup_source(cfg: Config) -> CgroupSource | None:
+    try:
+        cgroup = CgroupSource(cfg.cgroupfs, cfg.cgroup_path)
+    except OSError as exc:
+        log.warning("cgroup metrics off: %s", exc)
+        return None
+    return cgroup if cgroup.available else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(argv)
     # A thread waiting for the GIL gets it after the switch interval (5 ms by default): while a scrape
@@ -207,49 +234,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    registry = CollectorRegistry(auto_describe=False)
-    sampler: Sampler | None = None
-    history = SampleHistory(cfg.history_window, cfg.sample_interval) if cfg.history_window else None
+    try:
+        web_config = _web_config(cfg.web_config_file) if cfg.web_config_file else None
+    except ValueError as exc:  # changed since the flags were checked
+        print(f"gpu-telemetry-exporter: error: {exc}", file=sys.stderr)
+        return 2
     try:  # bind first: a taken port is a one-line error before anything else is set up or logged
-        server = make_server(cfg.listen_address, registry, lambda: sampler.health(), cfg.telemetry_path,
-                             history=history, generation=lambda: sampler.snapshot, web_config=cfg.web_config,
-                             limits=Limits(max_requests=cfg.max_requests, max_connections=cfg.max_connections))
+        sock = bind(cfg.listen_address)
     except OSError as exc:
         print(f"gpu-telemetry-exporter: error: cannot listen on {cfg.listen_address}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 2
-
-    nvml, mode = _nvml_module(cfg)
-    try:
-        cgroup: CgroupSource | None = CgroupSource(cfg.cgroupfs, cfg.cgroup_path)
-        if not cgroup.available:
-            cgroup = None
-    except OSError as exc:
-        log.warning("cgroup metrics off: %s", exc)
-        cgroup = None
-    sampler = Sampler(NvmlSource(nvml, mode, collect_processes=cfg.processes), ProcfsSource(cfg.procfs),
-                      interval=cfg.sample_interval, cgroup=cgroup, shm_path=cfg.shm_path or None,
-                      attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None, history=history)
-    registry.register(SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name))
+    history = SampleHistory(cfg.history_window, cfg.sample_interval) if cfg.history_window else None
+    pods = PodResourcesPoller(cfg.pod_resources_socket) if cfg.pod_resources_socket else None
+    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collect_processes=cfg.processes), ProcfsSource(cfg.procfs),
+                      interval=cfg.sample_interval, cgroup=_cgroup_source(cfg), shm_path=cfg.shm_path or None,
+                      attributor=ProcessAttributor(cfg.procfs) if cfg.processes else None, history=history,
+                      pods=pods.latest_reading if pods else None)
+    registry = CollectorRegistry(auto_describe=False)
+    server = make_server(sock, registry, sampler.health, cfg.telemetry_path, history=history,
+                         generation=lambda: sampler.snapshot, web_config=web_config,
+                         limits=Limits(max_requests=cfg.max_requests, max_connections=cfg.max_connections))
+    snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name)
+    registry.register(PodCollector(snapshot_collector, lambda: sampler.snapshot, cfg.pod_labels) if pods
+                      else snapshot_collector)
     ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost
     registry.register(ServerCollector(server))
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    _handle_other_signals(cfg.web_config)
+    _handle_other_signals(web_config)
 
     # Start-up objects (modules, registries) never die: keep them out of the collector's generations so a
     # full collection under scrape load scans less and pauses the sampler less.
     gc.freeze()
     sampler.start()
+    if pods:
+        pods.start()
     serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     serving.start()
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
     backend = f"{cfg.fake_gpus} simulated GPUs" if cfg.fake_gpus else "NVML through nvidia-ml-py"
-    scheme = "https" if cfg.web_config and cfg.web_config.ssl_context else "http"
-    auth = " with basic auth" if cfg.web_config and cfg.web_config.auth.enabled else ""
+    scheme = "https" if web_config and web_config.ssl_context else "http"
+    auth = " with basic auth" if web_config and web_config.auth.enabled else ""
     log.info("gpu-telemetry-exporter %s listening on %s://%s:%d%s%s (sampling every %gs; GPUs: %s)",
              __version__, scheme, shown, port, cfg.telemetry_path, auth, cfg.sample_interval, backend)
     if auth and scheme == "http":
@@ -264,4 +293,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.shutdown()
     server.server_close()
     sampler.stop()
+    if pods:
+        pods.stop()
     return 0

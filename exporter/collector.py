@@ -4,7 +4,7 @@ Series of a GPU that vanished simply stop being yielded; nothing is kept in glob
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -16,59 +16,48 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__
 from exporter.histogram import HistogramSnapshot
-from exporter.snapshot import CLOCK_EVENT_REASONS, PCIE_DIRECTIONS, GpuProcess, GpuReading, GpuState, Snapshot
+from exporter.snapshot import GpuState, Snapshot
+from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS, PCIE_DIRECTIONS, GpuProcess, GpuReading
+from exporter.sources.nvml.specs import GPU_SCALARS, GpuScalar
 from exporter.sources.processes import ProcessIdentity
 
 GPU_LABELS = ["gpu", "uuid"]
-
-# Plain per-GPU values: (metric name, kind, help, GpuReading attribute).
-_GPU_VALUES: tuple[tuple[str, str, str, str], ...] = (
-    ("gpu_utilization_ratio", "gauge",
-     "Share of the last driver sample period in which a kernel ran (nvmlDeviceGetUtilizationRates .gpu).",
-     "utilization"),
-    ("gpu_memory_bandwidth_utilization_ratio", "gauge",
-     "Share of the last sample period the memory controller was busy (nvmlDeviceGetUtilizationRates .memory).",
-     "memory_bandwidth_utilization"),
-    ("gpu_memory_used_bytes", "gauge", "Framebuffer memory allocated (nvmlDeviceGetMemoryInfo v2 used).",
-     "memory_used_bytes"),
-    ("gpu_memory_total_bytes", "gauge", "Framebuffer memory installed (nvmlDeviceGetMemoryInfo total).",
-     "memory_total_bytes"),
-    ("gpu_memory_used_ratio", "gauge", "gpu_memory_used_bytes / gpu_memory_total_bytes (OOM headroom).",
-     "memory_used_ratio"),
-    ("gpu_sample_buffer_seconds", "gauge",
-     "How far back the driver's utilisation sample buffer reached at start-up: the longest --sample.interval "
-     "that loses no sample (nvmlDeviceGetSamples).", "sample_buffer_seconds"),
-    ("gpu_pcie_replay_errors", "counter", "PCIe replays since driver load (nvmlDeviceGetPcieReplayCounter).",
-     "pcie_replay_errors"),
-    ("gpu_temperature_celsius", "gauge", "GPU die temperature (nvmlDeviceGetTemperature).",
-     "temperature_celsius"),
-    ("gpu_power_watts", "gauge", "Board power draw (nvmlDeviceGetPowerUsage).", "power_watts"),
-    ("gpu_power_limit_watts", "gauge", "Enforced power limit (nvmlDeviceGetEnforcedPowerLimit).",
-     "power_limit_watts"),
-    ("gpu_energy_joules", "counter",
-     "Energy consumed since driver load (nvmlDeviceGetTotalEnergyConsumption).", "energy_joules"),
-    ("gpu_power_from_energy_watts", "gauge",
-     "Average power over the last sampling interval: energy counter delta / time delta.",
-     "power_from_energy_watts"),
-)
 
 
 def _labels(g: GpuState) -> list[str]:
     return [str(g.identity.index), g.identity.uuid]
 
 
-def _family(kind: str, name: str, doc: str, labels: list[str]) -> Metric:
+def _family(kind: str, name: str, doc: str, labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
     if kind == "counter":
         return CounterMetricFamily(name, doc, labels=labels)
     return GaugeMetricFamily(name, doc, labels=labels)
 
 
-def _buckets(h: HistogramSnapshot) -> list[tuple[str, float]]:
+def _scalar_families(specs: tuple[GpuScalar, ...],
+                     live: list[tuple[GpuState, GpuReading]]) -> Iterator[Metric]:
+    """One family per spec name (rows sharing a name, like the clocks, are adjacent and differ by labels)."""
+    fam: CounterMetricFamily | GaugeMetricFamily | None = None
+    for spec in specs:
+        if fam is None or fam.name != spec.name:
+            if fam is not None:
+                yield fam
+            fam = _family(spec.type, spec.name, spec.help, GPU_LABELS + [k for k, _ in spec.labels])
+        extra = [v for _, v in spec.labels]
+        for g, r in live:
+            value = r[spec]
+            if value is not None:
+                fam.add_metric(_labels(g) + extra, value)
+    if fam is not None:
+        yield fam
+
+
+def _buckets(h: HistogramSnapshot) -> Sequence[tuple[str, float]]:
     cumulative = h.cumulative
     return [(repr(b), c) for b, c in zip(h.bounds, cumulative)] + [("+Inf", cumulative[-1])]
 
 
-def _add_processes(memory: Metric, sm: Metric | None, base: list[str],
+def _add_processes(memory: GaugeMetricFamily, sm: GaugeMetricFamily | None, base: list[str],
                    processes: tuple[GpuProcess, ...] | None, who: dict[int, ProcessIdentity]) -> None:
     """One row per process: base labels, then pid, comm, container_id, pod_uid."""
     for p in processes or ():
@@ -81,20 +70,29 @@ def _add_processes(memory: Metric, sm: Metric | None, base: list[str],
 
 
 class SnapshotCollector(Collector):
-    def __init__(self, snapshot: Callable[[], Snapshot], node_name: str = "") -> None:
+    """client_python's collect(): every family group in turn, each named after the collector it belongs
+    to (node_exporter style), from one snapshot. `specs` are the scalar GPU rows to render."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot], node_name: str = "",
+                 specs: tuple[GpuScalar, ...] = GPU_SCALARS) -> None:
         self._snapshot = snapshot
         self._node = node_name  # an empty label value is the same as no label to Prometheus
+        self._specs = specs
+        self._groups: tuple[tuple[str, Callable[[Snapshot], Iterator[Metric]]], ...] = (
+            ("exporter", self._exporter_families),
+            ("gpu", self._gpu_families),
+            ("processes", self._process_families),
+            ("host", self._host_families),
+            ("cgroup", self._cgroup_families),
+        )
 
     def describe(self) -> list[Metric]:
         return []  # registration must not trigger a collect
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
-        yield from self._exporter_families(snap)
-        yield from self._gpu_families(snap)
-        yield from self._process_families(snap)
-        yield from self._host_families(snap)
-        yield from self._cgroup_families(snap)
+        for _collector, families in self._groups:
+            yield from families(snap)
 
     # ---- the exporter itself -----------------------------------------------------------------------
     def _exporter_families(self, snap: Snapshot) -> Iterator[Metric]:
@@ -144,16 +142,10 @@ class SnapshotCollector(Collector):
 
         # Values are only exported from a fresh, successful read: a lost or stuck GPU's old values would lie.
         live = [(g, g.reading) for g in gpus if g.up and g.reading is not None]
-        for name, kind, doc, attr in _GPU_VALUES:
-            fam = _family(kind, name, doc, GPU_LABELS)
-            for g, r in live:
-                value = getattr(r, attr)
-                if value is not None:
-                    fam.add_metric(_labels(g), value)
-            yield fam
+        yield from _scalar_families(self._specs, live)
 
         yield from self._pcie_families(live)
-        yield from self._clock_families(gpus, live)
+        yield from self._clock_event_families(gpus, live)
         yield from self._health_families(snap, live)
 
         util = HistogramMetricFamily(
@@ -202,23 +194,16 @@ class SnapshotCollector(Collector):
         yield link
         yield ratio
 
-    def _clock_families(self, gpus: tuple[GpuState, ...],
+    def _clock_event_families(self, gpus: tuple[GpuState, ...],
                         live: list[tuple[GpuState, GpuReading]]) -> Iterator[Metric]:
-        clock = GaugeMetricFamily("gpu_clock_hertz", "Current clock (nvmlDeviceGetClockInfo).",
-                                  labels=GPU_LABELS + ["clock"])
         active = GaugeMetricFamily("gpu_clock_event_active",
                                    "1 while the clock event (throttle) reason is active "
                                    "(nvmlDeviceGetCurrentClocksEventReasons).",
                                    labels=GPU_LABELS + ["reason"])
         for g, r in live:
-            if r.sm_clock_hertz is not None:
-                clock.add_metric(_labels(g) + ["sm"], r.sm_clock_hertz)
-            if r.memory_clock_hertz is not None:
-                clock.add_metric(_labels(g) + ["memory"], r.memory_clock_hertz)
             if r.clock_event_reasons is not None:
                 for bit, name in CLOCK_EVENT_REASONS:
                     active.add_metric(_labels(g) + [name], int(bool(r.clock_event_reasons & bit)))
-        yield clock
         yield active
         seconds = CounterMetricFamily("gpu_clock_event_seconds",
                                       "Sampled time each clock event reason was active (one interval per tick).",

@@ -12,6 +12,7 @@ of times. Latency is a real sleep, which releases the GIL as a ctypes call into 
 """
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 import queue
@@ -52,8 +53,15 @@ class FakeGpuSpec:
     xid_schedule: tuple[float, float, int] | None = None  # (first after s, then every s, XID code)
     driver_sample_depth: int = 120  # samples the driver keeps (20 s at 1/6 s)
     replay_counter: int = 0
+    fan_speed_percent: int | None = None  # None: NotSupported, as on the fanless H100 SXM
     batch_period_s: float = 10.0  # a batch job runs every other period
     batch_new_pid: bool = False  # each batch job a new PID (label churn, as real jobs), not the same one
+    gpm_supported: bool = True  # GPM (Hopper and newer); False as on A100, L4, ...
+    nvlink_links: int = 18  # H100 SXM; 0 on PCIe boards (the link-count field is then NotSupported)
+    nvlink_tx_low_bps: float = 0.5e9  # summed over links, like PCIe following the duty cycle
+    nvlink_tx_high_bps: float = 40e9
+    nvlink_rx_low_bps: float = 0.5e9
+    nvlink_rx_high_bps: float = 40e9
 
 
 @dataclass
@@ -112,6 +120,13 @@ def _xid_event(gpu: int, xid: int) -> Any:
     return data
 
 
+def fake_uuid(gpu: int, mig_slot: int | None = None) -> str:
+    """The UUID the fake reports for a GPU, or for the MIG device in that slot of it."""
+    if mig_slot is not None:
+        return f"MIG-{0xFA4E0000 + gpu:08x}-{mig_slot:04x}-4000-8000-{gpu:012x}"
+    return f"GPU-{0xFA4E0000 + gpu:08x}-0000-4000-8000-{gpu:012x}"
+
+
 def mig_memory_bytes(profile: str) -> int:
     """'3g.40gb' -> 40 GiB."""
     return int(profile.split(".")[1].rstrip("gb")) * 1024 * MIB
@@ -137,7 +152,7 @@ def _nvml_call(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _copy_pynvml_names(target: object) -> None:
     for attr in dir(pynvml):
         if attr.startswith(("NVML_", "NVMLError", "nvmlClocks", "nvmlMemory_v", "nvmlEventType")) or attr in (
-            "NVMLLibraryMismatchError",
+            "NVMLLibraryMismatchError", "c_nvmlGpmMetricsGet_t",
         ):
             setattr(target, attr, getattr(pynvml, attr))
 
@@ -169,6 +184,7 @@ class FakeNvml:
         self._processes: dict[int, list[tuple[int, int | None]]] = {}  # set_processes() overrides
         self._event_sets: list[FakeEventSet] = []
         self._init_refcount = 0
+        self._gpm_samples: dict[int, tuple[Any, tuple[int, int | None, float] | None]] = {}  # address -> (sample, taken)
         if pcie_throughput_latency_s:
             for gpu in range(self.gpu_count):
                 self.inject("nvmlDeviceGetPcieThroughput", gpu=gpu, latency_s=pcie_throughput_latency_s)
@@ -223,6 +239,10 @@ class FakeNvml:
         for es in self._event_sets:
             if gpu in es.devices:
                 es.events.put(_xid_event(gpu, xid))
+
+    def xid_registered(self) -> set[int]:
+        """GPUs registered for XID events on an event set that is still allocated."""
+        return set().union(*(es.devices for es in self._event_sets))
 
     def _enter(self, call: str, gpu: int | None) -> None:
         with self._calls_lock:
@@ -312,9 +332,7 @@ class FakeNvml:
     @_nvml_call
     def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str:
         i = handle.index
-        if isinstance(handle, FakeMigHandle):
-            return f"MIG-{0xFA4E0000 + i:08x}-{handle.slot:04x}-4000-8000-{i:012x}"
-        return f"GPU-{0xFA4E0000 + i:08x}-0000-4000-8000-{i:012x}"
+        return fake_uuid(i, handle.slot if isinstance(handle, FakeMigHandle) else None)
 
     @_nvml_call
     def nvmlDeviceGetPciInfo(self, handle: FakeHandle) -> pynvml.nvmlPciInfo_t:
@@ -469,6 +487,7 @@ class FakeNvml:
     @_nvml_call
     def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeHandle) -> list[Any]:
         out = []
+        listed: list[tuple[int, int | None]]
         if isinstance(handle, FakeMigHandle):  # one worker per MIG instance, using most of it
             profile = self.specs[handle.index].mig_profiles[handle.slot]
             listed = [(6000 + 10 * handle.index + handle.slot, mig_memory_bytes(profile) // 2)]
@@ -518,8 +537,9 @@ class FakeNvml:
         values = (pynvml.c_nvmlFieldValue_t * len(fieldIds))()
         now = self.clock()
         t = now - self.t0
-        for i, field_id in enumerate(fieldIds):
-            values[i].fieldId = field_id
+        for i, field in enumerate(fieldIds):
+            field_id, scope = field if isinstance(field, tuple) else (field, 0)  # (fieldId, scopeId) as pynvml
+            values[i].fieldId, values[i].scopeId = field_id, scope
             values[i].timestamp = int(now * 1e6)
             counter = {
                 pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES: "tx",
@@ -530,7 +550,7 @@ class FakeNvml:
                 values[i].valueType = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
                 values[i].value.ullVal = self._pcie_bytes(gpu, t, counter)
             else:
-                values[i].nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+                self._nvlink_field(gpu, t, values[i])
         return values
 
     @_nvml_call
@@ -587,6 +607,13 @@ class FakeNvml:
         return 10_000_000 + int(self._integral(handle.index, self._now(), s.power_low_mw, s.power_high_mw))
 
     @_nvml_call
+    def nvmlDeviceGetFanSpeed_v2(self, handle: FakeHandle, fan: int) -> int:
+        speed = self.specs[handle.index].fan_speed_percent
+        if speed is None or fan != 0:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return speed
+
+    @_nvml_call
     def nvmlDeviceGetClockInfo(self, handle: FakeHandle, type: int) -> int:
         if type == pynvml.NVML_CLOCK_MEM:
             return 2619
@@ -611,10 +638,167 @@ class FakeNvml:
     def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: FakeHandle) -> int:
         return self._clock_event_reasons(handle)
 
+    # ---- NVLink fields and GPM (Hopper+) ----------------------------------------------------------
+    def _nvlink_field(self, gpu: int, t: float, entry: Any) -> None:
+        """Link count (91) and per-link cumulative KiB (138 tx / 139 rx, scopeId = link); else NotSupported."""
+        s = self.specs[gpu]
+        entry.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+        if not s.nvlink_links:
+            return
+        if entry.fieldId == pynvml.NVML_FI_DEV_NVLINK_LINK_COUNT:
+            entry.nvmlReturn, entry.valueType, entry.value.uiVal = 0, pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, s.nvlink_links
+        elif entry.fieldId in (pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX):
+            if entry.scopeId >= s.nvlink_links:
+                entry.nvmlReturn = pynvml.NVML_ERROR_INVALID_ARGUMENT
+                return
+            tx = entry.fieldId == pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX
+            total = self._integral(gpu, t, *((s.nvlink_tx_low_bps, s.nvlink_tx_high_bps) if tx
+                                             else (s.nvlink_rx_low_bps, s.nvlink_rx_high_bps)))
+            entry.nvmlReturn, entry.valueType = 0, pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+            entry.value.ullVal = int(total / s.nvlink_links / 1024)
+
+    def gpm_percent_at(self, gpu: int, metric_id: int, t: float) -> float | None:
+        """GPM metric `metric_id` at fake time t: activity follows the duty cycle; None: not supported."""
+        s = self.specs[gpu]
+        util = self.utilization_at(gpu, t)
+        busy = self._busy(gpu, t)
+        per_metric = {
+            pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL: util,
+            pynvml.NVML_GPM_METRIC_SM_UTIL: util * 0.9,
+            pynvml.NVML_GPM_METRIC_SM_OCCUPANCY: util * 0.45,
+            pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL: util * 0.6 if busy else 1.0,
+            pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL: util * 0.5,
+            pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC: (s.nvlink_tx_high_bps if busy else s.nvlink_tx_low_bps) / MIB,
+            pynvml.NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC: (s.nvlink_rx_high_bps if busy else s.nvlink_rx_low_bps) / MIB,
+        }
+        return per_metric.get(metric_id)
+
+    @_nvml_call
+    def nvmlGpmQueryDeviceSupport(self, device: FakeHandle) -> Any:
+        support = pynvml.c_nvmlGpmSupport_t()
+        support.version = pynvml.NVML_GPM_SUPPORT_VERSION
+        support.isSupportedDevice = int(self.specs[device.index].gpm_supported)
+        return support
+
+    @_nvml_call
+    def nvmlGpmSampleAlloc(self) -> Any:
+        """A real c_nvmlGpmSample_t pointer, so it fits c_nvmlGpmMetricsGet_t.sample1/2 like pynvml's."""
+        sample = ctypes.pointer(pynvml.struct_c_nvmlGpmSample_t())
+        self._gpm_samples[ctypes.addressof(sample.contents)] = (sample, None)
+        return sample
+
+    @_nvml_call
+    def nvmlGpmSampleFree(self, gpmSample: Any) -> None:
+        if self._gpm_samples.pop(ctypes.addressof(gpmSample.contents), None) is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+
+    def _gpm_take(self, device: FakeHandle, gi: int | None, gpmSample: Any) -> Any:
+        if not self.specs[device.index].gpm_supported:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        key = ctypes.addressof(gpmSample.contents)
+        if key not in self._gpm_samples:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        self._gpm_samples[key] = (gpmSample, (device.index, gi, self._now()))
+        return gpmSample
+
+    @_nvml_call
+    def nvmlGpmSampleGet(self, device: FakeHandle, gpmSample: Any) -> Any:
+        return self._gpm_take(device, None, gpmSample)
+
+    @_nvml_call
+    def nvmlGpmMigSampleGet(self, device: FakeHandle, gpuInstanceId: int, gpmSample: Any) -> Any:
+        return self._gpm_take(device, gpuInstanceId, gpmSample)
+
+    @_nvml_call
+    def nvmlGpmMetricsGet(self, metricsGet: Any) -> Any:
+        """Checks what the driver checks (version, two samples of one GPU >= 100 ms apart), then fills in
+        each requested metric with its own nvmlReturn."""
+        if metricsGet.version != pynvml.NVML_GPM_METRICS_GET_VERSION:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        first, second = (self._gpm_samples.get(ctypes.addressof(p.contents), (None, None))[1]
+                         for p in (metricsGet.sample1, metricsGet.sample2))
+        if first is None or second is None or first[:2] != second[:2] or second[2] - first[2] < 0.1:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        gpu, _, t = second
+        for i in range(metricsGet.numMetrics):
+            metric = metricsGet.metrics[i]
+            value = self.gpm_percent_at(gpu, metric.metricId, t)
+            metric.nvmlReturn = pynvml.NVML_SUCCESS if value is not None else pynvml.NVML_ERROR_NOT_SUPPORTED
+            metric.value = value or 0.0
+        return metricsGet
+
+
+class FixtureNvml(FakeNvml):
+    """The fake answering as a captured GPU did (a bench/capture_gpu.py JSON): every call recorded as failing
+    (NotSupported, ...) fails the same way, the recorded readings come back as recorded, and what the fake
+    integrates over time (energy, PCIe and NVLink counters, the driver buffer) keeps the fake's own."""
+
+    def __init__(self, capture: dict[str, Any], clock: Callable[[], float] = time.monotonic) -> None:
+        self.recorded = {gpu["index"]: gpu["calls"] for gpu in capture["gpus"]}
+        super().__init__(specs=[self._spec(gpu) for gpu in capture["gpus"]], clock=clock,
+                         driver_version=str(capture["system"]["driver"]), pcie_throughput_latency_s=0.0)
+        for index, calls in self.recorded.items():
+            by_function: dict[str, list[dict[str, Any]]] = {}
+            for key, answer in calls.items():
+                by_function.setdefault(key.split("[")[0], []).append(answer)
+            for function, answers in by_function.items():
+                # A call fails if every recorded variant failed (v1 memory info may work where v2 does not).
+                if hasattr(pynvml, function) and all(a.get("code") for a in answers):
+                    self.inject(function, gpu=index, error=answers[0]["code"])
+
+    @staticmethod
+    def _spec(gpu: dict[str, Any]) -> FakeGpuSpec:
+        calls = gpu["calls"]
+        value = lambda key, default: calls.get(key, {}).get("value", default)  # noqa: E731
+        memory = value("nvmlDeviceGetMemoryInfo[v2]", None) or value("nvmlDeviceGetMemoryInfo", None) or {}
+        counters = value("nvmlDeviceGetFieldValues[PCIE_COUNT_TX,RX]", None) or []
+        return FakeGpuSpec(
+            name=gpu["name"] or "", memory_total_bytes=memory.get("total", FakeGpuSpec.memory_total_bytes),
+            pcie_generation=value("nvmlDeviceGetMaxPcieLinkGeneration", 0), pcie_width=value("nvmlDeviceGetMaxPcieLinkWidth", 0),
+            power_limit_mw=value("nvmlDeviceGetEnforcedPowerLimit", FakeGpuSpec.power_limit_mw),
+            pcie_counters=bool(counters) and all(c["nvmlReturn"] == 0 for c in counters),
+            gpm_supported=gpu["gpm"] is not None, nvlink_links=gpu["nvlink_links"])
+
+    def _recorded(self, handle: FakeHandle, key: str) -> Any:
+        return self.recorded[handle.index].get(key, {}).get("value")
+
+    @_nvml_call
+    def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> Any:
+        got = self._recorded(handle, "nvmlDeviceGetUtilizationRates")
+        return pynvml.c_nvmlUtilization_t(**got) if got else _unwrapped(FakeNvml.nvmlDeviceGetUtilizationRates)(self, handle)
+
+    @_nvml_call
+    def nvmlDeviceGetMemoryInfo(self, handle: FakeHandle, version: int | None = None) -> Any:
+        got = self._recorded(handle, "nvmlDeviceGetMemoryInfo[v2]" if version else "nvmlDeviceGetMemoryInfo")
+        if not got:
+            return _unwrapped(FakeNvml.nvmlDeviceGetMemoryInfo)(self, handle, version)
+        return (pynvml.c_nvmlMemory_v2_t if version else pynvml.c_nvmlMemory_t)(**got)
+
+    @_nvml_call
+    def nvmlDeviceGetTemperature(self, handle: FakeHandle, sensor: int) -> int:
+        got = self._recorded(handle, "nvmlDeviceGetTemperature[GPU]")
+        return got if got is not None else _unwrapped(FakeNvml.nvmlDeviceGetTemperature)(self, handle, sensor)
+
+    @_nvml_call
+    def nvmlDeviceGetPowerUsage(self, handle: FakeHandle) -> int:
+        got = self._recorded(handle, "nvmlDeviceGetPowerUsage")
+        return got if got is not None else _unwrapped(FakeNvml.nvmlDeviceGetPowerUsage)(self, handle)
+
+    @_nvml_call
+    def nvmlDeviceGetClockInfo(self, handle: FakeHandle, type: int) -> int:
+        got = self._recorded(handle, "nvmlDeviceGetClockInfo[MEM]" if type == pynvml.NVML_CLOCK_MEM
+                             else "nvmlDeviceGetClockInfo[SM]")
+        return got if got is not None else _unwrapped(FakeNvml.nvmlDeviceGetClockInfo)(self, handle, type)
+
+
+def _unwrapped(call: Callable[..., Any]) -> Callable[..., Any]:
+    """The fake's own answer without _nvml_call's bookkeeping (a replayed call must count once)."""
+    return call.__wrapped__  # type: ignore[attr-defined]
+
 
 def fake_call_names() -> list[str]:
     """The pynvml functions the fake implements."""
     return sorted(n for n, v in vars(FakeNvml).items() if n.startswith("nvml") and callable(v))
 
 
-__all__ = ["FakeGpuSpec", "FakeHandle", "FakeNvml", "fake_call_names"]
+__all__ = ["FakeGpuSpec", "FakeHandle", "FakeNvml", "FixtureNvml", "fake_call_names"]

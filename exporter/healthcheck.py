@@ -13,8 +13,8 @@ import ssl
 import sys
 import urllib.request
 
-from exporter.cli import env_name
-from exporter.server import parse_listen_address
+from exporter.environment import env_name
+from exporter.listen import parse_listen_address
 from exporter.webconfig import WebConfigError, load_web_config
 
 

@@ -37,13 +37,6 @@ class HistogramSnapshot:
     def count(self) -> int:
         return sum(self.counts)
 
-    def fraction_at_or_below(self, bound: float) -> float | None:
-        """Share of observations <= bound (bound must be one of the bucket bounds)."""
-        total = self.count
-        if total == 0:
-            return None
-        return sum(self.counts[: self.bounds.index(bound) + 1]) / total
-
 
 class Histogram:
     """Single-writer histogram: observe() from the sampler thread, freeze() into a snapshot."""

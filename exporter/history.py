@@ -15,6 +15,7 @@ from collections import deque
 from typing import Iterable, Iterator
 
 from exporter.snapshot import GpuState, Snapshot
+from exporter.sources.nvml.specs import MEMORY_USED_RATIO, UTILIZATION
 
 GPU_FIELDS = ("utilization", "memory_used_ratio", "pcie_tx_utilization", "pcie_rx_utilization")
 
@@ -27,7 +28,7 @@ def _gpu_values(g: GpuState) -> tuple[float | None, ...]:
     if r is None or not g.up:
         return (None,) * len(GPU_FIELDS)
     link = g.identity.pcie_link_max_bytes_per_second
-    return (r.utilization, r.memory_used_ratio, r.pcie_utilization("tx", link), r.pcie_utilization("rx", link))
+    return (r[UTILIZATION], r[MEMORY_USED_RATIO], r.pcie_utilization("tx", link), r.pcie_utilization("rx", link))
 
 
 def _nullable(v: float) -> float | None:
@@ -44,10 +45,6 @@ class SampleHistory:
         self._names: dict[str, tuple[str, str]] = {}  # gpu -> (uuid, name)
         self._lock = threading.Lock()
         self._wall = wall_clock
-
-    @property
-    def capacity(self) -> int:
-        return self._rows.maxlen or 0
 
     def append(self, snap: Snapshot) -> None:
         ids = tuple(str(g.identity.index) for g in snap.gpus)

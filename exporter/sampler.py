@@ -18,17 +18,12 @@ from typing import Callable
 
 from exporter.histogram import DURATION_BUCKETS, RATIO_BUCKETS, Histogram
 from exporter.history import SampleHistory
-from exporter.snapshot import (
-    CLOCK_EVENT_REASONS,
-    PCIE_DIRECTIONS,
-    GpuReading,
-    GpuState,
-    NvmlStatus,
-    SamplerStats,
-    Snapshot,
-)
+from exporter.snapshot import GpuState, SamplerStats, Snapshot
 from exporter.sources.cgroup import CgroupSource
-from exporter.sources.nvml import GpuReader, NvmlSource
+from exporter.sources.kubelet import PodResources
+from exporter.sources.nvml import GpuReader, GpuReading, NvmlSource, NvmlStatus
+from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS, PCIE_DIRECTIONS
+from exporter.sources.nvml.specs import UTILIZATION
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.procfs import ProcfsSource
 from exporter.sources.shm import read_shm
@@ -41,11 +36,14 @@ HEALTHY_WITHIN_INTERVALS = 5
 LATENESS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _DONE = -1  # gpu index of the message a read thread posts after its last GPU
 
+# (thread, tick, gpu index, reading) per GPU; (thread, tick, _DONE, seconds the reads took) at the end.
+_Result = tuple["_ReadThread", int, int, "GpuReading | float"]
+
 
 class _ReadThread:
-    """Reads a list of GPUs whenever dispatched, posting (thread, tick, gpu index, reading) per GPU."""
+    """Reads a list of GPUs whenever dispatched, posting a _Result per GPU and one when done."""
 
-    def __init__(self, results: queue.SimpleQueue) -> None:
+    def __init__(self, results: queue.SimpleQueue[_Result]) -> None:
         self.abandoned = False  # set by the sampler: finish the current call, report, and exit
         self.current: GpuReader | None = None
         self._results = results
@@ -67,6 +65,7 @@ class _ReadThread:
         while True:
             self._go.wait()
             self._go.clear()
+            started = time.perf_counter()
             for reader in self._todo if not self.abandoned else ():
                 self.current = reader
                 try:
@@ -78,7 +77,7 @@ class _ReadThread:
                 self._results.put((self, self._tick, reader.index, reading))
                 if self.abandoned:
                     break
-            self._results.put((self, self._tick, _DONE, None))
+            self._results.put((self, self._tick, _DONE, time.perf_counter() - started))
             if self.abandoned:
                 return
 
@@ -105,6 +104,7 @@ class Sampler:
         shm_path: str | None = None,
         attributor: ProcessAttributor | None = None,
         history: SampleHistory | None = None,
+        pods: Callable[[], PodResources | None] | None = None,
     ) -> None:
         self.nvml = nvml
         self.procfs = procfs
@@ -112,11 +112,12 @@ class Sampler:
         self.shm_path = shm_path
         self.attributor = attributor
         self.history = history
+        self.pods = pods  # the latest reading of a source polled on its own thread (kubelet)
         self.interval = interval
         self._clock = clock
-        self._results: queue.SimpleQueue = queue.SimpleQueue()
-        self._reader_thread: _ReadThread | None = None
-        self._reader_generation = -1
+        self._results: queue.SimpleQueue[_Result] = queue.SimpleQueue()
+        self._reader_thread = _ReadThread(self._results)
+        self._gpus: tuple[GpuReader, ...] = ()  # the set the read thread serves; a new one restarts it
         self._stuck: dict[int, tuple[_ReadThread, str]] = {}  # gpu -> (abandoned thread, call it is in)
         self._last_states: dict[int, GpuState] = {}
         self._histories: dict[int, _GpuHistory] = {}
@@ -140,8 +141,7 @@ class Sampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        if self._reader_thread is not None:
-            self._reader_thread.abandon()
+        self._reader_thread.abandon()
         self.nvml.close()
 
     def _run(self) -> None:
@@ -179,8 +179,9 @@ class Sampler:
             self._errors[("nvml", failed)] += 1
         self._sync_reader()
         self._collect(seq, deadline=None)  # late results and exits of abandoned threads
-        to_read = [r for r in self.nvml.readers if r.index not in self._stuck]
+        to_read = [r for r in self._gpus if r.index not in self._stuck]
         if to_read:
+            dispatched = time.perf_counter()
             self._reader_thread.dispatch(seq, to_read)
 
         procfs_started = time.perf_counter()
@@ -198,11 +199,12 @@ class Sampler:
 
         fresh: dict[int, GpuReading] = {}
         if to_read:
-            done = self._collect(seq, deadline=now + GPU_DEADLINE_SHARE * self.interval, fresh=fresh)
-            if not done:
+            took = self._collect(seq, deadline=now + GPU_DEADLINE_SHARE * self.interval, fresh=fresh)
+            if took is None:
                 self._abandon_reader()
-            self._durations["nvml"].observe(time.perf_counter() - procfs_started)
-        gpus = tuple(self._gpu_state(r, fresh.get(r.index), now) for r in self.nvml.readers)
+                took = time.perf_counter() - dispatched  # at least this long: still reading
+            self._durations["nvml"].observe(took)  # the read thread's own time: NVML only
+        gpus = tuple(self._gpu_state(r, fresh.get(r.index), now) for r in self._gpus)
         processes: tuple = ()
         if self.attributor is not None:
             pids = set().union(*(g.reading.pids() for g in gpus if g.reading))
@@ -227,7 +229,8 @@ class Sampler:
             processes=processes,
             cgroup=cgroup,
             shm=shm,
-            xid_errors=self.nvml.xid.counts() if self.nvml.xid is not None else (),
+            xid_errors=self.nvml.xid_counts(),
+            pods=self.pods() if self.pods is not None else None,
         )
         self.snapshot = snap  # a single reference assignment: scrapes see the old or the new, whole
         if self.history is not None:
@@ -236,19 +239,19 @@ class Sampler:
 
     def _sync_reader(self) -> None:
         """A new set of GPUs (NVML (re)initialised): start from a fresh read thread."""
-        if self._reader_generation == self.nvml.generation:
+        if self._gpus is self.nvml.gpus:
             return
-        if self._reader_thread is not None:
-            self._reader_thread.abandon()
+        self._reader_thread.abandon()
         self._reader_thread = _ReadThread(self._results)
-        self._reader_generation = self.nvml.generation
+        self._gpus = self.nvml.gpus
         self._stuck.clear()
         self._last_states.clear()
 
-    def _collect(self, seq: int, deadline: float | None, fresh: dict[int, GpuReading] | None = None) -> bool:
+    def _collect(self, seq: int, deadline: float | None, fresh: dict[int, GpuReading] | None = None) -> float | None:
         """Take results off the queue; with a deadline, wait until the current read thread is done.
 
-        Returns True when the current thread reported this tick done (always True without a deadline).
+        Returns the seconds the current thread's reads took for this tick once it reported done; None
+        when the deadline passed first (0.0 without a deadline).
         """
         while True:
             try:
@@ -257,10 +260,10 @@ class Sampler:
                 else:
                     timeout = deadline - self._clock()
                     if timeout <= 0:
-                        return False
+                        return None
                     thread, tick, index, reading = self._results.get(timeout=timeout)
             except queue.Empty:
-                return deadline is None
+                return 0.0 if deadline is None else None
             if thread is not self._reader_thread:
                 if index == _DONE:  # an abandoned thread's hung call returned: its GPU may be read again
                     for gpu in [g for g, (t, _) in self._stuck.items() if t is thread]:
@@ -268,8 +271,8 @@ class Sampler:
                 continue  # its late reading is stale and dropped
             if tick != seq:
                 continue
-            if index == _DONE:
-                return True
+            if isinstance(reading, float):  # index == _DONE
+                return reading
             if fresh is not None:
                 fresh[index] = reading
 
@@ -278,7 +281,7 @@ class Sampler:
         thread.abandon()  # first, so it cannot move on to another GPU unnoticed
         reader = thread.current
         if reader is not None:
-            call = reader.current_call or "read"
+            call = reader.in_call() or "read"
             self._stuck[reader.index] = (thread, call)
             self._errors[("nvml", call)] += 1  # once per hang, not per tick
         self._reader_thread = _ReadThread(self._results)
@@ -322,8 +325,8 @@ class Sampler:
         if r.utilization_samples is not None:  # every sample the driver took since the last tick
             for value in r.utilization_samples:
                 hist.utilization.observe(value)
-        elif r.utilization is not None:  # no driver buffer (MIG, old boards): the polled value
-            hist.utilization.observe(r.utilization)
+        elif (polled := r[UTILIZATION]) is not None:  # no driver buffer (MIG, old boards): the polled value
+            hist.utilization.observe(polled)
         for d in PCIE_DIRECTIONS:
             ratio = r.pcie_utilization(d, link_max)
             if ratio is not None:

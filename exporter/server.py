@@ -27,29 +27,11 @@ from exporter.durations import parse_duration
 from exporter.exposition import TextRenderer
 from exporter.history import SampleHistory
 from exporter.httpd import HttpServer, Limits, Request, Response
+from exporter.listen import ListenAddressError, parse_listen_address  # noqa: F401  (re-exported)
 from exporter.liveview import live_page
 from exporter.webconfig import WebConfigWatcher
 
 log = logging.getLogger("exporter.server")
-
-
-class ListenAddressError(ValueError):
-    pass
-
-
-def parse_listen_address(value: str) -> tuple[str, int]:
-    """':9445', '127.0.0.1:9445', '[::1]:9445', 'localhost:9445' -> (host, port); '' host = all."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ListenAddressError(f"invalid --web.listen-address {value!r}: want [host]:port, e.g. :9445")
-    port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ListenAddressError(f"invalid --web.listen-address {value!r}: port out of range")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ListenAddressError(f"invalid --web.listen-address {value!r}: put IPv6 hosts in brackets")
-    return host, port
 
 
 class _RenderCache:
@@ -289,7 +271,7 @@ def _listen(family: socket.AddressFamily, host: str, port: int) -> socket.socket
 
 
 def make_server(
-    listen_address: str,
+    listen_address: str | socket.socket,
     registry: CollectorRegistry,
     health: Callable[[], tuple[bool, str]],
     telemetry_path: str = "/metrics",
@@ -298,13 +280,14 @@ def make_server(
     web_config: WebConfigWatcher | None = None,
     limits: Limits | None = None,
 ) -> HttpServer:
-    """Bind (raises OSError when the port is taken) and return the server, not yet serving.
+    """Bind (raises OSError when the port is taken; or take a socket from bind()) and return the server,
+    not yet serving.
 
     generation: returns an object that changes when the metrics do (the sampler's snapshot); with it,
     rendered pages are shared between scrapes of the same generation."""
     app = ExporterApp(registry, health, telemetry_path, history, generation)
     return HttpServer(
-        bind(listen_address), app, limits or Limits(),
+        bind(listen_address) if isinstance(listen_address, str) else listen_address, app, limits or Limits(),
         tls=web_config.tls_context if web_config else (lambda: None),
         auth=web_config.auth if web_config else None,
         extra_headers=web_config.headers if web_config else (lambda: ()),

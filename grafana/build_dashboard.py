@@ -14,6 +14,14 @@ OUT = Path(__file__).resolve().parent / "dashboards" / "gpu-telemetry.json"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'instance=~"$instance", gpu=~"$gpu"'  # GPU series
 HOST = 'instance=~"$instance"'  # host and exporter series
+POD = 'instance=~"$instance", gpu=~"$gpu", namespace=~"$namespace", pod=~"$pod"'  # gpu_pod_info
+
+
+def by_pod(expr: str) -> str:
+    """A per-GPU expression with the namespace/pod/container of each container holding the GPU. group_right:
+    a GPU shared by several containers (time-slicing, MPS) gives one series per container."""
+    return f"{expr} * on(instance, gpu) group_right gpu_pod_info{{{POD}}}"
+
 STARVED_RED = "red"
 
 
@@ -125,6 +133,24 @@ ROWS: list[tuple[str, list[dict]]] = [
               w=7, thresholds=_thresholds((None, "red"), (1073741824, "green")),
               description="Under 1 GiB beside a DataLoader: \"Bus error\" (Docker's default is 64 MB)."),
     ]),
+    ("Pods (kubelet pod-resources API; needs the DaemonSet's pod-resources mount)", [
+        panel("timeseries", "GPU utilisation: pod $pod", "percentunit",
+              [(by_pod(f"gpu_utilization_ratio{{{SEL}}}"), "{{namespace}}/{{pod}} {{container}} GPU {{gpu}}")],
+              w=8, max_value=1, thresholds=_thresholds((None, STARVED_RED), (0.4, "green")), line=True,
+              extra={"repeat": "pod", "repeatDirection": "h", "maxPerRow": 3},
+              description="One panel per selected pod: utilisation of each GPU its containers hold "
+                          "(gpu_pod_info joined on instance and gpu)."),
+        panel("timeseries", "GPU memory used by pod", "bytes",
+              [(f"sum by (namespace, pod) ({by_pod(f'gpu_memory_used_bytes{{{SEL}}}')})", "{{namespace}}/{{pod}}")],
+              w=12, description="Memory of the GPUs each pod holds; a shared GPU counts in full for every pod "
+                                "holding it (gpu_process_memory_used_bytes splits it by process)."),
+        panel("table", "Which pod holds each GPU", "none",
+              [(f"gpu_pod_info{{{POD}}}", "")], w=12,
+              extra={"options": {"showHeader": True},
+                     "transformations": [{"id": "organize", "options": {"excludeByName": {
+                         "Time": True, "Value": True, "__name__": True, "job": True}}}]},
+              description="gpu_pod_info: one row per (GPU or MIG device, container holding it)."),
+    ]),
     ("Memory, power, temperature", [
         panel("timeseries", "GPU memory used vs total", "bytes",
               [(f"gpu_memory_used_bytes{{{SEL}}}", "{{instance}} GPU {{gpu}} used"),
@@ -166,6 +192,8 @@ def variables() -> list[dict]:
          "current": {}, "refresh": 1},
         query("instance", "Node", "label_values(exporter_build_info, instance)"),
         query("gpu", "GPU", 'label_values(gpu_info{instance=~"$instance"}, gpu)'),
+        query("namespace", "Namespace", 'label_values(gpu_pod_info{instance=~"$instance"}, namespace)'),
+        query("pod", "Pod", 'label_values(gpu_pod_info{instance=~"$instance", namespace=~"$namespace"}, pod)'),
     ]
 
 
@@ -181,6 +209,9 @@ def build() -> dict:
             if p["type"] == "heatmap":  # bucket series rendered as a heatmap, not as lines
                 for t in p["targets"]:
                     t["format"] = "heatmap"
+            if p["type"] == "table":  # one row per series, its labels as columns
+                for t in p["targets"]:
+                    t["format"], t["instant"] = "table", True
             w, h = p["gridPos"]["w"], p["gridPos"]["h"]
             if x + w > 24:
                 x, y, row_h = 0, y + row_h, 0

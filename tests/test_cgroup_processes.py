@@ -145,7 +145,7 @@ def test_process_series_appear_and_vanish_with_labels(procfs):
     assert mem[("0", "4000")].value == 3 * 2**30
     assert {x.labels["pid"] for x in fams["gpu_process_sm_utilization_ratio"].samples} == {"4000", "7777"}
     fake.set_processes(0, [])
-    for reader in s.nvml.readers:
+    for reader in s.nvml.gpus:
         reader._last_refresh.clear()  # skip the 1 s refresh wait
     s.tick()
     assert families(s)["gpu_process_memory_used_bytes"].samples == []

@@ -35,6 +35,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["--web.max-connections", "0"], "--web.max-connections must be at least 1"),
     (["--web.config.file", "/nonexistent/web.yml"], "cannot read /nonexistent/web.yml"),
     (["--fake-churn", "1s"], "--fake-churn needs --fake-gpus"),
+    (["--kubernetes.pod-resources-socket", "", "--kubernetes.pod-labels"], "--kubernetes.pod-labels needs"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, needle):
     r = run_cli(*args)
@@ -66,6 +67,7 @@ def test_helpers():
     assert parse_duration("1m") == 60 and parse_duration("0.5") == 0.5
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_within_a_second(exporter_proc, sig):
     p = exporter_proc("--fake-gpus", "2")
@@ -77,6 +79,7 @@ def test_signal_stops_cleanly_within_a_second(exporter_proc, sig):
     assert "Traceback" not in p.log()
 
 
+@pytest.mark.e2e
 def test_settings_from_environment(exporter_proc):
     p = exporter_proc(env={"GPU_EXPORTER_FAKE_GPUS": "3", "GPU_EXPORTER_WEB_TELEMETRY_PATH": "/m",
                            "GPU_EXPORTER_SAMPLE_INTERVAL": "100ms", "GPU_EXPORTER_NODE_NAME": "gpu-node-7"})
@@ -86,6 +89,7 @@ def test_settings_from_environment(exporter_proc):
     assert body.count(b"gpu_up{") == 3 and b"exporter_sample_interval_seconds 0.1" in body
 
 
+@pytest.mark.e2e
 def test_without_gpu_it_serves_host_metrics_and_says_so(exporter_proc):
     """Real pynvml, no --fake-gpus: on a machine without the NVIDIA driver (CI) NVML is absent."""
     p = exporter_proc("--sample.interval", "100ms")
@@ -105,6 +109,7 @@ def test_without_gpu_it_serves_host_metrics_and_says_so(exporter_proc):
         assert b"exporter_nvml_up 1.0" in body
 
 
+@pytest.mark.e2e
 def test_http_endpoints(exporter_proc):
     p = exporter_proc("--fake-gpus", "1")
     p.wait_for_sample()
@@ -121,3 +126,16 @@ def test_http_endpoints(exporter_proc):
     assert headers["Content-Type"].startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
     status, _, body = http_get(p.url + "/healthz")
     assert status == 200 and b"sampler ok" in body
+
+
+def test_healthcheck_does_not_import_the_exporter():
+    """The container's health check runs every few seconds: it must not load the sampler, NVML, the
+    collector or prometheus_client."""
+    code = ("import sys, exporter.healthcheck; "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith(('exporter', 'prometheus_client', 'pynvml')))))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    loaded = set(r.stdout.split())
+    assert "exporter.healthcheck" in loaded
+    assert not loaded & {"exporter.cli", "exporter.sampler", "exporter.collector", "exporter.server",
+                         "exporter.sources", "prometheus_client", "pynvml"}, sorted(loaded)

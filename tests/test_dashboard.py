@@ -14,7 +14,7 @@ from tests.conftest import REPO, http_get
 DASHBOARD = REPO / "grafana" / "dashboards" / "gpu-telemetry.json"
 GRAFANA_BUILTINS = {"__rate_interval", "__interval", "__range", "__all"}
 # What Grafana puts in place of the variables, with "All" selected (allValue ".*").
-SUBSTITUTE = {"instance": ".*", "gpu": ".*", "__rate_interval": "10s"}
+SUBSTITUTE = {"instance": ".*", "gpu": ".*", "namespace": ".*", "pod": ".*", "__rate_interval": "10s"}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_structure(dashboard):
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
     variables = {v["name"] for v in dashboard["templating"]["list"]}
-    assert {"datasource", "instance", "gpu"} <= variables
+    assert {"datasource", "instance", "gpu", "namespace", "pod"} <= variables
     for p in data_panels(dashboard):
         assert p["title"], p
         assert p["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, p["title"]
@@ -70,6 +70,7 @@ def expand(expr: str) -> str:
     return re.sub(r"\$\{?(\w+)\}?", lambda m: SUBSTITUTE[m.group(1)], expr)
 
 
+@pytest.mark.e2e
 def test_every_panel_query_returns_data(stack, dashboard):
     failures = []
     for p in data_panels(dashboard):
@@ -85,6 +86,19 @@ def test_every_panel_query_returns_data(stack, dashboard):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.e2e
+def test_gpu_panels_titled_by_pod_repeat_over_the_pod_variable(stack, dashboard):
+    (repeated,) = [p for p in data_panels(dashboard) if p.get("repeat")]
+    assert repeated["repeat"] == "pod" and "$pod" in repeated["title"]
+    # What Grafana runs for the panel of one pod: that pod's GPU, with its namespace and pod labels.
+    expr = re.sub(r"\$\{?(\w+)\}?", lambda m: {"pod": "synth-1"}.get(m.group(1), SUBSTITUTE[m.group(1)]),
+                  repeated["targets"][0]["expr"])
+    result = stack.prom.query(expr)
+    assert [(r["metric"]["gpu"], r["metric"]["namespace"], r["metric"]["pod"]) for r in result] == [
+        ("1", "tts", "synth-1")]
+
+
+@pytest.mark.e2e
 def test_variable_queries_return_values(stack, dashboard):
     for v in dashboard["templating"]["list"]:
         if v["type"] != "query":
@@ -97,6 +111,7 @@ def test_variable_queries_return_values(stack, dashboard):
         assert status == 200 and json.loads(body)["data"], (v["name"], body[:200])
 
 
+@pytest.mark.e2e
 def test_rtf_panel_tracks_the_tts_histogram(stack):
     p50 = stack.prom.query("histogram_quantile(0.5, sum by (le) (rate(tts_real_time_factor_bucket[10s])))")
     assert 0.1 < float(p50[0]["value"][1]) < 1.0

@@ -24,11 +24,14 @@ def kustomize(path: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def base() -> dict[str, dict]:
-    return {d["kind"]: d for d in kustomize("base")}
+    """The rendered objects by kind; the two PrometheusRules (alerts, fleet recording rules) by kind/name."""
+    return {d["kind"] + (f"/{d['metadata']['name']}" if d["kind"] == "PrometheusRule" else ""): d
+            for d in kustomize("base")}
 
 
 def test_base_renders_the_whole_install(base):
-    assert set(base) == {"Namespace", "ServiceAccount", "DaemonSet", "Service", "ServiceMonitor", "PrometheusRule"}
+    assert set(base) == {"Namespace", "ServiceAccount", "DaemonSet", "Service", "ServiceMonitor",
+                         "PrometheusRule/gpu-telemetry-exporter", "PrometheusRule/gpu-telemetry-fleet"}
     for kind, doc in base.items():
         if kind != "Namespace":
             assert doc["metadata"]["namespace"] == "gpu-telemetry", kind
@@ -60,11 +63,21 @@ def test_daemonset_shape(base):
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] == 65534
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
-    (mount,) = c["volumeMounts"]
+    mounts = {m["name"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(mounts) == set(volumes) == {"proc", "pod-resources"}
+    mount = mounts["proc"]
     assert mount["readOnly"] and mount["mountPropagation"] == "HostToContainer"
     assert f"--path.procfs={mount['mountPath']}" in c["args"]
-    (vol,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
-    assert vol["hostPath"]["path"] == "/proc"
+    assert volumes["proc"]["hostPath"]["path"] == "/proc"
+    # The kubelet's pod-resources directory (not the socket: it is recreated on a kubelet restart), read-only,
+    # and the flag points into it.
+    kubelet = mounts["pod-resources"]
+    assert kubelet["readOnly"] and kubelet["mountPath"] == "/var/lib/kubelet/pod-resources"
+    assert volumes["pod-resources"]["hostPath"]["path"] == "/var/lib/kubelet/pod-resources"
+    assert volumes["pod-resources"]["hostPath"].get("type", "") in ("", "Directory")
+    (flag,) = [a for a in c["args"] if a.startswith("--kubernetes.pod-resources-socket=")]
+    assert flag.split("=", 1)[1] == kubelet["mountPath"] + "/kubelet.sock"
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"]["path"] == "/healthz" and c[probe]["httpGet"]["port"] == "metrics"
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9445}
@@ -85,14 +98,18 @@ def test_service_and_servicemonitor_select_the_pods(base):
     assert all(svc["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
     (ep,) = sm["spec"]["endpoints"]
     assert ep["port"] == "metrics" and ep["path"] == "/metrics" and ep["interval"] == "15s"
+    assert ep["honorLabels"] is True  # gpu_pod_info's namespace/pod are the workload's, not the exporter's
     assert re.fullmatch(r"\d+s", ep["scrapeTimeout"]) and int(ep["scrapeTimeout"][:-1]) < 15
 
 
 def test_prometheusrule_is_the_rules_file(base):
-    rule = base["PrometheusRule"]
+    rule = base["PrometheusRule/gpu-telemetry-exporter"]
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     plain = yaml.safe_load((DEPLOY / "rules" / "gpu-telemetry.rules.yml").read_text())
     assert rule["spec"]["groups"] == plain["groups"]
+    recording = yaml.safe_load((DEPLOY / "rules" / "gpu-telemetry.recording.yml").read_text())
+    assert base["PrometheusRule/gpu-telemetry-fleet"]["spec"]["groups"] == recording["groups"]
+    assert all("record" in r for g in recording["groups"] for r in g["rules"])
     for group in rule["spec"]["groups"]:
         for r in group["rules"]:
             assert {"alert", "expr", "labels", "annotations"} <= set(r)
@@ -104,6 +121,18 @@ def test_prometheusrule_is_the_rules_file(base):
     spec.loader.exec_module(sync)
     for target, kind in sync.TARGETS.items():
         assert target.read_text() == sync.render(kind), f"{target} is stale: run python3 deploy/sync.py"
+
+
+def test_pod_resources_overlay_runs_as_uid_0_without_capabilities():
+    docs = {d["kind"]: d for d in kustomize("overlays/pod-resources")}
+    pod = docs["DaemonSet"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    sc = c["securityContext"]
+    assert sc["runAsUser"] == 0 and sc["runAsNonRoot"] is False  # the kubelet's socket is root-only
+    assert sc["capabilities"]["drop"] == ["ALL"] and not sc["allowPrivilegeEscalation"] and sc["readOnlyRootFilesystem"]
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(docs["DaemonSet"], version, strict=True)
 
 
 def test_runtimeclass_overlay():
@@ -151,20 +180,28 @@ def test_tls_overlay_serves_https_from_the_certificate_secret(tmp_path):
     assert "server auth" in certificate["spec"]["usages"]
 
 
-def test_promtool_checks_and_unit_tests_the_rules():
+@pytest.mark.parametrize("name", ["gpu-telemetry.rules", "gpu-telemetry.recording"])
+def test_promtool_checks_and_unit_tests_the_rule_files(name):
     promtool = find_tool("promtool")
     rules = DEPLOY / "rules"
-    check = subprocess.run([promtool, "check", "rules", "gpu-telemetry.rules.yml"], cwd=rules, capture_output=True,
+    check = subprocess.run([promtool, "check", "rules", f"{name}.yml"], cwd=rules, capture_output=True,
                            text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
-    test = subprocess.run([promtool, "test", "rules", "gpu-telemetry.rules.test.yml"], cwd=rules,
+    test = subprocess.run([promtool, "test", "rules", f"{name}.test.yml"], cwd=rules,
                           capture_output=True, text=True, timeout=120)
     assert test.returncode == 0 and "SUCCESS" in test.stdout, test.stdout + test.stderr
-    # Every alert has a unit test.
+
+
+def test_every_alert_and_recording_rule_has_a_unit_test():
+    rules = DEPLOY / "rules"
     alerts = {r["alert"] for g in yaml.safe_load((rules / "gpu-telemetry.rules.yml").read_text())["groups"]
               for r in g["rules"]}
     tested = set(re.findall(r"alertname: (\w+)", (rules / "gpu-telemetry.rules.test.yml").read_text()))
     assert alerts == tested
+    records = {r["record"] for g in yaml.safe_load((rules / "gpu-telemetry.recording.yml").read_text())["groups"]
+               for r in g["rules"]}
+    recording_tests = (rules / "gpu-telemetry.recording.test.yml").read_text()
+    assert {r for r in records if f"expr: {r}" in recording_tests} == records
 
 
 def test_every_alert_has_a_runbook_section():

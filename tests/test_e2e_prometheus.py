@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from exporter.fake_nvml import FakeGpuSpec
-from tests.conftest import find_tool, http_get
+from tests.conftest import STACK_PODS, find_tool, http_get
 
 pytestmark = pytest.mark.e2e
 
@@ -102,3 +102,21 @@ def test_xid_and_health_series(stack):
     assert {r["metric"]["scope"] for r in prom.query("gpu_ecc_errors_total")} == {"volatile", "aggregate"}
     assert prom.query("gpu_sample_buffer_seconds > 10")  # the simulated driver keeps 20 s
     assert prom.query("gpu_power_from_energy_watts > 0")
+
+
+def test_which_pod_holds_each_gpu_through_the_join(stack):
+    """gpu_pod_info from the stand-in kubelet, joined in Prometheus as README's DaemonSet section shows."""
+    prom = stack.prom
+    joined = prom.wait_for("gpu_utilization_ratio * on(instance, gpu) group_left(namespace, pod) gpu_pod_info",
+                           min_results=2)
+    assert {r["metric"]["gpu"]: (r["metric"]["namespace"], r["metric"]["pod"]) for r in joined} == {
+        str(gpu): ref[:2] for gpu, ref in STACK_PODS.items()}
+    util = values(prom.query("gpu_utilization_ratio"))
+    for r in joined:  # the join keeps the utilisation value
+        assert abs(float(r["value"][1]) - util[r["metric"]["gpu"]]) < 1e-9
+    by_pod = prom.query("sum by (namespace, pod) (gpu_utilization_ratio * on(instance, gpu) group_right gpu_pod_info)")
+    assert {r["metric"]["pod"] for r in by_pod} == {"synth-0", "synth-1"}
+    assert float(prom.query("exporter_pod_resources_up")[0]["value"][1]) == 1
+    # A process on a GPU one container holds carries that container's labels.
+    procs = prom.query('gpu_process_memory_used_bytes{gpu="0"}')
+    assert procs and {r["metric"].get("pod") for r in procs} == {"synth-0"}

@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.openmetrics import exposition as om_exposition
 from prometheus_client.openmetrics import parser as om_parser
@@ -40,27 +38,6 @@ def test_fast_renderer_matches_generate_latest(procfs):
     om = renderer.render(registry.collect(), openmetrics=True)
     assert om.endswith(b"# EOF\n")
     assert parsed(om, om_parser.text_string_to_metric_families) == om_reference
-
-
-def test_render_speed_is_printed_not_asserted(procfs, capsys):
-    s = make_sampler(FakeNvml(8), procfs.root)
-    for _ in range(3):
-        s.tick()
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(lambda: s.snapshot))
-    renderer = TextRenderer()
-    n = 50
-    t = time.perf_counter()
-    for _ in range(n):
-        generate_latest(registry)
-    slow = (time.perf_counter() - t) / n
-    t = time.perf_counter()
-    for _ in range(n):
-        renderer.render(registry.collect())
-    fast = (time.perf_counter() - t) / n
-    with capsys.disabled():
-        print(f"\n[micro-benchmark] collect+render, 8 GPUs: generate_latest {slow * 1e3:.2f} ms, "
-              f"TextRenderer {fast * 1e3:.2f} ms")
 
 
 def test_label_cache_forgets_label_sets_of_exited_processes():

@@ -6,6 +6,7 @@ import time
 import pynvml
 
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from exporter.sources.nvml.specs import POWER, POWER_FROM_ENERGY
 from tests.conftest import families, make_sampler
 
 
@@ -27,13 +28,12 @@ def test_xids_are_counters_per_gpu_and_code(procfs):
     fake = FakeNvml(2)
     s = make_sampler(fake, procfs.root)
     s.tick()
-    watcher = s.nvml.xid
-    assert wait_for(lambda: watcher.supported == {0, 1})
+    assert wait_for(lambda: fake.xid_registered() == {0, 1})
     assert xid_series(s) == {}  # no XID yet: no series, no "last XID" gauge stuck at a value
     fake.emit_xid(1, 79)
     fake.emit_xid(1, 79)
     fake.emit_xid(0, 31)
-    assert wait_for(lambda: len(watcher.counts()) == 2 and sum(n for _, n in watcher.counts()) == 3)
+    assert wait_for(lambda: len(s.nvml.xid_counts()) == 2 and sum(n for _, n in s.nvml.xid_counts()) == 3)
     s.tick()
     assert xid_series(s) == {("1", "79"): 2, ("0", "31"): 1}
     s.stop()
@@ -44,9 +44,9 @@ def test_xid_registration_not_supported_on_one_gpu(procfs):
     fake.inject("nvmlDeviceRegisterEvents", gpu=0, error=pynvml.NVML_ERROR_NOT_SUPPORTED)
     s = make_sampler(fake, procfs.root)
     s.tick()
-    assert wait_for(lambda: s.nvml.xid.supported == {1})
+    assert wait_for(lambda: fake.xid_registered() == {1})
     fake.emit_xid(1, 48)
-    assert wait_for(lambda: s.nvml.xid.counts() == (((1, 48), 1),))
+    assert wait_for(lambda: s.nvml.xid_counts() == (((1, 48), 1),))
     s.stop()
 
 
@@ -76,22 +76,22 @@ def test_power_from_the_energy_counter(procfs):
     spec = FakeGpuSpec(low_fraction=0.0)  # always busy: 520 W
     s = make_sampler(FakeNvml(1, spec=spec), procfs.root)
     first = s.tick().gpus[0].reading
-    assert first.power_from_energy_watts is None  # needs two energy readings
+    assert first[POWER_FROM_ENERGY] is None  # needs two energy readings
     time.sleep(0.3)
     reading = s.tick().gpus[0].reading
     # The fake's energy integral and the reader's clock are both real time here: 520 W within timing noise.
-    assert abs(reading.power_from_energy_watts - 520) < 520 * 0.05
-    assert reading.power_watts == 520
+    assert abs(reading[POWER_FROM_ENERGY] - 520) < 520 * 0.05
+    assert reading[POWER] == 520
 
 
 def test_scheduled_xids_are_delivered(procfs, clock):
     fake = FakeNvml(specs=[FakeGpuSpec(), FakeGpuSpec(xid_schedule=(5.0, 60.0, 31))], clock=clock)
     s = make_sampler(fake, procfs.root, clock=clock)
     s.tick()
-    assert wait_for(lambda: s.nvml.xid.supported == {0, 1})
+    assert wait_for(lambda: fake.xid_registered() == {0, 1})
     clock.advance(4.0)
     time.sleep(0.6)  # at least one event wait has run: nothing is due yet
-    assert s.nvml.xid.counts() == ()
+    assert s.nvml.xid_counts() == ()
     clock.advance(126.0)  # t = 130 s: due at 5, 65 and 125 s
-    assert wait_for(lambda: s.nvml.xid.counts() == (((1, 31), 3),))
+    assert wait_for(lambda: s.nvml.xid_counts() == (((1, 31), 3),))
     s.stop()

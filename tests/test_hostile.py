@@ -13,7 +13,7 @@ import bcrypt
 import pytest
 
 from tests.conftest import REPO, ExporterProcess, http_get, stop_process
-from tests.loadgen import (basic_auth, guessers, open_silent, open_tls_idle, repeaters, rss_bytes, timed_get,
+from testkit.loadgen import (basic_auth, guessers, open_silent, open_tls_idle, repeaters, rss_bytes, timed_get,
                            tls_client_context)
 
 pytestmark = pytest.mark.e2e

@@ -391,7 +391,7 @@ def tls_context(tmp_path_factory):
 
 
 def tls_wrap(server: HttpServer):
-    from tests.loadgen import tls_client_context
+    from testkit.loadgen import tls_client_context
 
     return tls_client_context().wrap_socket(connect(server), server_hostname="127.0.0.1")
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.conftest import ExporterProcess, http_get, stop_process
-from tests.loadgen import (SlowLoris, ThreadWatch, burst, lateness_within_5ms, metric_values, percentile,
+from testkit.loadgen import (SlowLoris, ThreadWatch, burst, lateness_within_5ms, metric_values, percentile,
                            scrape_concurrently, threads_of)
 
 pytestmark = pytest.mark.e2e

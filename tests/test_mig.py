@@ -2,6 +2,8 @@
 power/temperature/clocks/PCIe kept on the parent, instances re-enumerated when they change."""
 from __future__ import annotations
 
+import pytest
+
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml, mig_memory_bytes
 from tests.conftest import ManualClock, PrometheusServer, families, http_get, make_sampler
 
@@ -51,7 +53,7 @@ def test_mig_instances_are_re_enumerated(procfs, monkeypatch):
     fake, s = mig_sampler(procfs, profiles=("3g.40gb",))
     assert len(families(s)["gpu_mig_memory_total_bytes"].samples) == 1
     fake.specs[0] = FakeGpuSpec(mig_profiles=("3g.40gb", "3g.40gb"))  # an admin adds an instance
-    monkeypatch.setattr("exporter.sources.nvml.HEALTH_REFRESH_S", 0.0)
+    monkeypatch.setattr("exporter.sources.nvml.reader.HEALTH_REFRESH_S", 0.0)
     s.tick()
     assert len(families(s)["gpu_mig_memory_total_bytes"].samples) == 2
     fake.specs[0] = FakeGpuSpec()  # MIG turned off
@@ -68,6 +70,7 @@ def test_mig_empty_slots_are_not_errors(procfs):
     assert mig_memory_bytes("7g.80gb") == 80 * 2**30
 
 
+@pytest.mark.e2e
 def test_mig_through_real_prometheus(exporter_proc, tmp_path):
     exporter = exporter_proc("--fake-gpus", "2", "--fake-mig", ",".join(H100_SPLIT), "--sample.interval", "100ms")
     prom = PrometheusServer(tmp_path / "prom", {"gpu": [f"127.0.0.1:{exporter.port}"]})

@@ -1,17 +1,37 @@
 from __future__ import annotations
 
+import threading
+import time
+
 import pynvml
 import pytest
 
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 from exporter.sources.nvml import GpuReader, NvmlSource
+from exporter.sources.nvml.reader import REOPEN_BACKOFF_S
+from exporter.sources.nvml.specs import (
+    ENERGY,
+    FAN_SPEED,
+    MEMORY_BANDWIDTH_UTILIZATION,
+    MEMORY_CLOCK,
+    MEMORY_TOTAL,
+    MEMORY_USED,
+    POWER,
+    POWER_LIMIT,
+    SM_CLOCK,
+    TEMPERATURE,
+    UTILIZATION,
+    FieldValue,
+    GpuScalar,
+)
+from tests.conftest import families, make_sampler
 
 
 def open_reader(fake: FakeNvml, index: int = 0) -> GpuReader:
-    src = NvmlSource(fake, "fake")
+    src = NvmlSource(fake, "fake", clock=fake.clock)
     src.poll(0.0)
     assert src.status.up
-    return src.readers[index]
+    return src.gpus[index]
 
 
 def test_values_are_converted_to_base_units(clock):
@@ -23,16 +43,16 @@ def test_values_are_converted_to_base_units(clock):
     assert reading.ok
     h = fake.nvmlDeviceGetHandleByIndex(0)
     util = fake.nvmlDeviceGetUtilizationRates(h)
-    assert reading.utilization == util.gpu / 100
-    assert reading.memory_bandwidth_utilization == util.memory / 100
+    assert reading[UTILIZATION] == util.gpu / 100
+    assert reading[MEMORY_BANDWIDTH_UTILIZATION] == util.memory / 100
     mem = fake.nvmlDeviceGetMemoryInfo(h, version=pynvml.nvmlMemory_v2)
-    assert reading.memory_used_bytes == mem.used and reading.memory_total_bytes == mem.total
-    assert reading.power_watts == fake.nvmlDeviceGetPowerUsage(h) / 1000
-    assert reading.power_limit_watts == 700.0
-    assert reading.energy_joules == fake.nvmlDeviceGetTotalEnergyConsumption(h) / 1000
-    assert reading.sm_clock_hertz == fake.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM) * 1e6
-    assert reading.memory_clock_hertz == 2619e6
-    assert reading.temperature_celsius == fake.nvmlDeviceGetTemperature(h, 0)
+    assert reading[MEMORY_USED] == mem.used and reading[MEMORY_TOTAL] == mem.total
+    assert reading[POWER] == fake.nvmlDeviceGetPowerUsage(h) / 1000
+    assert reading[POWER_LIMIT] == 700.0
+    assert reading[ENERGY] == fake.nvmlDeviceGetTotalEnergyConsumption(h) / 1000
+    assert reading[SM_CLOCK] == fake.nvmlDeviceGetClockInfo(h, pynvml.NVML_CLOCK_SM) * 1e6
+    assert reading[MEMORY_CLOCK] == 2619e6
+    assert reading[TEMPERATURE] == fake.nvmlDeviceGetTemperature(h, 0)
     # PCIe from the byte counters: the first read has no previous value, the second gives a rate.
     assert first.pcie_rx_bytes_per_second is None
     busy = fake._busy(0, clock() - fake.t0)
@@ -51,8 +71,8 @@ def test_not_supported_is_omitted_and_probed_once(clock):
     for _ in range(5):
         reading = r.read()
         clock.advance(0.2)
-    assert reading.ok and reading.power_watts is None and reading.energy_joules is None
-    assert reading.utilization is not None
+    assert reading.ok and reading[POWER] is None and reading[ENERGY] is None
+    assert reading[UTILIZATION] is not None
     assert fake.calls["nvmlDeviceGetPowerUsage"] == 1
     assert fake.calls["nvmlDeviceGetTotalEnergyConsumption"] == 1
 
@@ -70,7 +90,7 @@ def test_memory_info_v2_falls_back_to_v1(clock):
     reading = open_reader(fake).read()
     assert reading.ok
     h = fake.nvmlDeviceGetHandleByIndex(0)
-    assert reading.memory_used_bytes == real(h).used  # v1 "used", reservation included
+    assert reading[MEMORY_USED] == real(h).used  # v1 "used", reservation included
 
 
 def test_transient_error_omits_value_and_marks_failure(clock):
@@ -78,8 +98,8 @@ def test_transient_error_omits_value_and_marks_failure(clock):
     r = open_reader(fake)
     fake.inject("nvmlDeviceGetTemperature", gpu=0, error=pynvml.NVML_ERROR_UNKNOWN, times=1)
     bad = r.read()
-    assert not bad.ok and bad.errors == ("nvmlDeviceGetTemperature",) and bad.temperature_celsius is None
-    assert bad.utilization is not None  # the rest of the read went on
+    assert not bad.ok and bad.errors == ("nvmlDeviceGetTemperature",) and bad[TEMPERATURE] is None
+    assert bad[UTILIZATION] is not None  # the rest of the read went on
     assert r.read().ok  # not cached as unsupported: it is retried and recovers
 
 
@@ -89,15 +109,14 @@ def test_lost_gpu_aborts_the_read_and_reopens_after_reset(clock, monkeypatch):
     assert r.read().ok
     fake.lose_gpu(0)
     lost = r.read()
-    assert lost.lost and not lost.ok and lost.utilization is None
+    assert lost.lost and not lost.ok and lost[UTILIZATION] is None
     calls_while_lost = sum(fake.calls.values())
     assert r.read().lost  # within the re-open backoff: no NVML call at all
     assert sum(fake.calls.values()) == calls_while_lost
     fake.clear_faults(0)  # the GPU is reset and comes back
-    monkeypatch.setattr("exporter.sources.nvml._REOPEN_BACKOFF_S", 0.0)
-    r._reopen_at = 0.0
+    clock.advance(REOPEN_BACKOFF_S)
     back = r.read()
-    assert back.ok and back.utilization is not None
+    assert back.ok and back[UTILIZATION] is not None
 
 
 def test_nvml_absent_then_present_is_picked_up():
@@ -111,7 +130,7 @@ def test_nvml_absent_then_present_is_picked_up():
     fake.library_present = True
     assert src.poll(2.5) is None and not src.status.up
     assert src.poll(3.0) is None
-    assert src.status.up and src.status.mode == "real" and len(src.readers) == 2
+    assert src.status.up and src.status.mode == "real" and len(src.gpus) == 2
 
 
 def test_init_unknown_error_then_success():
@@ -164,3 +183,103 @@ def test_pcie_fallback_uses_blocking_call_off_the_read_path(clock):
     assert reading.pcie_rx_bytes_per_second is not None and reading.pcie_rx_bytes_per_second > 0
     assert callers == {"pcie-fallback"}  # the 20 ms call never runs on the reading thread
     assert fake.calls["nvmlDeviceGetFieldValues"] == 1  # unsupported: probed once
+
+
+def test_fan_speed_is_a_ratio_and_omitted_where_not_supported(clock):
+    fake = FakeNvml(specs=[FakeGpuSpec(), FakeGpuSpec(fan_speed_percent=45)], clock=clock)
+    fanless, fanned = open_reader(fake, 0), open_reader(fake, 1)
+    for _ in range(3):
+        without, with_fan = fanless.read(), fanned.read()
+    assert without.ok and without[FAN_SPEED] is None  # H100 SXM: NotSupported, omitted, never 0
+    assert with_fan.ok and with_fan[FAN_SPEED] == 0.45
+    assert fake.calls["nvmlDeviceGetFanSpeed_v2"] == 1 + 3  # the fanless board was asked once
+
+
+def test_specs_sharing_a_call_make_it_once_per_read(clock):
+    fake = FakeNvml(1, clock=clock)
+    r = open_reader(fake)
+    before = dict(fake.calls)
+    reading = r.read()
+    assert reading[UTILIZATION] is not None and reading[MEMORY_BANDWIDTH_UTILIZATION] is not None
+    assert reading[MEMORY_USED] is not None and reading[MEMORY_TOTAL] is not None
+    assert fake.calls["nvmlDeviceGetUtilizationRates"] - before.get("nvmlDeviceGetUtilizationRates", 0) == 1
+    assert fake.calls["nvmlDeviceGetMemoryInfo"] - before.get("nvmlDeviceGetMemoryInfo", 0) == 1
+
+
+def test_field_value_specs_are_read_in_one_batch(clock):
+    tx = GpuScalar("test_tx_bytes", "counter", "PCIe tx counter as a field spec.", FieldValue(197))
+    rx = GpuScalar("test_rx_bytes", "counter", "PCIe rx counter as a field spec.", FieldValue(198))
+    nope = GpuScalar("test_unsupported", "gauge", "A field the board does not have.", FieldValue(9999))
+    fake = FakeNvml(1, clock=clock)
+    src = NvmlSource(fake, "fake", specs=(tx, nope, rx), clock=clock)
+    src.poll(0.0)
+    reader = src.gpus[0]
+    seen = []
+    real = fake.nvmlDeviceGetFieldValues
+    fake.nvmlDeviceGetFieldValues = lambda h, ids: seen.append(list(ids)) or real(h, ids)
+    first = reader.read()
+    clock.advance(0.2)
+    second = reader.read()
+    assert first.ok and second.ok
+    assert second[tx] > first[tx] >= 0 and second[rx] > first[rx] >= 0
+    assert second[nope] is None
+    # One batch for the specs (the unsupported field dropped after the first), one for the PCIe rates.
+    assert [ids for ids in seen if 9999 in ids] == [[197, 9999, 198]]
+    assert [197, 198] in seen
+
+
+def test_a_type_error_from_our_own_call_is_a_bug_logged_once_and_counted(procfs, caplog):
+    fake = FakeNvml(1)
+    fake.nvmlDeviceGetPowerUsage = lambda: 0  # a binding whose signature does not fit our call
+    s = make_sampler(fake, procfs.root)
+    for _ in range(3):
+        s.tick()
+    s.stop()
+    bugs = [r for r in caplog.records if r.levelname == "ERROR" and "nvmlDeviceGetPowerUsage" in r.getMessage()]
+    assert len(bugs) == 1 and bugs[0].exc_info is not None
+    assert dict(s.snapshot.stats.errors)[("nvml", "nvmlDeviceGetPowerUsage")] == 1
+    g = s.snapshot.gpus[0]
+    assert g.up and g.reading[POWER] is None and g.reading[TEMPERATURE] is not None  # the rest goes on
+
+
+def test_driver_reload_initialises_nvml_again_and_re_enumerates(procfs):
+    def xid_threads() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "xid-events"}
+
+    fake = FakeNvml(2)
+    before = xid_threads()
+    s = make_sampler(fake, procfs.root)
+    s.tick()
+    first_watcher = xid_threads() - before
+    assert len(first_watcher) == 1
+    for gpu in (0, 1):  # the driver is unloaded: NVML answers Uninitialized until initialised again
+        fake.inject("*", gpu=gpu, error=pynvml.NVML_ERROR_UNINITIALIZED)
+    deadline = time.monotonic() + 10
+    while s.snapshot.nvml.up and time.monotonic() < deadline:
+        s.tick()
+    assert not s.snapshot.nvml.up and "driver went away" in s.snapshot.nvml.message
+    assert not any(t.is_alive() for t in first_watcher)  # stopped and joined, not leaked
+    fake.clear_faults()  # it comes back with one GPU
+    fake.gpu_count, fake.specs = 1, fake.specs[:1]
+    while not (s.snapshot.nvml.up and s.snapshot.gpus and s.snapshot.gpus[0].up) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        s.tick()
+    fams = families(s)
+    assert [x.labels["gpu"] for x in fams["gpu_up"].samples] == ["0"]
+    assert [x.value for x in fams["gpu_up"].samples] == [1]
+    assert all(x.labels.get("gpu") != "1" for f in fams.values() for x in f.samples)
+    assert len(xid_threads() - before) == 1
+    s.stop()
+
+
+def test_sources_never_import_the_snapshot_or_the_sampler():
+    """Imports run one way: sources read into their own types; snapshot.py composes them."""
+    import ast
+
+    from tests.conftest import REPO
+
+    for path in sorted((REPO / "exporter" / "sources").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not imported & {"exporter.snapshot", "exporter.sampler", "exporter.collector"}, path

@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import REPO, http_get
 
+pytestmark = pytest.mark.e2e  # starts real processes
+
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import fraction_at_or_below
+
 from exporter.histogram import RATIO_BUCKETS, Histogram
 from exporter.sources.pcie import CounterReading, counter_rate, link_bytes_per_second
 
@@ -47,7 +49,7 @@ def test_histogram_le_semantics_and_freeze():
         h.observe(v)
     s = h.freeze()
     assert s.count == 8
-    assert s.fraction_at_or_below(0.4) == 3 / 8  # 0.4 itself is in the le="0.4" bucket
+    assert fraction_at_or_below(s, 0.4) == 3 / 8  # 0.4 itself is in the le="0.4" bucket
     assert s.cumulative[RATIO_BUCKETS.index(0.9)] == 5
     assert s.cumulative[RATIO_BUCKETS.index(1.0)] == 7
     assert s.sum == pytest.approx(sum((0.0, 0.39, 0.4, 0.41, 0.9, 0.95, 1.0, 1.2)))

@@ -7,7 +7,8 @@ import pytest
 
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 from exporter.histogram import RATIO_BUCKETS
-from tests.conftest import make_sampler
+from exporter.sources.nvml.specs import SAMPLE_BUFFER_SECONDS, UTILIZATION
+from tests.conftest import fraction_at_or_below, make_sampler
 
 
 def test_tick_publishes_an_immutable_snapshot(procfs):
@@ -40,7 +41,7 @@ def test_polled_histograms_without_a_driver_buffer(procfs, clock):
     h = s.snapshot.gpus[0].utilization_hist
     assert h.count == n
     assert h.cumulative[RATIO_BUCKETS.index(0.4)] == expected_low  # every sample, none lost
-    assert h.fraction_at_or_below(0.4) == pytest.approx(0.3, abs=0.03)
+    assert fraction_at_or_below(h, 0.4) == pytest.approx(0.3, abs=0.03)
     rx = dict(s.snapshot.gpus[0].pcie_utilization_hist)["rx"]
     assert rx.count == n - 1  # the first counter read has no rate
 
@@ -79,7 +80,7 @@ def test_lost_gpu_is_down_and_others_keep_updating(procfs):
     snap = s.tick()
     g0, g1 = snap.gpus
     assert not g0.up and g0.reading.lost and g1.up
-    assert g1.reading.utilization is not None and g0.reading.utilization is None
+    assert g1.reading[UTILIZATION] is not None and g0.reading[UTILIZATION] is None
     assert s.tick().gpus[0].utilization_hist == g0.utilization_hist  # nothing observed while lost
 
 
@@ -106,16 +107,19 @@ def test_clock_event_seconds_accumulate_per_tick(procfs, clock):
     assert secs["gpu_idle"] == 0.0
 
 
-def test_loop_keeps_schedule_and_counts_overruns(procfs):
-    s = make_sampler(FakeNvml(1), procfs.root, interval=0.05)
+def test_loop_keeps_schedule_and_counts_overruns(procfs, clock):
+    # The sampler's clock is the test's: the slow tick moves it by 0.18 s, and no other time passes on
+    # it, so the count does not depend on how loaded the machine is.
+    s = make_sampler(FakeNvml(1, clock=clock), procfs.root, interval=0.05, clock=clock)
     slow_once = {"done": False}
     real_tick = s.tick
 
     def tick(now=None):
+        result = real_tick(now)
         if not slow_once["done"]:
             slow_once["done"] = True
-            time.sleep(0.18)  # runs over three and a bit slots
-        return real_tick(now)
+            clock.advance(0.18)  # runs over three and a bit slots
+        return result
 
     s.tick = tick
     s.start()
@@ -148,16 +152,16 @@ def test_driver_samples_catch_a_dip_between_ticks(procfs, clock):
     s = make_sampler(fake, procfs.root, interval=1.0, clock=clock)
     first = s.tick()  # reads the whole buffer: measures its reach, counts nothing
     assert first.gpus[0].utilization_hist.count == 0
-    assert first.gpus[0].reading.sample_buffer_seconds == 119 / 16
+    assert first.gpus[0].reading[SAMPLE_BUFFER_SECONDS] == 119 / 16
     n = 10
     for _ in range(n):
         clock.advance(1.0)
         snap = s.tick()
-        assert snap.gpus[0].reading.utilization == 0.9  # the tick itself lands outside the dip
+        assert snap.gpus[0].reading[UTILIZATION] == 0.9  # the tick itself lands outside the dip
     h = snap.gpus[0].utilization_hist
     assert h.count == 16 * n  # every driver sample, none twice
     assert h.cumulative[RATIO_BUCKETS.index(0.4)] == 3 * n  # the three samples of each 150 ms dip
-    assert h.fraction_at_or_below(0.4) == 3 / 16
+    assert fraction_at_or_below(h, 0.4) == 3 / 16
 
 
 def test_driver_sample_quirks_are_filtered(procfs, clock):
@@ -187,5 +191,22 @@ def test_driver_sample_quirks_are_filtered(procfs, clock):
     readings = [s.tick().gpus[0].reading for _ in range(4)]
     assert [r.utilization_samples for r in readings] == [(), (0.2,), (), (0.3,)]
     assert seen == [0, 2_000_000, 4_000_000, 4_000_000]  # last_seen only from returned timestamps
-    assert readings[0].sample_buffer_seconds == 1.0
+    assert readings[0][SAMPLE_BUFFER_SECONDS] == 1.0
     assert all(r.ok for r in readings)  # NotFound is not an error
+
+
+def test_nvml_duration_is_the_gpu_reads_only(procfs):
+    s = make_sampler(FakeNvml(1), procfs.root)
+    real_read = s.procfs.read
+
+    def slow_read():
+        time.sleep(0.05)  # procfs runs while the GPUs are read: it must not count as NVML time
+        return real_read()
+
+    s.procfs.read = slow_read
+    for _ in range(3):
+        s.tick()
+    s.stop()
+    durations = dict(s.snapshot.stats.durations)
+    assert durations["nvml"].count == durations["procfs"].count == 3
+    assert durations["nvml"].sum < 0.15 <= durations["procfs"].sum

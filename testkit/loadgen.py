@@ -16,7 +16,7 @@ from typing import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import http_get, read_until_closed
+from testkit.processes import http_get, read_until_closed
 
 PROM_ACCEPT = "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;version=0.0.4;q=0.4,*/*;q=0.1"
 

@@ -1,0 +1,426 @@
+"""Reads one GPU into a GpuReading: the scalar specs (specs.py) plus the families with their own shape.
+
+Calls a GPU answers with NotSupported are probed once and then skipped for that GPU; any other failure
+omits that one value and is reported in `errors`, and GpuIsLost aborts the read. A TypeError from our own
+call is a bug in the exporter (wrong arguments for this binding): logged at ERROR once, counted once, and
+that call is not made again.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from exporter.sources.nvml.errors import (
+    DENIED_ERRORS,
+    DRIVER_GONE_ERRORS,
+    LOST_ERRORS,
+    UNSUPPORTED_ERRORS,
+    error_name,
+)
+from exporter.sources.nvml.pcie_fallback import BlockingPcieThroughput
+from exporter.sources.nvml.readings import GpuIdentity, GpuProcess, GpuReading, MigReading
+from exporter.sources.nvml.specs import (
+    ENERGY,
+    GPU_SCALARS,
+    POWER_FROM_ENERGY,
+    SAMPLE_BUFFER_SECONDS,
+    Derived,
+    FieldValue,
+    GpuScalar,
+    NvmlCall,
+)
+from exporter.sources.pcie import CounterReading, counter_rate, link_bytes_per_second
+
+log = logging.getLogger("exporter.nvml")
+
+FI_PCIE_TX_BYTES = 197  # NVML_FI_DEV_PCIE_COUNT_TX_BYTES
+FI_PCIE_RX_BYTES = 198  # NVML_FI_DEV_PCIE_COUNT_RX_BYTES
+# Wrap modulus per NVML value type (nvmlValueType_t): uint, ulong (64-bit on Linux), ulonglong.
+_VALUE_MODULUS = {1: 2**32, 2: 2**64, 3: 2**64}
+REOPEN_BACKOFF_S = 5.0
+PROCESS_REFRESH_S = 1.0  # process lists change slowly; two list calls per GPU per tick are not worth it
+HEALTH_REFRESH_S = 5.0  # ECC counters and remapped rows: health, not jitter
+_CLOCK_EVENT_REASONS = NvmlCall("nvmlDeviceGetCurrentClocksEventReasons",
+                                fallback=NvmlCall("nvmlDeviceGetCurrentClocksThrottleReasons"))  # before R535
+_NVML_SUCCESS = 0
+_NVML_ERROR_NOT_SUPPORTED = 3
+_UNRESOLVED = object()  # a call's pynvml constant is missing from this binding
+
+
+class _GpuLost(Exception):
+    pass
+
+
+def _field_value(fv: Any) -> int | float:
+    """The number in an nvmlFieldValue_t, by its value type (nvmlValueType_t)."""
+    return {0: fv.value.dVal, 1: fv.value.uiVal, 2: fv.value.ulVal, 3: fv.value.ullVal,
+            4: fv.value.sllVal, 5: fv.value.siVal}.get(fv.valueType, fv.value.ullVal)
+
+
+class GpuReader:
+    """Reads one GPU. Not thread-safe: one read thread owns it; `in_call()` may be asked from another."""
+
+    def __init__(self, nvml: Any, index: int, pcie_fallback: BlockingPcieThroughput, *,
+                 specs: tuple[GpuScalar, ...] = GPU_SCALARS, collect_processes: bool = True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.nvml = nvml
+        self.index = index
+        self.identity = GpuIdentity(index, "", "", "", None)
+        self.collect_processes = collect_processes
+        self._specs = specs
+        # Split once by source: the read is on every tick.
+        self._called = tuple((s, s.source) for s in specs if isinstance(s.source, NvmlCall))
+        self._fields = tuple(s for s in specs if isinstance(s.source, FieldValue))
+        self._derived = tuple((s, s.source) for s in specs if isinstance(s.source, Derived))
+        self._clock = clock
+        self._processes: tuple[GpuProcess, ...] | None = None
+        self._last_refresh: dict[str, float] = {}  # what -> clock() of its last refresh (see _due)
+        self._process_util_seen = 0  # newest per-process sample timestamp NVML returned (us)
+        self._util_seen = 0  # newest utilisation sample timestamp NVML returned (us); 0 = not read yet
+        self._health: dict[str, Any] = {}
+        self._energy_prev: tuple[float, float] | None = None  # (joules, clock() seconds)
+        self._mig: list[tuple[Any, str, int, int]] | None = None  # (handle, uuid, gi, ci), re-enumerated
+        self._buffer_seconds: float | None = None
+        self._handle: Any = None
+        self._arguments: dict[NvmlCall, tuple[tuple[Any, ...], dict[str, Any]] | None] = {}
+        self._unsupported: set[str] = set()  # call keys not asked again (NotSupported, NoPermission, bugs)
+        self._current_call: str | None = None
+        self._pcie_fallback = pcie_fallback
+        self._pcie_prev: dict[str, CounterReading] = {}
+        self._reopen_at = 0.0
+        self._errors: list[str] = []
+        self.driver_gone = False  # a call said NVML lost its driver: the source must initialise again
+
+    def in_call(self) -> str | None:
+        """The NVML function this reader is blocked in right now, if any (for "stuck in <call>")."""
+        return self._current_call
+
+    def _due(self, what: str, period: float) -> bool:
+        """True at most once per `period` seconds for `what`; the first ask is always due."""
+        now = self._clock()
+        if now - self._last_refresh.get(what, float("-inf")) < period:
+            return False
+        self._last_refresh[what] = now
+        return True
+
+    # ---- calling NVML ------------------------------------------------------------------------------
+    def _call(self, name: str, *args: Any, key: str | None = None, quiet: tuple[str, ...] = (), on: Any = None,
+              **kwargs: Any) -> Any:
+        """Call nvml.<name>(handle, ...); None when unsupported or failed (failures are recorded).
+
+        Errors named in `quiet` are answers, not failures (NotFound from a "since" query: nothing new).
+        `on` calls it on another handle (a MIG device of this GPU) instead of the GPU's own.
+        """
+        key = key or name
+        if key in self._unsupported:
+            return None
+        fn = getattr(self.nvml, name, None)
+        if fn is None:  # an older binding without this function
+            self._unsupported.add(key)
+            return None
+        self._current_call = name
+        try:
+            return fn(self._handle if on is None else on, *args, **kwargs)
+        except TypeError:  # our arguments do not fit this binding: a bug, not an NVML answer
+            self._unsupported.add(key)
+            self._errors.append(name)
+            log.exception("GPU %d: %s: wrong call (a bug in the exporter); not called again", self.index, key)
+            return None
+        except Exception as exc:
+            err = error_name(exc)
+            if err in quiet:
+                return None
+            if err in UNSUPPORTED_ERRORS:
+                self._unsupported.add(key)
+                log.info("GPU %d: %s not supported (%s); omitted from now on", self.index, key, err)
+                return None
+            self._errors.append(name)
+            if err in DENIED_ERRORS:
+                self._unsupported.add(key)
+                log.warning("GPU %d: %s: no permission; omitted until restart (the exporter lacks a privilege "
+                            "this call needs, see docs/operations.md)", self.index, name)
+                return None
+            if err in DRIVER_GONE_ERRORS:
+                self.driver_gone = True
+                raise _GpuLost(err) from exc
+            if err in LOST_ERRORS:
+                raise _GpuLost(err) from exc
+            return None
+        finally:
+            self._current_call = None
+
+    def _query(self, call: NvmlCall | None) -> Any:
+        """Ask a declared call (or its fallback once it is unsupported); None without an answer."""
+        while call is not None:
+            if call.key not in self._unsupported:
+                if call not in self._arguments:
+                    self._arguments[call] = self._resolve(call)
+                resolved = self._arguments[call]
+                if resolved is None:
+                    self._unsupported.add(call.key)  # a binding too old to name the constant
+                else:
+                    answer = self._call(call.function, *resolved[0], key=call.key, **resolved[1])
+                    if answer is not None or call.key not in self._unsupported:
+                        return answer
+            call = call.fallback
+        return None
+
+    def _resolve(self, call: NvmlCall) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """The call's arguments with pynvml constant names looked up; None when one is missing."""
+        def value(arg: int | str) -> Any:
+            return getattr(self.nvml, arg, _UNRESOLVED) if isinstance(arg, str) else arg
+
+        args = tuple(value(a) for a in call.args)
+        kwargs = {k: value(v) for k, v in call.kwargs}
+        if _UNRESOLVED in args or _UNRESOLVED in kwargs.values():
+            return None
+        return args, kwargs
+
+    def _open(self) -> None:
+        nvml = self.nvml
+        self._current_call = "nvmlDeviceGetHandleByIndex"
+        try:
+            self._handle = nvml.nvmlDeviceGetHandleByIndex(self.index)
+        finally:
+            self._current_call = None
+        uuid = self._call("nvmlDeviceGetUUID") or f"unknown-{self.index}"
+        name = self._call("nvmlDeviceGetName") or ""
+        pci = self._call("nvmlDeviceGetPciInfo")
+        bus_id = getattr(pci, "busId", "") or ""
+        if isinstance(bus_id, bytes):  # pynvml's structs decode char arrays to str; raw ctypes gives bytes
+            bus_id = bus_id.decode(errors="replace")
+        gen = self._call("nvmlDeviceGetMaxPcieLinkGeneration")
+        width = self._call("nvmlDeviceGetMaxPcieLinkWidth")
+        link = link_bytes_per_second(gen, width) if gen and width else None
+        self.identity = GpuIdentity(self.index, str(uuid), str(name), bus_id, link)
+        self._pcie_prev.clear()
+
+    # ---- one read ----------------------------------------------------------------------------------
+    @property
+    def lost(self) -> bool:
+        """The last read found the GPU lost (it is re-opened every REOPEN_BACKOFF_S)."""
+        return self._handle is None and self._reopen_at > 0
+
+    def read(self) -> GpuReading:
+        self._errors = []
+        values: dict[str, Any] = {}
+        scalars: dict[GpuScalar, float] = {}
+        try:
+            if self._handle is None:
+                now = self._clock()
+                if now < self._reopen_at:
+                    raise _GpuLost("not reopened yet")
+                self._reopen_at = now + REOPEN_BACKOFF_S
+                try:
+                    self._open()
+                except _GpuLost:
+                    raise
+                except Exception as exc:
+                    self._errors.append("nvmlDeviceGetHandleByIndex")
+                    raise _GpuLost(error_name(exc)) from exc
+            self._read_scalars(scalars)
+            self._read_values(values, scalars)
+        except _GpuLost:
+            self._handle = None  # re-open later: after a reset the old handle is stale
+            return GpuReading(errors=tuple(self._errors), lost=True)
+        return GpuReading(scalars=scalars, errors=tuple(self._errors), **values)
+
+    def _read_scalars(self, out: dict[GpuScalar, float]) -> None:
+        """Every scalar spec: one NVML call per distinct call (specs may share one), fields in one batch."""
+        answers: dict[NvmlCall, Any] = {}
+        for spec, call in self._called:
+            if call not in answers:
+                answers[call] = self._query(call)
+            raw = answers[call]
+            value = spec.convert(raw) if raw is not None else None
+            if value is not None:
+                out[spec] = value
+        if self._fields:
+            self._read_fields(out)
+        for spec, derived in self._derived:
+            value = derived.compute(out)
+            if value is not None:
+                out[spec] = value
+
+    def _read_fields(self, out: dict[GpuScalar, float]) -> None:
+        ids = [s.source.field_id for s in self._fields if isinstance(s.source, FieldValue)]
+        got = self._call("nvmlDeviceGetFieldValues", ids, key="fields")
+        unsupported = []
+        for spec, fv in zip(self._fields, got or ()):
+            if fv.nvmlReturn == _NVML_SUCCESS:  # each entry has its own status
+                value = spec.convert(_field_value(fv))
+                if value is not None:
+                    out[spec] = value
+            elif fv.nvmlReturn == _NVML_ERROR_NOT_SUPPORTED:
+                unsupported.append(spec)
+        if unsupported:  # probed once, like any other call
+            log.info("GPU %d: fields not supported: %s; omitted from now on", self.index,
+                     ", ".join(s.name for s in unsupported))
+            self._fields = tuple(s for s in self._fields if s not in unsupported)
+
+    def _read_values(self, v: dict[str, Any], scalars: dict[GpuScalar, float]) -> None:
+        samples = self._read_utilization_samples()
+        if samples is not None:
+            v["utilization_samples"] = samples
+            if self._buffer_seconds is not None and SAMPLE_BUFFER_SECONDS in self._specs:
+                scalars[SAMPLE_BUFFER_SECONDS] = self._buffer_seconds
+        self._read_pcie(v)
+        joules = scalars.get(ENERGY)
+        if joules is not None:
+            at = self._clock()
+            prev = self._energy_prev
+            if prev is not None and at > prev[1] and joules >= prev[0] and POWER_FROM_ENERGY in self._specs:
+                scalars[POWER_FROM_ENERGY] = (joules - prev[0]) / (at - prev[1])  # none across a driver reload
+            self._energy_prev = (joules, at)
+        v["clock_event_reasons"] = self._query(_CLOCK_EVENT_REASONS)
+        mig = self._read_mig()
+        if mig is not None:
+            v["mig"] = mig
+        elif self.collect_processes:  # with MIG on, processes are listed per MIG device instead
+            v["processes"] = self._read_processes()
+        v.update(self._read_health())
+
+    def _read_mig(self) -> tuple[MigReading, ...] | None:
+        """MIG devices with their memory and processes; None when MIG mode is off or unsupported.
+
+        Instances are re-enumerated every HEALTH_REFRESH_S, so created or destroyed ones are picked up.
+        """
+        if self._due("mig", HEALTH_REFRESH_S):
+            mode = self._call("nvmlDeviceGetMigMode")
+            self._mig = self._enumerate_mig() if mode is not None and mode[0] else None
+        if self._mig is None:
+            return None
+        out = []
+        for handle, uuid, gi, ci in self._mig:
+            mem = self._call("nvmlDeviceGetMemoryInfo", on=handle, key="mig_memory")
+            procs = None
+            if self.collect_processes:
+                listed = self._call("nvmlDeviceGetComputeRunningProcesses", on=handle, key="mig_processes")
+                if listed is not None:
+                    procs = tuple(GpuProcess(p.pid, p.usedGpuMemory, None) for p in listed)
+            out.append(MigReading(uuid, gi, ci, int(mem.used) if mem is not None else None,
+                                  int(mem.total) if mem is not None else None, procs))
+        return tuple(out)
+
+    def _enumerate_mig(self) -> list[tuple[Any, str, int, int]]:
+        found = []
+        for slot in range(self._call("nvmlDeviceGetMaxMigDeviceCount") or 0):
+            handle = self._call("nvmlDeviceGetMigDeviceHandleByIndex", slot, key="mig_handle",
+                                quiet=("NVMLError_NotFound",))  # NotFound: an empty slot
+            if handle is None:
+                continue
+            uuid = self._call("nvmlDeviceGetUUID", on=handle, key="mig_uuid") or f"unknown-mig-{slot}"
+            gi = self._call("nvmlDeviceGetGpuInstanceId", on=handle)
+            ci = self._call("nvmlDeviceGetComputeInstanceId", on=handle)
+            found.append((handle, str(uuid), int(gi) if gi is not None else -1, int(ci) if ci is not None else -1))
+        return found
+
+    def _read_health(self) -> dict[str, Any]:
+        """ECC error counters and remapped rows, every HEALTH_REFRESH_S (NotSupported: omitted)."""
+        if not self._due("health", HEALTH_REFRESH_S):
+            return self._health
+        nvml = self.nvml
+        ecc = []
+        for error, etype in (("corrected", nvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
+                             ("uncorrected", nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED)):
+            for scope, ctype in (("volatile", nvml.NVML_VOLATILE_ECC), ("aggregate", nvml.NVML_AGGREGATE_ECC)):
+                n = self._call("nvmlDeviceGetTotalEccErrors", etype, ctype, key="ecc")
+                if n is not None:
+                    ecc.append(((error, scope), int(n)))
+        rows = self._call("nvmlDeviceGetRemappedRows")
+        self._health = {"ecc_errors": tuple(ecc) if ecc else None,
+                        "remapped_rows": tuple(int(x) for x in rows) if rows is not None else None}
+        return self._health
+
+    def _read_utilization_samples(self) -> tuple[float, ...] | None:
+        """Every driver utilisation sample since the last read, as ratios; None where unsupported.
+
+        last_seen only ever comes from timestamps NVML returned. Samples with timestamp 0 or a value over
+        100 are skipped. The first read returns the whole buffer: it measures how far back the buffer
+        reaches and is not counted (those samples predate the exporter).
+        """
+        if "samples_gpu" in self._unsupported:
+            return None
+        got = self._call("nvmlDeviceGetSamples", self.nvml.NVML_GPU_UTILIZATION_SAMPLES, self._util_seen,
+                         key="samples_gpu", quiet=("NVMLError_NotFound",))
+        if got is None:
+            return None if "samples_gpu" in self._unsupported else ()
+        value_type, samples = got
+        values: list[float] = []
+        stamps: list[int] = []
+        for sample in samples:
+            ts = int(sample.timeStamp)
+            value = sample.sampleValue.uiVal if value_type == 1 else sample.sampleValue.ullVal
+            if ts == 0 or ts <= self._util_seen or value > 100:
+                continue
+            stamps.append(ts)
+            values.append(value / 100.0)
+        first = self._util_seen == 0
+        if stamps:
+            if first:
+                self._buffer_seconds = (max(stamps) - min(stamps)) / 1e6
+            self._util_seen = max(self._util_seen, *stamps)
+        return () if first else tuple(values)
+
+    def _read_processes(self) -> tuple[GpuProcess, ...] | None:
+        if not self._due("processes", PROCESS_REFRESH_S):
+            return self._processes
+        memory: dict[int, int | None] = {}
+        supported = False
+        for call in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+            procs = self._call(call)
+            if procs is None:
+                continue
+            supported = True
+            for p in procs:  # a process in both lists holds one allocation: keep the larger figure
+                used = p.usedGpuMemory
+                memory[p.pid] = max(used, memory.get(p.pid) or 0) if used is not None else memory.get(p.pid)
+        if not supported:
+            self._processes = None
+            return None
+        util: dict[int, tuple[int, float]] = {}
+        samples = self._call("nvmlDeviceGetProcessUtilization", self._process_util_seen,
+                             quiet=("NVMLError_NotFound",))
+        for sample in samples or ():
+            if sample.timeStamp and sample.smUtil <= 100 and sample.timeStamp >= util.get(sample.pid, (0, 0))[0]:
+                util[sample.pid] = (sample.timeStamp, sample.smUtil / 100.0)
+            self._process_util_seen = max(self._process_util_seen, sample.timeStamp)
+        self._processes = tuple(GpuProcess(pid, used, util[pid][1] if pid in util else None)
+                                for pid, used in sorted(memory.items()))
+        return self._processes
+
+    def _read_pcie(self, v: dict[str, Any]) -> None:
+        if "pcie_counters" not in self._unsupported:
+            fields = self._call("nvmlDeviceGetFieldValues", [FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES])
+            if fields is not None:
+                link = self.identity.pcie_link_max_bytes_per_second
+                max_rate = link * 1.5 if link else None
+                supported = 0
+                for direction, fv in zip(("tx", "rx"), fields):
+                    if fv.nvmlReturn != _NVML_SUCCESS:  # each entry has its own status
+                        continue
+                    supported += 1
+                    modulus = _VALUE_MODULUS.get(fv.valueType, 2**64)
+                    raw = fv.value.uiVal if fv.valueType == 1 else fv.value.ullVal
+                    cur = CounterReading(int(raw), int(fv.timestamp))
+                    rate = counter_rate(self._pcie_prev.get(direction), cur, modulus, max_rate)
+                    self._pcie_prev[direction] = cur
+                    v[f"pcie_{direction}_bytes_per_second"] = rate
+                if supported:
+                    return
+                self._unsupported.add("pcie_counters")
+                log.info("GPU %d: PCIe byte counters not supported; using the blocking "
+                         "nvmlDeviceGetPcieThroughput on a 1 s cadence in its own thread", self.index)
+                self._pcie_fallback.register(self.index, self._handle)
+            elif "nvmlDeviceGetFieldValues" in self._unsupported:
+                self._unsupported.add("pcie_counters")
+                self._pcie_fallback.register(self.index, self._handle)
+        slot = self._pcie_fallback.latest(self.index)
+        if slot is None or slot.unsupported:
+            return
+        if slot.error:
+            self._errors.append("nvmlDeviceGetPcieThroughput")
+        if slot.at and self._clock() - slot.at < 5.0:
+            v["pcie_tx_bytes_per_second"] = slot.tx
+            v["pcie_rx_bytes_per_second"] = slot.rx

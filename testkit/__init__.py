@@ -1,0 +1,1 @@
+"""Helpers shared by tests/ and bench/ (see processes.py, loadgen.py)."""
