@@ -223,6 +223,7 @@ def test_refused_with_reason(pki, name, text, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.e2e
 def test_refused_config_exits_2_with_one_line(pki):
     for name, text, needle in [
         ("exit-any", TLS + "  client_auth_type: RequireAnyClientCert\n", UNVERIFIED),
@@ -303,6 +304,7 @@ def start(pki: Path, name: str, text: str, env: dict | None = None) -> ExporterP
     return ExporterProcess("--fake-gpus", "1", "--web.config.file", str(pki / f"{name}.yml"), env=env)
 
 
+@pytest.mark.e2e
 def test_client_allowed_sans_over_tls(pki):
     exporter = start(pki, "live-sans", TLS + "  client_auth_type: RequireAndVerifyClientCert\n"
                      "  client_ca_file: ca.crt\n"
@@ -324,6 +326,7 @@ def test_client_allowed_sans_over_tls(pki):
         exporter.stop()
 
 
+@pytest.mark.e2e
 def test_verify_without_ca_trusts_the_system_roots_over_tls(pki):
     # OpenSSL's system roots are what SSL_CERT_FILE names: here our test CA plays the system's
     exporter = start(pki, "live-roots", TLS + "  client_auth_type: RequireAndVerifyClientCert\n",
@@ -337,6 +340,7 @@ def test_verify_without_ca_trusts_the_system_roots_over_tls(pki):
         exporter.stop()
 
 
+@pytest.mark.e2e
 def test_inline_pem_over_tls(pki):
     exporter = start(pki, "live-inline", "tls_server_config:\n"
                      f"  cert: {indented(pki / 'server.crt')}  key: {indented(pki / 'server.key')}"
@@ -363,6 +367,7 @@ def negotiated(port: int, pki: Path, ciphers: str) -> str:
             return cipher[0]
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("prefer, expected", [("true", "ECDHE-ECDSA-AES256-GCM-SHA384"),
                                               ("false", "ECDHE-ECDSA-AES128-GCM-SHA256")])
 def test_cipher_actually_negotiated(pki, prefer, expected):
@@ -378,6 +383,7 @@ def test_cipher_actually_negotiated(pki, prefer, expected):
         exporter.stop()
 
 
+@pytest.mark.e2e
 def test_curve_preferences_over_tls(pki):
     exporter = start(pki, "live-curves", TLS + "  min_version: TLS13\n  curve_preferences: [CurveP521, CurveP384]\n")
 
@@ -394,6 +400,7 @@ def test_curve_preferences_over_tls(pki):
         exporter.stop()
 
 
+@pytest.mark.e2e
 def test_rate_limit_answers_429_after_the_burst_and_headers_are_served(pki):
     exporter = start(pki, "live-rate", TLS + "rate_limit:\n  interval: 1h\n  burst: 3\n"
                      "http_server_config:\n  headers:\n    X-XSS-Protection: 1\n    X-Frame-Options: deny\n")
@@ -408,6 +415,7 @@ def test_rate_limit_answers_429_after_the_burst_and_headers_are_served(pki):
         exporter.stop()
 
 
+@pytest.mark.e2e
 def test_wrong_protocol_on_either_port_is_answered_at_once(pki):
     tls = start(pki, "live-proto-tls", TLS)
     plain = start(pki, "live-proto-plain", "tls_server_config:\n  min_version: TLS13\n")  # TLS stays off
@@ -441,6 +449,7 @@ def test_rate_limit_reload_takes_effect(pki, tmp_path):
     assert w.poll() and w.allow_request(req)
 
 
+@pytest.mark.e2e
 def test_real_prometheus_with_and_without_an_allowed_san(pki, tmp_path):
     """Prometheus's own Go TLS client presenting client certificates: the one whose certificate names an
     allowed SAN is up with data, the other (same CA) is down."""
