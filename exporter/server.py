@@ -143,7 +143,7 @@ class ExporterApp:
             om = content_type.startswith("application/openmetrics-text")
             gz = _wants_gzip(request)
             return Response(200, self.cache.get(om, gz), content_type,
-                            _encoding_headers(gz) + (("Vary", "Accept, Accept-Encoding"),))
+                            _encoding_headers(gz, vary="Accept, Accept-Encoding"))
         return self._samples(request)
 
     def _samples(self, request: Request) -> Response:
@@ -201,9 +201,10 @@ def _wants_gzip(request: Request) -> bool:
     return star
 
 
-def _encoding_headers(gz: bool) -> tuple[tuple[str, str], ...]:
-    """Caches between a client and us must not hand a gzipped page to a client that did not ask for one."""
-    return (("Content-Encoding", "gzip"), ("Vary", "Accept-Encoding")) if gz else (("Vary", "Accept-Encoding"),)
+def _encoding_headers(gz: bool, vary: str = "Accept-Encoding") -> tuple[tuple[str, str], ...]:
+    """Caches between a client and us must not hand a gzipped page (or another format) to a client that
+    did not ask for it: Vary names the request headers the answer depends on."""
+    return (("Content-Encoding", "gzip"), ("Vary", vary)) if gz else (("Vary", vary),)
 
 
 def _json(code: int, doc: dict) -> Response:
