@@ -57,6 +57,7 @@ CIPHER_SUITES: dict[str, str | None] = {
     "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-RSA-CHACHA20-POLY1305",
     "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256": "ECDHE-ECDSA-CHACHA20-POLY1305",
 }
+MAX_PEM_BYTES = 1024 * 1024  # a CA bundle is ~200 KB; a wrong path (a log, /dev/zero) must not eat memory
 CURVES = {"CurveP256": "prime256v1", "CurveP384": "secp384r1", "CurveP521": "secp521r1", "X25519": "X25519"}
 
 _KEYS = {"cert_file", "key_file", "cert", "key", "client_ca_file", "client_ca", "client_auth_type",
@@ -79,9 +80,13 @@ class Pem:
         if self.path is None:
             return (self.text or "").encode()
         try:
-            return self.path.read_bytes()
+            with open(self.path, "rb") as f:
+                data = f.read(MAX_PEM_BYTES + 1)
         except OSError as exc:
             raise ValueError(f"{SECTION}: cannot read {what} {self.path}: {exc.strerror or exc}") from None
+        if len(data) > MAX_PEM_BYTES:
+            raise ValueError(f"{SECTION}: {what} {self.path} is larger than {MAX_PEM_BYTES} bytes")
+        return data
 
     def describe(self, what: str) -> str:
         return f"{what} {self.path}" if self.path is not None else f"inline {what.removesuffix('_file')}"
