@@ -420,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              __version__, scheme, shown, port, cfg.telemetry_path, auth, cfg.sample_interval, backend)
     if auth and scheme == "http":
         log.warning("basic auth without TLS: passwords cross the network in clear text")
+    for note in web_config.notes() if web_config else ():
+        log.warning("web config: %s", note)
     # A signal the kernel hands to another thread only runs its Python handler when the main thread
     # wakes up: wake it every half second rather than block for good.
     while not stop.wait(0.5):

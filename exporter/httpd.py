@@ -46,6 +46,8 @@ from exporter.tlsconn import TlsSession
 
 log = logging.getLogger("exporter.server")
 
+_TLS_HANDSHAKE = 0x16  # the first byte of every TLS connection: a handshake record
+_HTTP_TO_HTTPS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"  # Go's
 _WRITE_CHUNK = 64 * 1024  # the transport's high-water mark: a slow reader holds at most about this much
 
 
@@ -177,6 +179,7 @@ class _Connection(asyncio.Protocol):
         self.eof = False  # the client half-closed: answer what it sent, then close
         self.reserve = False  # admitted past the cap: priority paths only
         self.must_close = False  # the request had a body we did not read
+        self.fresh = True  # nothing received yet: the first byte tells TLS from plain HTTP
 
     @property
     def tx(self) -> asyncio.Transport:
@@ -206,6 +209,10 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self.state == "linger":
             return  # discarded: a connection being closed politely
+        if self.fresh:
+            self.fresh = False
+            if self._wrong_protocol(data[0]):
+                return
         if self.tls is not None:
             try:
                 data = self.tls.receive(data)
@@ -217,6 +224,10 @@ class _Connection(asyncio.Protocol):
             self._flush_tls()
             if self.state == "handshake":
                 if not self.tls.handshaken:
+                    return
+                if not self.server.allow_peer(self.tls.peercert):
+                    log.debug("%s: client certificate names none of client_allowed_sans", self.peer)
+                    self.close("client_san")
                     return
                 self._to_idle()
         if data:
@@ -230,6 +241,21 @@ class _Connection(asyncio.Protocol):
                 self._next_request()
         if self.tls is not None and self.tls.peer_closed and not self.closed:
             self.eof_received()
+
+    def _wrong_protocol(self, first: int) -> bool:
+        """A TLS hello on the plain port, or plain HTTP on the TLS port (a request line starts with a
+        capital letter): answered at once as Go's net/http does, instead of waiting for the head deadline."""
+        if self.tls is None and first == _TLS_HANDSHAKE:
+            self.server.stats.requests[400] += 1
+            self.tx.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        elif self.tls is not None and ord("A") <= first <= ord("Z"):
+            self.server.stats.requests[400] += 1
+            self.tx.write(_HTTP_TO_HTTPS)
+        else:
+            return False
+        self.tls = None  # nothing of TLS was started: close plainly
+        self.close("bad_request", linger=True)
+        return True
 
     def eof_received(self) -> bool:
         if self.state == "linger":
@@ -437,13 +463,17 @@ class HttpServer:
 
     tls: returns the SSL context for a new connection (None: plain HTTP); asked per connection, so a
     reloaded configuration takes effect for the next client without touching live ones.
-    background: blocking work (config reloads) run every second on its own thread, never overlapping."""
+    background: blocking work (config reloads) run every second on its own thread, never overlapping.
+    allow_peer: after a TLS handshake, whether that client may stay, given a getter for its certificate
+    (as getpeercert() decodes it; only called when needed); allow_request: False answers 429 (a rate limit). Both run on the loop: keep them cheap."""
 
     def __init__(self, sock: socket.socket, app: App, limits: Limits = Limits(),
                  tls: Callable[[], ssl.SSLContext | None] = lambda: None, auth: Authenticator | None = None,
                  extra_headers: Callable[[], tuple[tuple[str, str], ...]] = lambda: (),
                  server_name: str = "exporter", background: Callable[[], object] | None = None,
-                 priority_paths: frozenset[str] = frozenset({"/healthz"})) -> None:
+                 priority_paths: frozenset[str] = frozenset({"/healthz"}),
+                 allow_peer: Callable[[Callable[[], dict | None]], bool] = lambda peercert: True,
+                 allow_request: Callable[[Request], bool] = lambda request: True) -> None:
         self.socket = sock
         self.server_address = sock.getsockname()
         self.app = app
@@ -454,6 +484,8 @@ class HttpServer:
         self.server_name = server_name
         self.background = background
         self.priority_paths = priority_paths
+        self.allow_peer = allow_peer
+        self.allow_request = allow_request
         self.stats = ServerStats()
         self._connections: dict[_Connection, None] = {}  # insertion-ordered: oldest first
         self._reserve: dict[_Connection, None] = {}
@@ -514,6 +546,8 @@ class HttpServer:
         """(response, whether it holds a request slot the caller must release)."""
         if conn.reserve and request.path not in self.priority_paths:
             return Response(503, b"too many open connections\n", close=True), False
+        if not self.allow_request(request):
+            return Response(429, b"Too Many Requests\n"), False
         if request.method == "OPTIONS":
             return Response(200, headers=(("Allow", "GET, HEAD, OPTIONS"),), close=conn.must_close), False
         if request.method not in ("GET", "HEAD"):

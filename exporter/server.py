@@ -241,8 +241,8 @@ class ServerCollector:
         yield requests
         closed = CounterMetricFamily(
             "exporter_http_connections_closed", "Connections closed, by reason (done, client_closed, idle_timeout, "
-            "header_timeout, write_timeout, evicted, connection_limit, bad_request, tls_error, internal_error, "
-            "accept_failed, shutdown).", labels=["reason"])
+            "header_timeout, write_timeout, evicted, connection_limit, bad_request, tls_error, client_san, "
+            "internal_error, accept_failed, shutdown).", labels=["reason"])
         for reason, n in sorted(dict(stats.closed).items()):
             closed.add_metric([reason], n)
         yield closed
@@ -305,4 +305,6 @@ def make_server(
         auth=web_config.auth if web_config else None,
         extra_headers=web_config.headers if web_config else (lambda: ()),
         server_name=f"gpu-telemetry-exporter/{__version__}",
-        background=web_config.poll if web_config else None)
+        background=web_config.poll if web_config else None,
+        allow_peer=web_config.allow_peer if web_config else (lambda peercert: True),
+        allow_request=web_config.allow_request if web_config else (lambda request: True))

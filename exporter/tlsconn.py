@@ -47,6 +47,10 @@ class TlsSession:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def peercert(self) -> dict | None:
+        """The client's verified certificate (decoded), None without one."""
+        return self._ssl.getpeercert() or None
+
     def send(self, data: bytes) -> None:
         """Encrypt application data; take the bytes to send with `outgoing()`."""
         view = memoryview(data)

@@ -1,31 +1,36 @@
-"""`--web.config.file`: TLS and basic auth in the exporter-toolkit format Prometheus users already keep.
+"""`--web.config.file`: TLS, basic auth, headers and a rate limit in the exporter-toolkit format Prometheus
+users already keep for node_exporter; the same file works here (docs/operations.md has the key-by-key table).
 
     tls_server_config:
-      cert_file: server.crt          # relative paths are relative to this file
+      cert_file: server.crt          # relative paths are relative to this file; or inline PEM in cert:/key:
       key_file: server.key
       client_auth_type: RequireAndVerifyClientCert   # or VerifyClientCertIfGiven, NoClientCert
-      client_ca_file: ca.crt
+      client_ca_file: ca.crt         # or client_ca: PEM; neither: the system's roots
+      client_allowed_sans: [scraper.example.net]
       min_version: TLS12             # TLS10..TLS13; default TLS12
-      max_version: TLS13
+      cipher_suites: [TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]   # Go's names; TLS 1.2 and below
+      curve_preferences: [X25519]
     http_server_config:
       headers: {Strict-Transport-Security: max-age=31536000}
+    rate_limit: {interval: 1s, burst: 10}
     basic_auth_users:
       prometheus: $2y$10$...         # bcrypt, e.g. `htpasswd -nBC 10 prometheus`
 
-Unknown keys and settings Python's TLS stack cannot honour (cipher_suites, RequestClientCert, ...) are
-errors, not silently ignored, and so is a min_version this system's OpenSSL refuses to speak. The file
-and the files it names are re-read when they change (checked every second) or on SIGHUP: certificates
-rotated by cert-manager or a Secret update are served to new connections without a restart. A reload
-builds a whole new SSL context and swaps it in (a removed client CA is no longer trusted); it runs on a
-background thread, never on the server's loop. A broken update is logged once and the previous
-configuration kept.
+Each section's rules live beside it: tlsconfig.py, webheaders.py, ratelimit.py. Unknown keys are errors,
+and so are settings Python's TLS stack cannot honour (RequestClientCert, RequireAnyClientCert) and a
+min_version this system's OpenSSL refuses to speak; what is honoured only in part (several curves) is a
+line in the log at start-up (`notes`). The file and the files it names are re-read when they change
+(checked every second) or on SIGHUP: certificates rotated by cert-manager or a Secret update are served
+to new connections without a restart. A reload builds a whole new SSL context and swaps it in (a removed
+client CA is no longer trusted); it runs on a background thread, never on the server's loop. A broken
+update is logged once and the previous configuration kept.
 
 Basic auth: bcrypt is slow on purpose (~50-100 ms at cost 10), too slow for every scrape, so the last
 password verified for each user is remembered as an HMAC under a per-process random key and compared in
 constant time; bcrypt runs only when it differs. Unknown users cost one bcrypt check against a dummy hash
 of the highest configured cost, so timing does not reveal which user names exist. Costs above
-MAX_BCRYPT_COST are refused: one check at cost 31 would run for days. /healthz is exempt: kubelet probes carry no credentials, and it
-reveals only whether the sampler is on schedule.
+MAX_BCRYPT_COST are refused: one check at cost 31 would run for days. /healthz is exempt (from the rate
+limit too): kubelet probes carry no credentials, and it reveals only whether the sampler is on schedule.
 """
 from __future__ import annotations
 
@@ -41,26 +46,20 @@ import ssl
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from exporter import tlsconfig
 from exporter.httpd import Request, Response
+from exporter.ratelimit import RateLimit, TokenBucket, parse_rate_limit
+from exporter.tlsconfig import TlsSettings
+from exporter.webheaders import parse_headers
 
 log = logging.getLogger("exporter.webconfig")
 
-_TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
-                 "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
-_CLIENT_AUTH = {"NoClientCert": ssl.CERT_NONE, "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
-                "RequireAndVerifyClientCert": ssl.CERT_REQUIRED}
-# exporter-toolkit settings with no faithful equivalent in Python's ssl module
-_UNSUPPORTED = {"cipher_suites", "curve_preferences", "prefer_server_cipher_suites", "cert", "key", "client_ca",
-                "client_allowed_sans"}
-_ALLOWED_HEADERS = {"Strict-Transport-Security", "X-Frame-Options", "X-Content-Type-Options",
-                    "X-XSS-Protection", "Content-Security-Policy"}
+_EXEMPT_PATHS = frozenset({"/healthz"})  # neither authenticated nor rate-limited
 _BCRYPT = re.compile(r"\$2[abxy]\$(\d\d)\$[./A-Za-z0-9]{53}")  # used with fullmatch: no trailing newline
 MIN_BCRYPT_COST, MAX_BCRYPT_COST = 4, 14  # 14: about a second per check on one core
-_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")  # visible ASCII: what every HTTP client reads alike
 MAX_FILE_BYTES = 1024 * 1024
-_EXEMPT_PATHS = frozenset({"/healthz"})
 
 
 class WebConfigError(ValueError):
@@ -68,20 +67,12 @@ class WebConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class TlsSettings:
-    cert_file: Path
-    key_file: Path
-    verify_mode: ssl.VerifyMode
-    client_ca_file: Path | None
-    min_version: ssl.TLSVersion
-    max_version: ssl.TLSVersion | None
-
-
-@dataclass(frozen=True)
 class WebConfig:
     tls: TlsSettings | None
     users: dict[str, bytes]
     headers: tuple[tuple[str, str], ...]
+    rate_limit: RateLimit | None = None
+    notes: tuple[str, ...] = ()  # settings only partly honoured: one line each for the log at start-up
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -92,19 +83,8 @@ def _mapping(value: Any, where: str) -> dict:
     return value
 
 
-def _string(doc: dict, key: str, where: str, default: str | None = None) -> str | None:
-    value = doc.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, str) or not value:
-        raise WebConfigError(f"{where}.{key}: want a non-empty string, got {type(value).__name__} {value!r:.40}")
-    return value
-
-
 def _check_keys(doc: dict, allowed: set[str], where: str) -> None:
     for key in doc:
-        if key in _UNSUPPORTED:
-            raise WebConfigError(f"{where}.{key} is not supported by this exporter (Python's TLS stack); remove it")
         if key not in allowed:
             raise WebConfigError(f"{where}: unknown key {key!r}")
 
@@ -112,52 +92,30 @@ def _check_keys(doc: dict, allowed: set[str], where: str) -> None:
 def parse_web_config(text: str, base_dir: Path) -> WebConfig:
     import yaml  # only needed with --web.config.file
 
+    from exporter import webyaml
+
     try:
-        doc = _mapping(yaml.safe_load(text), "web config")
+        doc = _mapping(webyaml.load(text), "web config")
     except yaml.YAMLError as exc:
         raise WebConfigError(f"not valid YAML: {str(exc).splitlines()[0]}") from None
     try:
         return _parse(doc, base_dir)
     except WebConfigError:
         raise
-    except (TypeError, ValueError, AttributeError) as exc:  # a value of a shape no check above foresaw
-        raise WebConfigError(f"unexpected value: {exc}") from None
+    except (TypeError, ValueError, AttributeError) as exc:  # the sections' own one-line errors, and any
+        raise WebConfigError(str(exc) if isinstance(exc, ValueError) else f"unexpected value: {exc}") from None
 
 
 def _parse(doc: dict, base_dir: Path) -> WebConfig:
-    _check_keys(doc, {"tls_server_config", "basic_auth_users", "http_server_config"}, "web config")
-
-    tls = None
-    tls_doc = _mapping(doc.get("tls_server_config"), "tls_server_config")
-    if tls_doc:
-        _check_keys(tls_doc, {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
-                              "max_version"}, "tls_server_config")
-        cert_file, key_file = (_string(tls_doc, key, "tls_server_config") for key in ("cert_file", "key_file"))
-        if cert_file is None or key_file is None:
-            raise WebConfigError(f"tls_server_config.{'cert_file' if cert_file is None else 'key_file'} is required")
-        auth_type = _string(tls_doc, "client_auth_type", "tls_server_config", "NoClientCert")
-        if auth_type not in _CLIENT_AUTH:
-            hint = " (Python's TLS stack cannot request a certificate without verifying it)" \
-                if auth_type in ("RequestClientCert", "RequireAnyClientCert") else ""
-            raise WebConfigError(f"tls_server_config.client_auth_type {auth_type!r}: want one of "
-                                 f"{', '.join(_CLIENT_AUTH)}{hint}")
-        ca = _string(tls_doc, "client_ca_file", "tls_server_config")
-        if _CLIENT_AUTH[auth_type] != ssl.CERT_NONE and not ca:
-            raise WebConfigError(f"tls_server_config.client_ca_file is required with client_auth_type {auth_type}")
-        if ca and _CLIENT_AUTH[auth_type] == ssl.CERT_NONE:
-            raise WebConfigError("tls_server_config.client_ca_file is set but client_auth_type is NoClientCert: "
-                                 "set VerifyClientCertIfGiven or RequireAndVerifyClientCert")
-        versions = []
-        for key, default in (("min_version", "TLS12"), ("max_version", None)):
-            v = _string(tls_doc, key, "tls_server_config", default)
-            if v is not None and v not in _TLS_VERSIONS:
-                raise WebConfigError(f"tls_server_config.{key} {v!r}: want one of {', '.join(_TLS_VERSIONS)}")
-            versions.append(_TLS_VERSIONS[v] if v else None)
-        minimum = versions[0] or ssl.TLSVersion.TLSv1_2  # an explicit null means the default
-        if versions[1] is not None and versions[1] < minimum:
-            raise WebConfigError("tls_server_config.max_version is below min_version")
-        tls = TlsSettings(base_dir / cert_file, base_dir / key_file, _CLIENT_AUTH[auth_type],
-                          base_dir / ca if ca else None, minimum, versions[1])
+    _check_keys(doc, {"tls_server_config", "basic_auth_users", "http_server_config", "rate_limit"}, "web config")
+    notes = []
+    tls_doc = _mapping(doc.get(tlsconfig.SECTION), tlsconfig.SECTION)
+    tls = tlsconfig.parse_tls_server_config(tls_doc, base_dir)
+    if tls is not None:
+        notes += tls.notes()
+    elif tls_doc:
+        notes.append(f"{tlsconfig.SECTION} names no certificate, key, client CA or client_auth_type, so TLS is "
+                     "off and this exporter serves plain HTTP (as exporter-toolkit does)")
 
     users: dict[str, bytes] = {}
     for user, hashed in _mapping(doc.get("basic_auth_users"), "basic_auth_users").items():
@@ -172,16 +130,10 @@ def _parse(doc: dict, base_dir: Path) -> WebConfig:
         users[user] = hashed.encode()
 
     http_doc = _mapping(doc.get("http_server_config"), "http_server_config")
-    _check_keys(http_doc, {"headers", "http2"}, "http_server_config")
-    headers = []
-    for name, value in _mapping(http_doc.get("headers"), "http_server_config.headers").items():
-        if name not in _ALLOWED_HEADERS:
-            raise WebConfigError(f"http_server_config.headers: {name!r} is not one of {', '.join(sorted(_ALLOWED_HEADERS))}")
-        if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
-            raise WebConfigError(f"http_server_config.headers.{name}: want one line of plain ASCII (no "
-                                 f"typographic quotes or control characters), got {value!r:.60}")
-        headers.append((name, value))
-    return WebConfig(tls, users, tuple(headers))
+    _check_keys(http_doc, {"headers", "http2"}, "http_server_config")  # http2: we serve HTTP/1.1 only
+    headers = parse_headers(_mapping(http_doc.get("headers"), "http_server_config.headers"))
+    rate_limit = parse_rate_limit(_mapping(doc.get("rate_limit"), "rate_limit"))
+    return WebConfig(tls, users, headers, rate_limit, tuple(notes))
 
 
 def load_web_config(path: str | Path) -> WebConfig:
@@ -202,59 +154,11 @@ def load_web_config(path: str | Path) -> WebConfig:
 
 def build_tls_context(tls: TlsSettings) -> ssl.SSLContext:
     """A new server context from the settings: built whole on every (re)load and swapped in, never a
-    live one changed. The one place to add TLS settings (cipher suites, inline PEM, ...)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = tls.min_version
-    ctx.maximum_version = tls.max_version or ssl.TLSVersion.MAXIMUM_SUPPORTED
+    live one changed (tlsconfig.py holds what each setting does)."""
     try:
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)
-    except FileNotFoundError as exc:
-        raise WebConfigError(f"tls_server_config: cannot read {exc.filename}") from None
-    except (ssl.SSLError, OSError) as exc:
-        raise WebConfigError(f"tls_server_config: cannot load {tls.cert_file} with {tls.key_file}: "
-                             f"{getattr(exc, 'reason', None) or exc}") from None
-    if tls.client_ca_file is not None:
-        try:
-            ctx.load_verify_locations(cafile=str(tls.client_ca_file))
-        except (ssl.SSLError, OSError) as exc:
-            raise WebConfigError(f"tls_server_config: cannot load client_ca_file {tls.client_ca_file}: "
-                                 f"{getattr(exc, 'reason', None) or exc.strerror or exc}") from None
-    ctx.verify_mode = tls.verify_mode
-    if tls.min_version < ssl.TLSVersion.TLSv1_2 and not _speaks(tls, tls.min_version):
-        name = next(k for k, v in _TLS_VERSIONS.items() if v == tls.min_version)
-        raise WebConfigError(f"tls_server_config.min_version {name}: this system's OpenSSL "
-                             f"({ssl.OPENSSL_VERSION}) refuses that version at its security level; use TLS12")
-    return ctx
-
-
-def _speaks(tls: TlsSettings, version: ssl.TLSVersion) -> bool:
-    """Whether a handshake at exactly `version` succeeds with this certificate (in memory, no network):
-    setting minimum_version is accepted even where OpenSSL's security level then refuses the version."""
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(tls.cert_file, tls.key_file)
-    server.minimum_version = version
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
-    client.minimum_version = client.maximum_version = version
-    pipes = [(ssl.MemoryBIO(), ssl.MemoryBIO()) for _ in range(2)]
-    c = client.wrap_bio(pipes[0][0], pipes[0][1])
-    s = server.wrap_bio(pipes[1][0], pipes[1][1], server_side=True)
-    try:
-        for _ in range(10):
-            done = 0
-            for obj in (c, s):
-                try:
-                    obj.do_handshake()
-                    done += 1
-                except ssl.SSLWantReadError:
-                    pass
-            pipes[1][0].write(pipes[0][1].read())
-            pipes[0][0].write(pipes[1][1].read())
-            if done == 2:
-                return True
-    except ssl.SSLError:
-        return False
-    return False
+        return tlsconfig.new_tls_context(tls)
+    except ValueError as exc:
+        raise WebConfigError(str(exc)) from None
 
 
 class BasicAuth:
@@ -345,6 +249,7 @@ class WebConfigWatcher:
         self.config = load_web_config(self.path)
         self.ssl_context = build_tls_context(self.config.tls) if self.config.tls else None
         self.auth = BasicAuth(self.config.users)
+        self._bucket = TokenBucket(self.config.rate_limit) if self.config.rate_limit else None
         self._signature = self._stat()
         self._failed: str | None = None
         self._forced = threading.Event()
@@ -352,9 +257,7 @@ class WebConfigWatcher:
     def _files(self) -> list[Path]:
         tls = self.config.tls
         files = [self.path]
-        if tls is not None:
-            files += [tls.cert_file, tls.key_file] + ([tls.client_ca_file] if tls.client_ca_file else [])
-        return files
+        return files + (tls.files() if tls is not None else [])
 
     def _stat(self) -> tuple:
         sig: list[tuple[int, int, int] | None] = []
@@ -371,6 +274,20 @@ class WebConfigWatcher:
 
     def headers(self) -> tuple[tuple[str, str], ...]:
         return self.config.headers
+
+    def notes(self) -> tuple[str, ...]:
+        return self.config.notes
+
+    def allow_peer(self, peercert: Callable[[], dict | None]) -> bool:
+        """After a TLS handshake: whether the client's certificate names an allowed SAN (if that is set);
+        the certificate is decoded only then."""
+        tls = self.config.tls
+        return tls is None or tls.allowed_sans is None or tlsconfig.allowed_peer(tls, peercert())
+
+    def allow_request(self, request: Request) -> bool:
+        """rate_limit: False when the request is over the budget (429)."""
+        bucket = self._bucket
+        return bucket is None or request.path in _EXEMPT_PATHS or bucket.allow()
 
     def request_reload(self) -> None:
         """Reload at the next poll even if no file changed (safe from a signal handler)."""
@@ -397,6 +314,10 @@ class WebConfigWatcher:
         self._failed = None
         if new.users != self.config.users:
             self.auth.set_users(new.users)
+        if new.rate_limit != self.config.rate_limit:
+            self._bucket = TokenBucket(new.rate_limit) if new.rate_limit else None
+        for note in set(new.notes) - set(self.config.notes):
+            log.warning("%s", note)
         self.ssl_context = context
         self.config = new
         self._signature = self._stat()

@@ -431,8 +431,9 @@ def test_tls_half_closed_client_gets_its_answer(serve, tls_context):
 
 def test_bad_tls_is_a_closed_connection_not_a_stuck_one(serve, tls_context):
     server = serve(tls=tls_context)
-    answer = ask(server, GOOD)  # plain HTTP to the TLS port
-    assert not answer.startswith(b"HTTP/1.1 200")
+    answer = ask(server, GOOD)  # plain HTTP to the TLS port: Go's answer (issue #19)
+    assert answer.startswith(b"HTTP/1.0 400 Bad Request") and server.stats.closed["bad_request"] == 1
+    assert not ask(server, b"\x15\x03\x03\x00\x02\x02\x28" * 4).startswith(b"HTTP")  # an alert, closed
     assert server.stats.closed["tls_error"] == 1
     with tls_wrap(server) as s:
         s.sendall(GOOD)
