@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
 
 from exporter import __version__
 from exporter.diagnosis_history import diagnosis_json
@@ -145,7 +145,7 @@ class ExporterApp:
     def handle(self, request: Request) -> Response:
         if request.path == self.telemetry_path:
             # prometheus_client negotiates the format; the cached-label renderer writes it.
-            _, content_type = choose_encoder(request.headers.get("accept", ""))
+            content_type = _negotiate(request.headers.get("accept", ""))
             om = content_type.startswith("application/openmetrics-text")
             gz = _wants_gzip(request)
             return Response(200, self.cache.get(om, gz), content_type,
@@ -187,6 +187,23 @@ def window_param(query: str, default: str) -> str:
     if len(window) > 32:
         raise ValueError("window: too long, want e.g. 60s or 5m")
     return window
+
+
+def _negotiate(accept: str) -> str:
+    """The Content-Type of a /metrics answer: prometheus_client's choice, except where its parser raises on
+    a client's version (`version=abc`: a 500) or it echoes a version we do not write (`version=1.0.0.\xb2`
+    into our header: not ASCII, the connection dropped): then the text format, which every scraper reads."""
+    try:
+        content_type = choose_encoder(accept)[1]
+    except Exception:
+        return CONTENT_TYPE_PLAIN_0_0_4
+    if content_type.startswith("application/openmetrics-text") and not (
+            content_type.isascii() and content_type.startswith(_OPENMETRICS_1_0)):
+        return CONTENT_TYPE_PLAIN_0_0_4
+    return content_type
+
+
+_OPENMETRICS_1_0 = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 def _wants_gzip(request: Request) -> bool:
