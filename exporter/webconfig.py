@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.httpd import Request, Response
+from exporter.sources.kernfile import check_regular, open_regular
 
 log = logging.getLogger("exporter.webconfig")
 
@@ -186,8 +187,8 @@ def _parse(doc: dict, base_dir: Path) -> WebConfig:
 
 def load_web_config(path: str | Path) -> WebConfig:
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
+    try:  # open_regular: a FIFO here would block start-up (or the reload thread) until a writer came
+        with os.fdopen(open_regular(path), "rb") as f:
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise WebConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -206,6 +207,14 @@ def build_tls_context(tls: TlsSettings) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = tls.min_version
     ctx.maximum_version = tls.max_version or ssl.TLSVersion.MAXIMUM_SUPPORTED
+    for file in (tls.cert_file, tls.key_file, tls.client_ca_file):
+        try:  # OpenSSL opens these itself, blocking: a FIFO would hang start-up or the reload thread
+            if file is not None:
+                check_regular(file)
+        except FileNotFoundError:
+            raise WebConfigError(f"tls_server_config: cannot read {file}") from None
+        except OSError as exc:
+            raise WebConfigError(f"tls_server_config: cannot read {file}: {exc.strerror}") from None
     try:
         ctx.load_cert_chain(tls.cert_file, tls.key_file)
     except FileNotFoundError as exc:

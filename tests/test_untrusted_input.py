@@ -3,15 +3,21 @@ flag that made it answer 500, log a traceback per request, hang or crash. Each t
 did it, on 127.0.0.1 with bounded waits."""
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
+
+import pytest
 
 from hypothesis import given, settings, strategies as st
 from prometheus_client import CollectorRegistry
 
 from exporter.httpd import Request
 from exporter.server import ExporterApp, make_server
-from tests.conftest import read_until_closed
+from tests.conftest import REPO, read_until_closed
+from tests.test_web_security import make_ca
 
 # Accept headers that made /metrics answer 500 (prometheus_client's parser raised on a version that is not
 # numbers) or drop the connection (the client's version echoed into our Content-Type was not ASCII).
@@ -52,3 +58,24 @@ def test_hostile_accept_headers_through_the_server(caplog):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def run_exporter(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """The exporter's command line; a hang shows as TimeoutExpired, not as a stuck test run."""
+    return subprocess.run([sys.executable, "-m", "exporter", "--web.listen-address", "127.0.0.1:0", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("fifo_as", ["config", "cert_file", "key_file", "client_ca_file"])
+def test_a_fifo_as_the_web_config_or_one_of_its_files_is_refused_not_waited_on(tmp_path, fifo_as):
+    """open() of a FIFO blocks until a writer comes: start-up hung for good (and a reload would hang the
+    reload thread). Like --path.procfs, such a path is an error."""
+    os.mkfifo(tmp_path / "fifo")
+    make_ca(tmp_path, "s")  # a real certificate and key, so that only the FIFO can be what is wrong
+    files = {"cert_file": "s.crt", "key_file": "s.key", "client_ca_file": "s.crt", fifo_as: "fifo"}
+    config = tmp_path / "web.yml"
+    config.write_text("tls_server_config: {cert_file: %(cert_file)s, key_file: %(key_file)s, client_ca_file: "
+                      "%(client_ca_file)s, client_auth_type: RequireAndVerifyClientCert}\n" % files)
+    r = run_exporter("--web.config.file", str(tmp_path / "fifo" if fifo_as == "config" else config))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "not a regular file" in r.stderr, r.stderr
