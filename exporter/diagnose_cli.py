@@ -14,6 +14,7 @@ import math
 import re
 import statistics
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -93,13 +94,11 @@ class Prometheus:
     def _get(self, path: str, params: dict, samples: str = "value") -> list[dict]:
         url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout_s) as r:
-                body = r.read(MAX_RESPONSE_BYTES + 1)
+            body = self._fetch(url)
         except urllib.error.HTTPError as exc:  # Prometheus explains a bad query in the JSON body
-            body = exc.read(64 * 1024)
             try:
-                reason = json.loads(body).get("error", "")
-            except ValueError:
+                reason = json.loads(getattr(exc, "body", b"")).get("error", "")
+            except (ValueError, AttributeError, RecursionError):
                 reason = ""
             raise DiagnoseError(f"Prometheus at {self.url} answered {exc.code}: {reason or exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
@@ -115,6 +114,31 @@ class Prometheus:
         except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
             # RecursionError: JSON nested thousands deep
             raise DiagnoseError(f"{self.url} did not answer like a Prometheus server ({path})") from None
+
+    def _fetch(self, url: str) -> bytes:
+        """The body of GET url, with one deadline for the whole exchange: urllib's timeout bounds each
+        socket read, so a server sending a byte at a time would hold us for as long as it liked. The
+        request runs on a daemon thread that is abandoned (and ends with the process) past the deadline."""
+        outcome: list[bytes | BaseException] = []
+
+        def get() -> None:
+            try:
+                with urllib.request.urlopen(url, timeout=self.timeout_s) as r:
+                    outcome.append(r.read(MAX_RESPONSE_BYTES + 1))
+            except urllib.error.HTTPError as exc:
+                exc.body = exc.read(64 * 1024)  # type: ignore[attr-defined]  # read within the deadline too
+                outcome.append(exc)
+            except BaseException as exc:  # handed to the caller's thread
+                outcome.append(exc)
+
+        worker = threading.Thread(target=get, name="prometheus-query", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if not outcome:
+            raise DiagnoseError(f"Prometheus at {self.url} did not answer within {self.timeout_s:g}s")
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
 
     def instant(self, expr: str, at: float) -> list[dict]:
         return self._get("/api/v1/query", {"query": expr, "time": f"{at:.3f}"})

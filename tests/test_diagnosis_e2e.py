@@ -292,3 +292,39 @@ def test_label_values_that_are_not_numbers_are_skipped_not_a_traceback():
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert "xid_errors" not in r.stdout and json.loads(r.stdout)["gpus"] == ["0"]
 
+
+def test_a_server_that_trickles_its_answer_is_given_up_on_at_the_timeout():
+    """urllib's timeout is per socket read: a byte every 0.2 s kept diagnose waiting for as long as the
+    server liked. The whole exchange has one deadline."""
+    import http.server
+
+    from exporter.diagnose_cli import DiagnoseError, Prometheus
+
+    stop = threading.Event()
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                if stop.wait(0.2):
+                    return
+                self.wfile.write(b" ")
+                self.wfile.flush()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DiagnoseError, match="did not answer within 1s"):
+            Prometheus(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=1.0).instant("up", 0.0)
+        assert time.monotonic() - t0 < 5
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
