@@ -167,6 +167,9 @@ class ExporterApp:
             window = min(window, kept)
         if not 0 < window <= kept:
             return _json(400, {"error": f"window must be > 0 and <= {kept:g}s (--history.window)"})
+        if cap and window < self.history.interval_s:  # no sample in it: the diagnosis would say "No GPU found"
+            return _json(400, {"error": f"window must be at least the sample interval, "
+                                        f"{self.history.interval_s:g}s (--sample.interval)"})
         body = renders.get(window)
         if body is None:
             return Response(503, b'{"error":"busy: too many history queries at once, retry"}', "application/json",
