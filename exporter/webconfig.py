@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 from exporter.httpd import Request, Response
-from exporter.sources.kernfile import check_regular, open_regular
 
 log = logging.getLogger("exporter.webconfig")
 
@@ -186,6 +185,8 @@ def _parse(doc: dict, base_dir: Path) -> WebConfig:
 
 
 def load_web_config(path: str | Path) -> WebConfig:
+    from exporter.sources.kernfile import open_regular  # here: the health check imports this module, not sources
+
     path = Path(path)
     try:  # open_regular: a FIFO here would block start-up (or the reload thread) until a writer came
         with os.fdopen(open_regular(path), "rb") as f:
@@ -204,6 +205,8 @@ def load_web_config(path: str | Path) -> WebConfig:
 def build_tls_context(tls: TlsSettings) -> ssl.SSLContext:
     """A new server context from the settings: built whole on every (re)load and swapped in, never a
     live one changed. The one place to add TLS settings (cipher suites, inline PEM, ...)."""
+    from exporter.sources.kernfile import check_regular  # here: the health check imports this module, not sources
+
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = tls.min_version
     ctx.maximum_version = tls.max_version or ssl.TLSVersion.MAXIMUM_SUPPORTED
