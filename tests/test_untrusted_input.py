@@ -66,6 +66,7 @@ def run_exporter(*args: str, timeout: float = 30) -> subprocess.CompletedProcess
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("fifo_as", ["config", "cert_file", "key_file", "client_ca_file"])
 def test_a_fifo_as_the_web_config_or_one_of_its_files_is_refused_not_waited_on(tmp_path, fifo_as):
     """open() of a FIFO blocks until a writer comes: start-up hung for good (and a reload would hang the
@@ -79,3 +80,21 @@ def test_a_fifo_as_the_web_config_or_one_of_its_files_is_refused_not_waited_on(t
     r = run_exporter("--web.config.file", str(tmp_path / "fifo" if fifo_as == "config" else config))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "not a regular file" in r.stderr, r.stderr
+
+
+@pytest.mark.e2e
+def test_the_container_health_check_ignores_proxy_variables_and_says_bad_addresses_in_one_line(exporter_proc):
+    """A pod or container with HTTP_PROXY set (common behind a corporate proxy) sent the health check's
+    request for 127.0.0.1 to the proxy: unhealthy, restarted, while the exporter was fine."""
+    import os
+
+    e = exporter_proc("--fake-gpus", "1")
+    e.wait_for_sample()
+    base = {**os.environ, "GPU_EXPORTER_WEB_LISTEN_ADDRESS": f"127.0.0.1:{e.port}"}
+    for proxy in ({}, {"http_proxy": "http://127.0.0.1:1", "HTTP_PROXY": "http://127.0.0.1:1", "no_proxy": ""}):
+        r = subprocess.run([sys.executable, "-m", "exporter.healthcheck"], env={**base, **proxy}, cwd=REPO,
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, (proxy, r.stderr)
+    r = subprocess.run([sys.executable, "-m", "exporter.healthcheck"], cwd=REPO, capture_output=True, text=True,
+                       env={**base, "GPU_EXPORTER_WEB_LISTEN_ADDRESS": "nonsense"}, timeout=30)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
