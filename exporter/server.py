@@ -194,19 +194,13 @@ def window_param(query: str, default: str) -> str:
 
 def _negotiate(accept: str) -> str:
     """The Content-Type of a /metrics answer: prometheus_client's choice, except where its parser raises on
-    a client's version (`version=abc`: a 500) or it echoes a version we do not write (`version=1.0.0.\xb2`
-    into our header: not ASCII, the connection dropped): then the text format, which every scraper reads."""
+    a client's version (`version=abc`: a 500) or it echoes a version that cannot go in our header
+    (`version=1.0.0.\xb2`: not ASCII, the connection dropped): then the text format, which every scraper reads."""
     try:
         content_type = choose_encoder(accept)[1]
     except Exception:
         return CONTENT_TYPE_PLAIN_0_0_4
-    if content_type.startswith("application/openmetrics-text") and not (
-            content_type.isascii() and content_type.startswith(_OPENMETRICS_1_0)):
-        return CONTENT_TYPE_PLAIN_0_0_4
-    return content_type
-
-
-_OPENMETRICS_1_0 = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    return content_type if content_type.isascii() and content_type.isprintable() else CONTENT_TYPE_PLAIN_0_0_4
 
 
 def _wants_gzip(request: Request) -> bool:
