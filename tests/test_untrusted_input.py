@@ -10,7 +10,6 @@ import sys
 import threading
 
 import pytest
-
 from hypothesis import given, settings, strategies as st
 from prometheus_client import CollectorRegistry
 
@@ -37,7 +36,7 @@ def get_metrics(app: ExporterApp, accept: str):
 @given(st.one_of(st.sampled_from(HOSTILE_ACCEPT),
                  st.text(st.characters(min_codepoint=0x20, max_codepoint=0xff), max_size=120).map(
                      lambda t: "application/openmetrics-text; version=" + t)))
-def test_any_accept_header_gets_a_page_in_a_format_we_write(accept):
+def test_any_accept_header_gets_a_page_with_a_content_type_that_can_be_sent(accept):
     response = get_metrics(metrics_app(), accept)
     assert response.status == 200
     assert response.content_type.isascii() and response.content_type.isprintable()
@@ -85,8 +84,6 @@ def test_a_fifo_as_the_web_config_or_one_of_its_files_is_refused_not_waited_on(t
 def test_the_container_health_check_ignores_proxy_variables_and_says_bad_addresses_in_one_line(exporter_proc):
     """A pod or container with HTTP_PROXY set (common behind a corporate proxy) sent the health check's
     request for 127.0.0.1 to the proxy: unhealthy, restarted, while the exporter was fine."""
-    import os
-
     e = exporter_proc("--fake-gpus", "1")
     e.wait_for_sample()
     base = {**os.environ, "GPU_EXPORTER_WEB_LISTEN_ADDRESS": f"127.0.0.1:{e.port}"}
