@@ -12,8 +12,9 @@ every phase has a bound:
   oldest one still handshaking or sending its head, then the oldest one whose client does not read its
   answer. When every connection is being served, up to `reserve_connections` more are let in that
   answer only the priority paths (/healthz) and get 503 for anything else;
-- requests in flight: `max_requests` (503 beyond, like node_exporter's --web.max-requests). Handlers
-  run on a pool of at most that many threads, so threads stay bounded whatever the load;
+- requests in flight: `max_requests` (503 beyond, like node_exporter's --web.max-requests; at the cap
+  the oldest request whose client does not read its answer is cut first). Handlers run on a pool of at
+  most that many threads, so threads stay bounded whatever the load;
 - password checks (bcrypt): one thread, a bounded queue served round-robin per (peer, user), so a
   guesser delays a real scraper's first login by one check, not by its whole backlog (fairqueue.py);
 - a response written to a client that does not read it: `write_timeout_s`, then the connection is cut.
@@ -537,7 +538,12 @@ class HttpServer:
         if inline is not None:
             return inline, False
         if self.limits.max_requests and self.stats.in_flight >= self.limits.max_requests:
-            return Response(503, b"too many concurrent requests\n"), False
+            # A slot held by a client that does not read its answer (its handler is done, only the write
+            # waits) gives way, as at the connection cap: else 40 such clients 503 every scrape for 30 s.
+            stalled = [c for c in self._connections if c.stalled and c is not conn]
+            if not stalled:
+                return Response(503, b"too many concurrent requests\n"), False
+            min(stalled, key=lambda c: c.since).close("evicted")  # its slot is released as its task ends
         self.stats.in_flight += 1
         try:
             response = await asyncio.get_running_loop().run_in_executor(self._pool, self.app.handle, request)

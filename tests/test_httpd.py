@@ -210,6 +210,29 @@ def test_a_client_that_does_not_read_is_cut_and_its_slot_freed(serve):
     assert status_of(ask(server, GOOD)) == 200  # the only slot is free again
 
 
+def test_clients_that_do_not_read_cannot_hold_every_request_slot(serve):
+    """Found in review: 40 clients asking for a large /api/v1/samples (64 GPUs) and never reading held
+    all 40 slots until their write deadline, so every scrape got 503 for 30 s, again and again. At the
+    cap the oldest such client gives its slot up, as at the connection cap."""
+    server = serve(App(body=b"x" * 8_000_000), max_requests=4, write_timeout_s=30)
+    hogs = []
+    for _ in range(4):
+        s = connect(server)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /api/v1/samples HTTP/1.1\r\nHost: x\r\n\r\n")  # ...and never read
+        hogs.append(s)
+    deadline = time.monotonic() + 10
+    while sum(c.stalled for c in list(server._connections)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.stats.in_flight == 4
+    server.app.body = b"ok\n"
+    for _ in range(3):
+        assert status_of(ask(server, GOOD)) == 200
+    assert server.stats.closed["evicted"] >= 1 and server.stats.in_flight <= 4
+    for s in hogs:
+        s.close()
+
+
 def test_threads_stay_bounded_under_many_connections(serve):
     before = threading.active_count()
     server = serve(App(delay=0.05), max_requests=4, max_connections=1000)
