@@ -61,6 +61,9 @@ class Limits:
     max_head_bytes: int = 16 * 1024
     max_headers: int = 100
     max_pending_auth: int = 32  # bcrypt checks queued
+    # distinct response bodies waiting on clients that do not read them (40 different 9 MB /api/v1/samples
+    # bodies held for 30 s took 522 MB); past it the oldest such client is cut
+    max_stalled_bytes: int = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,7 @@ class _Connection(asyncio.Protocol):
         self.eof = False  # the client half-closed: answer what it sent, then close
         self.reserve = False  # admitted past the cap: priority paths only
         self.must_close = False  # the request had a body we did not read
+        self.sending: bytes | None = None  # the body being written
 
     @property
     def tx(self) -> asyncio.Transport:
@@ -253,6 +257,7 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writable = asyncio.get_running_loop().create_future()
+        self.server.trim_stalled()
 
     def resume_writing(self) -> None:
         if self.writable is not None and not self.writable.done():
@@ -414,14 +419,18 @@ class _Connection(asyncio.Protocol):
         # would hold its own copy of the rest in the transport's buffer (40 readers x 4 MB of JSON).
         deadline = asyncio.get_running_loop().time() + self.server.limits.write_timeout_s
         body = memoryview(response.body if not head_only else b"")
-        for start in range(0, len(body), _WRITE_CHUNK):
-            # h11 passes any bytes-like object through; a memoryview slice avoids copying the body
-            self._write(self._h11_send(h11.Data(data=cast(bytes, body[start:start + _WRITE_CHUNK]))))
+        self.sending = response.body
+        try:
+            for start in range(0, len(body), _WRITE_CHUNK):
+                # h11 passes any bytes-like object through; a memoryview slice avoids copying the body
+                self._write(self._h11_send(h11.Data(data=cast(bytes, body[start:start + _WRITE_CHUNK]))))
+                if not await self._drained(deadline):
+                    return
+            self._write(self._h11_send(h11.EndOfMessage()))
             if not await self._drained(deadline):
                 return
-        self._write(self._h11_send(h11.EndOfMessage()))
-        if not await self._drained(deadline):
-            return
+        finally:
+            self.sending = None
         if self.closed:
             return
         if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
@@ -504,6 +513,16 @@ class HttpServer:
             if candidates:
                 return min(candidates, key=lambda c: c.since)
         return None
+
+    def trim_stalled(self) -> None:
+        """Keep the distinct bodies held for clients that do not read under `max_stalled_bytes` (a body
+        shared by many clients counts once): past it the oldest such client is cut."""
+        while True:
+            stalled = [c for c in self._connections if c.stalled and not c.closed and c.sending is not None]
+            held = sum(len(b) for b in {id(c.sending): c.sending for c in stalled if c.sending is not None}.values())
+            if held <= self.limits.max_stalled_bytes:
+                return
+            min(stalled, key=lambda c: c.since).close("evicted")
 
     def forget(self, conn: _Connection) -> None:
         self._connections.pop(conn, None)

@@ -233,6 +233,31 @@ def test_clients_that_do_not_read_cannot_hold_every_request_slot(serve):
         s.close()
 
 
+def test_bodies_held_for_clients_that_do_not_read_stay_under_a_budget(serve):
+    """Found in review: 40 clients each asking /api/v1/samples for another window (64 GPUs, 9 MB each)
+    and never reading took the exporter to 522 MB RSS, past the DaemonSet's 128 MiB limit. Past a budget
+    of distinct bodies waiting on such clients, the oldest of them is cut."""
+    class Distinct(App):
+        def handle(self, request: Request) -> Response:
+            return Response(200, bytes(8_000_000))  # a new body each time, as for another window
+
+    server = serve(Distinct(), max_requests=10, write_timeout_s=30, max_stalled_bytes=20_000_000)
+    hogs = []
+    for _ in range(6):
+        s = connect(server)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /api/v1/samples HTTP/1.1\r\nHost: x\r\n\r\n")  # ...and never read
+        hogs.append(s)
+    deadline = time.monotonic() + 10
+    while server.stats.closed["evicted"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert server.stats.closed["evicted"] == 4  # two 8 MB bodies fit in 20 MB
+    assert sum(c.stalled for c in list(server._connections)) == 2
+    for s in hogs:
+        s.close()
+
+
 def test_threads_stay_bounded_under_many_connections(serve):
     before = threading.active_count()
     server = serve(App(delay=0.05), max_requests=4, max_connections=1000)
