@@ -210,17 +210,23 @@ def test_a_client_that_does_not_read_is_cut_and_its_slot_freed(serve):
     assert status_of(ask(server, GOOD)) == 200  # the only slot is free again
 
 
+def non_reading_clients(server: HttpServer, n: int) -> list[socket.socket]:
+    """n connections that ask for a large page with a tiny receive buffer and never read it."""
+    hogs = []
+    for _ in range(n):
+        s = connect(server)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /api/v1/samples HTTP/1.1\r\nHost: x\r\n\r\n")
+        hogs.append(s)
+    return hogs
+
+
 def test_clients_that_do_not_read_cannot_hold_every_request_slot(serve):
     """Found in review: 40 clients asking for a large /api/v1/samples (64 GPUs) and never reading held
     all 40 slots until their write deadline, so every scrape got 503 for 30 s, again and again. At the
     cap the oldest such client gives its slot up, as at the connection cap."""
     server = serve(App(body=b"x" * 8_000_000), max_requests=4, write_timeout_s=30)
-    hogs = []
-    for _ in range(4):
-        s = connect(server)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.sendall(b"GET /api/v1/samples HTTP/1.1\r\nHost: x\r\n\r\n")  # ...and never read
-        hogs.append(s)
+    hogs = non_reading_clients(server, 4)
     deadline = time.monotonic() + 10
     while sum(c.stalled for c in list(server._connections)) < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -242,12 +248,7 @@ def test_bodies_held_for_clients_that_do_not_read_stay_under_a_budget(serve):
             return Response(200, bytes(8_000_000))  # a new body each time, as for another window
 
     server = serve(Distinct(), max_requests=10, write_timeout_s=30, max_stalled_bytes=20_000_000)
-    hogs = []
-    for _ in range(6):
-        s = connect(server)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.sendall(b"GET /api/v1/samples HTTP/1.1\r\nHost: x\r\n\r\n")  # ...and never read
-        hogs.append(s)
+    hogs = non_reading_clients(server, 6)
     deadline = time.monotonic() + 10
     while server.stats.closed["evicted"] < 4 and time.monotonic() < deadline:
         time.sleep(0.05)
