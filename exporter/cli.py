@@ -276,6 +276,8 @@ def _telemetry_path(setting: _Setting) -> str:
     if not path.startswith("/") or len(path) > 256 or any(c.isspace() or not c.isprintable() or c in "?#"
                                                           for c in path):
         raise ValueError(f"{setting}: want a path starting with / without spaces, ? or #, e.g. /metrics")
+    if "%" in path:  # requests are matched after decoding: /met%72ics would only answer at /met%2572ics
+        raise ValueError(f"{setting}: no percent-encoding; write the path as it reads decoded, e.g. /métriques")
     if path in RESERVED_PATHS:
         raise ValueError(f"{setting}: taken by the exporter ({', '.join(RESERVED_PATHS)})")
     return path

@@ -14,6 +14,7 @@ import math
 import re
 import statistics
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -32,6 +33,7 @@ MAX_POINTS = 1000  # per series: the step grows with the window beyond this
 COINCIDE_BEFORE_S = 60.0  # the window diagnosed around an RTF crossing: this long before it ...
 COINCIDE_AFTER_S = 15.0  # ... and this long after
 _TIME_TEXT = re.compile(r"^[0-9T:.+\-Zz ]{1,40}$")
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: the last second a datetime (and iso()) can show
 
 
 class DiagnoseError(Exception):
@@ -65,7 +67,14 @@ def iso(t: float) -> str:
 
 
 def check_url(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. "http://[::1": an unclosed IPv6 bracket
+        parts = urllib.parse.urlsplit("")
+    if any(c.isspace() or not c.isprintable() for c in url):
+        raise DiagnoseError(f"invalid --prometheus URL {url!r}: spaces or control characters in it")
+    if parts.username is not None:  # urllib would take "user:pw@host" for a host name and print the password
+        raise DiagnoseError("invalid --prometheus URL: credentials in the URL are not supported")
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise DiagnoseError(f"invalid --prometheus URL {url!r}: want http(s)://host:port[/path]")
     try:
@@ -85,13 +94,11 @@ class Prometheus:
     def _get(self, path: str, params: dict, samples: str = "value") -> list[dict]:
         url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout_s) as r:
-                body = r.read(MAX_RESPONSE_BYTES + 1)
+            body = self._fetch(url)
         except urllib.error.HTTPError as exc:  # Prometheus explains a bad query in the JSON body
-            body = exc.read(64 * 1024)
             try:
-                reason = json.loads(body).get("error", "")
-            except ValueError:
+                reason = json.loads(getattr(exc, "body", b"")).get("error", "")
+            except (ValueError, AttributeError, RecursionError):
                 reason = ""
             raise DiagnoseError(f"Prometheus at {self.url} answered {exc.code}: {reason or exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
@@ -104,8 +111,34 @@ class Prometheus:
             if doc["status"] != "success":
                 raise DiagnoseError(f"Prometheus at {self.url}: {doc.get('error', 'query failed')}")
             return _checked(doc["data"]["result"], samples)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+            # RecursionError: JSON nested thousands deep
             raise DiagnoseError(f"{self.url} did not answer like a Prometheus server ({path})") from None
+
+    def _fetch(self, url: str) -> bytes:
+        """The body of GET url, with one deadline for the whole exchange: urllib's timeout bounds each
+        socket read, so a server sending a byte at a time would hold us for as long as it liked. The
+        request runs on a daemon thread that is abandoned (and ends with the process) past the deadline."""
+        outcome: list[bytes | BaseException] = []
+
+        def get() -> None:
+            try:
+                with urllib.request.urlopen(url, timeout=self.timeout_s) as r:
+                    outcome.append(r.read(MAX_RESPONSE_BYTES + 1))
+            except urllib.error.HTTPError as exc:
+                exc.body = exc.read(64 * 1024)  # type: ignore[attr-defined]  # read within the deadline too
+                outcome.append(exc)
+            except BaseException as exc:  # handed to the caller's thread
+                outcome.append(exc)
+
+        worker = threading.Thread(target=get, name="prometheus-query", daemon=True)
+        worker.start()
+        worker.join(self.timeout_s)
+        if not outcome:
+            raise DiagnoseError(f"Prometheus at {self.url} did not answer within {self.timeout_s:g}s")
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
 
     def instant(self, expr: str, at: float) -> list[dict]:
         return self._get("/api/v1/query", {"query": expr, "time": f"{at:.3f}"})
@@ -128,7 +161,9 @@ def _checked(result: list, key: str) -> list[dict]:
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
             raise ValueError("bad labels")
         for t, v in series["values"] if key == "values" else [series["value"]]:
-            float(t), float(v)
+            float(v)
+            if not math.isfinite(float(t)):
+                raise ValueError("timestamp not finite")
     return result
 
 
@@ -199,7 +234,7 @@ class PromWindow:
         xids: dict[str, dict[int, float]] = {}
         for r in self.prom.instant(f"increase(gpu_xid_errors_total{{{s}}}[{span}])", end):
             n = float(r["value"][1])
-            if n >= 0.5:
+            if n >= 0.5 and _is_number(r["metric"].get("xid", "0"), int):
                 xids.setdefault(r["metric"].get("gpu", ""), {})[int(r["metric"].get("xid", "0"))] = n
         gpus = sorted(set(names) | set(per_gpu["utilization"]) | set(per_gpu["health"]), key=_gpu_order)
         empty = [None] * points
@@ -254,13 +289,23 @@ class PromWindow:
             return None
         late_by = (DEFAULT_THRESHOLDS.sampler_late_intervals - 1) * interval
         buckets = self.prom.instant(f"increase(exporter_sample_lateness_seconds_bucket{{{self.sel}}}[{span}])", end)
-        bounds = sorted((float(r["metric"]["le"]), float(r["value"][1])) for r in buckets)
+        bounds = sorted((float(r["metric"]["le"]), float(r["value"][1])) for r in buckets
+                        if _is_number(r["metric"].get("le", ""), float))
         on_time = next((n for le, n in bounds if le >= late_by), None)
         total = bounds[-1][1] if bounds else 0.0
         overruns = _scalar(self.prom.instant(f"increase(exporter_sample_overruns_total{{{self.sel}}}[{span}])", end))
         if on_time is None or total + (overruns or 0) <= 0:
             return None
         return ((total - on_time) + (overruns or 0)) / (total + (overruns or 0))
+
+
+def _is_number(label: str, kind: type) -> bool:
+    """Whether a label value (from a server we do not control) converts with int or float."""
+    try:
+        kind(label)
+    except ValueError:
+        return False
+    return True
 
 
 def _escape(value: str) -> str:
@@ -329,6 +374,8 @@ def window_bounds(at: str, window: str, start: str, end: str, now: float) -> tup
             raise DiagnoseError(f"--window: {exc}") from None
         t1 = parse_time(at or "now", now)
         t0 = t1 - length
+    if not (0 <= t0 and t1 <= MAX_TIME):
+        raise DiagnoseError("window out of range: want times between 1970 and 9999")
     if not t0 < t1:
         raise DiagnoseError(f"empty window: {iso(t0)} is not before {iso(t1)}")
     if t1 - t0 > 7 * 86400:

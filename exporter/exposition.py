@@ -79,4 +79,6 @@ class TextRenderer:
                 append(f"{s.name}{labels} {_format_value(s.value)}\n")
         if openmetrics:
             append("# EOF\n")
-        return "".join(out).encode()
+        # Label values from the host (process names, argv) arrive as lone surrogates where their bytes were
+        # not UTF-8: replaced, or every scrape would fail on one tenant's process name.
+        return "".join(out).encode("utf-8", "replace")

@@ -14,12 +14,16 @@ import sys
 import urllib.request
 
 from exporter.environment import env_name
-from exporter.listen import parse_listen_address
+from exporter.listen import ListenAddressError, parse_listen_address
 from exporter.webconfig import WebConfigError, load_web_config
 
 
 def main() -> int:
-    host, port = parse_listen_address(os.environ.get(env_name("--web.listen-address"), ":9445"))
+    try:
+        host, port = parse_listen_address(os.environ.get(env_name("--web.listen-address"), ":9445"))
+    except ListenAddressError as exc:
+        print(f"healthcheck: {exc}", file=sys.stderr)
+        return 1
     if host in ("", "::", "0.0.0.0"):
         host = "127.0.0.1"
     context = None
@@ -36,8 +40,10 @@ def main() -> int:
             context.verify_mode = ssl.CERT_NONE
     scheme = "https" if context else "http"
     url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}/healthz"
+    # No proxy: the exporter is beside us, and HTTP_PROXY in a pod's environment would send this elsewhere.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
     try:
-        with urllib.request.urlopen(url, timeout=2, context=context) as r:
+        with opener.open(url, timeout=2) as r:
             return 0 if r.status == 200 else 1
     except OSError as exc:
         print(f"healthcheck: {url}: {exc}", file=sys.stderr)

@@ -12,8 +12,9 @@ every phase has a bound:
   oldest one still handshaking or sending its head, then the oldest one whose client does not read its
   answer. When every connection is being served, up to `reserve_connections` more are let in that
   answer only the priority paths (/healthz) and get 503 for anything else;
-- requests in flight: `max_requests` (503 beyond, like node_exporter's --web.max-requests). Handlers
-  run on a pool of at most that many threads, so threads stay bounded whatever the load;
+- requests in flight: `max_requests` (503 beyond, like node_exporter's --web.max-requests; at the cap
+  the oldest request whose client does not read its answer is cut first). Handlers run on a pool of at
+  most that many threads, so threads stay bounded whatever the load;
 - password checks (bcrypt): one thread, a bounded queue served round-robin per (peer, user), so a
   guesser delays a real scraper's first login by one check, not by its whole backlog (fairqueue.py);
 - a response written to a client that does not read it: `write_timeout_s`, then the connection is cut.
@@ -62,6 +63,9 @@ class Limits:
     max_head_bytes: int = 16 * 1024
     max_headers: int = 100
     max_pending_auth: int = 32  # bcrypt checks queued
+    # distinct response bodies waiting on clients that do not read them (40 different 9 MB /api/v1/samples
+    # bodies held for 30 s took 522 MB); past it the oldest such client is cut
+    max_stalled_bytes: int = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,7 @@ class _Connection(asyncio.Protocol):
         self.reserve = False  # admitted past the cap: priority paths only
         self.must_close = False  # the request had a body we did not read
         self.fresh = True  # nothing received yet: the first byte tells TLS from plain HTTP
+        self.sending: bytes | None = None  # the body being written
 
     @property
     def tx(self) -> asyncio.Transport:
@@ -278,6 +283,7 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.writable = asyncio.get_running_loop().create_future()
+        self.server.trim_stalled()
 
     def resume_writing(self) -> None:
         if self.writable is not None and not self.writable.done():
@@ -439,14 +445,18 @@ class _Connection(asyncio.Protocol):
         # would hold its own copy of the rest in the transport's buffer (40 readers x 4 MB of JSON).
         deadline = asyncio.get_running_loop().time() + self.server.limits.write_timeout_s
         body = memoryview(response.body if not head_only else b"")
-        for start in range(0, len(body), _WRITE_CHUNK):
-            # h11 passes any bytes-like object through; a memoryview slice avoids copying the body
-            self._write(self._h11_send(h11.Data(data=cast(bytes, body[start:start + _WRITE_CHUNK]))))
+        self.sending = response.body
+        try:
+            for start in range(0, len(body), _WRITE_CHUNK):
+                # h11 passes any bytes-like object through; a memoryview slice avoids copying the body
+                self._write(self._h11_send(h11.Data(data=cast(bytes, body[start:start + _WRITE_CHUNK]))))
+                if not await self._drained(deadline):
+                    return
+            self._write(self._h11_send(h11.EndOfMessage()))
             if not await self._drained(deadline):
                 return
-        self._write(self._h11_send(h11.EndOfMessage()))
-        if not await self._drained(deadline):
-            return
+        finally:
+            self.sending = None
         if self.closed:
             return
         if self.h11.our_state is not h11.DONE or self.h11.their_state is not h11.DONE:
@@ -536,6 +546,16 @@ class HttpServer:
                 return min(candidates, key=lambda c: c.since)
         return None
 
+    def trim_stalled(self) -> None:
+        """Keep the distinct bodies held for clients that do not read under `max_stalled_bytes` (a body
+        shared by many clients counts once): past it the oldest such client is cut."""
+        while True:
+            stalled = [c for c in self._connections if c.stalled and not c.closed and c.sending is not None]
+            held = sum(len(b) for b in {id(c.sending): c.sending for c in stalled if c.sending is not None}.values())
+            if held <= self.limits.max_stalled_bytes:
+                return
+            min(stalled, key=lambda c: c.since).close("evicted")
+
     def forget(self, conn: _Connection) -> None:
         self._connections.pop(conn, None)
         self._reserve.pop(conn, None)
@@ -571,7 +591,12 @@ class HttpServer:
         if inline is not None:
             return inline, False
         if self.limits.max_requests and self.stats.in_flight >= self.limits.max_requests:
-            return Response(503, b"too many concurrent requests\n"), False
+            # A slot held by a client that does not read its answer (its handler is done, only the write
+            # waits) gives way, as at the connection cap: else 40 such clients 503 every scrape for 30 s.
+            stalled = [c for c in self._connections if c.stalled and c is not conn]
+            if not stalled:
+                return Response(503, b"too many concurrent requests\n"), False
+            min(stalled, key=lambda c: c.since).close("evicted")  # its slot is released as its task ends
         self.stats.in_flight += 1
         try:
             response = await asyncio.get_running_loop().run_in_executor(self._pool, self.app.handle, request)

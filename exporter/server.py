@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
 
 from exporter import __version__
 from exporter.diagnosis_history import diagnosis_json
@@ -145,7 +145,7 @@ class ExporterApp:
     def handle(self, request: Request) -> Response:
         if request.path == self.telemetry_path:
             # prometheus_client negotiates the format; the cached-label renderer writes it.
-            _, content_type = choose_encoder(request.headers.get("accept", ""))
+            content_type = _negotiate(request.headers.get("accept", ""))
             om = content_type.startswith("application/openmetrics-text")
             gz = _wants_gzip(request)
             return Response(200, self.cache.get(om, gz), content_type,
@@ -167,6 +167,9 @@ class ExporterApp:
             window = min(window, kept)
         if not 0 < window <= kept:
             return _json(400, {"error": f"window must be > 0 and <= {kept:g}s (--history.window)"})
+        if cap and window < self.history.interval_s:  # no sample in it: the diagnosis would say "No GPU found"
+            return _json(400, {"error": f"window must be at least the sample interval, "
+                                        f"{self.history.interval_s:g}s (--sample.interval)"})
         body = renders.get(window)
         if body is None:
             return Response(503, b'{"error":"busy: too many history queries at once, retry"}', "application/json",
@@ -187,6 +190,17 @@ def window_param(query: str, default: str) -> str:
     if len(window) > 32:
         raise ValueError("window: too long, want e.g. 60s or 5m")
     return window
+
+
+def _negotiate(accept: str) -> str:
+    """The Content-Type of a /metrics answer: prometheus_client's choice, except where its parser raises on
+    a client's version (`version=abc`: a 500) or it echoes a version that cannot go in our header
+    (`version=1.0.0.\xb2`: not ASCII, the connection dropped): then the text format, which every scraper reads."""
+    try:
+        content_type = choose_encoder(accept)[1]
+    except Exception:
+        return CONTENT_TYPE_PLAIN_0_0_4
+    return content_type if content_type.isascii() and content_type.isprintable() else CONTENT_TYPE_PLAIN_0_0_4
 
 
 def _wants_gzip(request: Request) -> bool:

@@ -41,6 +41,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["--web.telemetry-path", "/api/v1/diagnosis"], "taken by the exporter"),
     (["--web.telemetry-path", "/my metrics"], "without spaces"),
     (["--web.telemetry-path", "/metrics?x=1"], "without spaces, ? or #"),
+    (["--web.telemetry-path", "/met%72ics"], "no percent-encoding"),  # was served at /met%2572ics only
     (["--cgroup.path", "/no/such/cgroup-here"], "--cgroup.path '/no/such/cgroup-here': no cgroup"),
     (["--sample.interval", "5ms"], "below the 10ms minimum"),
     (["--sample.interval", "fast"], "invalid duration"),

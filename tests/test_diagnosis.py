@@ -224,6 +224,17 @@ def test_endpoint_caps_the_window_to_the_history(tmp_path, procfs):
     assert diagnosis_endpoint(None, "")[0] == 404
 
 
+def test_a_window_shorter_than_one_sample_is_refused_not_diagnosed_as_no_gpu(tmp_path, procfs):
+    """?window=1ns (or anything under --sample.interval) holds no sample: it answered 200 with a false
+    "No GPU found" warning."""
+    history = live_history(tmp_path, procfs, "healthy", ticks=20)  # 0.1 s interval
+    for query in ("window=1ns", "window=50ms", "window=0.09s"):
+        code, doc = diagnosis_endpoint(history, query)
+        assert code == 400 and "sample interval" in doc["error"], (query, doc)
+    code, doc = diagnosis_endpoint(history, "window=100ms")
+    assert code == 200 and "no_gpu" not in [f["rule"] for f in doc["findings"]]
+
+
 def test_every_scenario_has_a_description():
     assert all(s.description for s in SCENARIOS.values())
 

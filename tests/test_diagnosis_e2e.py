@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -209,6 +210,13 @@ def test_diagnose_needs_an_instance_when_several(scenarios):
     (["--prometheus", "http://127.0.0.1:1", "--window", "fast"], "--window: invalid duration"),
     (["--prometheus", "http://127.0.0.1:1", "--rtf-selector", "job=tts"], "invalid --rtf-selector"),
     (["--prometheus", "http://127.0.0.1:1", "--bogus"], "unrecognized arguments"),
+    # found by the review: tracebacks before these were errors
+    (["--prometheus", "http://[::1"], "invalid --prometheus URL"),
+    (["--prometheus", "http://a b:9090"], "invalid --prometheus URL"),
+    (["--prometheus", "http://user:secret@127.0.0.1:1"], "credentials in the URL are not supported"),
+    (["--prometheus", "http://127.0.0.1:1", "--at", "999999999999"], "out of range"),
+    (["--prometheus", "http://127.0.0.1:1", "--at", "0001-01-01T00:01:00Z"], "out of range"),
+    (["--prometheus", "http://127.0.0.1:1", "--at", "now-290y"], "out of range"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     r = diagnose_cli(*args)
@@ -256,6 +264,12 @@ class JunkPrometheus:
     b'{"status": "success", "data": {"result": [{"metric": {}, "value": [1, "x"]}]}}',
     b'{"status": "success", "data": {"result": [{"metric": {"instance": 7}, "value": [1, "1"]}]}}',
     b'{"status": "error", "error": "parse error at char 3"}',
+    # found by the review: tracebacks before these were errors
+    b"[" * 100_000,  # RecursionError in the JSON decoder
+    b'{"status": "success", "data": {"result": [{"metric": {"instance": "x"}, "value": [1e999, "1"], '
+    b'"values": [[1e999, "1"], [1, "1"], [2, "1"]]}]}}',  # an infinite timestamp
+    b'{"status": "success", "data": {"result": [{"metric": {"instance": "x"}, "value": [NaN, "1"], '
+    b'"values": [[NaN, "1"], [1, "1"], [2, "1"]]}]}}',
 ])
 def test_an_answer_that_is_not_prometheus_is_one_line(body):
     junk = JunkPrometheus(body)
@@ -265,3 +279,52 @@ def test_an_answer_that_is_not_prometheus_is_one_line(body):
         junk.close()
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     assert "did not answer like a Prometheus server" in r.stderr or "parse error at char 3" in r.stderr
+
+
+def test_label_values_that_are_not_numbers_are_skipped_not_a_traceback():
+    """xid and le labels are read as numbers: a server's "abc" there is left out of the report."""
+    junk = JunkPrometheus(b'{"status": "success", "data": {"result": [{"metric": {"instance": "x", "gpu": "0", '
+                          b'"xid": "abc", "le": "zz"}, "value": [1, "1"], "values": [[1, "1"], [2, "1"]]}]}}')
+    try:
+        r = diagnose_cli("--prometheus", junk.url, "--instance", "x:1", "--json")
+    finally:
+        junk.close()
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "xid_errors" not in r.stdout and json.loads(r.stdout)["gpus"] == ["0"]
+
+
+def test_a_server_that_trickles_its_answer_is_given_up_on_at_the_timeout():
+    """urllib's timeout is per socket read: a byte every 0.2 s kept diagnose waiting for as long as the
+    server liked. The whole exchange has one deadline."""
+    import http.server
+
+    from exporter.diagnose_cli import DiagnoseError, Prometheus
+
+    stop = threading.Event()
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(1000):
+                if stop.wait(0.2):
+                    return
+                self.wfile.write(b" ")
+                self.wfile.flush()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DiagnoseError, match="did not answer within 1s"):
+            Prometheus(f"http://127.0.0.1:{server.server_address[1]}", timeout_s=1.0).instant("up", 0.0)
+        assert time.monotonic() - t0 < 5
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()

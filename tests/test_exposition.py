@@ -53,3 +53,25 @@ def test_label_cache_forgets_label_sets_of_exited_processes():
         out = renderer.render([fam]).decode()
         assert f'pid="{10_000 + i}"' in out and 'pid="1"' in out
     assert renderer.cached_label_sets() <= 2 * 64 + 1  # not 1001
+
+
+def test_a_label_value_that_is_not_utf8_does_not_break_the_scrape(procfs):
+    """A GPU process named with bytes that are not UTF-8 (any tenant can set its comm with prctl) and a
+    --node.name from a non-UTF-8 argv come to Python as lone surrogates: the page must still encode,
+    with the bad bytes replaced, not fail every scrape with a 500."""
+    from exporter.sources.processes import ProcessAttributor
+
+    procfs.add_process(4000, "tts", "0::/\n")
+    stat = procfs.root / "4000" / "stat"
+    stat.write_bytes(stat.read_bytes().replace(b"(tts)", b"(tts\xffx)"))
+    fake = FakeNvml(1)
+    fake.set_processes(0, [(4000, 2**30)])
+    s = make_sampler(fake, procfs.root, attributor=ProcessAttributor(procfs.root))
+    s.tick()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(lambda: s.snapshot, node_name="node\udcff"))
+    pages = [TextRenderer().render(registry.collect(), openmetrics=om).decode("utf-8") for om in (False, True)]
+    for page in pages:
+        assert 'comm="tts?x"' in page and 'node="node?"' in page
+    assert "gpu_process_memory_used_bytes" in {f.name for f in text_string_to_metric_families(pages[0])}
+    assert "gpu_process_memory_used_bytes" in {f.name for f in om_parser.text_string_to_metric_families(pages[1])}

@@ -210,6 +210,55 @@ def test_a_client_that_does_not_read_is_cut_and_its_slot_freed(serve):
     assert status_of(ask(server, GOOD)) == 200  # the only slot is free again
 
 
+def non_reading_clients(server: HttpServer, n: int) -> list[socket.socket]:
+    """n connections that ask for a large page with a tiny receive buffer and never read it."""
+    hogs = []
+    for _ in range(n):
+        s = connect(server)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /api/v1/samples HTTP/1.1\r\nHost: x\r\n\r\n")
+        hogs.append(s)
+    return hogs
+
+
+def test_clients_that_do_not_read_cannot_hold_every_request_slot(serve):
+    """Found in review: 40 clients asking for a large /api/v1/samples (64 GPUs) and never reading held
+    all 40 slots until their write deadline, so every scrape got 503 for 30 s, again and again. At the
+    cap the oldest such client gives its slot up, as at the connection cap."""
+    server = serve(App(body=b"x" * 8_000_000), max_requests=4, write_timeout_s=30)
+    hogs = non_reading_clients(server, 4)
+    deadline = time.monotonic() + 10
+    while sum(c.stalled for c in list(server._connections)) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.stats.in_flight == 4
+    server.app.body = b"ok\n"
+    for _ in range(3):
+        assert status_of(ask(server, GOOD)) == 200
+    assert server.stats.closed["evicted"] >= 1 and server.stats.in_flight <= 4
+    for s in hogs:
+        s.close()
+
+
+def test_bodies_held_for_clients_that_do_not_read_stay_under_a_budget(serve):
+    """Found in review: 40 clients each asking /api/v1/samples for another window (64 GPUs, 9 MB each)
+    and never reading took the exporter to 522 MB RSS, past the DaemonSet's 128 MiB limit. Past a budget
+    of distinct bodies waiting on such clients, the oldest of them is cut."""
+    class Distinct(App):
+        def handle(self, request: Request) -> Response:
+            return Response(200, bytes(8_000_000))  # a new body each time, as for another window
+
+    server = serve(Distinct(), max_requests=10, write_timeout_s=30, max_stalled_bytes=20_000_000)
+    hogs = non_reading_clients(server, 6)
+    deadline = time.monotonic() + 10
+    while server.stats.closed["evicted"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    assert server.stats.closed["evicted"] == 4  # two 8 MB bodies fit in 20 MB
+    assert sum(c.stalled for c in list(server._connections)) == 2
+    for s in hogs:
+        s.close()
+
+
 def test_threads_stay_bounded_under_many_connections(serve):
     before = threading.active_count()
     server = serve(App(delay=0.05), max_requests=4, max_connections=1000)

@@ -211,7 +211,7 @@ REFUSED = [
     ("rate-key", "rate_limit:\n  every: 1s\n", "rate_limit: unknown key 'every'"),
     ("encrypted-key", "tls_server_config:\n  cert_file: server.crt\n  key_file: encrypted.key\n", "encrypted"),
     ("endless-cert", "tls_server_config:\n  cert_file: /dev/zero\n  key_file: server.key\n",
-     "cert_file /dev/zero is larger than 1048576 bytes"),
+     "cannot read cert_file /dev/zero: not a regular file"),
     ("mismatched-pair", "tls_server_config:\n  cert_file: ca.crt\n  key_file: server.key\n",
      "cannot load cert_file .*ca.crt with key_file"),
     ("bcrypt-cost-18", f"basic_auth_users:\n  bob: $2y$18${'a' * 53}\n", "bcrypt cost 18"),  # see docs: refused here
