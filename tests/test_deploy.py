@@ -167,8 +167,8 @@ def test_tls_overlay_serves_https_from_the_certificate_secret(tmp_path):
     # ...and it points at the certificate Secret's keys, where cert-manager's Certificate writes them
     certificate = yaml.safe_load((DEPLOY / "overlays/tls/certificate.yaml").read_text())
     assert volumes["tls"]["secret"]["secretName"] == certificate["spec"]["secretName"]
-    assert str(tls.cert_file) == mounts["tls"]["mountPath"] + "/tls.crt"
-    assert str(tls.key_file) == mounts["tls"]["mountPath"] + "/tls.key"
+    assert str(tls.cert.path) == mounts["tls"]["mountPath"] + "/tls.crt"
+    assert str(tls.key.path) == mounts["tls"]["mountPath"] + "/tls.key"
     for probe in ("livenessProbe", "readinessProbe"):
         assert c[probe]["httpGet"]["scheme"] == "HTTPS" and c[probe]["httpGet"]["path"] == "/healthz"
     (endpoint,) = by_kind["ServiceMonitor"]["spec"]["endpoints"]
