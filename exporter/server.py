@@ -28,7 +28,7 @@ from exporter.durations import parse_duration
 from exporter.exposition import TextRenderer
 from exporter.history import SampleHistory
 from exporter.httpd import HttpServer, Limits, Request, Response
-from exporter.listen import ListenAddressError, parse_listen_address  # noqa: F401  (re-exported)
+from exporter.listen import parse_listen_address
 from exporter.liveview import live_page
 from exporter.webconfig import WebConfigWatcher
 

@@ -80,11 +80,10 @@ class Pem:
         if self.path is None:
             return (self.text or "").encode()
         # Here, not at the top: the container health check imports this module, and must load no sources.
-        from exporter.sources.kernfile import open_regular
+        from exporter.sources.kernfile import read_regular
 
-        try:  # a FIFO or a device given as a certificate must not hang start-up or the reload thread
-            with os.fdopen(open_regular(self.path), "rb") as f:
-                data = f.read(MAX_PEM_BYTES + 1)
+        try:
+            data = read_regular(self.path, MAX_PEM_BYTES)
         except OSError as exc:
             raise ValueError(f"{SECTION}: cannot read {what} {self.path}: {exc.strerror or exc}") from None
         if len(data) > MAX_PEM_BYTES:

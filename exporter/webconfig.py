@@ -137,12 +137,11 @@ def _parse(doc: dict, base_dir: Path) -> WebConfig:
 
 
 def load_web_config(path: str | Path) -> WebConfig:
-    from exporter.sources.kernfile import open_regular  # here: the health check imports this module, not sources
+    from exporter.sources.kernfile import read_regular  # here: the health check imports this module, not sources
 
     path = Path(path)
-    try:  # open_regular: a FIFO here would block start-up (or the reload thread) until a writer came
-        with os.fdopen(open_regular(path), "rb") as f:
-            data = f.read(MAX_FILE_BYTES + 1)
+    try:
+        data = read_regular(path, MAX_FILE_BYTES)
     except OSError as exc:
         raise WebConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
     if len(data) > MAX_FILE_BYTES:

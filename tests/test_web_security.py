@@ -18,7 +18,7 @@ import pytest
 
 from exporter.httpd import Request
 from exporter.webconfig import BasicAuth, WebConfigError, WebConfigWatcher, parse_web_config
-from tests.conftest import REPO, ExporterProcess, read_until_closed, stop_process
+from tests.conftest import REPO, ExporterProcess, http_get, read_until_closed, stop_process
 
 pytestmark = pytest.mark.e2e
 
@@ -320,17 +320,11 @@ def test_real_prometheus_scrapes_over_tls_with_basic_auth(pki, tls_auth_exporter
         assert prom.wait_for('gpu_up{job="gpu",gpu="0"}', timeout=15)
         assert prom.wait_for('up{job="intruder"} == 0', timeout=15)
         assert not prom.query('gpu_up{job="intruder"}')
-        targets = json.loads(http_get_plain(f"{prom.url}/api/v1/targets"))["data"]["activeTargets"]
+        targets = json.loads(http_get(f"{prom.url}/api/v1/targets")[2])["data"]["activeTargets"]
         errors = {t["labels"]["job"]: t["lastError"] for t in targets}
         assert errors["gpu"] == "" and "401" in errors["intruder"], errors
     finally:
         prom.stop()
-
-
-def http_get_plain(url: str) -> bytes:
-    from tests.conftest import http_get
-
-    return http_get(url)[2]
 
 
 # -- issue #13: web config hardening
@@ -463,13 +457,7 @@ def test_sighup_reloads_and_sigusr_signals_do_not_kill(tmp_path):
         assert exporter.proc.poll() is None
         log = exporter.log()
         assert "SIGUSR1 ignored" in log and "SIGUSR2 ignored" in log and "web config" in log and "reloaded" in log
-        status, _, _ = http_get_plain_status(f"http://127.0.0.1:{exporter.port}/healthz")
+        status, _, _ = http_get(f"http://127.0.0.1:{exporter.port}/healthz")
         assert status in (200, 503)
     finally:
         stop_process(exporter.proc)
-
-
-def http_get_plain_status(url: str) -> tuple[int, dict, bytes]:
-    from tests.conftest import http_get
-
-    return http_get(url)

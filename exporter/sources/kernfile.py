@@ -37,6 +37,14 @@ def open_regular(path: Path | str) -> int:
     return fd
 
 
+def read_regular(path: Path | str, max_bytes: int) -> bytes:
+    """The start of a regular file, opened as open_regular does (a FIFO or device given for a config or
+    certificate file must not block start-up or a reload): at most max_bytes + 1 bytes, so the caller can
+    tell a file longer than max_bytes and refuse it with its own message."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        return f.read(max_bytes + 1)
+
+
 def check_regular(path: Path | str) -> None:
     """Raise OSError unless path is a regular file within the cap: for files a library opens itself."""
     _check(os.stat(path), path)
