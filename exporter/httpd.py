@@ -8,10 +8,13 @@ every phase has a bound:
   (TLS runs inside the connection, tlsconn.py, so handshaking clients count like any other);
 - idle keep-alive wait for the next request: `idle_timeout_s`;
 - head size and header count: `max_head_bytes` / `max_headers` (431 beyond), request bodies: 413;
-- open connections: `max_connections`. At the cap a new connection evicts the oldest idle one, then the
-  oldest one still handshaking or sending its head, then the oldest one whose client does not read its
-  answer. When every connection is being served, up to `reserve_connections` more are let in that
-  answer only the priority paths (/healthz) and get 503 for anything else;
+- open connections: `max_connections`. At the cap a new connection evicts the oldest idle one (a
+  connection that has sent nothing counts as idle only after `silent_grace_s`, so a burst of silent
+  connects cannot cut a client whose request is still on its way), then the oldest one still handshaking
+  or sending its head, then the oldest one whose client does not read its answer; a newcomer whose
+  request has already arrived may also take a silent one's place. When none can go, up to
+  `reserve_connections` more are let in that answer only the priority paths (/healthz) and get 503 for
+  anything else, unless by the time their request comes a place can be made for it;
 - requests in flight: `max_requests` (503 beyond, like node_exporter's --web.max-requests; at the cap
   the oldest request whose client does not read its answer is cut first). Handlers run on a pool of at
   most that many threads, so threads stay bounded whatever the load;
@@ -28,10 +31,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import fcntl
 import logging
 import resource
 import socket
 import ssl
+import struct
+import termios
 import threading
 import time
 import urllib.parse
@@ -66,6 +72,10 @@ class Limits:
     # distinct response bodies waiting on clients that do not read them (40 different 9 MB /api/v1/samples
     # bodies held for 30 s took 522 MB); past it the oldest such client is cut
     max_stalled_bytes: int = 32 * 1024 * 1024
+    # a connection that has sent nothing yet keeps its place this long against newcomers that have not
+    # either: the moment between a client's connect and its request reaching us (a scraper evicted there by
+    # a burst of silent connects gets a reset)
+    silent_grace_s: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -316,6 +326,18 @@ class _Connection(asyncio.Protocol):
             self.close("client_closed")
 
     @property
+    def silent(self) -> bool:
+        """Nothing received yet, and nothing waiting in the socket either (the loop has not read it)."""
+        return self.fresh and self.state in ("idle", "handshake") and not self._unread()
+
+    def _unread(self) -> int:
+        sock = self.tx.get_extra_info("socket")
+        try:
+            return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] if sock else 0
+        except OSError:
+            return 0
+
+    @property
     def stalled(self) -> bool:
         """Being answered, but the client does not read the answer."""
         return self.state == "busy" and self.writable is not None
@@ -512,39 +534,67 @@ class HttpServer:
 
     # -- connection bookkeeping (loop thread)
     def admit(self, conn: _Connection, tls: bool) -> bool:
-        if len(self._connections) >= self.limits.max_connections:
-            victim = self._evictable()
+        limits = self.limits
+        if len(self._connections) < limits.max_connections:
+            self._connections[conn] = None
+        elif (victim := self._evictable(self._connections, spoken=conn._unread() > 0)) is not None:
+            self._evict(victim)
+            self._connections[conn] = None
+        elif len(self._reserve) < limits.reserve_connections or (
+                limits.reserve_connections and (victim := self._evictable(self._reserve, spoken=False))):
+            # Nothing could make room: a reserved place, for probes (a request may still find room when it
+            # arrives, see _promote). A full reserve gives up one that sent nothing past its grace or trickles.
             if victim is not None:
-                victim.close_now() if victim.state == "linger" else victim.close("evicted")
-                self.forget(victim)
-            elif len(self._reserve) < self.limits.reserve_connections:
-                conn.reserve = True
-                self._reserve[conn] = None
-                self.stats.open_connections = len(self._connections) + len(self._reserve)
-                return True
-            else:
-                self.stats.closed["connection_limit"] += 1
-                conn.closed = True
-                if not tls:  # a TLS client could not read a plain answer
-                    conn.tx.writelines(conn._h11_send(h11.Response(
-                        status_code=503, headers=[("Content-Length", "0"), ("Connection", "close")])))
-                conn.tx.close()
-                return False
-        self._connections[conn] = None
+                self._evict(victim)
+            conn.reserve = True
+            self._reserve[conn] = None
+        else:
+            self.stats.closed["connection_limit"] += 1
+            conn.closed = True
+            if not tls:  # a TLS client could not read a plain answer
+                conn.tx.writelines(conn._h11_send(h11.Response(
+                    status_code=503, headers=[("Content-Length", "0"), ("Connection", "close")])))
+            conn.tx.close()
+            return False
         self.stats.open_connections = len(self._connections) + len(self._reserve)
         return True
 
-    def _evictable(self) -> _Connection | None:
-        for wanted in ("linger", "idle", "head", "stalled"):
-            if wanted == "head":
-                candidates = [c for c in self._connections if c.state in ("handshake", "head")]
-            elif wanted == "stalled":
-                candidates = [c for c in self._connections if c.stalled]
-            else:
-                candidates = [c for c in self._connections if c.state == wanted]
+    def _evictable(self, pool: dict[_Connection, None], spoken: bool) -> _Connection | None:
+        """Whom a newcomer replaces at the cap, oldest first within each rank: one closing politely, one idle
+        between requests or silent past its grace, one handshaking or trickling its head, one not reading its
+        answer; and, only for a newcomer that has spoken, one still in its grace (a request outranks
+        silence; between two silent ones the one that came first keeps its place)."""
+        young = time.monotonic() - self.limits.silent_grace_s
+        silent = {c: c.silent for c in pool if c.fresh}
+        ranks: tuple[Callable[[_Connection], bool], ...] = (
+            lambda c: c.state == "linger",
+            lambda c: c.state == "idle" and not c.fresh or silent.get(c, False) and c.since <= young,
+            lambda c: c.state in ("handshake", "head") and not c.fresh,
+            lambda c: c.stalled,
+            lambda c: spoken and silent.get(c, False))
+        for rank in ranks:
+            candidates = [c for c in pool if rank(c)]
             if candidates:
                 return min(candidates, key=lambda c: c.since)
         return None
+
+    def _evict(self, victim: _Connection) -> None:
+        victim.close_now() if victim.state == "linger" else victim.close("evicted")
+        self.forget(victim)
+
+    def _promote(self, conn: _Connection) -> bool:
+        """A reserved connection whose request is not for a priority path takes a full place if one can be
+        made for a newcomer that has spoken: it may have been silent only because its request had not
+        arrived when it was accepted."""
+        victim = self._evictable(self._connections, spoken=True)
+        if victim is None:
+            return False
+        self._evict(victim)
+        self._reserve.pop(conn, None)
+        self._connections[conn] = None
+        conn.reserve = False
+        self.stats.open_connections = len(self._connections) + len(self._reserve)
+        return True
 
     def trim_stalled(self) -> None:
         """Keep the distinct bodies held for clients that do not read under `max_stalled_bytes` (a body
@@ -564,7 +614,7 @@ class HttpServer:
     # -- requests (loop thread)
     async def respond(self, request: Request, conn: _Connection) -> tuple[Response, bool]:
         """(response, whether it holds a request slot the caller must release)."""
-        if conn.reserve and request.path not in self.priority_paths:
+        if conn.reserve and request.path not in self.priority_paths and not self._promote(conn):
             return Response(503, b"too many open connections\n", close=True), False
         if not self.allow_request(request):
             return Response(429, b"Too Many Requests\n"), False
