@@ -19,9 +19,12 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from exporter.diagnosis import Thresholds
 from exporter.snapshot import GpuState, Snapshot
 from exporter.sources.cgroup import CgroupReading
 from exporter.sources.nvml.specs import DRAM_ACTIVE, MEMORY_USED_RATIO, SM_ACTIVE, TENSOR_ACTIVE, UTILIZATION
+
+_STARVED = Thresholds().starved_utilization  # below_40_fraction counts what the diagnosis calls starved
 
 # Charted by the live view and served by /api/v1/samples; the GPM ratios are null without GPM (pre-Hopper,
 # the gpm collector off, the first tick).
@@ -137,7 +140,7 @@ class SampleHistory:
     @staticmethod
     def _below_40(utilization: Iterable[float | None]) -> float | None:
         util = [v for v in utilization if v is not None]
-        return (sum(1 for v in util if v <= 0.4) / len(util)) if util else None
+        return (sum(1 for v in util if v <= _STARVED) / len(util)) if util else None
 
     def columns(self, window_s: float) -> Columns:
         """The rows newer than (newest - window_s) as columns: what the diagnosis reads."""
