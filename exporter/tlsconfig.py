@@ -126,13 +126,13 @@ class TlsSettings:
 
 
 def _text(doc: dict, key: str) -> str:
-    """A string setting; YAML scalars of other types are taken as text, as Go's yaml does."""
+    """A string setting; YAML scalars of other types are taken as written, as Go's yaml does (`0x10`, `yes`)."""
+    from exporter import webyaml  # here: the container health check imports this module without PyYAML's cost
+
     value = doc.get(key)
-    if value is None:
-        return ""
     if isinstance(value, (dict, list)):
         raise ValueError(f"{SECTION}.{key}: want a string, got a {type(value).__name__}")
-    return str(value)
+    return webyaml.text(doc, key) or ""
 
 
 def _names(doc: dict, key: str) -> list[str] | None:

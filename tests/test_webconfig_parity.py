@@ -172,6 +172,8 @@ REFUSED = [
      "missing one of cert or cert_file"),
     ("cert-missing", "tls_server_config:\n  cert_file: somefile\n  key_file: server.key\n",
      r"cannot read cert_file \S*/somefile: No such file"),
+    ("cert-path-as-written", "tls_server_config:\n  cert_file: 0x10\n  key_file: server.key\n",  # not "16"
+     r"cannot read cert_file \S*/0x10: No such file"),
     ("key-missing", "tls_server_config:\n  cert_file: server.crt\n  key_file: somefile\n",
      r"cannot read key_file \S*/somefile: No such file"),
     ("ca-without-policy", TLS + "  client_ca_file: /dev/null\n",
