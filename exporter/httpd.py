@@ -12,9 +12,10 @@ every phase has a bound:
   connection that has sent nothing counts as idle only after `silent_grace_s`, so a burst of silent
   connects cannot cut a client whose request is still on its way), then the oldest one still handshaking
   or sending its head, then the oldest one whose client does not read its answer; a newcomer whose
-  request has already arrived may also take a silent one's place. When none can go, up to
-  `reserve_connections` more are let in that answer only the priority paths (/healthz) and get 503 for
-  anything else, unless by the time their request comes a place can be made for it;
+  request has arrived may also take a silent one's place, and a silent newcomer gets `probation_s` for
+  its first bytes before its place is decided. When none can go, up to `reserve_connections` more are let
+  in that answer only the priority paths (/healthz) and get 503 for anything else, unless by the time
+  their request comes a place can be made for it;
 - requests in flight: `max_requests` (503 beyond, like node_exporter's --web.max-requests; at the cap
   the oldest request whose client does not read its answer is cut first). Handlers run on a pool of at
   most that many threads, so threads stay bounded whatever the load;
@@ -76,6 +77,9 @@ class Limits:
     # either: the moment between a client's connect and its request reaching us (a scraper evicted there by
     # a burst of silent connects gets a reset)
     silent_grace_s: float = 0.25
+    # a newcomer at a full server that has sent nothing waits up to this long for its first bytes before
+    # its place is decided: a request arriving then outranks silence
+    probation_s: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,7 @@ class _Connection(asyncio.Protocol):
         self.must_close = False  # the request had a body we did not read
         self.fresh = True  # nothing received yet: the first byte tells TLS from plain HTTP
         self.sending: bytes | None = None  # the body being written
+        self.context: ssl.SSLContext | None = None  # TLS, from the configuration when it connected
 
     @property
     def tx(self) -> asyncio.Transport:
@@ -212,11 +217,14 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, tuple) else "-"
         transport.set_write_buffer_limits(high=64 * 1024)
-        context = self.server.tls_context()
-        if not self.server.admit(self, tls=context is not None):
-            return
-        if context is not None:
-            self.tls = TlsSession(context)
+        self.context = self.server.tls_context()
+        if self.server.admit(self) == "in":
+            self.start()
+
+    def start(self) -> None:
+        """Admitted: serve it."""
+        if self.context is not None:
+            self.tls = TlsSession(self.context)
             self._set_state("handshake", self._head_timeout(), "header_timeout")
         else:
             self._to_idle()
@@ -224,6 +232,8 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed or self.state == "linger":
             return  # discarded: a connection being closed politely
+        if self.state == "new" and not self.server.settle(self, spoken=True):
+            return  # on probation, and its first bytes did not win it a place
         if self.fresh:
             self.fresh = False
             if self._wrong_protocol(data[0]):
@@ -521,6 +531,7 @@ class HttpServer:
         self.stats = ServerStats()
         self._connections: dict[_Connection, None] = {}  # insertion-ordered: oldest first
         self._reserve: dict[_Connection, None] = {}
+        self._waiting: dict[_Connection, asyncio.TimerHandle] = {}  # newcomers on probation
         self._pool = ThreadPoolExecutor(max_workers=limits.max_requests or 64, thread_name_prefix="http-worker")
         self._auth_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-auth")
         self._background_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-background")
@@ -533,13 +544,37 @@ class HttpServer:
         self._done = threading.Event()
 
     # -- connection bookkeeping (loop thread)
-    def admit(self, conn: _Connection, tls: bool) -> bool:
+    def admit(self, conn: _Connection) -> str:
+        """A new connection's place: "in" (serve it), "wait" (on probation, settle() decides) or "out"."""
+        return self._place(conn, spoken=conn._unread() > 0, may_wait=True)
+
+    def settle(self, conn: _Connection, spoken: bool) -> bool:
+        """The end of a newcomer's probation: its first bytes arrived (spoken) or its time is up. True when
+        it got a place (and was started)."""
+        timer = self._waiting.pop(conn, None)
+        if timer is None:
+            return False
+        timer.cancel()
+        if conn.closed:  # it went away while it waited
+            self._count_open()
+            return False
+        if self._place(conn, spoken or conn._unread() > 0, may_wait=False) != "in":
+            return False
+        conn.start()
+        return True
+
+    def _place(self, conn: _Connection, spoken: bool, may_wait: bool) -> str:
         limits = self.limits
+        victim = None
         if len(self._connections) < limits.max_connections:
             self._connections[conn] = None
-        elif (victim := self._evictable(self._connections, spoken=conn._unread() > 0)) is not None:
+        elif (victim := self._evictable(self._connections, spoken)) is not None:
             self._evict(victim)
             self._connections[conn] = None
+        elif may_wait and not spoken and len(self._waiting) < limits.max_connections:
+            # Silent, but perhaps only because its request is still on its way (accepted in the moment of
+            # a burst of attackers' connects): it waits a moment for its first bytes, which outrank silence.
+            self._waiting[conn] = asyncio.get_running_loop().call_later(limits.probation_s, self.settle, conn, False)
         elif len(self._reserve) < limits.reserve_connections or (
                 limits.reserve_connections and (victim := self._evictable(self._reserve, spoken=False))):
             # Nothing could make room: a reserved place, for probes (a request may still find room when it
@@ -551,13 +586,16 @@ class HttpServer:
         else:
             self.stats.closed["connection_limit"] += 1
             conn.closed = True
-            if not tls:  # a TLS client could not read a plain answer
+            if conn.context is None:  # a TLS client could not read a plain answer
                 conn.tx.writelines(conn._h11_send(h11.Response(
                     status_code=503, headers=[("Content-Length", "0"), ("Connection", "close")])))
             conn.tx.close()
-            return False
-        self.stats.open_connections = len(self._connections) + len(self._reserve)
-        return True
+            return "out"
+        self._count_open()
+        return "wait" if conn in self._waiting else "in"
+
+    def _count_open(self) -> None:
+        self.stats.open_connections = len(self._connections) + len(self._reserve) + len(self._waiting)
 
     def _evictable(self, pool: dict[_Connection, None], spoken: bool) -> _Connection | None:
         """Whom a newcomer replaces at the cap, oldest first within each rank: one closing politely, one idle
@@ -565,17 +603,19 @@ class HttpServer:
         answer; and, only for a newcomer that has spoken, one still in its grace (a request outranks
         silence; between two silent ones the one that came first keeps its place)."""
         young = time.monotonic() - self.limits.silent_grace_s
-        silent = {c: c.silent for c in pool if c.fresh}
+        waiting = ("idle", "handshake")  # states a connection that has sent nothing can be in
         ranks: tuple[Callable[[_Connection], bool], ...] = (
             lambda c: c.state == "linger",
-            lambda c: c.state == "idle" and not c.fresh or silent.get(c, False) and c.since <= young,
+            lambda c: c.state == "idle" and not c.fresh or c.fresh and c.state in waiting and c.since <= young,
             lambda c: c.state in ("handshake", "head") and not c.fresh,
             lambda c: c.stalled,
-            lambda c: spoken and silent.get(c, False))
+            lambda c: spoken and c.fresh and c.state in waiting)
         for rank in ranks:
-            candidates = [c for c in pool if rank(c)]
-            if candidates:
-                return min(candidates, key=lambda c: c.since)
+            # A fresh one whose bytes wait unread is about to be served, not silent: skipped. Checked (a
+            # syscall) in age order only until one qualifies, so a flood of newcomers costs one or two each.
+            for c in sorted((c for c in pool if rank(c)), key=lambda c: c.since):
+                if not c.fresh or c.silent:
+                    return c
         return None
 
     def _evict(self, victim: _Connection) -> None:
@@ -593,7 +633,7 @@ class HttpServer:
         self._reserve.pop(conn, None)
         self._connections[conn] = None
         conn.reserve = False
-        self.stats.open_connections = len(self._connections) + len(self._reserve)
+        self._count_open()
         return True
 
     def trim_stalled(self) -> None:
@@ -609,7 +649,9 @@ class HttpServer:
     def forget(self, conn: _Connection) -> None:
         self._connections.pop(conn, None)
         self._reserve.pop(conn, None)
-        self.stats.open_connections = len(self._connections) + len(self._reserve)
+        if (timer := self._waiting.pop(conn, None)) is not None:
+            timer.cancel()
+        self._count_open()
 
     # -- requests (loop thread)
     async def respond(self, request: Request, conn: _Connection) -> tuple[Response, bool]:
@@ -701,7 +743,7 @@ class HttpServer:
             self._running.set()
             loop.run_until_complete(self._stop)
             server.close()
-            for conn in list(self._connections) + list(self._reserve):
+            for conn in [*self._connections, *self._reserve, *self._waiting]:
                 conn.close("shutdown")
             tasks = asyncio.all_tasks(loop)
             for task in tasks:

@@ -159,6 +159,34 @@ def test_a_burst_of_silent_connects_does_not_evict_a_client_that_has_not_spoken_
         s.close()
 
 
+def test_a_newcomer_on_probation_gets_a_place_when_its_request_arrives(serve):
+    """Accepted silent at a full server (its request still on its way), a newcomer is neither refused nor
+    let in at once: its first bytes, if they come within probation_s, outrank a silent connection."""
+    server = serve(max_connections=2, reserve_connections=0, silent_grace_s=30, probation_s=30)
+    fillers = [connect(server) for _ in range(2)]
+    wait_open(server, 2)
+    late = connect(server)
+    wait_open(server, 3)  # on probation, counted as open
+    time.sleep(0.2)
+    assert server.stats.closed["connection_limit"] == 0 and server.stats.closed["evicted"] == 0
+    late.sendall(GOOD)
+    assert status_of(read_until_closed(late)) == 200
+    assert server.stats.closed["evicted"] == 1 and closed_within(fillers[0], 1.0)
+    for s in [late, *fillers]:
+        s.close()
+
+
+def test_a_silent_newcomer_is_refused_when_its_probation_ends(serve):
+    server = serve(max_connections=1, reserve_connections=0, silent_grace_s=30, probation_s=0.2)
+    filler = connect(server)
+    wait_open(server, 1)
+    silent = connect(server)
+    assert not closed_within(silent, 0.1) and closed_within(silent, 2.0)
+    assert server.stats.closed["connection_limit"] == 1 and not closed_within(filler, 0.1)
+    for s in [filler, silent]:
+        s.close()
+
+
 def test_a_reserved_connection_whose_request_arrives_takes_a_silent_ones_place(serve):
     """A newcomer accepted before its request arrived, when every place is held by silent connections in
     their grace, waits in the reserve; its request then outranks silence and gets a full place."""
@@ -176,11 +204,12 @@ def test_a_reserved_connection_whose_request_arrives_takes_a_silent_ones_place(s
 
 
 def test_a_full_reserve_gives_up_a_trickling_connection_for_a_newcomer(serve):
-    server = serve(max_connections=2, reserve_connections=1, silent_grace_s=30)
+    server = serve(max_connections=2, reserve_connections=1, silent_grace_s=30, probation_s=0.05)
     fillers = [connect(server) for _ in range(2)]  # silent, in their grace: they keep their places
     wait_open(server, 2)
     trickler = connect(server)
-    wait_open(server, 3)  # the reserved place
+    wait_open(server, 3)
+    time.sleep(0.2)  # past its probation: in the reserved place
     trickler.sendall(b"GET /metrics HTTP/1.1\r\n")  # a head that never ends
     time.sleep(0.2)
     late = connect(server)  # silent too: it can take the trickler's reserved place, not a filler's
