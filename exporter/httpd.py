@@ -626,10 +626,11 @@ class HttpServer:
         """A reserved connection whose request is not for a priority path takes a full place if one can be
         made for a newcomer that has spoken: it may have been silent only because its request had not
         arrived when it was accepted."""
-        victim = self._evictable(self._connections, spoken=True)
-        if victim is None:
-            return False
-        self._evict(victim)
+        if len(self._connections) >= self.limits.max_connections:  # else a place freed while it waited
+            victim = self._evictable(self._connections, spoken=True)
+            if victim is None:
+                return False
+            self._evict(victim)
         self._reserve.pop(conn, None)
         self._connections[conn] = None
         conn.reserve = False

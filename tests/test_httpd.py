@@ -667,3 +667,41 @@ def test_samples_json_is_the_documented_document(procfs):
     history, _ = sampled_history(procfs, ticks=30)
     for window in (0.05, 0.45, 2.0):
         assert json.loads(history.query_json(window)) == history.query(window)
+
+
+class GatedApp(App):
+    """handle() waits until the test opens the gate: connections stay busy exactly as long as needed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def handle(self, request: Request) -> Response:
+        self.gate.wait(10)
+        return Response(200, self.body)
+
+
+def test_a_reserved_connection_takes_a_place_freed_while_it_waited(serve):
+    """Found attacking the admission change: _promote looked only for a victim, never for a free place, so
+    a reserved connection whose request came after the places had emptied got the reserve's 503."""
+    app = GatedApp()
+    server = serve(app, max_connections=2, reserve_connections=1, silent_grace_s=30, probation_s=0.05)
+    busy = [connect(server) for _ in range(2)]
+    for s in busy:
+        s.sendall(GOOD)
+    deadline = time.monotonic() + 3
+    while server.stats.in_flight < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    late = connect(server)  # silent: probation, then nothing can go for it (both busy): the reserve
+    wait_open(server, 3)
+    deadline = time.monotonic() + 3
+    while not server._reserve and time.monotonic() < deadline:
+        time.sleep(0.01)
+    app.gate.set()
+    assert all(status_of(read_until_closed(s)) == 200 for s in busy)
+    wait_open(server, 1)  # both places free now, the late one still in the reserve
+    late.sendall(GOOD)
+    assert status_of(read_until_closed(late)) == 200  # a free place, not the reserve's 503
+    assert server.stats.closed["evicted"] == 0 and server.stats.closed["connection_limit"] == 0
+    for s in [late, *busy]:
+        s.close()
