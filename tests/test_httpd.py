@@ -705,3 +705,55 @@ def test_a_reserved_connection_takes_a_place_freed_while_it_waited(serve):
     assert server.stats.closed["evicted"] == 0 and server.stats.closed["connection_limit"] == 0
     for s in [late, *busy]:
         s.close()
+
+
+def test_a_burst_of_silent_connects_does_not_evict_a_tls_client_in_the_middle_of_its_handshake(serve, tls_context):
+    """Found attacking the admission change: silent connections in their grace were protected, but a TLS
+    scraper that had sent its ClientHello and waited for the server's answer (one round trip) counted as
+    'handshaking', a rank that any newcomer may evict: a burst of silent connects cut exactly the one
+    client whose request was on its way (before the grace, the silent ones would have gone first)."""
+    import ssl
+
+    from testkit.loadgen import tls_client_context
+
+    server = serve(tls=tls_context, max_connections=4, reserve_connections=0, silent_grace_s=30,
+                   probation_s=0.05)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = tls_client_context().wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    scraper = connect(server)
+    scraper.sendall(outgoing.read())  # its ClientHello; the server's answer is still on its way back
+    fillers = [connect(server) for _ in range(3)]
+    wait_open(server, 4)
+    deadline = time.monotonic() + 3
+    while all(c.fresh for c in list(server._connections)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sum(not c.fresh for c in server._connections) == 1  # the scraper's hello was read
+    burst = [connect(server) for _ in range(4)]  # silent, like the attacker's reconnects
+    assert all(closed_within(s, 2.0) for s in burst)
+    assert server.stats.closed["evicted"] == 0 and server.stats.closed["connection_limit"] == 4
+    scraper.settimeout(5)
+    while True:  # the handshake completes, then the request is answered
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            if outgoing.pending:
+                scraper.sendall(outgoing.read())
+            data = scraper.recv(65536)
+            assert data, "the scraper's connection was cut"
+            incoming.write(data)
+    client.write(GOOD)
+    scraper.sendall(outgoing.read())
+    answer = b""
+    while data := scraper.recv(65536):  # the answer, then the server's close (Connection: close)
+        incoming.write(data)
+        try:
+            while chunk := client.read(65536):
+                answer += chunk
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            pass
+    assert status_of(answer) == 200
+    for s in [scraper, *fillers, *burst]:
+        s.close()
