@@ -600,9 +600,9 @@ class HttpServer:
     def _evictable(self, pool: dict[_Connection, None], spoken: bool) -> _Connection | None:
         """Whom a newcomer replaces at the cap, oldest first within each rank: one closing politely, one idle
         between requests or silent past its grace, one trickling its head or handshaking (the latter past its
-        grace, but for a newcomer that has spoken), one not reading its answer; and, only for a newcomer that has spoken,
-        one still in its grace (a request outranks
-        silence; between two silent ones the one that came first keeps its place)."""
+        grace, but for a newcomer that has spoken), one not reading its answer; and, only for a newcomer that
+        has spoken, one still in its grace (a request outranks silence; between two silent ones the one that
+        came first keeps its place)."""
         young = time.monotonic() - self.limits.silent_grace_s
         waiting = ("idle", "handshake")  # states a connection that has sent nothing can be in
         ranks: tuple[Callable[[_Connection], bool], ...] = (
