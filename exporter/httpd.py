@@ -11,7 +11,7 @@ every phase has a bound:
 - open connections: `max_connections`. At the cap a new connection evicts the oldest idle one (a
   connection that has sent nothing counts as idle only after `silent_grace_s`, so a burst of silent
   connects cannot cut a client whose request is still on its way), then the oldest one still handshaking
-  or sending its head, then the oldest one whose client does not read its answer; a newcomer whose
+  or sending its head (a handshake only past the same grace: it takes the client a round trip), then the oldest one whose client does not read its answer; a newcomer whose
   request has arrived may also take a silent one's place, and a silent newcomer gets `probation_s` for
   its first bytes before its place is decided. When none can go, up to `reserve_connections` more are let
   in that answer only the priority paths (/healthz) and get 503 for anything else, unless by the time
@@ -599,15 +599,18 @@ class HttpServer:
 
     def _evictable(self, pool: dict[_Connection, None], spoken: bool) -> _Connection | None:
         """Whom a newcomer replaces at the cap, oldest first within each rank: one closing politely, one idle
-        between requests or silent past its grace, one handshaking or trickling its head, one not reading its
-        answer; and, only for a newcomer that has spoken, one still in its grace (a request outranks
-        silence; between two silent ones the one that came first keeps its place)."""
+        between requests or silent past its grace, one trickling its head or handshaking (the latter past its
+        grace, but for a newcomer that has spoken), one not reading its answer; and, only for a newcomer that
+        has spoken, one still in its grace (a request outranks silence; between two silent ones the one that
+        came first keeps its place)."""
         young = time.monotonic() - self.limits.silent_grace_s
         waiting = ("idle", "handshake")  # states a connection that has sent nothing can be in
         ranks: tuple[Callable[[_Connection], bool], ...] = (
             lambda c: c.state == "linger",
             lambda c: c.state == "idle" and not c.fresh or c.fresh and c.state in waiting and c.since <= young,
-            lambda c: c.state in ("handshake", "head") and not c.fresh,
+            # one that began its TLS handshake within the grace may be a client one round trip from its
+            # request (a scraper awaiting the server's hello): like silence, only a request outranks it
+            lambda c: not c.fresh and (c.state == "head" or c.state == "handshake" and (spoken or c.since <= young)),
             lambda c: c.stalled,
             lambda c: spoken and c.fresh and c.state in waiting)
         for rank in ranks:
@@ -626,10 +629,11 @@ class HttpServer:
         """A reserved connection whose request is not for a priority path takes a full place if one can be
         made for a newcomer that has spoken: it may have been silent only because its request had not
         arrived when it was accepted."""
-        victim = self._evictable(self._connections, spoken=True)
-        if victim is None:
-            return False
-        self._evict(victim)
+        if len(self._connections) >= self.limits.max_connections:  # else a place freed while it waited
+            victim = self._evictable(self._connections, spoken=True)
+            if victim is None:
+                return False
+            self._evict(victim)
         self._reserve.pop(conn, None)
         self._connections[conn] = None
         conn.reserve = False

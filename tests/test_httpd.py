@@ -667,3 +667,93 @@ def test_samples_json_is_the_documented_document(procfs):
     history, _ = sampled_history(procfs, ticks=30)
     for window in (0.05, 0.45, 2.0):
         assert json.loads(history.query_json(window)) == history.query(window)
+
+
+class GatedApp(App):
+    """handle() waits until the test opens the gate: connections stay busy exactly as long as needed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def handle(self, request: Request) -> Response:
+        self.gate.wait(10)
+        return Response(200, self.body)
+
+
+def test_a_reserved_connection_takes_a_place_freed_while_it_waited(serve):
+    """Found attacking the admission change: _promote looked only for a victim, never for a free place, so
+    a reserved connection whose request came after the places had emptied got the reserve's 503."""
+    app = GatedApp()
+    server = serve(app, max_connections=2, reserve_connections=1, silent_grace_s=30, probation_s=0.05)
+    busy = [connect(server) for _ in range(2)]
+    for s in busy:
+        s.sendall(GOOD)
+    deadline = time.monotonic() + 3
+    while server.stats.in_flight < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    late = connect(server)  # silent: probation, then nothing can go for it (both busy): the reserve
+    wait_open(server, 3)
+    deadline = time.monotonic() + 3
+    while not server._reserve and time.monotonic() < deadline:
+        time.sleep(0.01)
+    app.gate.set()
+    assert all(status_of(read_until_closed(s)) == 200 for s in busy)
+    wait_open(server, 1)  # both places free now, the late one still in the reserve
+    late.sendall(GOOD)
+    assert status_of(read_until_closed(late)) == 200  # a free place, not the reserve's 503
+    assert server.stats.closed["evicted"] == 0 and server.stats.closed["connection_limit"] == 0
+    for s in [late, *busy]:
+        s.close()
+
+
+def test_a_burst_of_silent_connects_does_not_evict_a_tls_client_in_the_middle_of_its_handshake(serve, tls_context):
+    """Found attacking the admission change: silent connections in their grace were protected, but a TLS
+    scraper that had sent its ClientHello and waited for the server's answer (one round trip) counted as
+    'handshaking', a rank that any newcomer may evict: a burst of silent connects cut exactly the one
+    client whose request was on its way (before the grace, the silent ones would have gone first)."""
+    import ssl
+
+    from testkit.loadgen import tls_client_context
+
+    server = serve(tls=tls_context, max_connections=4, reserve_connections=0, silent_grace_s=30,
+                   probation_s=0.05)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = tls_client_context().wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    scraper = connect(server)
+    scraper.sendall(outgoing.read())  # its ClientHello; the server's answer is still on its way back
+    fillers = [connect(server) for _ in range(3)]
+    wait_open(server, 4)
+    deadline = time.monotonic() + 3
+    while all(c.fresh for c in list(server._connections)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sum(not c.fresh for c in server._connections) == 1  # the scraper's hello was read
+    burst = [connect(server) for _ in range(4)]  # silent, like the attacker's reconnects
+    assert all(closed_within(s, 2.0) for s in burst)
+    assert server.stats.closed["evicted"] == 0 and server.stats.closed["connection_limit"] == 4
+    scraper.settimeout(5)
+    while True:  # the handshake completes, then the request is answered
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            if outgoing.pending:
+                scraper.sendall(outgoing.read())
+            data = scraper.recv(65536)
+            assert data, "the scraper's connection was cut"
+            incoming.write(data)
+    client.write(GOOD)
+    scraper.sendall(outgoing.read())
+    answer = b""
+    while data := scraper.recv(65536):  # the answer, then the server's close (Connection: close)
+        incoming.write(data)
+        try:
+            while chunk := client.read(65536):
+                answer += chunk
+        except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+            pass
+    assert status_of(answer) == 200
+    for s in [scraper, *fillers, *burst]:
+        s.close()
