@@ -5,6 +5,7 @@ import argparse
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -352,6 +353,18 @@ def _cgroup_source(cfg: Config) -> CgroupSource | None:
     return cgroup if cgroup.available else None
 
 
+def _raise_open_file_limit() -> None:
+    """The soft open-file limit up to the hard one, as every Go program does at start (node_exporter
+    included): a 1024 default would otherwise bound the server before --web.max-connections does (512
+    places, 16 reserved, and up to as many newcomers on probation)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):  # an infinite hard limit above the kernel's nr_open: keep the default
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["diagnose"]:
@@ -362,6 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A thread waiting for the GIL gets it after the switch interval (5 ms by default): while a scrape
     # renders, the sampler would start its tick up to 5 ms late. 1 ms keeps ticks on time.
     sys.setswitchinterval(0.001)
+    _raise_open_file_limit()
     logging.basicConfig(
         level={"warn": "WARNING"}.get(cfg.log_level, cfg.log_level.upper()),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

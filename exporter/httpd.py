@@ -11,9 +11,10 @@ every phase has a bound:
 - open connections: `max_connections`. At the cap a new connection evicts the oldest idle one (a
   connection that has sent nothing counts as idle only after `silent_grace_s`, so a burst of silent
   connects cannot cut a client whose request is still on its way), then the oldest one still handshaking
-  or sending its head (a handshake only past the same grace: it takes the client a round trip), then the oldest one whose client does not read its answer; a newcomer whose
-  request has arrived may also take a silent one's place, and a silent newcomer gets `probation_s` for
-  its first bytes before its place is decided. When none can go, up to `reserve_connections` more are let
+  or sending its head (a handshake only past the same grace: it takes the client a round trip), then the
+  oldest one whose client does not read its answer; a newcomer whose request has arrived may also take
+  a silent one's place, and a silent newcomer gets `probation_s` for its first bytes before its place is
+  decided. When none can go, up to `reserve_connections` more are let
   in that answer only the priority paths (/healthz) and get 503 for anything else, unless by the time
   their request comes a place can be made for it;
 - requests in flight: `max_requests` (503 beyond, like node_exporter's --web.max-requests; at the cap

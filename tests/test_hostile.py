@@ -80,6 +80,22 @@ def test_at_the_file_descriptor_limit_one_line_is_logged_and_serving_resumes(tmp
         stop_process(proc)
 
 
+def open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-files line")
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one(exporter_proc):
+    """As Go programs do at start: a container's 1024 soft limit would refuse connections before the
+    connection cap (512 + 16 reserved + newcomers on probation) does."""
+    e = exporter_proc("--fake-gpus", "1", prefix=("bash", "-c", 'ulimit -S -n 256 && exec "$@"', "x"))
+    soft, hard = open_files_limit(e.proc.pid)
+    assert hard > 256 and soft == hard
+
+
 def test_a_first_login_gets_in_while_16_clients_guess(tmp_path, exporter_proc):
     """Defect 3: the real scraper's first (uncached) login got 503 'too many pending authentications'
     whenever guessers kept the bcrypt queue full."""
