@@ -6,6 +6,12 @@ GPUs until a deadline within the tick. If the read thread is still blocked then 
 falling off the bus), it is abandoned to that GPU, which is reported down and "stuck in <call>" and gets
 no more reads until the call returns; a fresh read thread serves the other GPUs from the next tick. So
 one bad GPU cannot stall the host, the other GPUs, or the HTTP server.
+
+The host sources (procfs, cgroup, shm, the process attributor) each have a long-lived worker thread of
+their own (_HostWorker), handed its read once per tick and waited for until the same deadline. A read
+blocked in the kernel (a stale NFS or FUSE mount, a /proc/PID file in D state) cannot be interrupted: the
+tick publishes without that source, and the source is not dispatched again until the blocked read
+returns, so each source holds at most one thread whatever happens.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from typing import Callable, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from exporter.histogram import DURATION_BUCKETS, HOST_CPU_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS, Histogram
 from exporter.history import SampleHistory
@@ -34,6 +40,12 @@ log = logging.getLogger("exporter.sampler")
 R = TypeVar("R")
 
 GPU_DEADLINE_SHARE = 0.6  # GPU reads must come back within this share of the interval
+# Host reads (procfs, cgroup, shm) run alongside the GPU reads, so they get the same deadline: the tick
+# then waits at most this share for both together and still publishes well within its interval.
+HOST_DEADLINE_SHARE = GPU_DEADLINE_SHARE
+# The process attributor needs the GPUs' pids, so it starts only after they are read (in the worst case
+# at GPU_DEADLINE_SHARE): its deadline is later in the tick, leaving a tenth of the interval to publish.
+PROCESSES_DEADLINE_SHARE = 0.9
 HEALTHY_WITHIN_INTERVALS = 5
 LATENESS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25)  # the 5 ms goal; a missed tick
 _DONE = -1  # gpu index of the message a read thread posts after its last GPU
@@ -90,6 +102,77 @@ class _ReadThread:
                 return
 
 
+class _HostWorker(Generic[R]):
+    """One host source's read thread, started at its first read and then kept: a hand-off per tick, not
+    a thread per read. Two locks carry the hand-off (cheaper than Events): `_go` is released to start a
+    read, `_done` by the thread when the read is back. Only the sampler thread dispatches and waits, so
+    `stuck` (a read not back by its deadline) needs no lock; while it is set the source is not
+    dispatched, which bounds the threads a hung filesystem can hold to one per source."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.pending = False  # dispatched, outcome not taken yet
+        self.stuck = False  # pending past its deadline: not dispatched again until it returns
+        self.dispatched = 0.0  # perf_counter() at the last dispatch
+        self._read: Callable[[], R] | None = None
+        self._outcome: tuple[R | None, Exception | None, float] = (None, None, 0.0)
+        self._go = threading.Lock()
+        self._go.acquire()
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def dispatch(self, read: Callable[[], R]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"host-reader-{self.source}", daemon=True)
+            self._thread.start()
+        self._read = read
+        self.pending = True
+        self.dispatched = time.perf_counter()
+        self._go.release()
+
+    def wait(self, timeout: float) -> tuple[R | None, Exception | None, float] | None:
+        """(reading, exception, seconds the read took) once back within timeout; None if not (yet)."""
+        if not self._done.acquire(timeout=max(0.0, timeout)):
+            return None
+        self.pending = False
+        return self._outcome
+
+    def returned(self) -> bool:
+        """Whether a pending read has come back (its outcome, late, is dropped)."""
+        if self._done.acquire(blocking=False):
+            self.pending = False
+        return not self.pending
+
+    def close(self) -> None:
+        """End the thread: at once when idle, else after its read returns (never waited for)."""
+        self._closed = True
+        if self._thread is not None and not self.pending:
+            try:
+                self._go.release()
+            except RuntimeError:  # a tick still running (stop() timed out) dispatched it meanwhile
+                pass
+
+    def _run(self) -> None:
+        while True:
+            self._go.acquire()
+            if self._closed:
+                return
+            started = time.perf_counter()
+            read, self._read = self._read, None
+            reading: R | None = None
+            error: Exception | None = None
+            try:
+                reading = read() if read is not None else None
+            except Exception as exc:  # isolated: counted and logged by the sampler
+                error = exc
+            self._outcome = (reading, error, time.perf_counter() - started)
+            self._done.release()
+            if self._closed:
+                return
+
+
 class _GpuHistory:
     """Per-GPU state that outlives a tick: sample histograms and clock-event time."""
 
@@ -128,6 +211,7 @@ class Sampler:
         self._reader_thread = _ReadThread(self._results)
         self._gpus: tuple[GpuReader, ...] = ()  # the set the read thread serves; a new one restarts it
         self._stuck: dict[int, tuple[_ReadThread, str]] = {}  # gpu -> (abandoned thread, call it is in)
+        self._hosts: dict[str, _HostWorker[Any]] = {}  # host source -> its read thread, made when first read
         self._last_states: dict[int, GpuState] = {}
         self._histories: dict[int, _GpuHistory] = {}
         self._host_cpu = Histogram(HOST_CPU_BUCKETS)
@@ -151,6 +235,8 @@ class Sampler:
         if self._thread is not None:
             self._thread.join(timeout)
         self._reader_thread.abandon()
+        for worker in self._hosts.values():
+            worker.close()
         self.nvml.close()
 
     def _run(self) -> None:
@@ -193,14 +279,13 @@ class Sampler:
             dispatched = time.perf_counter()
             self._reader_thread.dispatch(seq, to_read)
 
-        procfs_started = time.perf_counter()
-        host = self._isolated("procfs", self.procfs.read)
-        self._durations["procfs"].observe(time.perf_counter() - procfs_started)
-        if host is not None and host.cpu_utilization is not None:
-            self._host_cpu.observe(host.cpu_utilization)
-        cgroup = self._isolated("cgroup", self.cgroup.read) if self.cgroup is not None else None
-        shm_path = self.shm_path
-        shm = self._isolated("shm", lambda: read_shm(shm_path)) if shm_path else None
+        # The host sources read on their own threads meanwhile.
+        cgroup_source, shm_path = self.cgroup, self.shm_path
+        self._dispatch_host("procfs", self.procfs.read)
+        if cgroup_source is not None:
+            self._dispatch_host("cgroup", cgroup_source.read)
+        if shm_path:
+            self._dispatch_host("shm", lambda: read_shm(shm_path))
 
         fresh: dict[int, GpuReading] = {}
         if to_read:
@@ -209,12 +294,24 @@ class Sampler:
                 self._abandon_reader()
                 took = time.perf_counter() - dispatched  # at least this long: still reading
             self._durations["nvml"].observe(took)  # the read thread's own time: NVML only
+        host_deadline = now + HOST_DEADLINE_SHARE * self.interval
+        host = self._host_result("procfs", host_deadline)
+        if host is not None and host.cpu_utilization is not None:
+            self._host_cpu.observe(host.cpu_utilization)
+        cgroup = self._host_result("cgroup", host_deadline) if cgroup_source is not None else None
+        shm = self._host_result("shm", host_deadline) if shm_path else None
         gpus = tuple(self._gpu_state(r, fresh.get(r.index), now) for r in self._gpus)
         processes: tuple = ()
         if self.attributor is not None:
             attributor = self.attributor
             pids = set().union(*(g.reading.pids() for g in gpus if g.reading))
-            processes = tuple(sorted((self._isolated("processes", lambda: attributor.lookup(pids)) or {}).items()))
+            worker = self._hosts.get("processes")
+            if pids or (worker is not None and worker.pending):
+                self._dispatch_host("processes", lambda: attributor.lookup(pids))
+                found = self._host_result("processes", now + PROCESSES_DEADLINE_SHARE * self.interval)
+            else:  # no GPU process: no file to read, so no hand-off (the idle node); nothing else runs it now
+                found = self._isolated("processes", lambda: attributor.lookup(pids))
+            processes = tuple(sorted((found or {}).items()))
 
         xid_errors = self._isolated("xid", self.nvml.xid_counts) or ()
 
@@ -239,6 +336,7 @@ class Sampler:
             shm=shm,
             xid_errors=xid_errors,
             pods=self._isolated("pods", self.pods) if self.pods is not None else None,
+            stuck_sources=tuple(name for name, w in self._hosts.items() if w.stuck),
         )
         self.snapshot = snap  # a single reference assignment: scrapes see the old or the new, whole
         if self.history is not None:
@@ -246,16 +344,57 @@ class Sampler:
         return snap
 
     def _isolated(self, source: str, read: Callable[[], R]) -> R | None:
-        """One source's read, isolated from the tick: an exception costs that source's series this tick
-        (None), is counted as exporter_errors_total{source, call="internal:<type>"} and logged once per
-        transition. Files a reading names in its `errors` are counted and logged the same way."""
+        """One source's read, inline and isolated from the tick (see _accounted)."""
         try:
             reading = read()
         except Exception as exc:  # a bug or a hostile file in one source must not cost the others
+            return self._accounted(source, None, exc)
+        return self._accounted(source, reading, None)
+
+    def _dispatch_host(self, source: str, read: Callable[[], Any]) -> None:
+        """Hand a host source its read for this tick, unless its last read is still blocked."""
+        worker = self._hosts.get(source)
+        if worker is None:
+            worker = self._hosts[source] = _HostWorker(source)
+        elif worker.pending:
+            if not worker.returned():
+                return  # still blocked: no second thread for it
+            if worker.stuck:  # the blocked read came back: read it again from this tick on
+                worker.stuck = False
+                self._transitions.set(f"{source} deadline", None)
+        worker.dispatch(read)
+
+    def _host_result(self, source: str, deadline: float) -> Any:
+        """The reading of a host source dispatched this tick, isolated as _accounted says; None when it
+        was not dispatched (still stuck) or is not back by the deadline: then it is stuck, counted once
+        as exporter_errors_total{source, call="deadline"} and logged once until it returns."""
+        worker = self._hosts[source]
+        if worker.stuck:
+            return None
+        outcome = worker.wait(deadline - self._clock())
+        duration = self._durations.get(source)
+        if outcome is None:
+            worker.stuck = True
+            self._errors[(source, "deadline")] += 1
+            if duration is not None:
+                duration.observe(time.perf_counter() - worker.dispatched)  # at least this long
+            self._transitions.set(f"{source} deadline", "read not back by the tick deadline; its series are "
+                                  "absent and it is not read again until the blocked read returns")
+            return None
+        reading, exc, took = outcome
+        if duration is not None:
+            duration.observe(took)
+        return self._accounted(source, reading, exc)
+
+    def _accounted(self, source: str, reading: R | None, exc: Exception | None) -> R | None:
+        """A source's read outcome, isolated from the tick: an exception costs that source's series this
+        tick (None), is counted as exporter_errors_total{source, call="internal:<type>"} and logged once
+        per transition. Files a reading names in its `errors` are counted and logged the same way."""
+        if exc is not None:
             call = f"internal:{type(exc).__name__}"
             self._errors[(source, call)] += 1
             self._transitions.update(source, {call: "read failed"}, detail=str(exc)[:200])
-            log.debug("%s read failed", source, exc_info=True)
+            log.debug("%s read failed", source, exc_info=exc)
             return None
         problems = getattr(reading, "errors", ())  # HostReading, CgroupReading: files that failed this tick
         for name in problems:
@@ -388,4 +527,6 @@ class Sampler:
             lines.append("procfs: cannot read " + ", ".join(snap.host.errors))
         if snap.cgroup is not None and snap.cgroup.errors:
             lines.append("cgroup: cannot read " + ", ".join(snap.cgroup.errors))
+        for source in snap.stuck_sources:  # named, but healthy: as a stuck GPU (see docs/operations.md)
+            lines.append(f"{source}: read stuck past the tick deadline")
         return healthy, "\n".join(lines) + "\n"
