@@ -7,11 +7,11 @@ falling off the bus), it is abandoned to that GPU, which is reported down and "s
 no more reads until the call returns; a fresh read thread serves the other GPUs from the next tick. So
 one bad GPU cannot stall the host, the other GPUs, or the HTTP server.
 
-The host sources (procfs, cgroup, shm, the process attributor) each have a long-lived worker thread of
-their own (_HostWorker), handed its read once per tick and waited for until the same deadline. A read
-blocked in the kernel (a stale NFS or FUSE mount, a /proc/PID file in D state) cannot be interrupted: the
-tick publishes without that source, and the source is not dispatched again until the blocked read
-returns, so each source holds at most one thread whatever happens.
+The host sources (procfs, cgroup, shm, then the process lookup) are read the same way on a host read
+thread of their own, one hand-off per tick, until the same deadline. A read blocked in the kernel (a stale
+NFS or FUSE mount, a /proc/PID file in D state) cannot be interrupted: that thread is abandoned to the
+source, which gets no more reads until the call returns, and a fresh thread serves the other sources.
+So each source holds at most one blocked thread whatever happens.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, TypeVar
 
 from exporter.histogram import DURATION_BUCKETS, HOST_CPU_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS, Histogram
 from exporter.history import SampleHistory
@@ -43,6 +43,8 @@ GPU_DEADLINE_SHARE = 0.6  # GPU reads must come back within this share of the in
 # Host reads (procfs, cgroup, shm) run alongside the GPU reads, so they get the same deadline: the tick
 # then waits at most this share for both together and still publishes well within its interval.
 HOST_DEADLINE_SHARE = GPU_DEADLINE_SHARE
+# When one host read blocks, the sources after it are read on a fresh thread, until this later deadline.
+HOST_LATE_DEADLINE_SHARE = 0.75
 # The process attributor needs the GPUs' pids, so it starts only after they are read (in the worst case
 # at GPU_DEADLINE_SHARE): its deadline is later in the tick, leaving a tenth of the interval to publish.
 PROCESSES_DEADLINE_SHARE = 0.9
@@ -102,74 +104,61 @@ class _ReadThread:
                 return
 
 
-class _HostWorker(Generic[R]):
-    """One host source's read thread, started at its first read and then kept: a hand-off per tick, not
-    a thread per read. Two locks carry the hand-off (cheaper than Events): `_go` is released to start a
-    read, `_done` by the thread when the read is back. Only the sampler thread dispatches and waits, so
-    `stuck` (a read not back by its deadline) needs no lock; while it is set the source is not
-    dispatched, which bounds the threads a hung filesystem can hold to one per source."""
+class _HostWorker:
+    """Reads a list of host sources (name, read) in order whenever dispatched, as _ReadThread reads GPUs,
+    keeping each outcome (reading, exception, seconds) by name. Two locks carry the hand-off (cheaper
+    than Events): `_go` is released to start, `_done` by the thread when the list is read. Abandoned
+    (its read past the deadline), it finishes the current read and exits: `current` then turns None."""
 
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.pending = False  # dispatched, outcome not taken yet
-        self.stuck = False  # pending past its deadline: not dispatched again until it returns
-        self.dispatched = 0.0  # perf_counter() at the last dispatch
-        self._read: Callable[[], R] | None = None
-        self._outcome: tuple[R | None, Exception | None, float] = (None, None, 0.0)
+    def __init__(self) -> None:
+        self.abandoned = False
+        self.pending = False  # dispatched, not yet waited for
+        self.current: str | None = None  # the source being read
+        self.current_since = 0.0  # perf_counter() when that read began
+        self.outcomes: dict[str, tuple[Any, Exception | None, float]] = {}
+        self._jobs: list[tuple[str, Callable[[], Any]]] = []
         self._go = threading.Lock()
         self._go.acquire()
         self._done = threading.Lock()
         self._done.acquire()
-        self._closed = False
-        self._thread: threading.Thread | None = None
+        self._thread = threading.Thread(target=self._run, name="host-reader", daemon=True)
+        self._thread.start()
 
-    def dispatch(self, read: Callable[[], R]) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"host-reader-{self.source}", daemon=True)
-            self._thread.start()
-        self._read = read
-        self.pending = True
-        self.dispatched = time.perf_counter()
+    def dispatch(self, jobs: list[tuple[str, Callable[[], Any]]]) -> None:
+        self._jobs, self.outcomes, self.pending = jobs, {}, True
         self._go.release()
 
-    def wait(self, timeout: float) -> tuple[R | None, Exception | None, float] | None:
-        """(reading, exception, seconds the read took) once back within timeout; None if not (yet)."""
-        if not self._done.acquire(timeout=max(0.0, timeout)):
-            return None
-        self.pending = False
-        return self._outcome
-
-    def returned(self) -> bool:
-        """Whether a pending read has come back (its outcome, late, is dropped)."""
-        if self._done.acquire(blocking=False):
+    def wait(self, timeout: float) -> bool:
+        """Whether the dispatched list was read within timeout."""
+        if self._done.acquire(timeout=max(0.0, timeout)):
             self.pending = False
         return not self.pending
 
-    def close(self) -> None:
-        """End the thread: at once when idle, else after its read returns (never waited for)."""
-        self._closed = True
-        if self._thread is not None and not self.pending:
-            try:
-                self._go.release()
-            except RuntimeError:  # a tick still running (stop() timed out) dispatched it meanwhile
-                pass
+    def abandon(self) -> None:
+        self.abandoned = True
+        # Idle, or done since the last wait (it may be back at _go): wake it to exit. Busy: it exits
+        # after its current read.
+        if not self.pending or self._done.acquire(blocking=False):
+            self.pending = False
+            self._go.release()
 
     def _run(self) -> None:
         while True:
             self._go.acquire()
-            if self._closed:
-                return
-            started = time.perf_counter()
-            read, self._read = self._read, None
-            reading: R | None = None
-            error: Exception | None = None
-            try:
-                reading = read() if read is not None else None
-            except Exception as exc:  # isolated: counted and logged by the sampler
-                error = exc
-            self._outcome = (reading, error, time.perf_counter() - started)
+            for source, read in self._jobs if not self.abandoned else ():
+                self.current_since = time.perf_counter()
+                self.current = source
+                reading, error = None, None
+                try:
+                    reading = read()
+                except Exception as exc:  # isolated: counted and logged by the sampler
+                    error = exc
+                self.outcomes[source] = (reading, error, time.perf_counter() - self.current_since)
+                self.current = None
+                if self.abandoned:
+                    break
             self._done.release()
-            if self._closed:
+            if self.abandoned:
                 return
 
 
@@ -211,7 +200,8 @@ class Sampler:
         self._reader_thread = _ReadThread(self._results)
         self._gpus: tuple[GpuReader, ...] = ()  # the set the read thread serves; a new one restarts it
         self._stuck: dict[int, tuple[_ReadThread, str]] = {}  # gpu -> (abandoned thread, call it is in)
-        self._hosts: dict[str, _HostWorker[Any]] = {}  # host source -> its read thread, made when first read
+        self._host_worker: _HostWorker | None = None  # started with the first host read
+        self._host_stuck: dict[str, _HostWorker] = {}  # host source -> the abandoned thread blocked in it
         self._last_states: dict[int, GpuState] = {}
         self._histories: dict[int, _GpuHistory] = {}
         self._host_cpu = Histogram(HOST_CPU_BUCKETS)
@@ -235,8 +225,8 @@ class Sampler:
         if self._thread is not None:
             self._thread.join(timeout)
         self._reader_thread.abandon()
-        for worker in self._hosts.values():
-            worker.close()
+        if self._host_worker is not None:
+            self._host_worker.abandon()
         self.nvml.close()
 
     def _run(self) -> None:
@@ -279,13 +269,14 @@ class Sampler:
             dispatched = time.perf_counter()
             self._reader_thread.dispatch(seq, to_read)
 
-        # The host sources read on their own threads meanwhile.
+        # The host sources are read on the host read thread meanwhile.
         cgroup_source, shm_path = self.cgroup, self.shm_path
-        self._dispatch_host("procfs", self.procfs.read)
+        host_jobs: list[tuple[str, Callable[[], Any]]] = [("procfs", self.procfs.read)]
         if cgroup_source is not None:
-            self._dispatch_host("cgroup", cgroup_source.read)
+            host_jobs.append(("cgroup", cgroup_source.read))
         if shm_path:
-            self._dispatch_host("shm", lambda: read_shm(shm_path))
+            host_jobs.append(("shm", lambda: read_shm(shm_path)))
+        host_jobs = self._dispatch_host(host_jobs)
 
         fresh: dict[int, GpuReading] = {}
         if to_read:
@@ -294,23 +285,23 @@ class Sampler:
                 self._abandon_reader()
                 took = time.perf_counter() - dispatched  # at least this long: still reading
             self._durations["nvml"].observe(took)  # the read thread's own time: NVML only
-        host_deadline = now + HOST_DEADLINE_SHARE * self.interval
-        host = self._host_result("procfs", host_deadline)
+        read = self._host_results(host_jobs, now + HOST_DEADLINE_SHARE * self.interval,
+                                  now + HOST_LATE_DEADLINE_SHARE * self.interval)
+        host, cgroup, shm = read.get("procfs"), read.get("cgroup"), read.get("shm")
         if host is not None and host.cpu_utilization is not None:
             self._host_cpu.observe(host.cpu_utilization)
-        cgroup = self._host_result("cgroup", host_deadline) if cgroup_source is not None else None
-        shm = self._host_result("shm", host_deadline) if shm_path else None
         gpus = tuple(self._gpu_state(r, fresh.get(r.index), now) for r in self._gpus)
         processes: tuple = ()
         if self.attributor is not None:
             attributor = self.attributor
             pids = set().union(*(g.reading.pids() for g in gpus if g.reading))
-            worker = self._hosts.get("processes")
-            if pids or (worker is not None and worker.pending):
-                self._dispatch_host("processes", lambda: attributor.lookup(pids))
-                found = self._host_result("processes", now + PROCESSES_DEADLINE_SHARE * self.interval)
-            else:  # no GPU process: no file to read, so no hand-off (the idle node); nothing else runs it now
+            if "processes" in self._host_stuck:
+                found = None
+            elif attributor.cached(pids):  # no file to read (no GPU process, or all known): no hand-off
                 found = self._isolated("processes", lambda: attributor.lookup(pids))
+            else:
+                jobs = self._dispatch_host([("processes", lambda: attributor.lookup(pids))])
+                found = self._host_results(jobs, now + PROCESSES_DEADLINE_SHARE * self.interval).get("processes")
             processes = tuple(sorted((found or {}).items()))
 
         xid_errors = self._isolated("xid", self.nvml.xid_counts) or ()
@@ -336,7 +327,7 @@ class Sampler:
             shm=shm,
             xid_errors=xid_errors,
             pods=self._isolated("pods", self.pods) if self.pods is not None else None,
-            stuck_sources=tuple(name for name, w in self._hosts.items() if w.stuck),
+            stuck_sources=tuple(self._host_stuck),
         )
         self.snapshot = snap  # a single reference assignment: scrapes see the old or the new, whole
         if self.history is not None:
@@ -351,40 +342,62 @@ class Sampler:
             return self._accounted(source, None, exc)
         return self._accounted(source, reading, None)
 
-    def _dispatch_host(self, source: str, read: Callable[[], Any]) -> None:
-        """Hand a host source its read for this tick, unless its last read is still blocked."""
-        worker = self._hosts.get(source)
-        if worker is None:
-            worker = self._hosts[source] = _HostWorker(source)
-        elif worker.pending:
-            if not worker.returned():
-                return  # still blocked: no second thread for it
-            if worker.stuck:  # the blocked read came back: read it again from this tick on
-                worker.stuck = False
+    def _dispatch_host(self, jobs: list[tuple[str, Callable[[], Any]]]) -> list[tuple[str, Callable[[], Any]]]:
+        """Hand the host read thread the sources of `jobs` not blocked in an earlier read; returns those."""
+        for source, blocked in list(self._host_stuck.items()):
+            if blocked.current != source:  # the blocked read came back: read it again from this tick on
+                del self._host_stuck[source]
                 self._transitions.set(f"{source} deadline", None)
-        worker.dispatch(read)
+        jobs = [(source, read) for source, read in jobs if source not in self._host_stuck]
+        if jobs:
+            worker = self._host_worker
+            if worker is None or worker.pending:  # (pending: a tick that raised before waiting for it)
+                if worker is not None:
+                    worker.abandon()
+                worker = self._host_worker = _HostWorker()
+            worker.dispatch(jobs)
+        return jobs
 
-    def _host_result(self, source: str, deadline: float) -> Any:
-        """The reading of a host source dispatched this tick, isolated as _accounted says; None when it
-        was not dispatched (still stuck) or is not back by the deadline: then it is stuck, counted once
-        as exporter_errors_total{source, call="deadline"} and logged once until it returns."""
-        worker = self._hosts[source]
-        if worker.stuck:
-            return None
-        outcome = worker.wait(deadline - self._clock())
-        duration = self._durations.get(source)
-        if outcome is None:
-            worker.stuck = True
-            self._errors[(source, "deadline")] += 1
-            if duration is not None:
-                duration.observe(time.perf_counter() - worker.dispatched)  # at least this long
-            self._transitions.set(f"{source} deadline", "read not back by the tick deadline; its series are "
-                                  "absent and it is not read again until the blocked read returns")
-            return None
-        reading, exc, took = outcome
-        if duration is not None:
-            duration.observe(took)
-        return self._accounted(source, reading, exc)
+    def _host_results(self, jobs: list[tuple[str, Callable[[], Any]]], deadline: float,
+                      late_deadline: float | None = None) -> dict[str, Any]:
+        """The readings of the dispatched `jobs` back by the deadline, each isolated as _accounted says.
+        Past it the thread is abandoned to the source it is in, which is stuck: counted once as
+        exporter_errors_total{source, call="deadline"}, logged once until it returns, not read meanwhile.
+        A fresh thread takes over; the sources the stuck one had not reached yet are read on it at once
+        until `late_deadline` (if given), else they miss this tick only."""
+        out: dict[str, Any] = {}
+        for limit in (deadline, late_deadline):
+            worker = self._host_worker
+            if limit is None or not jobs or worker is None:
+                break
+            finished = worker.wait(limit - self._clock())
+            if not finished:
+                worker.abandon()  # first, so it cannot move on to another source unnoticed
+                self._host_worker = _HostWorker()
+                self._stuck_host(worker)
+            for source, (reading, exc, took) in list(worker.outcomes.items()):
+                if source in self._host_stuck:
+                    continue  # came back just now: from the next tick
+                if (duration := self._durations.get(source)) is not None:
+                    duration.observe(took)
+                out[source] = self._accounted(source, reading, exc)
+            if finished:
+                break
+            jobs = [(s, r) for s, r in jobs if s not in out and s not in self._host_stuck]
+            if jobs and late_deadline is not None and self._host_worker is not None:
+                self._host_worker.dispatch(jobs)
+        return out
+
+    def _stuck_host(self, worker: _HostWorker) -> None:
+        source = worker.current
+        if source is None:  # between two reads when the deadline passed: nothing is blocked
+            return
+        self._host_stuck[source] = worker
+        self._errors[(source, "deadline")] += 1
+        if (duration := self._durations.get(source)) is not None:
+            duration.observe(time.perf_counter() - worker.current_since)  # at least this long
+        self._transitions.set(f"{source} deadline", "read not back by the tick deadline; its series are "
+                              "absent and it is not read again until the blocked read returns")
 
     def _accounted(self, source: str, reading: R | None, exc: Exception | None) -> R | None:
         """A source's read outcome, isolated from the tick: an exception costs that source's series this
