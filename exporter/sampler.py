@@ -117,6 +117,7 @@ class _HostWorker:
         self.current_since = 0.0  # perf_counter() when that read began
         self.outcomes: dict[str, tuple[Any, Exception | None, float]] = {}
         self._jobs: list[tuple[str, Callable[[], Any]]] = []
+        self._state = threading.Lock()  # abandoned vs current: no read starts once abandoned
         self._go = threading.Lock()
         self._go.acquire()
         self._done = threading.Lock()
@@ -134,20 +135,26 @@ class _HostWorker:
             self.pending = False
         return not self.pending
 
-    def abandon(self) -> None:
-        self.abandoned = True
+    def abandon(self) -> str | None:
+        """Stop it; returns the source it is still reading (blocked in), None if none."""
+        with self._state:
+            self.abandoned = True
+            current = self.current
         # Idle, or done since the last wait (it may be back at _go): wake it to exit. Busy: it exits
         # after its current read.
         if not self.pending or self._done.acquire(blocking=False):
             self.pending = False
             self._go.release()
+        return current
 
     def _run(self) -> None:
         while True:
             self._go.acquire()
-            for source, read in self._jobs if not self.abandoned else ():
-                self.current_since = time.perf_counter()
-                self.current = source
+            for source, read in self._jobs:
+                with self._state:
+                    if self.abandoned:
+                        break
+                    self.current, self.current_since = source, time.perf_counter()
                 reading, error = None, None
                 try:
                     reading = read()
@@ -155,8 +162,6 @@ class _HostWorker:
                     error = exc
                 self.outcomes[source] = (reading, error, time.perf_counter() - self.current_since)
                 self.current = None
-                if self.abandoned:
-                    break
             self._done.release()
             if self.abandoned:
                 return
@@ -372,9 +377,10 @@ class Sampler:
                 break
             finished = worker.wait(limit - self._clock())
             if not finished:
-                worker.abandon()  # first, so it cannot move on to another source unnoticed
+                blocked_in = worker.abandon()  # under its lock: it cannot move on to another source
                 self._host_worker = _HostWorker()
-                self._stuck_host(worker)
+                if blocked_in is not None:  # (None: between two reads; nothing is blocked)
+                    self._stuck_host(blocked_in, worker)
             for source, (reading, exc, took) in list(worker.outcomes.items()):
                 if source in self._host_stuck:
                     continue  # came back just now: from the next tick
@@ -388,10 +394,7 @@ class Sampler:
                 self._host_worker.dispatch(jobs)
         return out
 
-    def _stuck_host(self, worker: _HostWorker) -> None:
-        source = worker.current
-        if source is None:  # between two reads when the deadline passed: nothing is blocked
-            return
+    def _stuck_host(self, source: str, worker: _HostWorker) -> None:
         self._host_stuck[source] = worker
         self._errors[(source, "deadline")] += 1
         if (duration := self._durations.get(source)) is not None:
