@@ -6,6 +6,12 @@ GPUs until a deadline within the tick. If the read thread is still blocked then 
 falling off the bus), it is abandoned to that GPU, which is reported down and "stuck in <call>" and gets
 no more reads until the call returns; a fresh read thread serves the other GPUs from the next tick. So
 one bad GPU cannot stall the host, the other GPUs, or the HTTP server.
+
+The host sources (procfs, cgroup, shm, then the process lookup) are read the same way on a host read
+thread of their own, one hand-off per tick, until the same deadline. A read blocked in the kernel (a stale
+NFS or FUSE mount, a /proc/PID file in D state) cannot be interrupted: that thread is abandoned to the
+source, which gets no more reads until the call returns, and a fresh thread serves the other sources.
+So each source holds at most one blocked thread whatever happens.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from exporter.histogram import DURATION_BUCKETS, HOST_CPU_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS, Histogram
 from exporter.history import SampleHistory
@@ -34,6 +40,14 @@ log = logging.getLogger("exporter.sampler")
 R = TypeVar("R")
 
 GPU_DEADLINE_SHARE = 0.6  # GPU reads must come back within this share of the interval
+# Host reads (procfs, cgroup, shm) run alongside the GPU reads, so they get the same deadline: the tick
+# then waits at most this share for both together and still publishes well within its interval.
+HOST_DEADLINE_SHARE = GPU_DEADLINE_SHARE
+# When one host read blocks, the sources after it are read on a fresh thread, until this later deadline.
+HOST_LATE_DEADLINE_SHARE = 0.75
+# The process attributor needs the GPUs' pids, so it starts only after they are read (in the worst case
+# at GPU_DEADLINE_SHARE): its deadline is later in the tick, leaving a tenth of the interval to publish.
+PROCESSES_DEADLINE_SHARE = 0.9
 HEALTHY_WITHIN_INTERVALS = 5
 LATENESS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25)  # the 5 ms goal; a missed tick
 _DONE = -1  # gpu index of the message a read thread posts after its last GPU
@@ -90,6 +104,69 @@ class _ReadThread:
                 return
 
 
+class _HostWorker:
+    """Reads a list of host sources (name, read) in order whenever dispatched, as _ReadThread reads GPUs,
+    keeping each outcome (reading, exception, seconds) by name. Two locks carry the hand-off (cheaper
+    than Events): `_go` is released to start, `_done` by the thread when the list is read. Abandoned
+    (its read past the deadline), it finishes the current read and exits: `current` then turns None."""
+
+    def __init__(self) -> None:
+        self.abandoned = False
+        self.pending = False  # dispatched, not yet waited for
+        self.current: str | None = None  # the source being read
+        self.current_since = 0.0  # perf_counter() when that read began
+        self.outcomes: dict[str, tuple[Any, Exception | None, float]] = {}
+        self._jobs: list[tuple[str, Callable[[], Any]]] = []
+        self._state = threading.Lock()  # abandoned vs current: no read starts once abandoned
+        self._go = threading.Lock()
+        self._go.acquire()
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._thread = threading.Thread(target=self._run, name="host-reader", daemon=True)
+        self._thread.start()
+
+    def dispatch(self, jobs: list[tuple[str, Callable[[], Any]]]) -> None:
+        self._jobs, self.outcomes, self.pending = jobs, {}, True
+        self._go.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the dispatched list was read within timeout."""
+        if self._done.acquire(timeout=max(0.0, timeout)):
+            self.pending = False
+        return not self.pending
+
+    def abandon(self) -> str | None:
+        """Stop it; returns the source it is still reading (blocked in), None if none."""
+        with self._state:
+            self.abandoned = True
+            current = self.current
+        # Idle, or done since the last wait (it may be back at _go): wake it to exit. Busy: it exits
+        # after its current read.
+        if not self.pending or self._done.acquire(blocking=False):
+            self.pending = False
+            self._go.release()
+        return current
+
+    def _run(self) -> None:
+        while True:
+            self._go.acquire()
+            for source, read in self._jobs:
+                with self._state:
+                    if self.abandoned:
+                        break
+                    self.current, self.current_since = source, time.perf_counter()
+                reading, error = None, None
+                try:
+                    reading = read()
+                except Exception as exc:  # isolated: counted and logged by the sampler
+                    error = exc
+                self.outcomes[source] = (reading, error, time.perf_counter() - self.current_since)
+                self.current = None
+            self._done.release()
+            if self.abandoned:
+                return
+
+
 class _GpuHistory:
     """Per-GPU state that outlives a tick: sample histograms and clock-event time."""
 
@@ -128,6 +205,8 @@ class Sampler:
         self._reader_thread = _ReadThread(self._results)
         self._gpus: tuple[GpuReader, ...] = ()  # the set the read thread serves; a new one restarts it
         self._stuck: dict[int, tuple[_ReadThread, str]] = {}  # gpu -> (abandoned thread, call it is in)
+        self._host_worker: _HostWorker | None = None  # started with the first host read
+        self._host_stuck: dict[str, _HostWorker] = {}  # host source -> the abandoned thread blocked in it
         self._last_states: dict[int, GpuState] = {}
         self._histories: dict[int, _GpuHistory] = {}
         self._host_cpu = Histogram(HOST_CPU_BUCKETS)
@@ -151,6 +230,8 @@ class Sampler:
         if self._thread is not None:
             self._thread.join(timeout)
         self._reader_thread.abandon()
+        if self._host_worker is not None:
+            self._host_worker.abandon()
         self.nvml.close()
 
     def _run(self) -> None:
@@ -193,14 +274,14 @@ class Sampler:
             dispatched = time.perf_counter()
             self._reader_thread.dispatch(seq, to_read)
 
-        procfs_started = time.perf_counter()
-        host = self._isolated("procfs", self.procfs.read)
-        self._durations["procfs"].observe(time.perf_counter() - procfs_started)
-        if host is not None and host.cpu_utilization is not None:
-            self._host_cpu.observe(host.cpu_utilization)
-        cgroup = self._isolated("cgroup", self.cgroup.read) if self.cgroup is not None else None
-        shm_path = self.shm_path
-        shm = self._isolated("shm", lambda: read_shm(shm_path)) if shm_path else None
+        # The host sources are read on the host read thread meanwhile.
+        cgroup_source, shm_path = self.cgroup, self.shm_path
+        host_jobs: list[tuple[str, Callable[[], Any]]] = [("procfs", self.procfs.read)]
+        if cgroup_source is not None:
+            host_jobs.append(("cgroup", cgroup_source.read))
+        if shm_path:
+            host_jobs.append(("shm", lambda: read_shm(shm_path)))
+        host_jobs = self._dispatch_host(host_jobs)
 
         fresh: dict[int, GpuReading] = {}
         if to_read:
@@ -209,12 +290,24 @@ class Sampler:
                 self._abandon_reader()
                 took = time.perf_counter() - dispatched  # at least this long: still reading
             self._durations["nvml"].observe(took)  # the read thread's own time: NVML only
+        read = self._host_results(host_jobs, now + HOST_DEADLINE_SHARE * self.interval,
+                                  now + HOST_LATE_DEADLINE_SHARE * self.interval)
+        host, cgroup, shm = read.get("procfs"), read.get("cgroup"), read.get("shm")
+        if host is not None and host.cpu_utilization is not None:
+            self._host_cpu.observe(host.cpu_utilization)
         gpus = tuple(self._gpu_state(r, fresh.get(r.index), now) for r in self._gpus)
         processes: tuple = ()
         if self.attributor is not None:
             attributor = self.attributor
             pids = set().union(*(g.reading.pids() for g in gpus if g.reading))
-            processes = tuple(sorted((self._isolated("processes", lambda: attributor.lookup(pids)) or {}).items()))
+            if "processes" in self._host_stuck:
+                found = None
+            elif attributor.cached(pids):  # no file to read (no GPU process, or all known): no hand-off
+                found = self._isolated("processes", lambda: attributor.lookup(pids))
+            else:
+                jobs = self._dispatch_host([("processes", lambda: attributor.lookup(pids))])
+                found = self._host_results(jobs, now + PROCESSES_DEADLINE_SHARE * self.interval).get("processes")
+            processes = tuple(sorted((found or {}).items()))
 
         xid_errors = self._isolated("xid", self.nvml.xid_counts) or ()
 
@@ -239,6 +332,7 @@ class Sampler:
             shm=shm,
             xid_errors=xid_errors,
             pods=self._isolated("pods", self.pods) if self.pods is not None else None,
+            stuck_sources=tuple(self._host_stuck),
         )
         self.snapshot = snap  # a single reference assignment: scrapes see the old or the new, whole
         if self.history is not None:
@@ -246,16 +340,77 @@ class Sampler:
         return snap
 
     def _isolated(self, source: str, read: Callable[[], R]) -> R | None:
-        """One source's read, isolated from the tick: an exception costs that source's series this tick
-        (None), is counted as exporter_errors_total{source, call="internal:<type>"} and logged once per
-        transition. Files a reading names in its `errors` are counted and logged the same way."""
+        """One source's read, inline and isolated from the tick (see _accounted)."""
         try:
             reading = read()
         except Exception as exc:  # a bug or a hostile file in one source must not cost the others
+            return self._accounted(source, None, exc)
+        return self._accounted(source, reading, None)
+
+    def _dispatch_host(self, jobs: list[tuple[str, Callable[[], Any]]]) -> list[tuple[str, Callable[[], Any]]]:
+        """Hand the host read thread the sources of `jobs` not blocked in an earlier read; returns those."""
+        for source, blocked in list(self._host_stuck.items()):
+            if blocked.current != source:  # the blocked read came back: read it again from this tick on
+                del self._host_stuck[source]
+                self._transitions.set(f"{source} deadline", None)
+        jobs = [(source, read) for source, read in jobs if source not in self._host_stuck]
+        if jobs:
+            worker = self._host_worker
+            if worker is None or worker.pending:  # (pending: a tick that raised before waiting for it)
+                if worker is not None:
+                    worker.abandon()
+                worker = self._host_worker = _HostWorker()
+            worker.dispatch(jobs)
+        return jobs
+
+    def _host_results(self, jobs: list[tuple[str, Callable[[], Any]]], deadline: float,
+                      late_deadline: float | None = None) -> dict[str, Any]:
+        """The readings of the dispatched `jobs` back by the deadline, each isolated as _accounted says.
+        Past it the thread is abandoned to the source it is in, which is stuck: counted once as
+        exporter_errors_total{source, call="deadline"}, logged once until it returns, not read meanwhile.
+        A fresh thread takes over; the sources the stuck one had not reached yet are read on it at once
+        until `late_deadline` (if given), else they miss this tick only."""
+        out: dict[str, Any] = {}
+        for limit in (deadline, late_deadline):
+            worker = self._host_worker
+            if limit is None or not jobs or worker is None:
+                break
+            finished = worker.wait(limit - self._clock())
+            if not finished:
+                blocked_in = worker.abandon()  # under its lock: it cannot move on to another source
+                self._host_worker = _HostWorker()
+                if blocked_in is not None:  # (None: between two reads; nothing is blocked)
+                    self._stuck_host(blocked_in, worker)
+            for source, (reading, exc, took) in list(worker.outcomes.items()):
+                if source in self._host_stuck:
+                    continue  # came back just now: from the next tick
+                if (duration := self._durations.get(source)) is not None:
+                    duration.observe(took)
+                out[source] = self._accounted(source, reading, exc)
+            if finished:
+                break
+            jobs = [(s, r) for s, r in jobs if s not in out and s not in self._host_stuck]
+            if jobs and late_deadline is not None and self._host_worker is not None:
+                self._host_worker.dispatch(jobs)
+        return out
+
+    def _stuck_host(self, source: str, worker: _HostWorker) -> None:
+        self._host_stuck[source] = worker
+        self._errors[(source, "deadline")] += 1
+        if (duration := self._durations.get(source)) is not None:
+            duration.observe(time.perf_counter() - worker.current_since)  # at least this long
+        self._transitions.set(f"{source} deadline", "read not back by the tick deadline; its series are "
+                              "absent and it is not read again until the blocked read returns")
+
+    def _accounted(self, source: str, reading: R | None, exc: Exception | None) -> R | None:
+        """A source's read outcome, isolated from the tick: an exception costs that source's series this
+        tick (None), is counted as exporter_errors_total{source, call="internal:<type>"} and logged once
+        per transition. Files a reading names in its `errors` are counted and logged the same way."""
+        if exc is not None:
             call = f"internal:{type(exc).__name__}"
             self._errors[(source, call)] += 1
             self._transitions.update(source, {call: "read failed"}, detail=str(exc)[:200])
-            log.debug("%s read failed", source, exc_info=True)
+            log.debug("%s read failed", source, exc_info=exc)
             return None
         problems = getattr(reading, "errors", ())  # HostReading, CgroupReading: files that failed this tick
         for name in problems:
@@ -388,4 +543,6 @@ class Sampler:
             lines.append("procfs: cannot read " + ", ".join(snap.host.errors))
         if snap.cgroup is not None and snap.cgroup.errors:
             lines.append("cgroup: cannot read " + ", ".join(snap.cgroup.errors))
+        for source in snap.stuck_sources:  # named, but healthy: as a stuck GPU (see docs/operations.md)
+            lines.append(f"{source}: read stuck past the tick deadline")
         return healthy, "\n".join(lines) + "\n"

@@ -49,3 +49,4 @@ class Snapshot:
     shm: ShmReading | None = None
     xid_errors: tuple[tuple[tuple[int, int], int], ...] = ()  # ((gpu index, xid), count)
     pods: PodResources | None = None  # kubelet pod-resources; None: off or no socket
+    stuck_sources: tuple[str, ...] = ()  # host sources whose read is blocked past its deadline

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+import threading
 import time
 
 import pynvml
@@ -7,6 +9,8 @@ import pytest
 
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 from exporter.histogram import RATIO_BUCKETS
+from exporter.sources.cgroup import CgroupReading
+from exporter.sources.processes import ProcessAttributor
 from exporter.sources.nvml.specs import SAMPLE_BUFFER_SECONDS, UTILIZATION
 from tests.conftest import fraction_at_or_below, make_sampler
 
@@ -210,3 +214,140 @@ def test_nvml_duration_is_the_gpu_reads_only(procfs):
     durations = dict(s.snapshot.stats.durations)
     assert durations["nvml"].count == durations["procfs"].count == 3
     assert durations["nvml"].sum < 0.15 <= durations["procfs"].sum
+
+
+def _threads(name: str) -> int:
+    return sum(t.name == name for t in threading.enumerate())
+
+
+def _until(tick, ready, seconds: float = 5.0):
+    """Tick until ready(snapshot), for at most `seconds` (a late thread on a loaded box, not a sleep)."""
+    deadline = time.monotonic() + seconds
+    snap = tick()
+    while not ready(snap) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        snap = tick()
+    return snap
+
+
+def test_a_blocked_host_read_does_not_stall_the_tick(procfs, tmp_path, caplog):
+    """procfs behind a stale mount: its read blocks in the kernel. The tick publishes on time without
+    it, counts the hang once, keeps one thread blocked in it (no new one per tick), and picks procfs up
+    again by itself when the read returns."""
+    caplog.set_level(logging.INFO, logger="exporter.sampler")
+    s = make_sampler(FakeNvml(2), procfs.root, interval=0.2, shm_path=str(tmp_path))
+    s.tick()
+    real_read = s.procfs.read
+    release = threading.Event()
+    calls = []
+
+    def blocked():
+        calls.append(1)
+        release.wait(30)  # bounded only so a broken sampler cannot hang the test run
+        return real_read()
+
+    s.procfs.read = blocked
+    before = _threads("host-reader")
+    started = time.monotonic()
+    snap = s.tick()
+    assert time.monotonic() - started < 1.0  # the deadline is 0.12 s; generous for a loaded box
+    assert snap.host is None and snap.host_cpu_hist is not None  # only procfs's own series go
+    assert snap.shm is not None and [g.up for g in snap.gpus] == [True, True]
+    assert dict(snap.stats.errors)[("procfs", "deadline")] == 1
+    assert snap.stuck_sources == ("procfs",)
+    ok, reason = s.health()
+    assert ok and "procfs: read stuck past the tick deadline" in reason  # named, not 503 (as a stuck GPU)
+    for _ in range(3):
+        snap = s.tick()
+        assert snap.host is None and snap.shm is not None and snap.stuck_sources == ("procfs",)
+    # One thread left blocked in procfs, one fresh one for the others: no more, however long it lasts.
+    assert len(calls) == 1 and _threads("host-reader") == before + 1
+    assert dict(snap.stats.errors)[("procfs", "deadline")] == 1  # counted once per hang, not per tick
+    stuck_logs = [r for r in caplog.records if "procfs deadline" in r.getMessage()]
+    assert [r.levelno for r in stuck_logs] == [logging.WARNING]
+
+    s.procfs.read = real_read
+    release.set()
+    snap = _until(s.tick, lambda snap: snap.host is not None)
+    assert snap.host is not None and snap.host.errors == () and snap.stuck_sources == ()
+    assert "stuck" not in s.health()[1]
+    stuck_logs = [r for r in caplog.records if "procfs deadline" in r.getMessage()]
+    assert [r.levelno for r in stuck_logs] == [logging.WARNING, logging.INFO]  # once each way
+    assert dict(snap.stats.errors)[("procfs", "deadline")] == 1
+    _until(lambda: _threads("host-reader"), lambda n: n == before)  # the blocked thread has exited
+    assert _threads("host-reader") == before
+    s.stop()
+
+
+class _BlockingCgroup:
+    """A cgroup source whose read blocks until released (a hung cgroupfs)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.calls = 0
+
+    def read(self):
+        self.calls += 1
+        self.release.wait(30)
+        return CgroupReading("/test", 1.0, 10, 0, 0.0, None, 1024, None, errors=())
+
+
+def test_a_blocked_cgroup_read_costs_only_the_cgroup_series(procfs, tmp_path):
+    cgroup = _BlockingCgroup()
+    s = make_sampler(FakeNvml(1), procfs.root, interval=0.2, cgroup=cgroup, shm_path=str(tmp_path))
+    first = s.tick()  # the first read already blocks: shm, after it, is read on a fresh thread in time
+    assert first.cgroup is None and first.shm is not None and first.host is not None
+    procfs.advance(busy=[10, 10], idle=[90, 90])
+    started = time.monotonic()
+    snap = s.tick()
+    assert time.monotonic() - started < 1.0
+    assert snap.cgroup is None and snap.host.cpu_utilization == pytest.approx(0.1) and snap.shm is not None
+    assert snap.gpus[0].up and snap.stuck_sources == ("cgroup",)
+    assert dict(snap.stats.errors)[("cgroup", "deadline")] == 1 and cgroup.calls == 1
+    cgroup.release.set()
+    snap = _until(s.tick, lambda snap: snap.cgroup is not None)
+    assert snap.cgroup is not None and snap.stuck_sources == () and cgroup.calls == 2
+    s.stop()
+
+
+def test_host_reads_reuse_one_thread_and_stop_ends_it(procfs, tmp_path):
+    s = make_sampler(FakeNvml(1), procfs.root, interval=0.2, shm_path=str(tmp_path))
+    s.tick()
+    thread = s._host_worker._thread
+    for _ in range(5):
+        snap = s.tick()
+        assert snap.host is not None and snap.shm is not None
+    assert s._host_worker._thread is thread  # one hand-off per tick, no thread per read
+    s.stop()
+    thread.join(2)
+    assert not thread.is_alive()
+
+
+def test_a_blocked_process_lookup_costs_only_the_process_labels(procfs):
+    """A /proc/PID file in D state: the attributor's lookup blocks; GPUs and host keep their series."""
+    fake = FakeNvml(1)
+    fake.set_processes(0, [(4000, 1024)])
+    procfs.add_process(4000, "server", "0::/\n")
+    attributor = ProcessAttributor(procfs.root)
+    release = threading.Event()
+    real_lookup = attributor.lookup
+    calls = []
+
+    def blocked(pids):
+        calls.append(set(pids))
+        release.wait(30)
+        return real_lookup(pids)
+
+    attributor.lookup = blocked
+    # 0.5 s: the GPU read (0.3 s deadline) must bring the pid on a loaded box; the lookup's is 0.45 s
+    s = make_sampler(fake, procfs.root, interval=0.5, attributor=attributor)
+    started = time.monotonic()
+    snap = s.tick()
+    assert time.monotonic() - started < 2.0
+    assert snap.processes == () and snap.gpus[0].up and snap.host is not None
+    assert snap.stuck_sources == ("processes",)
+    assert dict(s.tick().stats.errors)[("processes", "deadline")] == 1 and len(calls) == 1
+    release.set()
+    snap = _until(s.tick, lambda snap: snap.processes != ())
+    assert [pid for pid, _ in snap.processes] == [4000] and snap.stuck_sources == ()
+    s.stop()

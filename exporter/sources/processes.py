@@ -42,6 +42,10 @@ class ProcessAttributor:
         self._cache = {pid: self._cache[pid] for pid in out}
         return out
 
+    def cached(self, pids: Iterable[int]) -> bool:
+        """Whether lookup(pids) would read no file (every pid known): the sampler then runs it inline."""
+        return all(pid in self._cache for pid in pids)
+
     def _read(self, pid: int) -> ProcessIdentity | None:
         base = self._procfs / str(pid)
         try:
