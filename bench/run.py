@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Exporter cost and scrape latency, side by side with node_exporter, on this machine.
 
-    .venv/bin/python bench/run.py            # full run (~3 min), writes bench/results.json
+    .venv/bin/python bench/run.py            # full run (~8 min), writes bench/results.json
     .venv/bin/python bench/run.py --quick    # shorter windows, for a smoke run
     .venv/bin/python bench/run.py --stand-in-only   # only the real-binding sampler CPU below (~1 min)
 
