@@ -14,9 +14,9 @@ every phase has a bound:
   or sending its head (a handshake only past the same grace: it takes the client a round trip), then the
   oldest one whose client does not read its answer; a newcomer whose request has arrived may also take
   a silent one's place, and a silent newcomer gets `probation_s` for its first bytes before its place is
-  decided. When none can go, up to `reserve_connections` more are let
-  in that answer only the priority paths (/healthz) and get 503 for anything else, unless by the time
-  their request comes a place can be made for it;
+  decided. When none can go, up to `reserve_connections` more are let in that answer only the priority
+  paths (/healthz) and get 503 for anything else, unless by the time their request comes a place can be
+  made for it;
 - requests in flight: `max_requests` (503 beyond, like node_exporter's --web.max-requests; at the cap
   the oldest request whose client does not read its answer is cut first). Handlers run on a pool of at
   most that many threads, so threads stay bounded whatever the load;
@@ -58,6 +58,7 @@ log = logging.getLogger("exporter.server")
 _TLS_HANDSHAKE = 0x16  # the first byte of every TLS connection: a handshake record
 _HTTP_TO_HTTPS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"  # Go's
 _WRITE_CHUNK = 64 * 1024  # the transport's high-water mark: a slow reader holds at most about this much
+_SILENT_STATES = ("idle", "handshake")  # the states a connection that has sent nothing can be in
 
 
 @dataclass(frozen=True)
@@ -339,7 +340,7 @@ class _Connection(asyncio.Protocol):
     @property
     def silent(self) -> bool:
         """Nothing received yet, and nothing waiting in the socket either (the loop has not read it)."""
-        return self.fresh and self.state in ("idle", "handshake") and not self._unread()
+        return self.fresh and self.state in _SILENT_STATES and not self._unread()
 
     def _unread(self) -> int:
         sock = self.tx.get_extra_info("socket")
@@ -547,7 +548,8 @@ class HttpServer:
     # -- connection bookkeeping (loop thread)
     def admit(self, conn: _Connection) -> str:
         """A new connection's place: "in" (serve it), "wait" (on probation, settle() decides) or "out"."""
-        return self._place(conn, spoken=conn._unread() > 0, may_wait=True)
+        full = len(self._connections) >= self.limits.max_connections  # below the cap no one asks
+        return self._place(conn, spoken=full and conn._unread() > 0, may_wait=True)
 
     def settle(self, conn: _Connection, spoken: bool) -> bool:
         """The end of a newcomer's probation: its first bytes arrived (spoken) or its time is up. True when
@@ -556,8 +558,8 @@ class HttpServer:
         if timer is None:
             return False
         timer.cancel()
+        self._count_open()
         if conn.closed:  # it went away while it waited
-            self._count_open()
             return False
         if self._place(conn, spoken or conn._unread() > 0, may_wait=False) != "in":
             return False
@@ -605,15 +607,14 @@ class HttpServer:
         has spoken, one still in its grace (a request outranks silence; between two silent ones the one that
         came first keeps its place)."""
         young = time.monotonic() - self.limits.silent_grace_s
-        waiting = ("idle", "handshake")  # states a connection that has sent nothing can be in
         ranks: tuple[Callable[[_Connection], bool], ...] = (
             lambda c: c.state == "linger",
-            lambda c: c.state == "idle" and not c.fresh or c.fresh and c.state in waiting and c.since <= young,
+            lambda c: c.state == "idle" and not c.fresh or c.fresh and c.state in _SILENT_STATES and c.since <= young,
             # one that began its TLS handshake within the grace may be a client one round trip from its
             # request (a scraper awaiting the server's hello): like silence, only a request outranks it
             lambda c: not c.fresh and (c.state == "head" or c.state == "handshake" and (spoken or c.since <= young)),
             lambda c: c.stalled,
-            lambda c: spoken and c.fresh and c.state in waiting)
+            lambda c: spoken and c.fresh and c.state in _SILENT_STATES)
         for rank in ranks:
             # A fresh one whose bytes wait unread is about to be served, not silent: skipped. Checked (a
             # syscall) in age order only until one qualifies, so a flood of newcomers costs one or two each.
