@@ -135,7 +135,8 @@ def _number(el: ET.Element | None, *paths: str, unit: str = "", scale: float = 1
     m = _NUMBER.match(text) if text is not None else None
     if m is None or m.group(2) != unit:
         return None
-    return round(float(m.group(1)) * scale)
+    value = round(float(m.group(1)) * scale)
+    return value if 0 <= value < 2**63 else None  # NVML answers unsigned, and no board holds 8 EiB
 
 
 def _put(values: dict[str, int], key: str, value: int | None) -> None:

@@ -185,7 +185,7 @@ def absent_series(dump: SmiDump) -> list[Series]:
 
 def gpus_table(dumps: dict[str, SmiDump]) -> str:
     """docs/gpus.md's table: one row per GPU of each dump."""
-    rows = ["| Dump | GPU | Architecture | Driver (schema) | Series served (families) | NotSupported calls |",
+    rows = ["| Dump | GPU | Architecture | Driver (schema) | Series served (families) | Calls NotSupported (or newer than the driver) |",
             "|---|---|---|---|---|---|"]
     for file, dump in sorted(dumps.items()):
         for i, g in enumerate(dump.gpus):

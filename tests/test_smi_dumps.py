@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.fake_smi import MAX_DUMP_BYTES, NotADump, parse_dump, read_dump
@@ -177,3 +179,27 @@ def test_fixtures_readme_names_every_dump():
     readme = (DUMP_DIR / "README.md").read_text()
     assert "MIT" in readme and "Permission is hereby granted" in readme
     assert all(p.name in readme for p in DUMPS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=2000))
+def test_any_bytes_parse_or_are_refused_cleanly(data):
+    try:
+        parse_dump(data)
+    except NotADump as exc:
+        assert "\n" not in str(exc)
+
+
+_A10G = (DUMP_DIR / "a10g.xml").read_bytes()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, len(_A10G) - 1), st.integers(0, 200), st.binary(max_size=40))
+def test_a_damaged_dump_parses_or_is_refused_cleanly(at, cut, insert):
+    try:
+        dump = parse_dump(_A10G[:at] + insert + _A10G[at + cut:])
+    except NotADump:
+        return
+    for gpu in dump.gpus:
+        assert all(isinstance(v, int) for v in gpu.values.values())
+        stub_config(dump)  # and the stand-in's configuration is written from whatever was read
