@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import pynvml
 
-from exporter.fake_nvml import FakeGpuSpec, FakeHandle, FakeMigHandle, FakeNvml, _nvml_call, fake_uuid
+from exporter.fake_nvml import FakeGpuSpec, FakeHandle, FakeMigHandle, FakeNvml, _nvml_call, _unwrapped, fake_uuid
 
 MAX_DUMP_BYTES = 4 * 1024 * 1024  # a 16-GPU dump with every supported clock listed is ~1.2 MB
 MAX_GPUS = 16
@@ -348,6 +348,17 @@ class SmiNvml(FakeNvml):
         if isinstance(handle, FakeMigHandle) or not self._gpu(handle).uuid:
             return fake_uuid(handle.index, handle.slot if isinstance(handle, FakeMigHandle) else None)
         return self._gpu(handle).uuid
+
+    @_nvml_call
+    def nvmlDeviceGetPciInfo(self, handle: FakeHandle) -> Any:
+        info = _unwrapped(FakeNvml.nvmlDeviceGetPciInfo)(self, handle)
+        m = re.fullmatch(r"([0-9A-Fa-f]{1,8}):([0-9A-Fa-f]{2}):([0-9A-Fa-f]{2})\.([0-7])", self._gpu(handle).bus_id)
+        if m:
+            domain, bus, device = (int(x, 16) for x in m.groups()[:3])
+            info.domain, info.bus, info.device = domain, bus, device
+            info.busId = f"{domain:08X}:{bus:02X}:{device:02X}.{m.group(4)}".encode()
+            info.busIdLegacy = f"{domain & 0xFFFF:04X}:{bus:02X}:{device:02X}.{m.group(4)}".encode()
+        return info
 
     @_nvml_call
     def nvmlDeviceGetUtilizationRates(self, handle: FakeHandle) -> Any:

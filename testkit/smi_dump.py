@@ -35,6 +35,8 @@ def stub_config(dump: SmiDump) -> dict[str, str]:
         put("name", g.name or "unknown")
         if g.uuid:
             put("uuid", g.uuid)
+        if g.bus_id:
+            put("bus_id", g.bus_id)
         for key in _SAME:
             if key in g.values:
                 put(key, g.values[key])
@@ -126,6 +128,8 @@ def expected_series(dump: SmiDump) -> dict[Series, float]:
             out[(name, (gpu, *labels))] = value
 
         put("gpu_up", 1)
+        if g.bus_id:  # the label a user's dashboards will see on that node
+            put("gpu_info", 1, ("pci_bus_id", g.bus_id.upper()), ("name", g.name))
         unsupported = set(g.unsupported())
         if "nvmlDeviceGetUtilizationRates" not in unsupported:
             put("gpu_utilization_ratio", v["util"] / 100)

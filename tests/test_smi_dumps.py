@@ -5,6 +5,7 @@ shows carries nvidia-smi's number; each N/A costs its series only (no 0, no erro
 from __future__ import annotations
 
 import math
+import os
 import re
 import subprocess
 import sys
@@ -154,6 +155,9 @@ def test_converter_and_flag_refuse_a_non_dump_with_one_line_and_exit_2(tmp_path)
                 [sys.executable, "-m", "exporter", "--fake-gpus-from", str(tmp_path / "absent.xml")]):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=REPO)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "exporter"], capture_output=True, text=True, timeout=60, cwd=REPO,
+                       env={**os.environ, "GPU_EXPORTER_FAKE_GPUS_FROM": str(bad)})
+    assert r.returncode == 2 and "GPU_EXPORTER_FAKE_GPUS_FROM" in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_converter_writes_the_stand_ins_configuration_and_the_fakes_fixture(tmp_path):

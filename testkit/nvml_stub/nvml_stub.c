@@ -11,7 +11,7 @@
  *   temp=41  power_mw=250000  limit_mw=700000  energy_mj=123456  sm_mhz=1755  mem_mhz=2619
  *   reasons=4  pcie_gen=5  pcie_width=16  pcie_tx_bps=1e9  pcie_rx_bps=2e9  replay=0
  *   pcie_cur_gen=1  pcie_cur_width=8   current link (default: the maximum)   pcie_counters=0  (fields 197/198 NotSupported)
- *   uuid=GPU-...  mem_reserved=536870912  fan=30  pstate=8  remap_corr=0 remap_unc=0 remap_pending=0 remap_failure=0
+ *   uuid=GPU-...  bus_id=00000000:01:00.0  mem_reserved=536870912  fan=30  pstate=8  remap_corr=0 remap_unc=0 remap_pending=0 remap_failure=0
  *   mem_total.gi<N>=..  mem_used.gi<N>=..  mem_reserved.gi<N>=..   a MIG device's memory (GPU instance N)
  *   gprocs=1234:1048576            graphics processes (pid:bytes; 18446744073709551615 = N/A)
  *   KEY=na                         a reading's call answers NotSupported (e.g. sm_mhz=na: only that clock)
@@ -311,6 +311,16 @@ nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *p) {
     memset(p, 0, sizeof *p);
     p->bus = 0x18 + d->gpu;
     p->pciDeviceId = 0x233010de;
+    const char *v = get("bus_id", d->gpu);  /* "00000000:01:00.0" as nvidia-smi shows it */
+    unsigned domain, bus, dev, fn;
+    if (v && sscanf(v, "%x:%x:%x.%x", &domain, &bus, &dev, &fn) == 4 && bus < 256 && dev < 32 && fn < 8) {
+        p->domain = domain;
+        p->bus = bus;
+        p->device = dev;
+        snprintf(p->busIdLegacy, sizeof p->busIdLegacy, "%04X:%02X:%02X.%X", domain & 0xffff, bus, dev, fn);
+        snprintf(p->busId, sizeof p->busId, "%08X:%02X:%02X.%X", domain, bus, dev, fn);
+        return OK;
+    }
     snprintf(p->busIdLegacy, sizeof p->busIdLegacy, "0000:%02X:00.0", p->bus);
     snprintf(p->busId, sizeof p->busId, "00000000:%02X:00.0", p->bus);
     return OK;
