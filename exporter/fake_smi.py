@@ -179,6 +179,7 @@ def _gpu(el: ET.Element, driver_major: int) -> SmiGpu:
     # NVML's power usage is the 1 s average on Ampere and newer, which v12+ dumps show beside the instant.
     _put(v, "power_mw", _number(power, "average_power_draw", "power_draw", unit="W", scale=1000))
     _put(v, "limit_mw", _number(power, "enforced_power_limit", "current_power_limit", unit="W", scale=1000))
+    # No committed dump shows an energy counter; this element name is an assumption (unverified).
     _put(v, "energy_mj", _number(el, "total_energy_consumption", unit="mJ"))
     _put(v, "sm_mhz", _number(el, "clocks/sm_clock", unit="MHz"))
     _put(v, "mem_mhz", _number(el, "clocks/mem_clock", unit="MHz"))

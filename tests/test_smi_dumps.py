@@ -207,3 +207,33 @@ def test_a_damaged_dump_parses_or_is_refused_cleanly(at, cut, insert):
     for gpu in dump.gpus:
         assert all(isinstance(v, int) for v in gpu.values.values())
         stub_config(dump)  # and the stand-in's configuration is written from whatever was read
+
+
+def test_stand_in_answers_the_keys_a_dump_needs(nvml_stub):
+    """The stand-in's additions for dumps, through the real pynvml: one clock N/A, fan, P-state, graphics
+    processes, remapped rows, a MIG device's own memory, the recorded bus id."""
+    nvml_stub.configure({"gpus": 1, "sm_mhz.0": "na", "mem_mhz": 405, "fan.0": 46, "pstate": 8,
+                         "gprocs": f"835:{550 * MIB},99:{2**64 - 1}", "remap_corr": 2, "remap_pending": 1,
+                         "mig": "3", "mem_total.gi3": 19968 * MIB, "mem_used.gi3": 12 * MIB, "mem_reserved.gi3": 0,
+                         "bus_id": "00000000:0A:00.0", "uuid": "GPU-513536b6-7d19-9063-b049-1e69664bb298"})
+    nv = nvml_stub.bind()
+    nv.nvmlInit()
+    try:
+        h = nv.nvmlDeviceGetHandleByIndex(0)
+        with pytest.raises(nv.NVMLError_NotSupported):
+            nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)
+        assert nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM) == 405
+        assert nv.nvmlDeviceGetFanSpeed_v2(h, 0) == 46 and nv.nvmlDeviceGetPerformanceState(h) == 8
+        assert [(p.pid, p.usedGpuMemory) for p in nv.nvmlDeviceGetGraphicsRunningProcesses(h)] == \
+            [(835, 550 * MIB), (99, None)]  # N/A memory as pynvml reports NVML_VALUE_NOT_AVAILABLE
+        assert tuple(nv.nvmlDeviceGetRemappedRows(h)) == (2, 0, 1, 0)
+        assert nv.nvmlDeviceGetPciInfo(h).busId == "00000000:0A:00.0"
+        assert nv.nvmlDeviceGetUUID(h) == "GPU-513536b6-7d19-9063-b049-1e69664bb298"
+        mig = nv.nvmlDeviceGetMigDeviceHandleByIndex(h, 0)
+        mem = nv.nvmlDeviceGetMemoryInfo(mig)
+        assert (mem.total, mem.used) == (19968 * MIB, 12 * MIB)
+        nvml_stub.configure({"gpus": 1})  # unconfigured: a fanless board, as before the fan call existed
+        with pytest.raises(nv.NVMLError_NotSupported):
+            nv.nvmlDeviceGetFanSpeed_v2(h, 0)
+    finally:
+        nv.nvmlShutdown()
