@@ -159,6 +159,8 @@ def expected_series(dump: SmiDump) -> dict[Series, float]:
                 for counter, scope in enumerate(("volatile", "aggregate")):
                     put("gpu_ecc_errors_total", v[f"ecc_{etype}_{counter}"], ("error", error), ("scope", scope))
         if "nvmlDeviceGetRemappedRows" not in unsupported:
+            put("gpu_remapped_rows", v["remap_corr"], ("cause", "correctable"))
+            put("gpu_remapped_rows", v["remap_unc"], ("cause", "uncorrectable"))
             put("gpu_row_remap_pending", v["remap_pending"])
             put("gpu_row_remap_failure", v["remap_failure"])
         for m in g.mig or ():
