@@ -71,6 +71,7 @@ class Config:
     pod_resources_socket: str = DEFAULT_SOCKET
     pod_labels: bool = False
     fake_scenario: str = ""
+    fake_gpus_from: str = ""  # an nvidia-smi -q -x dump to serve as simulated GPUs
 
 
 class _Parser(argparse.ArgumentParser):
@@ -122,6 +123,8 @@ def _build_parser() -> _Parser:
                               "GPU, for label-churn soak tests; 0: the default 10 s schedule with fixed PIDs")
     flag("--fake-scenario", "", "with --fake-gpus: drive every simulated GPU into one condition for the "
                                 "diagnosis (" + scenario_help().replace("%", "%%") + ")")
+    flag("--fake-gpus-from", "", "serve the GPUs of this `nvidia-smi -q -x` dump as simulated GPUs (values as "
+                                 "recorded, N/A as NotSupported): preview a node's series before deploying")
     flag("--log.level", "info", "log level: debug, info, warn, error")
     flag("--node.name", "", "node name for the `node` label of gpu_info (Kubernetes: from the downward API)")
     flag("--path.cgroupfs", "/sys/fs/cgroup", "cgroup filesystem mount point")
@@ -222,6 +225,11 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         fake_scenario = s["--fake-scenario"]
         if fake_scenario.value and (not fake or fake_scenario.value not in SCENARIOS):
             raise ValueError(f"{fake_scenario}: needs --fake-gpus and one of " + ", ".join(SCENARIOS))
+        fake_from = s["--fake-gpus-from"]
+        if fake_from.value:
+            if fake:
+                raise ValueError(f"{fake_from}: not with --fake-gpus")
+            _smi_dump(fake_from.value, str(fake_from))
         pod_socket = s["--kubernetes.pod-resources-socket"].value
         if pod_labels and not pod_socket:
             raise ValueError("--kubernetes.pod-labels needs --kubernetes.pod-resources-socket")
@@ -254,7 +262,7 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
                   collectors=collectors, cgroupfs=cgroupfs, cgroup_path=cgroup_path, shm_path=s["--path.shm"].value,
                   history_window=history, fake_mig=fake_mig, fake_churn=fake_churn, max_connections=max_connections,
                   web_config_file=web_config.value, pod_resources_socket=pod_socket, pod_labels=pod_labels,
-                  fake_scenario=fake_scenario.value)
+                  fake_scenario=fake_scenario.value, fake_gpus_from=fake_from.value)
 
 
 def _web_config(path: str, subject: str) -> WebConfigWatcher:
@@ -301,6 +309,15 @@ def _fake_mig(setting: _Setting, fake_gpus: int) -> tuple[str, ...]:
     return profiles
 
 
+def _smi_dump(path: str, subject: str) -> Any:
+    from exporter.fake_smi import NotADump, read_dump
+
+    try:
+        return read_dump(path)
+    except (OSError, NotADump) as exc:
+        raise ValueError(f"{subject}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def _non_negative_int(setting: _Setting) -> int:
     try:
         n = int(setting.value)
@@ -312,6 +329,10 @@ def _non_negative_int(setting: _Setting) -> int:
 
 
 def _nvml_module(cfg: Config) -> tuple[Any, str]:
+    if cfg.fake_gpus_from:
+        from exporter.fake_smi import SmiNvml
+
+        return SmiNvml(_smi_dump(cfg.fake_gpus_from, cfg.fake_gpus_from)), "fake"
     if cfg.fake_scenario:
         return ScenarioNvml(cfg.fake_scenario, cfg.fake_gpus), "fake"
     if cfg.fake_gpus:
@@ -430,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
     backend = f"{cfg.fake_gpus} simulated GPUs" if cfg.fake_gpus else "NVML through nvidia-ml-py"
+    if cfg.fake_gpus_from:
+        backend = f"simulated from the nvidia-smi dump {cfg.fake_gpus_from}"
     scheme = "https" if web_config and web_config.ssl_context else "http"
     auth = " with basic auth" if web_config and web_config.auth.enabled else ""
     log.info("gpu-telemetry-exporter %s listening on %s://%s:%d%s%s (sampling every %gs; GPUs: %s)",

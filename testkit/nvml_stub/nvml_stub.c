@@ -10,6 +10,11 @@
  *   gpus=2  name=...  driver=...  util=37  mem_util=12  mem_total=85899345920  mem_used=1073741824
  *   temp=41  power_mw=250000  limit_mw=700000  energy_mj=123456  sm_mhz=1755  mem_mhz=2619
  *   reasons=4  pcie_gen=5  pcie_width=16  pcie_tx_bps=1e9  pcie_rx_bps=2e9  replay=0
+ *   pcie_cur_gen=1  pcie_cur_width=8   current link (default: the maximum)   pcie_counters=0  (fields 197/198 NotSupported)
+ *   uuid=GPU-...  bus_id=00000000:01:00.0  mem_reserved=536870912  fan=30  pstate=8  remap_corr=0 remap_unc=0 remap_pending=0 remap_failure=0
+ *   mem_total.gi<N>=..  mem_used.gi<N>=..  mem_reserved.gi<N>=..   a MIG device's memory (GPU instance N)
+ *   gprocs=1234:1048576            graphics processes (pid:bytes; 18446744073709551615 = N/A)
+ *   KEY=na                         a reading's call answers NotSupported (e.g. sm_mhz=na: only that clock)
  *   samples=10,90,50  sample_period_s=0.1667  sample_depth=120   (the driver's utilisation buffer)
  *   procs=1234:1048576,99:0        processes (pid:bytes)
  *   proc_util=1234:55              per-process SM utilisation samples (pid:percent)
@@ -177,6 +182,12 @@ static double num(const char *key, int gpu, double dflt) {
     return v ? strtod(v, NULL) : dflt;
 }
 
+/* "na": the call behind this reading answers NotSupported (nvidia-smi showed N/A). */
+static int is_na(const char *key, int gpu) {
+    const char *v = get(key, gpu);
+    return v && !strcmp(v, "na");
+}
+
 static int gpu_count(void) {
     int n = (int)num("gpus", -1, 2);
     return n < 0 ? 0 : n > MAX_GPUS ? MAX_GPUS : n;
@@ -287,7 +298,9 @@ nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t d, char *buf, unsigned len) {
 nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t d, char *buf, unsigned len) {
     ENTER(d);
     char uuid[96];
-    if (d->gi < 0) snprintf(uuid, sizeof uuid, "GPU-5eb0c0de-0000-4000-8000-%012d", d->gpu);
+    const char *v = d->gi < 0 ? get("uuid", d->gpu) : NULL;
+    if (v) snprintf(uuid, sizeof uuid, "%s", v);
+    else if (d->gi < 0) snprintf(uuid, sizeof uuid, "GPU-5eb0c0de-0000-4000-8000-%012d", d->gpu);
     else snprintf(uuid, sizeof uuid, "MIG-5eb0c0de-0000-4000-8000-%06d%06d", d->gpu, d->gi);
     return put_string(buf, len, uuid);
 }
@@ -298,12 +311,23 @@ nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t d, nvmlPciInfo_t *p) {
     memset(p, 0, sizeof *p);
     p->bus = 0x18 + d->gpu;
     p->pciDeviceId = 0x233010de;
+    const char *v = get("bus_id", d->gpu);  /* "00000000:01:00.0" as nvidia-smi shows it */
+    unsigned domain, bus, dev, fn;
+    if (v && sscanf(v, "%x:%x:%x.%x", &domain, &bus, &dev, &fn) == 4 && bus < 256 && dev < 32 && fn < 8) {
+        p->domain = domain;
+        p->bus = bus;
+        p->device = dev;
+        snprintf(p->busIdLegacy, sizeof p->busIdLegacy, "%04X:%02X:%02X.%X", domain & 0xffff, bus, dev, fn);
+        snprintf(p->busId, sizeof p->busId, "%08X:%02X:%02X.%X", domain, bus, dev, fn);
+        return OK;
+    }
     snprintf(p->busIdLegacy, sizeof p->busIdLegacy, "0000:%02X:00.0", p->bus);
     snprintf(p->busId, sizeof p->busId, "00000000:%02X:00.0", p->bus);
     return OK;
 }
 
 static nvmlReturn_t put_uint(nvmlDevice_t d, const char *key, double dflt, unsigned *out) {
+    if (is_na(key, d->gpu)) return NOT_SUPPORTED;
     PUT(out, (unsigned)num(key, d->gpu, dflt));
     return OK;
 }
@@ -311,12 +335,26 @@ static nvmlReturn_t put_uint(nvmlDevice_t d, const char *key, double dflt, unsig
     nvmlReturn_t fn(nvmlDevice_t d, unsigned *out) { ENTER(d); return put_uint(d, key, dflt, out); }
 UINT_CALL(nvmlDeviceGetMaxPcieLinkGeneration, "pcie_gen", 5)
 UINT_CALL(nvmlDeviceGetMaxPcieLinkWidth, "pcie_width", 16)
-UINT_CALL(nvmlDeviceGetCurrPcieLinkGeneration, "pcie_gen", 5)
-UINT_CALL(nvmlDeviceGetCurrPcieLinkWidth, "pcie_width", 16)
+nvmlReturn_t nvmlDeviceGetCurrPcieLinkGeneration(nvmlDevice_t d, unsigned *out) {
+    ENTER(d);
+    return put_uint(d, get("pcie_cur_gen", d->gpu) ? "pcie_cur_gen" : "pcie_gen", 5, out);
+}
+nvmlReturn_t nvmlDeviceGetCurrPcieLinkWidth(nvmlDevice_t d, unsigned *out) {
+    ENTER(d);
+    return put_uint(d, get("pcie_cur_width", d->gpu) ? "pcie_cur_width" : "pcie_width", 16, out);
+}
 UINT_CALL(nvmlDeviceGetPcieReplayCounter, "replay", 0)
 UINT_CALL(nvmlDeviceGetPowerUsage, "power_mw", 250000)
 UINT_CALL(nvmlDeviceGetEnforcedPowerLimit, "limit_mw", 700000)
 UINT_CALL(nvmlDeviceGetMaxMigDeviceCount, "mig_max", 7)
+UINT_CALL(nvmlDeviceGetPerformanceState, "pstate", 0)
+
+nvmlReturn_t nvmlDeviceGetFanSpeed_v2(nvmlDevice_t d, unsigned fan, unsigned *speed) {
+    ENTER(d);
+    if (!get("fan", d->gpu)) return NOT_SUPPORTED;  /* fanless unless configured, as an SXM board */
+    if (fan != 0) return INVALID_ARGUMENT;
+    return put_uint(d, "fan", 0, speed);
+}
 
 nvmlReturn_t nvmlDeviceIsMigDeviceHandle(nvmlDevice_t d, unsigned *is_mig) { ENTER(d); PUT(is_mig, d->gi >= 0); return OK; }
 
@@ -327,10 +365,23 @@ nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t d, nvmlUtilization_t *u)
     return OK;
 }
 
+/* The GPU's memory, or with gi >= 0 a MIG device's (mem_total.gi<N>, ...; falling back to the GPU's). */
+static void memory(nvmlDevice_t d, unsigned long long *total, unsigned long long *used, unsigned long long *reserved) {
+    char k[3][48];
+    const char *base[3] = { "mem_total", "mem_used", "mem_reserved" };
+    for (int i = 0; i < 3; i++) {
+        if (d->gi >= 0) snprintf(k[i], sizeof k[i], "%s.gi%d", base[i], d->gi);
+        if (d->gi < 0 || !get(k[i], d->gpu)) snprintf(k[i], sizeof k[i], "%s", base[i]);
+    }
+    *total = num(k[0], d->gpu, 85520809984.0);
+    *used = num(k[1], d->gpu, 2e10);
+    *reserved = num(k[2], d->gpu, 536870912.0);
+}
+
 nvmlReturn_t nvmlDeviceGetMemoryInfo(nvmlDevice_t d, nvmlMemory_t *m) {
     ENTER(d);
-    unsigned long long total = num("mem_total", d->gpu, 85520809984.0), used = num("mem_used", d->gpu, 2e10);
-    unsigned long long reserved = 536870912ULL;  /* v1 counts the driver's reservation as used */
+    unsigned long long total, used, reserved;  /* v1 counts the driver's reservation as used */
+    memory(d, &total, &used, &reserved);
     PUT(m, ((nvmlMemory_t){ total, total - used - reserved, used + reserved }));
     return OK;
 }
@@ -339,9 +390,10 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t d, nvmlMemory_v2_t *m) {
     ENTER(d);
     if (!m) return INVALID_ARGUMENT;
     if (m->version != (sizeof *m | 2u << 24)) return ARGUMENT_VERSION_MISMATCH;
-    unsigned long long total = num("mem_total", d->gpu, 85520809984.0), used = num("mem_used", d->gpu, 2e10);
+    unsigned long long total, used, reserved;
+    memory(d, &total, &used, &reserved);
     m->total = total;
-    m->reserved = 536870912ULL;
+    m->reserved = reserved;
     m->used = used;
     m->free = total - used - m->reserved;
     return OK;
@@ -360,7 +412,7 @@ nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t d, unsigned long l
 }
 
 nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t d, int type, unsigned *mhz) {
-    ENTER(d);
+    ENTER(d);  /* put_uint answers NotSupported for a clock configured as "na" */
     if (type == 1) return put_uint(d, "sm_mhz", 1755, mhz);   /* NVML_CLOCK_SM */
     if (type == 2) return put_uint(d, "mem_mhz", 2619, mhz);  /* NVML_CLOCK_MEM */
     return put_uint(d, "graphics_mhz", 1755, mhz);
@@ -388,7 +440,8 @@ nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t d, int type, int counter, 
 nvmlReturn_t nvmlDeviceGetRemappedRows(nvmlDevice_t d, unsigned *corr, unsigned *unc, unsigned *pending,
                                        unsigned *failure) {
     ENTER(d);
-    PUT(corr, 0); PUT(unc, 0); PUT(pending, 0); PUT(failure, 0);
+    PUT(corr, (unsigned)num("remap_corr", d->gpu, 0)); PUT(unc, (unsigned)num("remap_unc", d->gpu, 0));
+    PUT(pending, (unsigned)num("remap_pending", d->gpu, 0)); PUT(failure, (unsigned)num("remap_failure", d->gpu, 0));
     return OK;
 }
 
@@ -431,9 +484,9 @@ nvmlReturn_t nvmlDeviceGetSamples(nvmlDevice_t d, int type, unsigned long long l
 }
 
 /* ---- processes ---------------------------------------------------------------------------------- */
-static nvmlReturn_t processes(nvmlDevice_t d, unsigned *count, nvmlProcessInfo_t *infos) {
+static nvmlReturn_t processes(nvmlDevice_t d, const char *key, unsigned *count, nvmlProcessInfo_t *infos) {
     if (!count) return INVALID_ARGUMENT;
-    const char *list = get("procs", d->gpu);
+    const char *list = get(key, d->gpu);
     unsigned n = 0, cap = infos ? *count : 0;
     for (const char *p = list; p && *p; n++) {
         unsigned pid;
@@ -448,14 +501,11 @@ static nvmlReturn_t processes(nvmlDevice_t d, unsigned *count, nvmlProcessInfo_t
 }
 nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned *count, nvmlProcessInfo_t *infos) {
     ENTER(d);
-    return processes(d, count, infos);
+    return processes(d, "procs", count, infos);
 }
 nvmlReturn_t nvmlDeviceGetGraphicsRunningProcesses_v3(nvmlDevice_t d, unsigned *count, nvmlProcessInfo_t *infos) {
     ENTER(d);
-    (void)infos;
-    if (!count) return INVALID_ARGUMENT;
-    *count = 0;  /* no graphics processes */
-    return OK;
+    return processes(d, "gprocs", count, infos);  /* none unless configured */
 }
 /* Per-process samples: one per "pid:sm%" of proc_util, stamped now; NotFound when none is newer than
  * last_seen. The sizing call (NULL buffer) answers InsufficientSize with the count, as the driver does. */
@@ -535,7 +585,9 @@ nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t d, int n, nvmlFieldValue_t *v
         v->nvmlReturn = OK;
         v->valueType = VT_ULL;
         int link_field = v->fieldId == FI_NVLINK_TX || v->fieldId == FI_NVLINK_RX;
-        if (v->fieldId == FI_PCIE_TX || v->fieldId == FI_PCIE_RX)  /* bytes since start at a constant rate */
+        if ((v->fieldId == FI_PCIE_TX || v->fieldId == FI_PCIE_RX) && !num("pcie_counters", d->gpu, 1))
+            v->nvmlReturn = NOT_SUPPORTED;  /* drivers before R555 */
+        else if (v->fieldId == FI_PCIE_TX || v->fieldId == FI_PCIE_RX)  /* bytes since start at a constant rate */
             v->value.ull = (unsigned long long)(num(v->fieldId == FI_PCIE_TX ? "pcie_tx_bps" : "pcie_rx_bps",
                                                     d->gpu, 1e9) * since);
         else if (v->fieldId == FI_NVLINK_LINK_COUNT && links > 0) {
