@@ -32,7 +32,7 @@ class Scenario:
     description: str
     spec: FakeGpuSpec
     finding: str  # the diagnosis rule this scenario's headline shows (docs/diagnosis.md)
-    throttle_bits: int = 0  # clock event reasons active while the GPU is busy
+    throttle_bits: int | None = 0  # clock event reasons active while busy; None: the plain simulator's blips
     host_cpu_busy: bool = False  # simulate the host CPU 91-99 % busy instead of reading /proc/stat
 
 
@@ -52,19 +52,23 @@ SCENARIOS: dict[str, Scenario] = {
     "near-oom": Scenario("memory used 92-99 % of the board",
                          replace(_BASE, low_fraction=0.1, model_memory_bytes=_BASE.memory_total_bytes - _RESERVED
                                  - _KV_CACHE_SWING - 64 * MIB), "near_oom"),
-    "xids": Scenario("XID 31 (an application's GPU memory page fault) on every GPU after 5 s, then every minute",
-                     replace(_BASE, low_fraction=0.1, xid_schedule=(5.0, 60.0, 31)), "xid_errors"),
+    "xids": Scenario("the plain simulator, plus XID 31 (an application's GPU memory page fault) on every GPU after "
+                     "5 s, then every minute", replace(_BASE, xid_schedule=(5.0, 60.0, 31)), "xid_errors",
+                     throttle_bits=None),
 }
 
 
 class ScenarioNvml(FakeNvml):
-    """FakeNvml whose every GPU follows one scenario (no random power-cap blips; XIDs only in `xids`)."""
+    """FakeNvml whose every GPU follows one scenario (no random power-cap blips but in `xids`, which is the
+    plain simulator with XIDs; XIDs only there)."""
 
     def __init__(self, scenario: str, gpu_count: int, **kw) -> None:
         self.scenario = SCENARIOS[scenario]
         super().__init__(specs=[self.scenario.spec] * gpu_count, **kw)
 
     def _clock_event_reasons(self, handle: FakeHandle) -> int:
+        if self.scenario.throttle_bits is None:
+            return super()._clock_event_reasons(handle)
         t = self._now()
         idle = pynvml.nvmlClocksEventReasonGpuIdle if self.utilization_at(handle.index, t) < 10 else 0
         return idle | (self.scenario.throttle_bits if self._busy(handle.index, t) else 0)
