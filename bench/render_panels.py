@@ -48,7 +48,11 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=150)
     ap.add_argument("--out", default=str(REPO / "docs" / "img" / "dashboard-jitter.png"))
     a = ap.parse_args()
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("render_panels.py: error: needs matplotlib (.venv/bin/pip install matplotlib)", file=sys.stderr)
+        return 2
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """Exporter cost and scrape latency, side by side with node_exporter, on this machine.
 
-    .venv/bin/python bench/run.py            # full run (~8 min), writes bench/results.json
-    .venv/bin/python bench/run.py --quick    # shorter windows, for a smoke run
-    .venv/bin/python bench/run.py --stand-in-only   # only the real-binding sampler CPU below (~1 min)
+    .venv/bin/python bench/run.py            # full run (~8 min), figures printed only
+    .venv/bin/python bench/run.py --write    # the same, and bench/results.json (--out) rewritten with them
+    .venv/bin/python bench/run.py --quick    # shorter windows, for a smoke run (never written)
+    .venv/bin/python bench/run.py --stand-in-only [--write]   # only the real-binding sampler CPU below (~1 min)
+
+A run prints its figures and writes nothing unless told to: the committed bench/results.json is the
+record docs/performance.md quotes, so only `--write` replaces it, and `--stand-in-only --write` replaces
+only its `stand_in_sampler_cpu` section (the rest of the file is kept as committed).
 
 Everything runs on 127.0.0.1. The exporter runs with simulated GPUs (--fake-gpus N): each fake NVML
 call costs what the fake's Python costs (~1 us, measured by bench/micro.py), in the range of a ctypes
@@ -239,8 +244,13 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="short windows and fewer scrapes (smoke run)")
     ap.add_argument("--stand-in-only", action="store_true",
                     help="only the sampler CPU through the real pynvml on the C stand-in (GPM + NVLink on and off)")
+    ap.add_argument("--write", action="store_true",
+                    help="rewrite --out with this run's figures (with --stand-in-only: only its section)")
     ap.add_argument("--out", default=str(HERE / "results.json"))
     args = ap.parse_args()
+    if args.write and args.quick:
+        print("run.py: error: --quick figures are a smoke run; they are never written (drop --write)", file=sys.stderr)
+        return 2
     scrapes = 100 if args.quick else 500
     paced = 20 if args.quick else 120  # 250 ms apart: each one sees a new 200 ms snapshot
     window = 3.0 if args.quick else 10.0
@@ -252,9 +262,16 @@ def main() -> int:
                      "stand_in_sampler_cpu": []}
     stand_in_cpu(results, window)
     if args.stand_in_only:
-        only = {k: results[k] for k in ("machine", "quick", "stand_in_sampler_cpu")}
-        Path(args.out).write_text(json.dumps(only, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        if args.write:
+            out = Path(args.out)
+            try:
+                kept = json.loads(out.read_text()) if out.exists() else {}
+            except ValueError as exc:
+                print(f"run.py: error: {out}: not JSON ({exc}); nothing written", file=sys.stderr)
+                return 2
+            kept["stand_in_sampler_cpu"] = results["stand_in_sampler_cpu"]
+            out.write_text(json.dumps(kept, indent=2) + "\n")
+            print(f"wrote the stand_in_sampler_cpu section of {args.out}")
         return 0
 
     print(f"# scrape latency: {scrapes} back-to-back scrapes, then {paced} paced 250 ms apart (each a fresh "
@@ -325,8 +342,11 @@ def main() -> int:
         if ne and ex8:
             results[key] = ex8[0]["p99_ms"] / ne[0]["p99_ms"]
             print(f"# exporter (8 GPU) p99 / node_exporter p99, {'paced' if pace else 'back to back'} = {results[key]:.2f}")
-    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    if args.write:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    else:
+        print(f"not written (--write rewrites {args.out})")
     return 0
 
 

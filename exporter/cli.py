@@ -20,7 +20,7 @@ from exporter import collectors as registry
 from exporter.collector import SnapshotCollector
 from exporter.durations import parse_duration
 from exporter.environment import ENV_PREFIX, env_name
-from exporter.fake_scenarios import SCENARIOS, ScenarioNvml, scenario_help
+from exporter.fake_scenarios import SCENARIOS, ScenarioNvml, host_source, scenario_help
 from exporter.history import SampleHistory
 from exporter.sampler import Sampler
 from exporter.httpd import Limits
@@ -33,7 +33,6 @@ from exporter.sources.nvml import NvmlSource
 from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.kernfile import read_once
-from exporter.sources.procfs import ProcfsSource
 from exporter.webconfig import WebConfigError, WebConfigWatcher
 
 log = logging.getLogger("exporter")
@@ -338,11 +337,9 @@ def _nvml_module(cfg: Config) -> tuple[Any, str]:
     if cfg.fake_gpus:
         from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 
-        # GPU 1 reports XID 31 (an application's GPU memory page fault) after 5 s, then every minute.
+        # Nothing alarming unless asked: XIDs come only with --fake-scenario xids.
         churn: dict[str, Any] = {"batch_period_s": cfg.fake_churn, "batch_new_pid": True} if cfg.fake_churn else {}
-        specs = [FakeGpuSpec(mig_profiles=cfg.fake_mig if i == 0 else (),
-                             xid_schedule=(5.0, 60.0, 31) if i == 1 else None, **churn)
-                 for i in range(cfg.fake_gpus)]
+        specs = [FakeGpuSpec(mig_profiles=cfg.fake_mig if i == 0 else (), **churn) for i in range(cfg.fake_gpus)]
         return FakeNvml(specs=specs), "fake"
     try:
         import pynvml
@@ -419,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pods = (PodResourcesPoller(cfg.pod_resources_socket)
             if cfg.pod_resources_socket and "pod-info" in on else None)
     specs = GPU_SCALARS + NVLINK_PER_LINK_SCALARS  # each row read and rendered only if its collector is on
-    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collectors=on, specs=specs), ProcfsSource(cfg.procfs),
+    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collectors=on, specs=specs), host_source(cfg.fake_scenario, cfg.procfs),
                       interval=cfg.sample_interval, cgroup=_cgroup_source(cfg) if "cgroup" in on else None,
                       shm_path=(cfg.shm_path or None) if "shm" in on else None,
                       attributor=ProcessAttributor(cfg.procfs) if on & {"processes", "mig"} else None,

@@ -321,15 +321,17 @@ def _gpu_order(gpu: str) -> tuple[int, str]:
 
 
 def rtf_crossing(prom: Prometheus, selector: str, start: float, end: float, step: float,
-                 rate_w: str) -> tuple[float, float, bool] | None:
+                 rate_w: str) -> tuple[float, float, bool] | float | None:
     """(first time the RTF p95 was above 0.7 in [start, end], peak p95, whether it already was at the
-    window's start), or None when it never was."""
+    window's start); the peak p95 alone when it never was; None when there was no RTF to judge."""
     expr = (f"histogram_quantile({RTF_QUANTILE}, sum by (le) "
             f"(rate(tts_real_time_factor_bucket{selector}[{rate_w}])))")
     points = [(float(t), float(v)) for r in prom.range(expr, start, end, step) for t, v in r["values"]]
     points = sorted(p for p in points if not math.isnan(p[1]))
     above = [t for t, v in points if v > RTF_LIMIT]
-    return (above[0], max(v for _, v in points), above[0] < start + step / 2) if above else None
+    if not points:
+        return None
+    return (above[0], max(v for _, v in points), above[0] < start + step / 2) if above else max(v for _, v in points)
 
 
 def find_instance(prom: Prometheus, end: float, span: str) -> str:
@@ -400,10 +402,11 @@ def run(argv: Sequence[str], now: float | None = None) -> str:
     text = [f"Diagnosis of {instance} from {iso(start)} to {iso(end)} ({len(w.gpus)} GPU(s)):", render_text(findings)]
     scrape = source.scrape_interval(start, end)
     crossing = rtf_crossing(prom, a.rtf_selector, start, end, source.step(start, end), _secs(4 * scrape))
-    if crossing is None:
+    if crossing is None or isinstance(crossing, float):
         doc["rtf"] = None
-        text.append(f"RTF: p{RTF_QUANTILE * 100:g} of tts_real_time_factor{a.rtf_selector} stayed at or below "
-                    f"{RTF_LIMIT} (or is not scraped).")
+        text.append(f"RTF: tts_real_time_factor{a.rtf_selector} was not scraped in this window." if crossing is None
+                    else f"RTF: p{RTF_QUANTILE * 100:g} of tts_real_time_factor{a.rtf_selector} stayed at or below "
+                    f"{RTF_LIMIT} (peak {crossing:.2f}).")
     else:
         at, peak, already = crossing
         around = (round(max(start, at - COINCIDE_BEFORE_S), 3), round(min(end, at + COINCIDE_AFTER_S), 3))

@@ -7,8 +7,8 @@ in `Thresholds`; docs/diagnosis.md describes each rule.
 
 Ranking: a finding's score is its severity's weight (critical 4, warning 3, info 1) plus a magnitude in
 [0, 1) (mostly the share of the window the condition held), so severity orders first and, within one
-severity, the larger effect. "Nothing abnormal" (weight 2) is given when no warning or critical fired,
-so it ranks above the informational notes that may come with it.
+severity, the larger effect. "Nothing abnormal" (weight 2) is given when no warning or critical fired
+and no GPU was mostly idle, so it ranks above the informational notes that may come with it.
 """
 from __future__ import annotations
 
@@ -345,7 +345,8 @@ def diagnose(w: Window, th: Thresholds = DEFAULT_THRESHOLDS) -> list[Finding]:
             "short_window", "info", 0.0, "Little history yet",
             f"Only {_duration(w.seconds)} of samples so far: shares over so short a window are rough",
             f"Wait for at least {_duration(th.short_window_s)} of samples (the exporter just started)."))
-    if not any(f.severity in ("critical", "warning") for f in found):
+    # A GPU mostly idle is no alarm, but not "utilisation within thresholds" either: no all-clear over it.
+    if not any(f.severity in ("critical", "warning") or f.rule == "gpu_underused" for f in found):
         found.append(_finding(
             "nothing_abnormal", "ok", 0.0, "Nothing abnormal",
             f"No rule fired over the last {_duration(w.seconds)} of {len(w.gpus)} GPU(s): utilisation, memory, "

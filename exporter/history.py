@@ -19,9 +19,10 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from exporter.diagnosis import Thresholds
+from exporter.diagnosis import THROTTLE_REASONS, Thresholds
 from exporter.snapshot import GpuState, Snapshot
 from exporter.sources.cgroup import CgroupReading
+from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS
 from exporter.sources.nvml.specs import DRAM_ACTIVE, MEMORY_USED_RATIO, SM_ACTIVE, TENSOR_ACTIVE, UTILIZATION
 
 _STARVED = Thresholds().starved_utilization  # below_40_fraction counts what the diagnosis calls starved
@@ -37,6 +38,9 @@ HOST_FIELDS = ("host_cpu_utilization", "cgroup_cpu_throttled_ratio")
 
 
 _NAN = float("nan")
+# The clock event bits the diagnosis calls "held down by heat or power": the live view's clocks strip.
+_HELD_DOWN = sum(bit for bit, name in CLOCK_EVENT_REASONS if name in THROTTLE_REASONS)
+_CLOCK_EVENTS = ALL_GPU_FIELDS.index("clock_event_reasons")
 
 
 def _gpu_values(g: GpuState, xids: int) -> tuple[float | None, ...]:
@@ -149,20 +153,50 @@ class SampleHistory:
         host = {f: [_nullable(values[k]) for _, _, values in rows] for k, f in enumerate(HOST_FIELDS)}
         return Columns([t for t, _, _ in rows], host, gpus, names, mig, latest)
 
+    @classmethod
+    def _held_down(cls, rows: list, gpu: str) -> list[float | None]:
+        """Per tick: 1.0 while a heat or power clock event reason held the clocks down, else 0.0; None: no value."""
+        return [None if v is None else float(int(v) & _HELD_DOWN != 0) for v in cls._column(rows, gpu, _CLOCK_EVENTS)]
+
+    @staticmethod
+    def _share(flags: list[float | None]) -> float | None:
+        vals = [v for v in flags if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    @staticmethod
+    def _mig_instances(latest: Snapshot | None, gpu: str) -> list[dict]:
+        """The MIG instances of a GPU at the newest tick: memory per instance (the live view's bars)."""
+        for g in latest.gpus if latest else ():
+            if str(g.identity.index) == gpu and g.reading is not None and g.reading.mig:
+                return [{"uuid": m.uuid, "gpu_instance_id": m.gpu_instance_id,
+                         "memory_used_bytes": m.memory_used_bytes, "memory_total_bytes": m.memory_total_bytes}
+                        for m in g.reading.mig]
+        return []
+
+    @staticmethod
+    def _simulated(latest: Snapshot | None) -> dict[str, bool]:
+        """What the page must call simulated: GPUs from --fake-gpus, the host CPU from a --fake-scenario."""
+        return {"gpus": latest is not None and latest.nvml.mode == "fake",
+                "host_cpu": latest is not None and latest.host is not None and latest.host.simulated}
+
     def query(self, window_s: float) -> dict:
         """The documented JSON shape (docs/live-view.md): columns aligned on `t`."""
-        rows, names, gpu_ids, mig, _ = self._window(window_s)
+        rows, names, gpu_ids, mig, latest = self._window(window_s)
         gpus = []
         for gpu in gpu_ids:
             series = {f: list(self._column(rows, gpu, k)) for k, f in enumerate(GPU_FIELDS)}
+            held = self._held_down(rows, gpu)
             gpus.append({
                 "gpu": gpu, "uuid": names.get(gpu, ("", ""))[0], "name": names.get(gpu, ("", ""))[1],
                 "mig": gpu in mig, **series, "below_40_fraction": self._below_40(series["utilization"]),
+                "clocks_held_down": held, "clocks_held_down_fraction": self._share(held),
+                "mig_instances": self._mig_instances(latest, gpu),
             })
         return {
             "interval_seconds": self.interval_s,
             "window_seconds": window_s,
             "history_seconds": self.window_s,
+            "simulated": self._simulated(latest),
             "t": [round(t, 3) for t, _, _ in rows],
             "host_cpu_utilization": [_nullable(values[0]) for _, _, values in rows],
             "gpus": gpus,
@@ -171,10 +205,10 @@ class SampleHistory:
     def query_json(self, window_s: float) -> bytes:
         """query() as compact JSON, written a column at a time: peak memory is about the size of the
         output, not a Python float and a list slot per value (tens of MB for 5 minutes of 64 GPUs)."""
-        rows, names, gpu_ids, mig, _ = self._window(window_s)
+        rows, names, gpu_ids, mig, latest = self._window(window_s)
         dump = json.dumps
         parts = [f'{{"interval_seconds":{dump(self.interval_s)},"window_seconds":{dump(window_s)},'
-                 f'"history_seconds":{dump(self.window_s)},"t":'.encode(),
+                 f'"history_seconds":{dump(self.window_s)},"simulated":{dump(self._simulated(latest))},"t":'.encode(),
                  _json_list(round(t, 3) for t, _, _ in rows), b',"host_cpu_utilization":',
                  _json_list(_nullable(values[0]) for _, _, values in rows), b',"gpus":[']
         for n, gpu in enumerate(gpu_ids):
@@ -183,7 +217,11 @@ class SampleHistory:
                          f'"mig":{dump(gpu in mig)}'.encode())
             for k, f in enumerate(GPU_FIELDS):
                 parts += (f',"{f}":'.encode(), _json_list(self._column(rows, gpu, k)))
-            parts.append(f',"below_40_fraction":{dump(self._below_40(self._column(rows, gpu, 0)))}}}'.encode())
+            held = self._held_down(rows, gpu)
+            parts += (f',"below_40_fraction":{dump(self._below_40(self._column(rows, gpu, 0)))},"clocks_held_down":'
+                      .encode(), _json_list(held),
+                      f',"clocks_held_down_fraction":{dump(self._share(held))},'
+                      f'"mig_instances":{dump(self._mig_instances(latest, gpu))}}}'.encode())
         parts.append(b"]}")
         return b"".join(parts)
 

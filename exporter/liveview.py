@@ -27,6 +27,11 @@ _PAGE = """<!doctype html>
         font-size: 12px; text-align: center; margin-right: 6px; }
  .sev-critical { background: #b71c1c; } .sev-warning { background: #e65100; } .sev-info { background: #546e7a; }
  .sev-ok { background: #2e7d32; } .evidence { color: #333; } .remedy { color: #555; font-style: italic; }
+ .note { color: #546e7a; } #simulated { background: #e3f2fd; border-color: #1565c0; }
+ canvas.clocks { height: 22px; margin-top: 4px; } .clockstat { font-size: 12px; }
+ .mig { margin-top: 6px; } .mig div { font-size: 12px; margin: 3px 0; }
+ .bar { display: inline-block; width: 240px; height: 10px; background: #eee; vertical-align: middle;
+        margin-right: 8px; } .bar i { display: block; height: 100%; background: #6a1b9a; }
 </style></head>
 <body>
 <header>
@@ -36,10 +41,12 @@ _PAGE = """<!doctype html>
  <span id="windows">window:</span>
  <span id="status">loading...</span>
 </header>
+<section id="simulated" hidden></section>
 <section id="notices" class="notice" hidden></section>
 <section id="findings"><h2>Diagnosis: why the real-time factor may jitter</h2><ol></ol></section>
 <p>Every sample (one per sampler tick), not one per Prometheus scrape. Dashed lines: 40 % on GPU
-utilisation (starved at or below it) and 90 % on PCIe (saturated above it).</p>
+utilisation (starved at or below it) and 90 % on PCIe (saturated above it). Red in a GPU's clocks strip:
+clocks held down by heat or power at that tick.</p>
 <section id="host"><h2>Host CPU</h2><canvas id="host-canvas"></canvas></section>
 <div id="gpus"></div>
 <script>
@@ -97,12 +104,64 @@ function draw(canvas, t, series, lines) {
   }
 }
 
-function gpuSection(g) {
+// What the page says is simulated (the exporter's --fake-gpus / --fake-scenario), never passed off as measured.
+function showSimulated(sim) {
+  const el = document.getElementById("simulated"), parts = [];
+  if (sim && sim.gpus) parts.push("Simulated GPUs (--fake-gpus): every GPU value below is made up by the " +
+                                  "exporter's simulator, not read from a device");
+  if (sim && sim.host_cpu) parts.push("the host CPU is simulated too (the scenario drives it 91\u201399 % busy; " +
+                                      "not this machine's /proc/stat)");
+  el.hidden = !parts.length; el.textContent = parts.join("; ");
+  el.dataset.simulated = [sim && sim.gpus ? "gpus" : "", sim && sim.host_cpu ? "host_cpu" : ""].filter(Boolean).join(",");
+  document.querySelector("#host h2").textContent = "Host CPU" + (sim && sim.host_cpu ? " (simulated)" : "");
+  return sim && sim.gpus;
+}
+
+// The worst severity among the current findings of one GPU and some rules: the cards follow the diagnosis.
+let findings = [];
+function severityOf(gpu, rules) {
+  const sev = findings.filter(f => f.gpu === gpu && rules.includes(f.rule)).map(f => f.severity);
+  return sev.includes("critical") || sev.includes("warning") ? " bad" : sev.length ? " note" : "";
+}
+
+function drawStrip(canvas, t, flags) {
+  const dpr = window.devicePixelRatio || 1, w = canvas.clientWidth, h = canvas.clientHeight;
+  canvas.width = w * dpr; canvas.height = h * dpr;
+  const ctx = canvas.getContext("2d"); ctx.scale(dpr, dpr); ctx.clearRect(0, 0, w, h);
+  const left = 35, t1 = t.length ? t[t.length - 1] : 0, t0 = t1 - windowSeconds;
+  const x = v => (v - t0) / windowSeconds * (w - left - 5) + left;
+  ctx.fillStyle = "#eee"; ctx.fillRect(left, 2, w - left - 5, h - 4);
+  ctx.fillStyle = "#c62828"; let held = 0;
+  flags.forEach((v, i) => { if (v !== 1) return; held++;
+    const next = i + 1 < t.length ? t[i + 1] : t[i] + 0.2; ctx.fillRect(x(t[i]), 2, Math.max(1, x(next) - x(t[i])), h - 4); });
+  ctx.fillStyle = "#666"; ctx.font = "10px sans-serif"; ctx.fillText("clocks", 2, h / 2 + 3);
+  canvas.dataset.held = held;
+}
+
+function showMig(s, g) {
+  const box = s.querySelector(".mig");
+  box.replaceChildren(...(g.mig_instances || []).map(m => {
+    const d = document.createElement("div"), used = m.memory_used_bytes, total = m.memory_total_bytes;
+    const share = used !== null && total ? used / total : 0;
+    d.dataset.uuid = m.uuid;
+    d.innerHTML = `<span class="bar"><i></i></span><span></span>`;
+    d.querySelector("i").style.width = (share * 100).toFixed(1) + "%";
+    d.querySelector("span:last-child").textContent = `MIG instance ${m.gpu_instance_id} \u00b7 ${m.uuid}: ` +
+      (used === null || !total ? "memory unknown" :
+       `${(used / 2 ** 30).toFixed(1)} of ${(total / 2 ** 30).toFixed(1)} GiB (${(share * 100).toFixed(0)} %)`);
+    return d;
+  }));
+  box.hidden = !box.children.length;
+}
+
+function gpuSection(g, simulated) {
   let s = document.querySelector(`section.gpu[data-gpu="${g.gpu}"]`);
   if (!s) {
     s = document.createElement("section"); s.className = "gpu"; s.dataset.gpu = g.gpu;
-    s.innerHTML = `<h2></h2><div class="legend"></div><div class="stat"></div><canvas></canvas>`;
-    s.querySelector("h2").textContent = `GPU ${g.gpu} \u00b7 ${g.name} \u00b7 ${g.uuid}`;
+    s.innerHTML = `<h2></h2><div class="legend"></div><div class="stat"></div><canvas class="chart"></canvas>` +
+                  `<canvas class="clocks"></canvas><div class="clockstat"></div><div class="mig" hidden></div>`;
+    s.querySelector("h2").textContent = `GPU ${g.gpu} \u00b7 ${g.name} \u00b7 ${g.uuid}` +
+                                        (simulated ? " \u00b7 simulated" : "");
     s.querySelector(".legend").innerHTML = Object.keys(LABELS).map(
       k => `<span style="color:${COLORS[k]}">\u25a0 ${LABELS[k]}</span>`).join("");
     document.getElementById("gpus").appendChild(s);
@@ -111,6 +170,7 @@ function gpuSection(g) {
 }
 
 function showFindings(doc) {
+  findings = doc.findings;
   const ol = document.querySelector("#findings ol");
   ol.replaceChildren(...doc.findings.map(f => {
     const li = document.createElement("li"); li.dataset.rule = f.rule;
@@ -145,25 +205,34 @@ async function refresh() {
     // every 3 s; longer windows less often (a 1 h diagnosis of 64 GPUs costs seconds of CPU)
     if (ticks++ % Math.max(3, Math.round(windowSeconds / 60)) === 0)
       showFindings(await getJson(`/api/v1/diagnosis?window=${windowSeconds}s`));
-    const found = [];
-    if (!d.gpus.length) {
+    const found = [], simulated = showSimulated(d.simulated);
+    if (!d.gpus.length) {  // NVML's reason once, without its own "no GPU found" or "host metrics only"
       const nogpu = document.querySelector('#findings li[data-rule="no_gpu"] .evidence');
-      found.push("No GPU found" + (nogpu ? ": " + nogpu.textContent.replace(/^[^:]*: ?/, "") : "") +
-                 " \u2014 host CPU only");
+      const why = (nogpu ? nogpu.textContent.replace(/^[^:]*: ?/, "") : "")
+        .replace(/;? ?serving host metrics only$/, "").replace(/,? ?(but )?no (NVIDIA )?GPU found:? ?/i, "").trim();
+      found.push("No GPU found" + (why ? ` (${why})` : "") + " \u2014 host CPU only");
     }
     notice(found);
     draw(document.getElementById("host-canvas"), d.t, [{values: d.host_cpu_utilization, color: COLORS.host}], []);
     // what the samples cover: less than the window while the history fills
     const covered = d.t.length ? Math.min(windowSeconds, Math.round(d.t[d.t.length - 1] - d.t[0] + d.interval_seconds)) : 0;
     for (const g of d.gpus) {
-      const s = gpuSection(g);
+      const s = gpuSection(g, simulated);
       const f = g.below_40_fraction;
       const stat = s.querySelector(".stat");
-      stat.textContent = g.mig ? "utilisation not supported under MIG (memory and PCIe still shown)" :
+      stat.textContent = g.mig ? "utilisation not supported under MIG (memory and PCIe still shown; " +
+                                 "memory per instance below)" :
         f === null ? "no samples in this window" :
         `at or below 40 % utilisation: ${(f * 100).toFixed(1)} % of the last ${span(covered)}`;
-      stat.className = "stat" + (f !== null && f > 0.5 ? " bad" : "");
-      draw(s.querySelector("canvas"), d.t, Object.keys(LABELS).map(k => ({values: g[k], color: COLORS[k]})),
+      // red only where the diagnosis names a cause, as its headline does
+      stat.className = "stat" + severityOf(g.gpu, ["cpu_starvation", "cpu_quota_throttled", "gpu_underused"]);
+      const held = g.clocks_held_down_fraction, clockstat = s.querySelector(".clockstat");
+      clockstat.textContent = held === null ? "clocks: no clock event reasons in this window" :
+        `clocks held down (heat or power): ${(held * 100).toFixed(1)} % of the last ${span(covered)}`;
+      clockstat.className = "clockstat" + severityOf(g.gpu, ["clocks_throttled"]);
+      drawStrip(s.querySelector("canvas.clocks"), d.t, g.clocks_held_down || []);
+      showMig(s, g);
+      draw(s.querySelector("canvas.chart"), d.t, Object.keys(LABELS).map(k => ({values: g[k], color: COLORS[k]})),
            g.mig ? GPU_LINES.slice(1) : GPU_LINES);  // no utilisation under MIG: no 40 % line
     }
     const st = document.getElementById("status");

@@ -182,8 +182,9 @@ def start_fake_kubelet(socket_path: Path, allocations: dict) -> subprocess.Popen
 
 
 class Stack:
-    """The exporter (2 fake GPUs, 100 ms), a stand-in kubelet saying which pod holds each GPU, the fake TTS
-    service and a real Prometheus scraping both."""
+    """The exporter (2 fake GPUs, 100 ms; `--fake-scenario xids`: the plain simulator plus XID 31 on each GPU
+    after 5 s), a stand-in kubelet saying which pod holds each GPU, the fake TTS service and a real
+    Prometheus scraping both."""
 
     def __init__(self, workdir: Path) -> None:
         from exporter.fake_nvml import fake_uuid
@@ -192,7 +193,7 @@ class Stack:
         socket_path = workdir / "kubelet.sock"
         self.kubelet = start_fake_kubelet(socket_path, {"/".join(ref): {"nvidia.com/gpu": [fake_uuid(gpu)]}
                                                         for gpu, ref in STACK_PODS.items()})
-        self.exporter = ExporterProcess("--fake-gpus", "2", "--sample.interval", "100ms",
+        self.exporter = ExporterProcess("--fake-gpus", "2", "--fake-scenario", "xids", "--sample.interval", "100ms",
                                         "--kubernetes.pod-resources-socket", str(socket_path))
         self.tts_port = free_port()
         self.tts = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_tts.py"), "--port",

@@ -90,8 +90,8 @@ def test_pcie_share_from_histograms_without_gauges():
 
 def test_starved_gpu_without_cpu_cause_is_only_a_note():
     found = diagnose(window(gpu={"utilization": STARVED}))
-    assert [f.rule for f in found] == ["nothing_abnormal", "gpu_underused"]
-    assert found[1].severity == "info"
+    assert [f.rule for f in found] == ["gpu_underused"]  # no "Nothing abnormal" over a GPU idle 60 % of the time
+    assert found[0].severity == "info"
 
 
 def test_starvation_needs_the_cause_during_the_starved_samples():
@@ -344,3 +344,20 @@ def test_diagnoses_run_one_at_a_time_and_are_shared(mocker, tmp_path, procfs):
         release.set()
         assert [f.result(timeout=5)[0] for f in same] == [200] * 4
     assert other[0] == 503 and calls == [30.0]
+
+
+def test_rtf_crossing_says_whether_the_rtf_was_scraped_at_all():
+    """`diagnose` is definite: "not scraped" (no points) and "stayed at or below 0.7" (with its peak) apart."""
+    from exporter.diagnose_cli import rtf_crossing
+
+    class Prom:
+        def __init__(self, values):
+            self.values = values
+
+        def range(self, expr, start, end, step):
+            return [{"values": self.values}] if self.values else []
+
+    assert rtf_crossing(Prom([]), "", 0.0, 10.0, 1.0, "4s") is None
+    assert rtf_crossing(Prom([[1, "NaN"]]), "", 0.0, 10.0, 1.0, "4s") is None
+    assert rtf_crossing(Prom([[1, "0.3"], [2, "0.5"]]), "", 0.0, 10.0, 1.0, "4s") == 0.5
+    assert rtf_crossing(Prom([[1, "0.3"], [2, "0.9"]]), "", 0.0, 10.0, 1.0, "4s") == (2.0, 0.9, False)

@@ -114,7 +114,7 @@ def test_process_cgroup_and_shm_series(stack):
 
 
 def test_xid_and_health_series(stack):
-    """The demo fake's GPU 1 reports XID 31 five seconds after start; counters reach Prometheus."""
+    """--fake-scenario xids: GPU 1 reports XID 31 five seconds after start; counters reach Prometheus."""
     prom = stack.prom
     xid = prom.wait_for('gpu_xid_errors_total{gpu="1",xid="31"}', timeout=20)
     assert float(xid[0]["value"][1]) >= 1

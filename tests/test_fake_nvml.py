@@ -104,3 +104,43 @@ def test_duty_cycle_and_counters_are_consistent(clock):
     clock.advance(20.0)  # ten whole periods: 25 % at 120 W, 75 % at 520 W
     e1 = fake.nvmlDeviceGetTotalEnergyConsumption(h)
     assert (e1 - e0) / 1000 == pytest.approx(20 * (0.25 * 120 + 0.75 * 520), rel=1e-6)
+
+
+def test_plain_simulated_gpus_schedule_no_xid_and_the_xids_scenario_does():
+    from exporter.cli import _nvml_module, parse_config
+
+    fake, mode = _nvml_module(parse_config(["--fake-gpus", "2"]))
+    assert mode == "fake" and [s.xid_schedule for s in fake.specs] == [None, None]
+    fake, _ = _nvml_module(parse_config(["--fake-gpus", "2", "--fake-scenario", "xids"]))
+    assert [s.xid_schedule for s in fake.specs] == [(5.0, 60.0, 31)] * 2
+
+
+def test_every_scenario_names_a_documented_rule():
+    from pathlib import Path
+
+    from exporter.fake_scenarios import SCENARIOS
+
+    rules = Path(__file__).resolve().parents[1].joinpath("docs/diagnosis.md").read_text()
+    for name, s in SCENARIOS.items():
+        assert f"| `{s.finding}` |" in rules, name
+        assert f"`{name}`" in rules, f"{name} missing from docs/diagnosis.md's scenario table"
+
+
+def test_simulated_host_is_busy_marked_and_keeps_the_real_memory(tmp_path):
+    from exporter.fake_scenarios import SimulatedHost, host_source
+    from exporter.sources.procfs import ProcfsSource
+    from tests.conftest import FakeProcfs
+
+    procfs = FakeProcfs(tmp_path / "proc")
+    t = [0.0]
+    host = SimulatedHost(procfs.root, cores=4, clock=lambda: t[0])
+    real = ProcfsSource(procfs.root).read()
+    for step in range(20):
+        t[0] = step * 0.37
+        r = host.read()
+        assert r.simulated and 0.91 <= r.cpu_utilization < 0.99 and len(r.core_utilization) == 4
+        assert (r.memory_total_bytes, r.memory_available_bytes) == (real.memory_total_bytes, real.memory_available_bytes)
+    assert not real.simulated
+    assert type(host_source("cpu-starved", procfs.root)) is SimulatedHost
+    for name in ("", "starved", "healthy"):  # the real /proc/stat everywhere else
+        assert type(host_source(name, procfs.root)) is ProcfsSource

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from exporter.fake_nvml import FakeNvml
+from exporter.fake_scenarios import SCENARIOS
 from exporter.history import GPU_FIELDS, SampleHistory
 from exporter.sources.nvml.specs import MEMORY_USED_RATIO, TENSOR_ACTIVE, UTILIZATION
 from tests.conftest import FakeProcfs, ManualClock, find_tool, http_get, make_sampler
@@ -50,6 +51,29 @@ def test_api_shape_and_values_match_what_the_fake_produced(procfs):
     assert doc["gpus"][1]["tensor_active"] == tensor and None not in tensor
     util = doc["gpus"][0]["utilization"]
     assert doc["gpus"][0]["below_40_fraction"] == sum(u <= 0.4 for u in util) / len(util)
+
+
+def test_api_says_what_is_simulated_and_when_clocks_were_held_down(procfs):
+    from exporter.fake_scenarios import ScenarioNvml
+
+    clock, wall = ManualClock(), ManualClock(1_700_000_000.0)
+    fake = ScenarioNvml("throttled", 1, clock=clock)
+    history = SampleHistory(5.0, 0.1, wall_clock=wall)
+    s = make_sampler(fake, procfs.root, interval=0.1, clock=clock, history=history)
+    busy = []
+    for _ in range(30):
+        procfs.advance(busy=[10, 30], idle=[90, 70])
+        s.tick()
+        busy.append(fake._busy(0, fake._now()))
+        clock.advance(0.1)
+        wall.advance(0.1)
+    doc = history.query(5.0)
+    assert doc["simulated"] == {"gpus": True, "host_cpu": False}
+    g = doc["gpus"][0]
+    assert g["clocks_held_down"] == [float(b) for b in busy]  # the scenario's thermal bits, set while busy
+    assert g["clocks_held_down_fraction"] == sum(busy) / 30 and 0 < sum(busy) < 30
+    assert g["mig_instances"] == []
+    assert json.loads(history.query_json(5.0)) == doc
 
 
 def test_memory_is_bounded_by_window_over_interval(procfs):
@@ -162,20 +186,77 @@ class BusyHost:
             self.procfs.advance(busy=[19, 19], idle=[1, 1])  # more often than the sampler reads
 
 
+# The README's opening picture, and the command it gives for it (README.md, "What each picture is").
+CPU_STARVED = ("--fake-gpus", "2", "--fake-scenario", "cpu-starved", "--sample.interval", "100ms",
+               "--history.window", "15s")
+
+
 @pytest.mark.e2e
-def test_a_diagnosis_in_the_browser(exporter_proc, tmp_path):
-    """The README's opening picture: a GPU starved by a busy host CPU, named at the top of the page."""
-    host = BusyHost(tmp_path / "proc")
-    try:
-        p = started(exporter_proc, "--fake-gpus", "2", "--fake-scenario", "starved", "--sample.interval", "100ms",
-                    "--path.procfs", str(host.procfs.root), "--no-collector.processes", "--history.window", "15s",
-                    "--path.cgroupfs", str(tmp_path), "--path.shm", str(tmp_path), samples=100)
-        page = dom(p.url + "/", tmp_path)
-        assert 'data-first="cpu_starvation"' in page
-        assert "host CPU ≥ 90 % during" in page and "num_workers 4 → 8" in page
-        screenshot(p.url + "/", "diagnosis.png", tmp_path)
-    finally:
-        host.stop.set()
+def test_the_readme_picture_from_its_command(exporter_proc, tmp_path):
+    """cpu-starved: CPU-side starvation named on each GPU over a simulated busy host CPU, and the page says
+    the host CPU is simulated."""
+    p = started(exporter_proc, *CPU_STARVED, samples=120)
+    page = dom(p.url + "/", tmp_path)
+    assert 'data-first="cpu_starvation"' in page
+    rules = re.findall(r'<li data-rule="([a-z_]+)"', page)
+    assert rules[:2] == ["cpu_starvation", "cpu_starvation"], rules
+    assert "GPU 0 starved by the CPU side" in page and "GPU 1 starved by the CPU side" in page
+    assert "host CPU ≥ 90 % during" in page and "num_workers 4 → 8" in page
+    assert 'data-simulated="gpus,host_cpu"' in page and "<h2>Host CPU (simulated)</h2>" in page
+    for gpu in ("0", "1"):  # the cards red, as the headline is
+        assert re.search(rf'data-gpu="{gpu}">.*?<div class="stat bad">at or below 40 %', page, re.S), gpu
+    screenshot(p.url + "/", "diagnosis.png", tmp_path)
+
+
+def idle_host(tmp_path: Path) -> list[str]:
+    """Flags for a quiet host: a /proc/stat that never moves (no host CPU value, so no CPU-side cause), an
+    empty cgroup and a roomy --path.shm: the GPU scenario alone decides the headline."""
+    procfs = FakeProcfs(tmp_path / "proc")
+    return ["--path.procfs", str(procfs.root), "--path.cgroupfs", str(tmp_path), "--path.shm", str(tmp_path),
+            "--no-collector.processes"]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", [n for n in SCENARIOS if n != "cpu-starved"])
+def test_every_scenario_headline_in_the_browser(exporter_proc, tmp_path, name):
+    """Each --fake-scenario's headline is its own finding, and a GPU card is red exactly where the headline
+    names a CPU-side cause (starved: a grey note under a grey headline, not a green all-clear)."""
+    expected = SCENARIOS[name].finding
+    p = started(exporter_proc, "--fake-gpus", "1", "--fake-scenario", name, "--sample.interval", "100ms",
+                "--history.window", "15s", *idle_host(tmp_path), samples=40)
+    if name == "xids":  # the first XID comes 5 s after start
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and b"xid_errors" not in http_get(p.url + "/api/v1/diagnosis")[2]:
+            time.sleep(0.3)
+    page = dom(p.url + "/", tmp_path)
+    assert f'data-first="{expected}"' in page, re.findall(r'<li data-rule="([a-z_]+)"', page)
+    assert 'data-simulated="gpus"' in page and "<h2>Host CPU</h2>" in page  # only the GPUs are simulated
+    stat = re.search(r'<section class="gpu" data-gpu="0">.*?<div class="(stat[^"]*)">', page, re.S).group(1)
+    assert stat == {"gpu_underused": "stat note"}.get(expected, "stat"), stat
+    clocks = re.search(r'<section class="gpu" data-gpu="0">.*?<div class="(clockstat[^"]*)">([^<]*)<', page, re.S)
+    if name == "throttled":  # the strip draws what the finding names
+        assert clocks.group(1) == "clockstat bad", clocks.group(0)
+        share = float(re.fullmatch(r"clocks held down \(heat or power\): ([\d.]+) % of the last .*", clocks.group(2))[1])
+        assert share > 70, clocks.group(2)  # held while busy: ~90 % of the duty cycle
+        held = re.search(r'<canvas class="clocks"[^>]*data-held="(\d+)"', page).group(1)
+        assert int(held) > 20
+        screenshot(p.url + "/", "live-view-throttled.png", tmp_path)
+    else:
+        assert clocks.group(1) == "clockstat", clocks.group(0)
+
+
+@pytest.mark.e2e
+def test_plain_simulated_gpus_inject_nothing_alarming(exporter_proc, tmp_path):
+    """`--fake-gpus 2`, a newcomer's first demo: past the 5 s at which the simulator used to inject XID 31
+    on GPU 1, no warning or critical finding, and the page says the GPUs are simulated."""
+    p = started(exporter_proc, "--fake-gpus", "2", "--sample.interval", "100ms", *idle_host(tmp_path), samples=70)
+    api = json.loads(http_get(p.url + "/api/v1/diagnosis?window=60s")[2])
+    assert api["window_seconds"] >= 6.5, api["window_seconds"]
+    assert not [f for f in api["findings"] if f["severity"] in ("warning", "critical")], api["findings"]
+    page = dom(p.url + "/", tmp_path)
+    assert 'data-first="nothing_abnormal"' in page and 'class="sev sev-critical"' not in page
+    assert 'class="sev sev-warning"' not in page
+    assert "Simulated GPUs (--fake-gpus)" in page and " · simulated</h2>" in page
 
 
 @pytest.mark.e2e
@@ -193,6 +274,7 @@ def test_notice_when_no_gpu_is_found(exporter_proc, tmp_path):
     page = dom(p.url + "/", tmp_path)
     notice = re.search(r'<section id="notices" class="notice">([^<]*)<', page)
     assert notice and notice.group(1).startswith("No GPU found"), page[:3000]
+    assert notice.group(1).lower().count("gpu found") == 1, notice.group(1)  # the reason without the wording twice
     assert 'data-first="no_gpu"' in page and 'data-gpus="0"' in page
 
 
@@ -201,7 +283,12 @@ def test_mig_gpu_says_utilisation_is_not_supported(exporter_proc, tmp_path):
     p = started(exporter_proc, "--fake-gpus", "1", "--fake-mig", "3g.40gb,1g.10gb", "--sample.interval", "100ms")
     page = dom(p.url + "/", tmp_path)
     stat = re.search(r'<section class="gpu" data-gpu="0">.*?<div class="stat">([^<]*)<', page, re.S).group(1)
-    assert stat == "utilisation not supported under MIG (memory and PCIe still shown)"
+    assert stat == "utilisation not supported under MIG (memory and PCIe still shown; memory per instance below)"
+    # one bar per instance, with its memory: 3g.40gb and 1g.10gb
+    mig = re.findall(r'<div data-uuid="(MIG-[^"]+)">.*?<span>MIG instance (\d+) · [^:]+: ([^<]*)</span>', page)
+    assert len(mig) == 2, page[:4000]
+    totals = sorted(float(re.search(r"of ([\d.]+) GiB", m[2]).group(1)) for m in mig)
+    assert totals[0] < 11 and 35 < totals[1] < 41, mig
     screenshot(p.url + "/", "live-view-mig.png", tmp_path)
 
 
