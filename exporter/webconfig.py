@@ -379,14 +379,15 @@ class WebConfigWatcher:
 
 def _weakens(old: WebConfig, new: WebConfig) -> str | None:
     """Why `new` may not replace `old` by a reload (it removes protection that is on), or None."""
+    reasons = []
     if old.users and not new.users:
-        return "it would turn basic auth off (basic_auth_users is empty or missing)"
+        reasons.append("basic auth off (basic_auth_users is empty or missing)")
     if old.tls is not None and new.tls is None:
-        return "it would turn TLS off (tls_server_config names no certificate)"
-    if old.tls is not None and new.tls is not None and old.tls.verify_mode == ssl.CERT_REQUIRED \
+        reasons.append("TLS off (tls_server_config names no certificate)")
+    elif old.tls is not None and new.tls is not None and old.tls.verify_mode == ssl.CERT_REQUIRED \
             and new.tls.verify_mode != ssl.CERT_REQUIRED:
-        return "it would stop requiring client certificates (client_auth_type)"
-    return None
+        reasons.append("client certificates no longer required (client_auth_type)")
+    return "it would turn " + " and ".join(reasons) if reasons else None
 
 
 def _client_ca_digest(tls: TlsSettings | None) -> bytes | None:
