@@ -575,5 +575,9 @@ def test_a_truncated_config_keeps_a_real_exporter_closed_and_says_so_in_its_metr
             assert b"exporter_web_config_last_reload_successful 0.0" in body
         assert "WARNING exporter.webconfig: web config" in exporter.log()
         assert "ERROR" not in exporter.log()
+        docs = (REPO / "docs" / "metrics.md").read_text()
+        for name in ("exporter_web_config_last_reload_successful",
+                     "exporter_web_config_last_reload_success_timestamp_seconds"):
+            assert f"# TYPE {name} gauge" in body.decode() and f"| `{name}` | gauge |" in docs, name
     finally:
         stop_process(exporter.proc)
