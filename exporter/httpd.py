@@ -21,9 +21,9 @@ every phase has a bound:
   the oldest request whose client does not read its answer is cut first). Handlers run on a pool of at
   most that many threads, so threads stay bounded whatever the load;
 - password checks (bcrypt): one thread, a bounded queue (`max_pending_auth`, `max_pending_auth_per_peer`)
-  served by rank, then round-robin per client address: invented user names rank last, so however many
-  addresses guess, a configured user's first login waits for the check already running, not for their
-  backlog (fairqueue.py, Authenticator.rank);
+  served by rank, then round-robin per client address (fairqueue.py, Authenticator.rank). A user name
+  that does not exist never enters it: refused after as long as a check takes, on a timer, so however
+  many names and addresses guess, a real first login waits only for checks of real names;
 - a response written to a client that does not read it: `write_timeout_s`, then the connection is cut.
 
 The application supplies `inline(request)` for cheap answers made on the loop (health, 404) and
@@ -123,6 +123,9 @@ class Authenticator(Protocol):
 
     def rank(self, request: Request) -> int:
         """Its place in the password-check queue, lower first (0: an address that logged in before)."""
+
+    def refusal_delay(self, request: Request) -> float | None:
+        """Seconds after which to refuse it without a check (a user name that does not exist), or None."""
 
     def check_cached(self, request: Request) -> bool | None:
         """True/False when decided without real work; None when a slow check (bcrypt) is needed."""
@@ -698,7 +701,10 @@ class HttpServer:
         if conn.must_close:
             return Response(413, b"request bodies are not accepted\n", close=True), False
         if auth is not None:
-            if ok is None:
+            if ok is None and (delay := auth.refusal_delay(request)) is not None:
+                await asyncio.sleep(delay)  # as slow as a check, at no CPU cost and outside the queue
+                ok = False
+            elif ok is None:
                 ok = await self._check_password(request)
             if ok is None:
                 return Response(503, b"too many pending authentications\n", headers=(("Retry-After", "1"),),

@@ -186,7 +186,9 @@ class BasicAuth:
             self._bcrypt = bcrypt
             # checked against for unknown users, so they cost what the dearest known one costs
             cost = max(int(h.split(b"$")[2]) for h in users.values())
+            began = time.monotonic()
             self._dummy = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=cost))
+            self._check_s = time.monotonic() - began  # what a check at that cost takes here
         with self._lock:
             self.users = dict(users)
             self._verified: dict[str, bytes] = {}  # user -> HMAC of the last password bcrypt accepted
@@ -217,11 +219,18 @@ class BasicAuth:
         creds = self._credentials(request)
         return creds[0] if creds else ""
 
+    def refusal_delay(self, request: Request) -> float | None:
+        """For a user name that is not configured: how long to wait before refusing it without running
+        bcrypt (a recent check's duration at the dearest cost, so timing does not tell the name is
+        unknown); None when a real check is needed. Invented names thus cost no CPU and never wait in
+        the check queue, whatever number of them and of addresses a guesser uses."""
+        if self.user(request) in self.users:
+            return None
+        return self._check_s
+
     def rank(self, request: Request) -> int:
         """The password-check queue's order (fairqueue.py): 0 a configured user name from an address that
-        has logged in before, 1 a configured user name, 2 anything else. Guessers inventing names rank
-        last, so they never delay a real first login by more than the check running. (Under contention
-        this tells a configured name from an invented one by waiting time; without it, timing does not.)"""
+        has logged in before, 1 a configured user name, 2 anything else (not queued: refusal_delay)."""
         if self.user(request) not in self.users:
             return 2
         with self._lock:
@@ -248,10 +257,13 @@ class BasicAuth:
         user, password = creds
         with self._lock:
             hashed = self.users.get(user)
+        began = time.monotonic()
         try:
             ok = self._bcrypt.checkpw(password, hashed or self._dummy) and hashed is not None
         except ValueError:  # a password bcrypt refuses (e.g. over 72 bytes in bcrypt >= 5)
             ok = False
+        if hashed is not None and hashed[4:6] == self._dummy[4:6]:  # a check at the dummy's cost
+            self._check_s = 0.8 * self._check_s + 0.2 * (time.monotonic() - began)
         if ok:
             with self._lock:
                 if self.users.get(user) == hashed:

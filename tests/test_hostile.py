@@ -178,8 +178,8 @@ def test_invented_user_names_never_lock_out_a_first_login(tmp_path, exporter_pro
         time.sleep(1.5)
         logins = first_logins(e.port, users)
     assert logins == [200] * 6
-    assert crowd.statuses[401] > 6 and crowd.statuses[503] > 100  # the guessing was real and kept the queue full
-    assert sum(crowd.statuses[name] for name in crowd.statuses if name not in (401, 503, "reset")) == 0
+    # every guess answered 401 (after as long as a check takes, without one): none queued, none refused
+    assert crowd.statuses[401] > 200 and set(crowd.statuses) <= {401, "reset"}
 
 
 def test_guessers_that_know_the_user_name_share_the_checks_by_address(tmp_path, exporter_proc):
