@@ -1,10 +1,10 @@
 """A bounded queue served by tier, then round-robin across keys, for work that clients can flood (bcrypt).
 
 The server keys it by client address and ranks each item into a tier (webconfig.BasicAuth.rank: an
-address that has logged in before with a configured user name, a configured user name, anything else).
-`pop` serves the best non-empty tier, taking from each of its keys in turn, so a client that queues a
-hundred guesses delays a newcomer of its tier by at most one check per other key, not by a hundred, and
-invented user names (the worst tier) never delay a configured one by more than the check already running.
+address that has logged in before, then any other). `pop` serves the best non-empty tier, taking from
+each of its keys in turn, so a client that queues a hundred guesses delays a newcomer of its tier by at
+most one check per other key, not by a hundred, and never one of a better tier by more than the check
+already running.
 
 Bounds: `per_key` items per key and tier (a key at it has its newcomer refused) and `capacity` in all.
 When full, a newcomer still gets in if a worse tier holds anything, or if its key is shorter than the

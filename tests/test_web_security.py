@@ -581,3 +581,20 @@ def test_a_truncated_config_keeps_a_real_exporter_closed_and_says_so_in_its_metr
             assert f"# TYPE {name} gauge" in body.decode() and f"| `{name}` | gauge |" in docs, name
     finally:
         stop_process(exporter.proc)
+
+
+def test_an_unknown_user_is_refused_without_bcrypt_after_about_a_check(mocker):
+    """Issue #22.3: invented names do not queue for bcrypt (which let them lock out a first login); the
+    server waits refusal_delay instead, as long as a check at the dearest configured cost."""
+    auth = BasicAuth({"a": bcrypt.hashpw(b"x", bcrypt.gensalt(rounds=4)),
+                      "b": bcrypt.hashpw(b"y", bcrypt.gensalt(rounds=8))})
+    spy = mocker.spy(bcrypt, "checkpw")
+    assert auth.refusal_delay(request_with(basic("a", "wrong"))) is None  # a real name: a real check
+    delay = auth.refusal_delay(request_with(basic("guess-1234", "pw")))
+    assert delay is not None and delay > 0 and spy.call_count == 0
+    for _ in range(20):  # it follows what checks at cost 8 take here, not those at cost 4
+        auth.check(request_with(basic("b", "wrong")))
+    began = time.monotonic()
+    bcrypt.checkpw(b"wrong", auth.users["b"])
+    one_check = time.monotonic() - began
+    assert 0.2 * one_check < auth.refusal_delay(request_with(basic("nobody", ""))) < 5 * one_check
