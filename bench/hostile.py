@@ -12,6 +12,10 @@ Three scenarios, each against a fresh exporter on 127.0.0.1 (simulated GPUs):
   the first time (not cached): their statuses and latency.
 - samples: 64 GPUs, 40 ms ticks, 1 minute of history (1 500 rows, as 5 minutes at 200 ms): 40 clients
   asking /api/v1/samples?window=1m back to back for 10 s. Peak RSS growth, /healthz latency meanwhile.
+- guessers (issue #22.3, `bench/hostile.py guessers`, ~1 minute): bcrypt cost 10; 64 keep-alive
+  connections each sending a new invented user name and a wrong password, from 127.0.0.2 alone, from
+  127.0.0.2..9 and from 127.0.0.2..33; meanwhile 6 first logins (each a user not yet cached) from
+  127.0.0.1: their statuses and latency.
 """
 from __future__ import annotations
 
@@ -104,6 +108,34 @@ def auth_scenario(d: Path) -> dict:
         stop_process(e.proc)
 
 
+def guessers_scenario(d: Path) -> dict:
+    from testkit.crowds import KeepAliveCrowd, basic, get_request, guess, timed_request
+
+    users = {f"first{i}": f"pw{i}" for i in range(6)}
+    lines = [f"  {u}: {bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=10)).decode()}" for u, p in users.items()]
+    (d / "guess.yml").write_text("basic_auth_users:\n" + "\n".join(lines) + "\n")
+    results = {}
+    for label, addresses, per_address in (("1_address_x64", 1, 64), ("8_addresses_x8", 8, 8),
+                                          ("32_addresses_x2", 32, 2)):
+        e = ExporterProcess("--fake-gpus", "1", "--web.config.file", str(d / "guess.yml"))
+        try:
+            time.sleep(1)
+            logins = []
+            with KeepAliveCrowd(e.port, guess, tuple(f"127.0.0.{2 + i}" for i in range(addresses)),
+                                per_address) as crowd:
+                time.sleep(2)
+                for user, password in users.items():
+                    logins.append(timed_request(e.port, get_request(authorization=basic(user, password))))
+                    time.sleep(0.5)
+            results[label] = {"first_login_statuses": [s for s, _ in logins],
+                              "first_login_ms": [round(t * 1000) for _, t in logins],
+                              "guesses": {str(k): v for k, v in crowd.statuses.items()}}
+        finally:
+            stop_process(e.proc)
+        print("  guessers", label, json.dumps(results[label]), flush=True)
+    return results
+
+
 def samples_scenario() -> dict:
     e = ExporterProcess("--fake-gpus", "64", "--sample.interval", "40ms", "--history.window", "1m")
     try:
@@ -129,7 +161,7 @@ def main() -> int:
         d = Path(tmp)
         make_cert(d)
         for name, run in (("tls", lambda: tls_scenario(d)), ("auth", lambda: auth_scenario(d)),
-                          ("samples", samples_scenario)):
+                          ("samples", samples_scenario), ("guessers", lambda: guessers_scenario(d))):
             if len(sys.argv) > 1 and name not in sys.argv[1:]:
                 continue
             results[name] = run()

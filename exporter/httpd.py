@@ -20,13 +20,17 @@ every phase has a bound:
 - requests in flight: `max_requests` (503 beyond, like node_exporter's --web.max-requests; at the cap
   the oldest request whose client does not read its answer is cut first). Handlers run on a pool of at
   most that many threads, so threads stay bounded whatever the load;
-- password checks (bcrypt): one thread, a bounded queue served round-robin per (peer, user), so a
-  guesser delays a real scraper's first login by one check, not by its whole backlog (fairqueue.py);
+- password checks (bcrypt): one thread, a bounded queue (`max_pending_auth`, `max_pending_auth_per_peer`)
+  served by rank, then round-robin per client address (fairqueue.py, Authenticator.rank). A user name
+  that does not exist never enters it: refused after as long as a check takes, on a timer, so however
+  many names and addresses guess, a real first login waits only for checks of real names;
 - a response written to a client that does not read it: `write_timeout_s`, then the connection is cut.
 
 The application supplies `inline(request)` for cheap answers made on the loop (health, 404) and
-`handle(request)` for work done on the pool. Authentication (an `Authenticator`) runs before either.
-An exception while answering closes that connection and is logged; the others go on.
+`handle(request)` for work done on the pool. Authentication (an `Authenticator`) runs before either; the
+rate limit (`allow_request`) is asked after the cheap credential check, so it can tell a verified user
+from anonymous clients. An exception while answering closes that connection and is logged; a client
+that goes away or writes garbage is a DEBUG line and a count, never an ERROR.
 """
 from __future__ import annotations
 
@@ -72,6 +76,7 @@ class Limits:
     max_head_bytes: int = 16 * 1024
     max_headers: int = 100
     max_pending_auth: int = 32  # bcrypt checks queued
+    max_pending_auth_per_peer: int = 4  # of those, from one client address (per rank)
     # distinct response bodies waiting on clients that do not read them (40 different 9 MB /api/v1/samples
     # bodies held for 30 s took 522 MB); past it the oldest such client is cut
     max_stalled_bytes: int = 32 * 1024 * 1024
@@ -114,7 +119,13 @@ class Authenticator(Protocol):
     def exempt(self, request: Request) -> bool: ...
 
     def user(self, request: Request) -> str:
-        """The user name the request claims ('' without credentials): the fairness key with the peer."""
+        """The user name the request claims ('' without credentials)."""
+
+    def rank(self, request: Request) -> int:
+        """Its place in the password-check queue, lower first (0: an address that logged in before)."""
+
+    def refusal_delay(self, request: Request) -> float | None:
+        """Seconds after which to refuse it without a check (a user name that does not exist), or None."""
 
     def check_cached(self, request: Request) -> bool | None:
         """True/False when decided without real work; None when a slow check (bcrypt) is needed."""
@@ -371,7 +382,11 @@ class _Connection(asyncio.Protocol):
             self._set_state("linger", 2.0, "")
             self.timer = asyncio.get_running_loop().call_later(2.0, self.close_now)
             self.tx.resume_reading()
-            self.tx.write_eof()
+            try:
+                self.tx.write_eof()
+            except OSError as exc:  # the client is gone already (ENOTCONN): nothing to linger for
+                log.debug("%s: half-close: %s", self.peer, exc)
+                self.close_now()
             return
         self.closed = True
         self._cancel_timer()
@@ -454,6 +469,9 @@ class _Connection(asyncio.Protocol):
                              "done" if request is not None else "bad_request")
         except asyncio.CancelledError:
             raise
+        except OSError as exc:  # the client went away under us: its doing, not ours; counted, not an ERROR
+            log.debug("%s: connection lost while answering: %s", self.peer, exc)
+            self.close("client_closed")
         except Exception:  # e.g. a header h11 refuses: this connection goes, the server does not
             what = f"{request.method} {request.target}" if request else "a bad request"
             log.exception("%s: error answering %s; connection closed", self.peer, what)
@@ -509,7 +527,10 @@ class HttpServer:
     reloaded configuration takes effect for the next client without touching live ones.
     background: blocking work (config reloads) run every second on its own thread, never overlapping.
     allow_peer: after a TLS handshake, whether that client may stay, given a getter for its certificate
-    (as getpeercert() decodes it; only called when needed); allow_request: False answers 429 (a rate limit). Both run on the loop: keep them cheap."""
+    (as getpeercert() decodes it; only called when needed); allow_request(request, user): False answers
+    429 (a rate limit), user being the name whose credentials were already verified (cached), else None.
+    Both run on the loop: keep them cheap. config_status: (whether the last web config reload took
+    effect, Unix time of the last one that did), for the self metrics."""
 
     def __init__(self, sock: socket.socket, app: App, limits: Limits = Limits(),
                  tls: Callable[[], ssl.SSLContext | None] = lambda: None, auth: Authenticator | None = None,
@@ -517,7 +538,8 @@ class HttpServer:
                  server_name: str = "exporter", background: Callable[[], object] | None = None,
                  priority_paths: frozenset[str] = frozenset({"/healthz"}),
                  allow_peer: Callable[[Callable[[], dict | None]], bool] = lambda peercert: True,
-                 allow_request: Callable[[Request], bool] = lambda request: True) -> None:
+                 allow_request: Callable[[Request, str | None], bool] = lambda request, user: True,
+                 config_status: Callable[[], tuple[bool, float]] | None = None) -> None:
         self.socket = sock
         self.server_address = sock.getsockname()
         self.app = app
@@ -530,6 +552,7 @@ class HttpServer:
         self.priority_paths = priority_paths
         self.allow_peer = allow_peer
         self.allow_request = allow_request
+        self.config_status = config_status
         self.stats = ServerStats()
         self._connections: dict[_Connection, None] = {}  # insertion-ordered: oldest first
         self._reserve: dict[_Connection, None] = {}
@@ -537,7 +560,8 @@ class HttpServer:
         self._pool = ThreadPoolExecutor(max_workers=limits.max_requests or 64, thread_name_prefix="http-worker")
         self._auth_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-auth")
         self._background_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-background")
-        self._auth_queue: FairQueue[tuple[Request, asyncio.Future]] = FairQueue(limits.max_pending_auth)
+        self._auth_queue: FairQueue[tuple[Request, asyncio.Future]] = FairQueue(
+            limits.max_pending_auth, limits.max_pending_auth_per_peer)
         self._auth_worker: asyncio.Task | None = None
         self._accept_logged_at = -1e9  # monotonic time of the last "cannot accept" line
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -664,7 +688,11 @@ class HttpServer:
         """(response, whether it holds a request slot the caller must release)."""
         if conn.reserve and request.path not in self.priority_paths and not self._promote(conn):
             return Response(503, b"too many open connections\n", close=True), False
-        if not self.allow_request(request):
+        auth = self.auth if self.auth is not None and not self.auth.exempt(request) else None
+        ok = auth.check_cached(request) if auth is not None else None
+        # A verified user is charged apart from anonymous clients: a flood without valid credentials
+        # cannot spend a scraper's budget (exporter-toolkit charges everyone to one bucket).
+        if not self.allow_request(request, auth.user(request) if auth is not None and ok else None):
             return Response(429, b"Too Many Requests\n"), False
         if request.method == "OPTIONS":
             return Response(200, headers=(("Allow", "GET, HEAD, OPTIONS"),), close=conn.must_close), False
@@ -672,15 +700,17 @@ class HttpServer:
             return Response(405, b"method not allowed\n", headers=(("Allow", "GET, HEAD, OPTIONS"),), close=True), False
         if conn.must_close:
             return Response(413, b"request bodies are not accepted\n", close=True), False
-        if self.auth is not None and not self.auth.exempt(request):
-            ok = self.auth.check_cached(request)
-            if ok is None:
+        if auth is not None:
+            if ok is None and (delay := auth.refusal_delay(request)) is not None:
+                await asyncio.sleep(delay)  # as slow as a check, at no CPU cost and outside the queue
+                ok = False
+            elif ok is None:
                 ok = await self._check_password(request)
             if ok is None:
                 return Response(503, b"too many pending authentications\n", headers=(("Retry-After", "1"),),
                                 close=True), False
             if not ok:
-                return self.auth.challenge(), False
+                return auth.challenge(), False
         try:
             inline = self.app.inline(request)
         except Exception:
@@ -710,7 +740,7 @@ class HttpServer:
         """bcrypt on the auth thread, queued fairly; None when the queue refused it."""
         assert self.auth is not None  # only called to authenticate
         future = asyncio.get_running_loop().create_future()
-        dropped = self._auth_queue.push((request.peer, self.auth.user(request)), (request, future))
+        dropped = self._auth_queue.push(request.peer, (request, future), self.auth.rank(request))
         if dropped is not None and not dropped[1].done():
             dropped[1].set_result(None)
         if self._auth_worker is None or self._auth_worker.done():

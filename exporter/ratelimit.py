@@ -1,19 +1,26 @@
-"""The web config's `rate_limit` (exporter-toolkit): a token bucket over all requests, 429 beyond it.
+"""The web config's `rate_limit` (exporter-toolkit): token buckets, 429 beyond them.
 
     rate_limit:
       interval: 1s    # one more request allowed per interval; 0 or absent: no limit
       burst: 10       # requests allowed at once (the bucket's size); 0 with an interval: none at all
 
 Same semantics as Go's golang.org/x/time/rate.Limiter(rate.Every(interval), burst) that exporter-toolkit
-uses: the bucket starts full and refills continuously. Unlike there, /healthz is not counted or refused
-(webconfig.py's exempt paths): a kubelet probe must not fail because scrapes used up the budget.
+uses: a bucket starts full and refills continuously. Where we differ, on purpose:
+- /healthz is not counted or refused (webconfig.py's exempt paths): a kubelet probe must not fail because
+  scrapes used up the budget;
+- exporter-toolkit keeps one bucket for every request, charged before authentication, so anyone who can
+  reach the port spends the scraper's budget (an unauthenticated flood: the valid scraper got 429 6/6).
+  Here each verified basic-auth user has a bucket of its own, and every other request is charged to its
+  client address's bucket (`KeyedBuckets`): a flood spends only its own. The total allowed is then the
+  limit per user and per address, not overall.
 """
 from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Hashable
 
 from exporter.durations import parse_duration
 
@@ -67,3 +74,27 @@ class TokenBucket:
                 self._tokens -= 1.0
                 return True
             return False
+
+
+class KeyedBuckets:
+    """One TokenBucket per key (a verified user, a client address), at most `keys` of them: the least
+    recently used goes first (a key seen again starts full, so cycling through more than `keys` addresses
+    buys their burst again: bounded memory over exactness)."""
+
+    def __init__(self, limit: RateLimit, keys: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self._keys = keys
+        self._clock = clock
+        self._buckets: OrderedDict[Hashable, TokenBucket] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def allow(self, key: Hashable) -> bool:
+        with self._lock:
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                bucket = self._buckets[key] = TokenBucket(self.limit, self._clock)
+                if len(self._buckets) > self._keys:
+                    self._buckets.popitem(last=False)
+            else:
+                self._buckets.move_to_end(key)
+        return bucket.allow()

@@ -264,6 +264,13 @@ class ServerCollector:
                                 value=stats.open_connections)
         yield GaugeMetricFamily("exporter_http_requests_in_flight", "Requests being answered now.",
                                 value=stats.in_flight)
+        if self.server.config_status is not None:
+            ok, when = self.server.config_status()
+            yield GaugeMetricFamily("exporter_web_config_last_reload_successful",
+                                    "Whether the last --web.config.file reload took effect (0: refused or broken; "
+                                    "the previous configuration is serving).", value=1 if ok else 0)
+            yield GaugeMetricFamily("exporter_web_config_last_reload_success_timestamp_seconds",
+                                    "When the web config last loaded or reloaded successfully.", value=when)
 
 
 def bind(listen_address: str) -> socket.socket:
@@ -321,4 +328,5 @@ def make_server(
         server_name=f"gpu-telemetry-exporter/{__version__}",
         background=web_config.poll if web_config else None,
         allow_peer=web_config.allow_peer if web_config else (lambda peercert: True),
-        allow_request=web_config.allow_request if web_config else (lambda request: True))
+        allow_request=web_config.allow_request if web_config else (lambda request, user: True),
+        config_status=web_config.status if web_config else None)

@@ -25,6 +25,12 @@ to new connections without a restart. A reload builds a whole new SSL context an
 client CA is no longer trusted); it runs on a background thread, never on the server's loop. A broken
 update is logged once and the previous configuration kept.
 
+Reloads fail closed: one that would turn off basic auth, TLS or required client certificates that are on
+now is refused with a WARNING and the old configuration keeps serving (an empty file, or `basic_auth_users:`
+alone, is what a non-atomic rewrite leaves half-way). Turning them off takes a restart with the new file.
+Every reload that changes who may read (users, passwords, client CA, client_auth_type, allowed SANs) is a
+WARNING naming what changed, never a hash. `status()` feeds exporter_web_config_last_reload_successful.
+
 Basic auth: bcrypt is slow on purpose (~50-100 ms at cost 10), too slow for every scrape, so the last
 password verified for each user is remembered as an HMAC under a per-process random key and compared in
 constant time; bcrypt runs only when it differs. Unknown users cost one bcrypt check against a dummy hash
@@ -44,13 +50,15 @@ import re
 import secrets
 import ssl
 import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from exporter import tlsconfig
 from exporter.httpd import Request, Response
-from exporter.ratelimit import RateLimit, TokenBucket, parse_rate_limit
+from exporter.ratelimit import KeyedBuckets, RateLimit, parse_rate_limit
 from exporter.tlsconfig import TlsSettings
 from exporter.webheaders import parse_headers
 
@@ -60,6 +68,8 @@ _EXEMPT_PATHS = frozenset({"/healthz"})  # neither authenticated nor rate-limite
 _BCRYPT = re.compile(r"\$2[abxy]\$(\d\d)\$[./A-Za-z0-9]{53}")  # used with fullmatch: no trailing newline
 MIN_BCRYPT_COST, MAX_BCRYPT_COST = 4, 14  # 14: about a second per check on one core
 MAX_FILE_BYTES = 1024 * 1024
+_GOOD_PEERS = 256  # client addresses remembered for having logged in (their first logins rank first)
+_BUCKETS = 4096  # rate_limit buckets kept (per verified user and per client address), least recent dropped
 
 
 class WebConfigError(ValueError):
@@ -176,10 +186,14 @@ class BasicAuth:
             self._bcrypt = bcrypt
             # checked against for unknown users, so they cost what the dearest known one costs
             cost = max(int(h.split(b"$")[2]) for h in users.values())
+            began = time.monotonic()
             self._dummy = bcrypt.hashpw(b"not a password", bcrypt.gensalt(rounds=cost))
+            self._check_s = time.monotonic() - began  # what a check at that cost takes here
         with self._lock:
             self.users = dict(users)
             self._verified: dict[str, bytes] = {}  # user -> HMAC of the last password bcrypt accepted
+            if not hasattr(self, "_good_peers"):  # kept across reloads: a rotated password logs in first
+                self._good_peers: OrderedDict[str, None] = OrderedDict()
 
     @property
     def enabled(self) -> bool:
@@ -205,6 +219,23 @@ class BasicAuth:
         creds = self._credentials(request)
         return creds[0] if creds else ""
 
+    def refusal_delay(self, request: Request) -> float | None:
+        """For a user name that is not configured: how long to wait before refusing it without running
+        bcrypt (a recent check's duration at the dearest cost, so timing does not tell the name is
+        unknown); None when a real check is needed. Invented names thus cost no CPU and never wait in
+        the check queue, whatever number of them and of addresses a guesser uses."""
+        if self.user(request) in self.users:
+            return None
+        return self._check_s
+
+    def rank(self, request: Request) -> int:
+        """The password-check queue's order (fairqueue.py): 0 a configured user name from an address that
+        has logged in before, 1 a configured user name, 2 anything else (not queued: refusal_delay)."""
+        if self.user(request) not in self.users:
+            return 2
+        with self._lock:
+            return 0 if request.peer in self._good_peers else 1
+
     def _mac(self, user: str, password: bytes) -> bytes:
         return hmac.new(self._key, user.encode() + b"\0" + password, hashlib.sha256).digest()
 
@@ -226,14 +257,21 @@ class BasicAuth:
         user, password = creds
         with self._lock:
             hashed = self.users.get(user)
+        began = time.monotonic()
         try:
             ok = self._bcrypt.checkpw(password, hashed or self._dummy) and hashed is not None
         except ValueError:  # a password bcrypt refuses (e.g. over 72 bytes in bcrypt >= 5)
             ok = False
+        if hashed is not None and hashed[4:6] == self._dummy[4:6]:  # a check at the dummy's cost
+            self._check_s = 0.8 * self._check_s + 0.2 * (time.monotonic() - began)
         if ok:
             with self._lock:
                 if self.users.get(user) == hashed:
                     self._verified[user] = self._mac(user, password)
+                self._good_peers[request.peer] = None
+                self._good_peers.move_to_end(request.peer)
+                if len(self._good_peers) > _GOOD_PEERS:
+                    self._good_peers.popitem(last=False)
         return ok
 
     def challenge(self) -> Response:
@@ -250,7 +288,9 @@ class WebConfigWatcher:
         self.config = load_web_config(self.path)
         self.ssl_context = build_tls_context(self.config.tls) if self.config.tls else None
         self.auth = BasicAuth(self.config.users)
-        self._bucket = TokenBucket(self.config.rate_limit) if self.config.rate_limit else None
+        self._buckets = KeyedBuckets(self.config.rate_limit, _BUCKETS) if self.config.rate_limit else None
+        self._ca = _client_ca_digest(self.config.tls)
+        self._last_ok, self._last_ok_time = True, time.time()
         self._signature = self._stat()
         self._failed: str | None = None
         self._forced = threading.Event()
@@ -285,10 +325,17 @@ class WebConfigWatcher:
         tls = self.config.tls
         return tls is None or tls.allowed_sans is None or tlsconfig.allowed_peer(tls, peercert())
 
-    def allow_request(self, request: Request) -> bool:
-        """rate_limit: False when the request is over the budget (429)."""
-        bucket = self._bucket
-        return bucket is None or request.path in _EXEMPT_PATHS or bucket.allow()
+    def allow_request(self, request: Request, user: str | None = None) -> bool:
+        """rate_limit: False when the request is over the budget (429). A verified user (its credentials
+        already checked) spends its own bucket, anyone else its client address's (ratelimit.py says why)."""
+        buckets = self._buckets
+        if buckets is None or request.path in _EXEMPT_PATHS:
+            return True
+        return buckets.allow(("user", user) if user is not None else ("peer", request.peer))
+
+    def status(self) -> tuple[bool, float]:
+        """(whether the last reload took effect, Unix time of the last one that did or of the start)."""
+        return self._last_ok, self._last_ok_time
 
     def request_reload(self) -> None:
         """Reload at the next poll even if no file changed (safe from a signal handler)."""
@@ -304,23 +351,86 @@ class WebConfigWatcher:
         self._signature = signature
         try:
             new = load_web_config(self.path)
-            if (new.tls is None) != (self.ssl_context is None):
-                raise WebConfigError("turning TLS on or off needs a restart")
-            context = build_tls_context(new.tls) if new.tls is not None else None
+            refusal = _weakens(self.config, new)
+            if refusal is None and new.tls is not None and self.ssl_context is None:
+                refusal = "turning TLS on needs a restart"
+            context = build_tls_context(new.tls) if new.tls is not None and refusal is None else None
+            ca = _client_ca_digest(new.tls)
         except WebConfigError as exc:
-            if str(exc) != self._failed or forced:
-                log.error("web config %s not reloaded, keeping the previous one: %s", self.path, exc)
-                self._failed = str(exc)
+            self._refuse(str(exc), forced, logging.ERROR)
+            return False
+        if refusal is not None:
+            self._refuse(refusal + "; restart the exporter to do that on purpose", forced, logging.WARNING)
             return False
         self._failed = None
+        changes = _access_changes(self.config, new, self._ca != ca)
         if new.users != self.config.users:
             self.auth.set_users(new.users)
         if new.rate_limit != self.config.rate_limit:
-            self._bucket = TokenBucket(new.rate_limit) if new.rate_limit else None
+            self._buckets = KeyedBuckets(new.rate_limit, _BUCKETS) if new.rate_limit else None
         for note in set(new.notes) - set(self.config.notes):
             log.warning("%s", note)
         self.ssl_context = context
         self.config = new
+        self._ca = ca
         self._signature = self._stat()
-        log.info("web config %s reloaded", self.path)
+        self._last_ok, self._last_ok_time = True, time.time()
+        if changes:
+            log.warning("web config %s reloaded; who may read changed: %s", self.path, "; ".join(changes))
+        else:
+            log.info("web config %s reloaded", self.path)
         return True
+
+    def _refuse(self, why: str, forced: bool, level: int) -> None:
+        """One line per distinct refusal (again on SIGHUP); the previous configuration keeps serving."""
+        self._last_ok = False
+        if why != self._failed or forced:
+            log.log(level, "web config %s not reloaded, keeping the previous one: %s", self.path, why)
+            self._failed = why
+
+
+def _weakens(old: WebConfig, new: WebConfig) -> str | None:
+    """Why `new` may not replace `old` by a reload (it removes protection that is on), or None."""
+    reasons = []
+    if old.users and not new.users:
+        reasons.append("basic auth off (basic_auth_users is empty or missing)")
+    if old.tls is not None and new.tls is None:
+        reasons.append("TLS off (tls_server_config names no certificate)")
+    elif old.tls is not None and new.tls is not None and old.tls.verify_mode == ssl.CERT_REQUIRED \
+            and new.tls.verify_mode != ssl.CERT_REQUIRED:
+        reasons.append("client certificates no longer required (client_auth_type)")
+    return "it would turn " + " and ".join(reasons) if reasons else None
+
+
+def _client_ca_digest(tls: TlsSettings | None) -> bytes | None:
+    """A digest of the client CA bundle in force (to tell a changed one in the log); None without one."""
+    if tls is None or tls.client_ca is None:
+        return None
+    try:
+        return hashlib.sha256(tls.client_ca.read("client_ca_file")).digest()
+    except ValueError as exc:
+        raise WebConfigError(str(exc)) from None
+
+
+_CLIENT_AUTH = {mode: name for name, mode in tlsconfig.CLIENT_AUTH.items()}
+
+
+def _access_changes(old: WebConfig, new: WebConfig, ca_changed: bool) -> list[str]:
+    """What a reload changes about who may read, by name only (never a hash or a key)."""
+    changes = []
+    added, removed = sorted(set(new.users) - set(old.users)), sorted(set(old.users) - set(new.users))
+    changed = sorted(u for u in set(old.users) & set(new.users) if old.users[u] != new.users[u])
+    for what, names in (("users added", added), ("users removed", removed), ("passwords changed", changed)):
+        if names:
+            changes.append(f"{what}: {', '.join(names)}")
+    if old.tls is not None and new.tls is not None:
+        if old.tls.verify_mode != new.tls.verify_mode:
+            changes.append(f"client_auth_type {_CLIENT_AUTH[old.tls.verify_mode]} -> "
+                           f"{_CLIENT_AUTH[new.tls.verify_mode]}")
+        if ca_changed:
+            changes.append("client CA changed")
+        if old.tls.allowed_sans != new.tls.allowed_sans:
+            def sans(s: frozenset[str] | None) -> str:
+                return "any" if s is None else ", ".join(sorted(s)) or "none"
+            changes.append(f"client_allowed_sans {sans(old.tls.allowed_sans)} -> {sans(new.tls.allowed_sans)}")
+    return changes

@@ -140,3 +140,104 @@ def test_gzip_only_when_accepted_and_vary_always(exporter_proc):
         assert headers["Vary"] == "Accept, Accept-Encoding"
         text = gzip.decompress(body) if gz else body
         assert b"gpu_up" in text
+
+
+# -- issue #22: guessers on keep-alive connections from several addresses, floods, bad requests
+
+def auth_file(tmp_path: Path, users: dict[str, str], extra: str = "", rounds: int = 10) -> Path:
+    """Cost 10, what `htpasswd -nBC 10` makes: the checks are as slow as a user's."""
+    path = tmp_path / "auth.yml"
+    path.write_text(extra + "basic_auth_users:\n" + "".join(
+        f"  {u}: {bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=rounds)).decode()}\n" for u, p in users.items()))
+    return path
+
+
+def first_logins(port: int, users: dict[str, str]) -> list[object]:
+    from testkit.crowds import basic, get_request, timed_request
+
+    statuses = []
+    for user, password in users.items():
+        statuses.append(timed_request(port, get_request(authorization=basic(user, password)))[0])
+        time.sleep(0.3)
+    return statuses
+
+
+@pytest.mark.parametrize("addresses, per_address", [
+    (("127.0.0.2",), 64),  # the issue's case
+    (tuple(f"127.0.0.{i}" for i in range(2, 10)), 8),  # several guessing addresses
+    (tuple(f"127.0.0.{i}" for i in range(2, 34)), 4),  # more addresses than the queue has places
+])
+def test_invented_user_names_never_lock_out_a_first_login(tmp_path, exporter_proc, addresses, per_address):
+    """Issue #22.3: 64 keep-alive guessers, each request a new random user name, made the real scraper's
+    first login 503 'too many pending authentications' 18/18 times."""
+    from testkit.crowds import KeepAliveCrowd, guess
+
+    users = {f"scraper{i}": f"pw{i}" for i in range(6)}
+    e = exporter_proc("--fake-gpus", "1", "--web.config.file", str(auth_file(tmp_path, users)))
+    with KeepAliveCrowd(e.port, guess, addresses, per_address) as crowd:
+        deadline = time.monotonic() + 60
+        while crowd.statuses[401] < 1000 and time.monotonic() < deadline:  # 1 000 invented names first
+            time.sleep(0.1)
+        logins = first_logins(e.port, users)
+    assert logins == [200] * 6
+    # every guess answered 401 (after as long as a check takes, without one): none queued, none refused
+    assert crowd.statuses[401] >= 1000 and set(crowd.statuses) <= {401, "reset"}
+
+
+def test_guessers_that_know_the_user_name_share_the_checks_by_address(tmp_path, exporter_proc):
+    """Guessing the real name from 8 addresses: the real first login gets its turn by address."""
+    from testkit.crowds import GUESSING_ADDRESSES, KeepAliveCrowd, basic, get_request
+
+    users = {f"scraper{i}": f"pw{i}" for i in range(4)}
+    e = exporter_proc("--fake-gpus", "1", "--web.config.file", str(auth_file(tmp_path, users, rounds=8)))
+    with KeepAliveCrowd(e.port, lambda: get_request(authorization=basic("scraper0", "wrong")),
+                        GUESSING_ADDRESSES, 8) as crowd:
+        time.sleep(1.5)
+        logins = first_logins(e.port, users)
+    assert logins == [200] * 4 and crowd.statuses[401] > 8
+
+
+def test_an_unauthenticated_flood_from_several_addresses_does_not_rate_limit_the_scraper(tmp_path, exporter_proc):
+    """Issue #22.7: rate_limit was one bucket charged before authentication, so a flood without
+    credentials made the valid scraper get 429 6/6."""
+    from testkit.crowds import GUESSING_ADDRESSES, KeepAliveCrowd, basic, get_request, timed_request
+
+    path = auth_file(tmp_path, {"prometheus": "pw"}, "rate_limit: {interval: 100ms, burst: 10}\n", rounds=8)
+    e = exporter_proc("--fake-gpus", "1", "--web.config.file", str(path))
+    scrape = get_request(authorization=basic("prometheus", "pw"))
+    with KeepAliveCrowd(e.port, get_request, GUESSING_ADDRESSES, 4) as crowd:
+        time.sleep(1)
+        statuses = []
+        for _ in range(6):
+            statuses.append(timed_request(e.port, scrape)[0])
+            time.sleep(0.5)
+    assert statuses == [200] * 6
+    assert crowd.statuses[429] > 100  # the flood was limited, its own budget spent
+
+
+def test_bad_requests_from_clients_that_vanish_log_no_error(exporter_proc):
+    """Issue #22.6: oversized or malformed requests whose client is gone at once logged ERROR
+    tracebacks ('error answering', write_eof ENOTCONN). 500 of them, half reset, from 10 threads."""
+    import threading
+
+    from testkit.crowds import BAD_REQUESTS, send_and_vanish
+
+    e = exporter_proc("--fake-gpus", "1")
+
+    def worker(k: int) -> None:
+        for i in range(k, 500, 10):
+            send_and_vanish(e.port, BAD_REQUESTS[i % len(BAD_REQUESTS)], reset=i % 2 == 0)
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    time.sleep(1)
+    status, _, body = http_get(e.url + "/metrics")
+    assert status == 200
+    log = e.log()
+    assert " ERROR " not in log and "Traceback" not in log, log[-2000:]
+    closed = {line.split('"')[1]: float(line.split()[-1]) for line in body.decode().splitlines()
+              if line.startswith("exporter_http_connections_closed_total{")}
+    assert closed.get("bad_request", 0) + closed.get("client_closed", 0) >= 400  # counted instead
+    assert closed.get("internal_error", 0) == 0

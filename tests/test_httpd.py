@@ -615,6 +615,93 @@ def test_fair_queue_serves_keys_in_turn():
     assert "login" in served[:2]  # after at most one of the flood's, not after all twenty
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["push", "pop"]), st.integers(0, 5), st.integers(0, 2)), max_size=200),
+       st.integers(1, 8), st.integers(1, 3))
+def test_fair_queue_by_rank_bounds_each_key_and_a_better_rank_always_gets_in(ops, capacity, per_key):
+    """Issue #22.3: ranks (webconfig.BasicAuth.rank) and a per-address bound on top of the fairness."""
+    from exporter.fairqueue import FairQueue
+
+    q: FairQueue[tuple[int, int, int]] = FairQueue(capacity, per_key)
+    waiting: list[tuple[int, int, int]] = []
+    for n, (op, key, tier) in enumerate(ops):
+        if op == "push":
+            item = (key, tier, n)
+            worse = [w for w in waiting if w[1] > tier]
+            mine = sum(1 for w in waiting if w[:2] == (key, tier))
+            dropped = q.push(key, item, tier)
+            waiting.append(item)
+            if dropped is not None:
+                waiting.remove(dropped)
+                assert dropped[1] >= tier  # only ever an item of the same or a worse rank
+            if worse and mine < per_key:
+                assert dropped is not item  # anything worse waiting: a better newcomer always gets in
+            if mine >= per_key:
+                assert dropped is item
+        else:
+            got = q.pop()
+            if got is not None:
+                assert got[1] == min(w[1] for w in waiting)  # the best rank first
+                waiting.remove(got)
+        assert len(q) == len(waiting) <= capacity
+        for key in range(6):
+            for tier in range(3):
+                assert sum(1 for w in waiting if w[:2] == (key, tier)) <= per_key
+
+
+def test_a_real_first_login_is_next_after_thousands_of_invented_names_from_many_addresses():
+    """Issue #22.3: 2 000 guesses (new names) from 127.0.0.2..9 fill the queue; the real user's login
+    from a ninth address is the next one served, and its own address's backlog is bounded."""
+    from exporter.fairqueue import FairQueue
+
+    q: FairQueue[str] = FairQueue(32, per_key=4)
+    refused = sum(q.push(f"127.0.0.{2 + i % 8}", f"guess{i}", 2) is not None for i in range(2000))
+    assert len(q) == 32 and refused == 2000 - 32
+    assert q.push("127.0.0.1", "login", 1) is not None  # it took a guess's place
+    assert q.pop() == "login"
+    # a guesser that knows the real name is rank 1 too: served in turn by address, one per address
+    for i in range(40):
+        q.push(f"127.0.0.{2 + i % 8}", f"name-guess{i}", 1)
+    assert q.push("127.0.0.1", "login2", 1) != "login2"  # its address had nothing queued: it gets in
+    served = [q.pop() for _ in range(9)]
+    assert "login2" in served
+
+
+def test_a_client_gone_before_the_half_close_is_debug_not_an_error(serve, caplog, mocker):
+    """Issue #22.6: write_eof on a connection the client already reset raised ENOTCONN, logged as
+    'error answering' with a traceback (191 of 500 bad requests)."""
+    import asyncio.selector_events
+    import errno
+
+    server = serve()
+    mocker.patch.object(asyncio.selector_events._SelectorSocketTransport, "write_eof",
+                        side_effect=OSError(errno.ENOTCONN, "Transport endpoint is not connected"))
+    with caplog.at_level("DEBUG", logger="exporter.server"):
+        for bad in (b"GET metrics HTTP/1.1\r\n\r\n", b"\x00garbage\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n"):
+            assert status_of(ask(server, bad)) in (400, 431)
+        assert ask(server, b"GET /fast HTTP/1.0\r\n\r\n").endswith(b"inline\n")
+    assert not [r for r in caplog.records if r.levelno >= 30], [r.getMessage() for r in caplog.records]
+    assert any("half-close" in r.getMessage() for r in caplog.records)
+
+
+def test_a_connection_reset_while_answering_is_counted_not_an_error(serve, caplog, mocker):
+    from exporter.httpd import _Connection
+
+    server = serve()
+    real = _Connection._write
+    mocker.patch.object(_Connection, "_write", side_effect=ConnectionResetError(104, "Connection reset by peer"))
+    with caplog.at_level("DEBUG", logger="exporter.server"), connect(server) as s:
+        s.sendall(b"GET /fast HTTP/1.1\r\n\r\n")
+        assert read_until_closed(s) == b""
+    mocker.patch.object(_Connection, "_write", real)
+    assert not [r for r in caplog.records if r.levelno >= 30]
+    deadline = time.monotonic() + 5
+    while server.stats.closed["client_closed"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.stats.closed["client_closed"] >= 1 and server.stats.closed["internal_error"] == 0
+
+
 # -- /api/v1/samples (defect 7)
 
 def test_samples_share_one_render_per_window_for_a_second_and_cap_renders(mocker, clock):

@@ -299,7 +299,7 @@ def test_watcher_keeps_serving_the_old_config_when_the_new_one_is_broken(tmp_pat
     assert watcher.poll() is False and watcher.auth.users  # broken: previous users kept
     path.write_text("basic_auth_users: {}\n")
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-    assert watcher.poll() is True and not watcher.auth.enabled
+    assert watcher.poll() is False and watcher.auth.enabled  # issue #22.4: auth is never reloaded away
 
 
 def test_real_prometheus_scrapes_over_tls_with_basic_auth(pki, tls_auth_exporter, tmp_path):
@@ -461,3 +461,140 @@ def test_sighup_reloads_and_sigusr_signals_do_not_kill(tmp_path):
         assert status in (200, 503)
     finally:
         stop_process(exporter.proc)
+
+
+# -- issue #22.4: reloads fail closed
+
+def full_config(pki: Path, users: dict[str, str], auth_type: str = "RequireAndVerifyClientCert",
+                sans: str = "") -> str:
+    return (f"tls_server_config:\n  cert_file: {pki}/server.crt\n  key_file: {pki}/server.key\n"
+            f"  client_auth_type: {auth_type}\n  client_ca_file: {pki}/ca.crt\n{sans}"
+            "http_server_config:\n  headers:\n    X-Frame-Options: deny\n"
+            "rate_limit: {interval: 1s, burst: 10}\n"
+            "basic_auth_users:\n" + "".join(f"  {u}: '{h}'\n" for u, h in users.items()))
+
+
+def reload(watcher: WebConfigWatcher, text: str) -> bool:
+    watcher.path.write_text(text)
+    watcher.request_reload()
+    return watcher.poll()
+
+
+def protected(watcher: WebConfigWatcher) -> bool:
+    return (watcher.auth.enabled and watcher.ssl_context is not None
+            and watcher.ssl_context.verify_mode == ssl.CERT_REQUIRED)
+
+
+def test_a_truncated_config_at_any_cut_never_turns_auth_or_tls_off(pki, tmp_path, caplog):
+    """What a non-atomic rewrite leaves half-way: the file cut after every line and inside lines, and
+    empty. Each cut is either refused or keeps basic auth, TLS and required client certificates."""
+    hashes = {u: htpasswd_hash(u) for u in ("prometheus", "grafana")}
+    text = full_config(pki, hashes)
+    (tmp_path / "web.yml").write_text(text)
+    watcher = WebConfigWatcher(tmp_path / "web.yml")
+    line_ends = [i + 1 for i, c in enumerate(text) if c == "\n"]
+    cuts = sorted({0, *line_ends, *range(1, len(text), 13)})
+    refusals = 0
+    with caplog.at_level("WARNING", logger="exporter.webconfig"):
+        for cut in cuts:
+            if not reload(watcher, text[:cut]):
+                refusals += 1
+                assert watcher.status()[0] is False
+            assert protected(watcher), f"cut at {cut}: {text[:cut]!r}"
+            assert reload(watcher, text) and protected(watcher) and watcher.status()[0] is True
+    assert refusals > len(cuts) // 2  # most cuts lose a section: refused, not merely survived
+    assert not [r for r in caplog.records if "$2" in r.getMessage()]  # never a hash in the log
+    key_only = [r for r in caplog.records if "basic auth off" in r.getMessage()]
+    assert key_only and all(r.levelname == "WARNING" for r in key_only)
+
+
+@pytest.mark.parametrize("replacement, why", [
+    ("", "basic auth off"),
+    ("basic_auth_users:\n", "basic auth off"),
+    ("basic_auth_users: {}\n", "basic auth off"),
+    ("users-but-no-tls", "TLS off"),
+    ("tls-without-client-certs", "client certificates no longer required"),
+    ("tls_server_config: {}\n", "TLS off"),
+])
+def test_a_reload_that_removes_protection_is_refused_and_the_old_config_serves(pki, tmp_path, caplog,
+                                                                                replacement, why):
+    users = {"prometheus": htpasswd_hash("pw")}
+    (tmp_path / "web.yml").write_text(full_config(pki, users))
+    watcher = WebConfigWatcher(tmp_path / "web.yml")
+    context = watcher.ssl_context
+    if replacement == "users-but-no-tls":
+        replacement = "basic_auth_users:\n" + "".join(f"  {u}: '{h}'\n" for u, h in users.items())
+    elif replacement == "tls-without-client-certs":
+        replacement = full_config(pki, users, auth_type="NoClientCert").replace(f"  client_ca_file: {pki}/ca.crt\n", "")
+    with caplog.at_level("WARNING", logger="exporter.webconfig"):
+        assert reload(watcher, replacement) is False
+    assert watcher.ssl_context is context and protected(watcher) and watcher.status()[0] is False
+    lines = [r for r in caplog.records if "not reloaded" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING" and why in lines[0].getMessage()
+    assert "restart" in lines[0].getMessage()
+    assert reload(watcher, full_config(pki, users)) and watcher.status()[0] is True
+
+
+def test_changes_to_who_may_read_are_warnings_naming_them(pki, tmp_path, caplog):
+    a, b = htpasswd_hash("a"), htpasswd_hash("b")
+    (tmp_path / "web.yml").write_text(full_config(pki, {"prometheus": a, "grafana": a}))
+    watcher = WebConfigWatcher(tmp_path / "web.yml")
+    with caplog.at_level("INFO", logger="exporter.webconfig"):
+        assert reload(watcher, full_config(pki, {"prometheus": b, "alice": a},
+                                           sans="  client_allowed_sans: [client]\n"))
+        assert reload(watcher, full_config(pki, {"prometheus": b, "alice": a}, auth_type="RequireAndVerifyClientCert",
+                                           sans="  client_allowed_sans: [client]\n").replace("deny", "sameorigin"))
+    first, second = caplog.records[-2], caplog.records[-1]
+    assert first.levelname == "WARNING"
+    message = first.getMessage()
+    for part in ("users added: alice", "users removed: grafana", "passwords changed: prometheus",
+                 "client_allowed_sans any -> client"):
+        assert part in message, message
+    assert "$2" not in message
+    assert second.levelname == "INFO"  # only a header changed: not about who may read
+
+
+def test_a_truncated_config_keeps_a_real_exporter_closed_and_says_so_in_its_metrics(tmp_path):
+    """The issue's case end to end: `basic_auth_users:` alone, then an empty file, picked up by the
+    file watcher: unauthenticated /metrics stays 401, the WARNING is logged, the self metric says 0."""
+    path = tmp_path / "web.yml"
+    path.write_text(f"basic_auth_users:\n  prometheus: '{htpasswd_hash(PASSWORD)}'\n")
+    exporter = ExporterProcess("--fake-gpus", "1", "--web.config.file", str(path))
+    auth = {"Authorization": "Basic " + base64.b64encode(f"prometheus:{PASSWORD}".encode()).decode()}
+    try:
+        assert http_get(exporter.url + "/metrics")[0] == 401
+        assert b"exporter_web_config_last_reload_successful 1.0" in http_get(exporter.url + "/metrics", headers=auth)[2]
+        for text in ("basic_auth_users:\n", ""):
+            path.write_text(text)
+            deadline = time.monotonic() + 10
+            while text and "basic auth off" not in exporter.log() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.5)  # the watcher checks every second
+            assert http_get(exporter.url + "/metrics")[0] == 401
+            body = http_get(exporter.url + "/metrics", headers=auth)[2]
+            assert b"exporter_web_config_last_reload_successful 0.0" in body
+        assert "WARNING exporter.webconfig: web config" in exporter.log()
+        assert "ERROR" not in exporter.log()
+        docs = (REPO / "docs" / "metrics.md").read_text()
+        for name in ("exporter_web_config_last_reload_successful",
+                     "exporter_web_config_last_reload_success_timestamp_seconds"):
+            assert f"# TYPE {name} gauge" in body.decode() and f"| `{name}` | gauge |" in docs, name
+    finally:
+        stop_process(exporter.proc)
+
+
+def test_an_unknown_user_is_refused_without_bcrypt_after_about_a_check(mocker):
+    """Issue #22.3: invented names do not queue for bcrypt (which let them lock out a first login); the
+    server waits refusal_delay instead, as long as a check at the dearest configured cost."""
+    auth = BasicAuth({"a": bcrypt.hashpw(b"x", bcrypt.gensalt(rounds=4)),
+                      "b": bcrypt.hashpw(b"y", bcrypt.gensalt(rounds=8))})
+    spy = mocker.spy(bcrypt, "checkpw")
+    assert auth.refusal_delay(request_with(basic("a", "wrong"))) is None  # a real name: a real check
+    delay = auth.refusal_delay(request_with(basic("guess-1234", "pw")))
+    assert delay is not None and delay > 0 and spy.call_count == 0
+    for _ in range(20):  # it follows what checks at cost 8 take here, not those at cost 4
+        auth.check(request_with(basic("b", "wrong")))
+    began = time.monotonic()
+    bcrypt.checkpw(b"wrong", auth.users["b"])
+    one_check = time.monotonic() - began
+    assert 0.2 * one_check < auth.refusal_delay(request_with(basic("nobody", ""))) < 5 * one_check

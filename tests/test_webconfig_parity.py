@@ -453,6 +453,32 @@ def test_rate_limit_reload_takes_effect(pki, tmp_path):
     assert w.poll() and w.allow_request(req)
 
 
+def test_rate_limit_is_per_client_address_and_per_verified_user(tmp_path):
+    """Issue #22.7 (where we differ from exporter-toolkit, ratelimit.py): a flood spends only its own
+    address's bucket; a verified user has its own, which no anonymous request can spend."""
+    path = tmp_path / "web.yml"
+    path.write_text("rate_limit: {interval: 1h, burst: 3}\n")
+    w = WebConfigWatcher(path)
+
+    def req(peer: str) -> Request:
+        return Request("GET", "/metrics", "/metrics", "", "HTTP/1.1", {}, peer)
+    for peer in (f"127.0.0.{i}" for i in range(2, 10)):
+        assert [w.allow_request(req(peer)) for _ in range(1000)].count(True) == 3
+    assert [w.allow_request(req("127.0.0.1")) for _ in range(4)] == [True, True, True, False]
+    # the scraper verified (cached credentials): its own bucket, whatever its address spent
+    assert [w.allow_request(req("127.0.0.1"), "prometheus") for _ in range(4)] == [True, True, True, False]
+    assert not w.allow_request(req("127.0.0.2"), None)
+
+
+def test_rate_limit_buckets_are_bounded():
+    from exporter.ratelimit import KeyedBuckets, RateLimit
+
+    buckets = KeyedBuckets(RateLimit(3600.0, 1), keys=100)
+    assert all(buckets.allow(i) for i in range(10_000))
+    assert len(buckets._buckets) == 100
+    assert buckets.allow(9_999) is False  # recent keys keep their state
+
+
 @pytest.mark.e2e
 def test_real_prometheus_with_and_without_an_allowed_san(pki, tmp_path):
     """Prometheus's own Go TLS client presenting client certificates: the one whose certificate names an
