@@ -480,7 +480,7 @@ class Sampler:
             self._transitions.set(key, f"stuck in {stuck_call}; reported down until the call returns")
             up = False
         else:
-            for call in reading.errors:
+            for call in (*reading.errors, *reading.recorded):
                 self._errors[("nvml", call)] += 1
             up = reading.ok
             if reading.lost:  # one stable message for the whole outage; the failing calls are in errors_total

@@ -1,9 +1,9 @@
 """Reads one GPU into a GpuReading: the scalar specs (specs.py) plus the families with their own shape.
 
-Calls a GPU answers with NotSupported are probed once and then skipped for that GPU; any other failure
-omits that one value and is reported in `errors`, and GpuIsLost aborts the read. A TypeError from our own
-call is a bug in the exporter (wrong arguments for this binding): logged at ERROR once, counted once, and
-that call is not made again.
+Every NVML error is classified and handled as errors.py says (one policy for the scalar, GPM and NVLink
+calls): unsupported, denied and a bug of ours (a TypeError) are recorded once and the call is skipped for
+that GPU, which stays up; a transient failure omits that one value and is reported in `errors`; a lost GPU
+or a driver gone aborts the read.
 """
 from __future__ import annotations
 
@@ -13,13 +13,7 @@ from typing import Any, Callable
 
 from exporter import collectors as registry
 from exporter.sources.gpm import GpmReader, GpmReaders
-from exporter.sources.nvml.errors import (
-    DENIED_ERRORS,
-    DRIVER_GONE_ERRORS,
-    LOST_ERRORS,
-    UNSUPPORTED_ERRORS,
-    error_name,
-)
+from exporter.sources.nvml.errors import POLICY, Fault, NvmlCalls, classify, error_name
 from exporter.sources.nvml.pcie_fallback import BlockingPcieThroughput
 from exporter.sources.nvml.readings import GpuIdentity, GpuProcess, GpuReading, MigReading
 from exporter.sources.nvml.specs import (
@@ -102,13 +96,20 @@ class GpuReader:
         self._buffer_seconds: float | None = None
         self._handle: Any = None
         self._arguments: dict[NvmlCall, tuple[tuple[Any, ...], dict[str, Any]] | None] = {}
-        self._unsupported: set[str] = set()  # call keys not asked again (NotSupported, NoPermission, bugs)
+        # What this GPU's calls answered, shared with its GPM/NVLink readers (errors.py's policy).
+        self._calls = NvmlCalls(index)
+        self._unsupported = self._calls.skip  # call keys not asked again (NotSupported, NoPermission, bugs)
         self._current_call: str | None = None
         self._pcie_fallback = pcie_fallback
         self._pcie_prev: dict[str, CounterReading] = {}
         self._reopen_at = 0.0
-        self._errors: list[str] = []
-        self.driver_gone = False  # a call said NVML lost its driver: the source must initialise again
+        self._errors: list[str] = []  # calls that failed this read: counted, the GPU is not ok
+        self._recorded: list[str] = []  # calls recorded once this read (denied, bugs): the GPU stays up
+
+    @property
+    def driver_gone(self) -> bool:
+        """A call said NVML lost its driver: the source must initialise again."""
+        return self._calls.driver_gone
 
     def in_call(self) -> str | None:
         """The NVML function this reader is blocked in right now, if any (for "stuck in <call>")."""
@@ -141,30 +142,14 @@ class GpuReader:
         self._current_call = name
         try:
             return fn(self._handle if on is None else on, *args, **kwargs)
-        except TypeError:  # our arguments do not fit this binding: a bug, not an NVML answer
-            self._unsupported.add(key)
-            self._errors.append(name)
-            log.exception("GPU %d: %s: wrong call (a bug in the exporter); not called again", self.index, key)
-            return None
         except Exception as exc:
-            err = error_name(exc)
-            if err in quiet:
+            if error_name(exc) in quiet:
                 return None
-            if err in UNSUPPORTED_ERRORS:
-                self._unsupported.add(key)
-                log.info("GPU %d: %s not supported (%s); omitted from now on", self.index, key, err)
-                return None
-            self._errors.append(name)
-            if err in DENIED_ERRORS:
-                self._unsupported.add(key)
-                log.warning("GPU %d: %s: no permission; omitted until restart (the exporter lacks a privilege "
-                            "this call needs, see docs/operations.md)", self.index, name)
-                return None
-            if err in DRIVER_GONE_ERRORS:
-                self.driver_gone = True
-                raise _GpuLost(err) from exc
-            if err in LOST_ERRORS:
-                raise _GpuLost(err) from exc
+            fault = self._calls.failed(key, name, exc, self._errors, self._recorded)
+            if fault is Fault.UNSUPPORTED:
+                log.info("GPU %d: %s not supported (%s); omitted from now on", self.index, key, error_name(exc))
+            elif fault in (Fault.LOST, Fault.DRIVER_GONE):
+                raise _GpuLost(fault.value) from exc
             return None
         finally:
             self._current_call = None
@@ -224,7 +209,7 @@ class GpuReader:
     def read(self, gpm: GpmReaders | None = None) -> GpuReading:
         """One read. `gpm`: the calling thread's own GPM readers (the sampler's read thread passes its
         own, so a thread that replaces a stuck one never touches the stuck one's GPM buffers)."""
-        self._errors = []
+        self._errors, self._recorded = [], []
         values: dict[str, Any] = {}
         scalars: dict[GpuScalar, float] = {}
         labelled: _Labelled = {}
@@ -238,8 +223,10 @@ class GpuReader:
                     self._open()
                 except _GpuLost:
                     raise
-                except Exception as exc:
+                except Exception as exc:  # no handle: the GPU is down whatever the class
                     self._errors.append("nvmlDeviceGetHandleByIndex")
+                    if classify(exc) is Fault.DRIVER_GONE:
+                        self._calls.driver_gone = True
                     raise _GpuLost(error_name(exc)) from exc
             self._read_scalars(scalars)
             self._read_values(values, scalars)
@@ -247,8 +234,9 @@ class GpuReader:
                 self._read_gpm(self._own_gpm if gpm is None else gpm, scalars, labelled)
         except _GpuLost:
             self._handle = None  # re-open later: after a reset the old handle is stale
-            return GpuReading(errors=tuple(self._errors), lost=True)
-        return GpuReading(scalars=scalars, labelled=labelled, errors=tuple(self._errors), **values)
+            return GpuReading(errors=tuple(self._errors), recorded=tuple(self._recorded), lost=True)
+        return GpuReading(scalars=scalars, labelled=labelled, errors=tuple(self._errors),
+                          recorded=tuple(self._recorded), **values)
 
     def _read_gpm(self, readers: GpmReaders, scalars: dict[GpuScalar, float], labelled: _Labelled) -> None:
         """GPM activity (the GPU's and per MIG GPU instance) and NVLink throughput, for the Gpm and NvLink
@@ -261,6 +249,7 @@ class GpuReader:
         finally:
             self._gpm_reader = None
         self._errors.extend(got.errors)
+        self._recorded.extend(got.recorded)
         if got.lost:
             raise _GpuLost("GPM")
         per_instance = dict(got.mig)
@@ -283,7 +272,7 @@ class GpuReader:
                 scalars[spec] = total
 
     def _new_gpm_reader(self, handle: Any) -> GpmReader:
-        return GpmReader(self.nvml, handle, self.index, self._clock, activity=bool(self._gpm),
+        return GpmReader(self.nvml, handle, self.index, self._clock, calls=self._calls, activity=bool(self._gpm),
                          nvlink=bool(self._nvlink), per_link=any(s.per_link for _, s in self._nvlink))
 
     def _read_scalars(self, out: dict[GpuScalar, float]) -> None:
@@ -479,7 +468,13 @@ class GpuReader:
                 self._unsupported.add("pcie_counters")
                 self._pcie_fallback.register(self.index, self._handle)
         slot = self._pcie_fallback.latest(self.index)
-        if slot is None or slot.unsupported:
+        if slot is None:
+            return
+        if slot.unsupported:  # counted once where its policy counts it (denied)
+            if slot.fault is not None and "pcie_fallback" not in self._unsupported:
+                self._unsupported.add("pcie_fallback")
+                if POLICY[slot.fault].counted:
+                    self._recorded.append("nvmlDeviceGetPcieThroughput")
             return
         if slot.error:
             self._errors.append("nvmlDeviceGetPcieThroughput")
