@@ -155,13 +155,13 @@ class DeadlineReads(Generic[K, T]):
     def dispatch(self, jobs: Sequence[tuple[K, Job[T]]]) -> tuple[list[K], Blocked[K] | None]:
         """Start the jobs whose key is not stuck; returns their keys, and the job that turned stuck if the
         worker was still busy with an earlier list nobody waited for (a tick that raised)."""
-        jobs = [(key, job) for key, job in jobs if key not in self.stuck]
         stuck = None
-        if not jobs:
-            return [], None
         worker = self.worker
-        if worker is not None and not worker.wait(0):
+        if worker is not None and not worker.wait(0):  # first: the job it is in turns stuck
             stuck = self._abandon(worker)
+        jobs = [(key, job) for key, job in jobs if key not in self.stuck]
+        if not jobs:
+            return [], stuck
         if self.worker is None:
             self.worker = DeadlineWorker(self._name, setup=self._setup, teardown=self._teardown,
                                          timer=self._timer)
