@@ -163,14 +163,14 @@ class DeadlineReads(Generic[K, T]):
         if not jobs:
             return [], stuck
         if self.worker is None:
-            self.worker = DeadlineWorker(self._name, setup=self._setup, teardown=self._teardown,
-                                         timer=self._timer)
+            self.worker = self._new_worker()
         self.worker.dispatch(jobs)
         return [key for key, _ in jobs], stuck
 
     def collect(self, deadline: float) -> Collected[K, T]:
         """Wait for the dispatched jobs until `deadline` (clock() time). Past it the worker is abandoned
-        to the job it is in, which turns stuck; a fresh worker is started with the next dispatch."""
+        to the job it is in, which turns stuck; a fresh worker is started at once (ready for the jobs the
+        stuck one had not reached)."""
         worker = self.worker
         if worker is None or not worker.pending:
             return Collected({})
@@ -192,9 +192,12 @@ class DeadlineReads(Generic[K, T]):
             self.worker.abandon()
             self.worker = None
 
+    def _new_worker(self) -> DeadlineWorker[K, T]:
+        return DeadlineWorker(self._name, setup=self._setup, teardown=self._teardown, timer=self._timer)
+
     def _abandon(self, worker: DeadlineWorker[K, T]) -> Blocked[K] | None:
         blocked = worker.abandon()  # under its lock: it cannot move on to another job unnoticed
-        self.worker = None
+        self.worker = self._new_worker()
         if blocked is not None:  # (None: between two jobs; nothing is blocked)
             self.stuck[blocked.key] = worker
         return blocked

@@ -415,7 +415,7 @@ def test_a_stuck_job_holds_one_thread_is_not_dispatched_again_and_the_rest_move_
     stuck_worker = reads.worker
     got = reads.collect(clock())  # the deadline is now: abandoned to "a"
     assert not got.done and got.stuck is not None and got.stuck.key == "a" and got.outcomes == {}
-    assert reads.stuck == {"a": stuck_worker} and reads.worker is None
+    assert reads.stuck == {"a": stuck_worker} and reads.worker is not stuck_worker
     for _ in range(3):  # "a" is never dispatched again while its read is blocked: one stuck thread at most
         keys, _ = reads.dispatch(jobs.list("a", "b"))
         assert keys == ["b"]
