@@ -12,7 +12,8 @@ import time
 from typing import Any, Callable
 
 from exporter import collectors as registry
-from exporter.sources.gpm import GpmReader, GpmReaders
+# The module, not its names: gpm.py imports errors.py from this package, so either may be imported first.
+from exporter.sources import gpm as gpm_source
 from exporter.sources.nvml.errors import POLICY, Fault, NvmlCalls, classify, error_name
 from exporter.sources.nvml.pcie_fallback import BlockingPcieThroughput
 from exporter.sources.nvml.readings import GpuIdentity, GpuProcess, GpuReading, MigReading
@@ -83,8 +84,8 @@ class GpuReader:
         self._derived = tuple((s, s.source) for s in specs if isinstance(s.source, Derived))
         self._gpm = tuple((s, s.source) for s in specs if isinstance(s.source, Gpm))
         self._nvlink = tuple((s, s.source) for s in specs if isinstance(s.source, NvLink))
-        self._own_gpm = GpmReaders()  # for callers that read from one thread only (tests, benches)
-        self._gpm_reader: GpmReader | None = None  # the one in use during a read, for in_call()
+        self._own_gpm = gpm_source.GpmReaders()  # for callers that read from one thread only (tests, benches)
+        self._gpm_reader: gpm_source.GpmReader | None = None  # the one in use during a read, for in_call()
         self._clock = clock
         self._processes: tuple[GpuProcess, ...] | None = None
         self._last_refresh: dict[str, float] = {}  # what -> clock() of its last refresh (see _due)
@@ -206,7 +207,7 @@ class GpuReader:
         """The last read found the GPU lost (it is re-opened every REOPEN_BACKOFF_S)."""
         return self._handle is None and self._reopen_at > 0
 
-    def read(self, gpm: GpmReaders | None = None) -> GpuReading:
+    def read(self, gpm: gpm_source.GpmReaders | None = None) -> GpuReading:
         """One read. `gpm`: the calling thread's own GPM readers (the sampler's read thread passes its
         own, so a thread that replaces a stuck one never touches the stuck one's GPM buffers)."""
         self._errors, self._recorded = [], []
@@ -238,7 +239,7 @@ class GpuReader:
         return GpuReading(scalars=scalars, labelled=labelled, errors=tuple(self._errors),
                           recorded=tuple(self._recorded), **values)
 
-    def _read_gpm(self, readers: GpmReaders, scalars: dict[GpuScalar, float], labelled: _Labelled) -> None:
+    def _read_gpm(self, readers: gpm_source.GpmReaders, scalars: dict[GpuScalar, float], labelled: _Labelled) -> None:
         """GPM activity (the GPU's and per MIG GPU instance) and NVLink throughput, for the Gpm and NvLink
         specs read; a collector switched off (its specs left out) makes no call."""
         reader = readers.get(self.index, self._handle, self._new_gpm_reader)
@@ -271,9 +272,10 @@ class GpuReader:
             elif (total := got.nvlink_tx_bytes_per_second if tx else got.nvlink_rx_bytes_per_second) is not None:
                 scalars[spec] = total
 
-    def _new_gpm_reader(self, handle: Any) -> GpmReader:
-        return GpmReader(self.nvml, handle, self.index, self._clock, calls=self._calls, activity=bool(self._gpm),
-                         nvlink=bool(self._nvlink), per_link=any(s.per_link for _, s in self._nvlink))
+    def _new_gpm_reader(self, handle: Any) -> gpm_source.GpmReader:
+        return gpm_source.GpmReader(self.nvml, handle, self.index, self._clock, calls=self._calls,
+                                    activity=bool(self._gpm), nvlink=bool(self._nvlink),
+                                    per_link=any(s.per_link for _, s in self._nvlink))
 
     def _read_scalars(self, out: dict[GpuScalar, float]) -> None:
         """Every scalar spec: one NVML call per distinct call (specs may share one), fields in one batch."""
