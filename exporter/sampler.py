@@ -11,17 +11,17 @@ The host sources (procfs, cgroup, shm, then the process lookup) are read the sam
 thread of their own, one hand-off per tick, until the same deadline. A read blocked in the kernel (a stale
 NFS or FUSE mount, a /proc/PID file in D state) cannot be interrupted: that thread is abandoned to the
 source, which gets no more reads until the call returns, and a fresh thread serves the other sources.
-So each source holds at most one blocked thread whatever happens.
+So each source holds at most one blocked thread whatever happens. Both are one mechanism: deadline.py.
 """
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from collections import Counter
 from typing import Any, Callable, TypeVar
 
+from exporter.deadline import Blocked, DeadlineReads, DeadlineWorker, Outcome
 from exporter.histogram import DURATION_BUCKETS, HOST_CPU_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS, Histogram
 from exporter.history import SampleHistory
 from exporter.snapshot import GpuState, SamplerStats, Snapshot
@@ -50,121 +50,10 @@ HOST_LATE_DEADLINE_SHARE = 0.75
 PROCESSES_DEADLINE_SHARE = 0.9
 HEALTHY_WITHIN_INTERVALS = 5
 LATENESS_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.05, 0.25)  # the 5 ms goal; a missed tick
-_DONE = -1  # gpu index of the message a read thread posts after its last GPU
-
-# (thread, tick, gpu index, reading) per GPU; (thread, tick, _DONE, seconds the reads took) at the end.
-_Result = tuple["_ReadThread", int, int, "GpuReading | float"]
 
 
-class _ReadThread:
-    """Reads a list of GPUs whenever dispatched, posting a _Result per GPU and one when done.
-
-    It owns its GPUs' GPM sample buffers (GpmReaders): a thread started after one was abandoned allocates
-    fresh ones, and an abandoned thread frees its own only once its blocked call has returned, so no two
-    threads ever touch one GPM buffer (a race the driver was reported to crash on)."""
-
-    def __init__(self, results: queue.SimpleQueue[_Result]) -> None:
-        self.abandoned = False  # set by the sampler: finish the current call, report, and exit
-        self.current: GpuReader | None = None
-        self._results = results
-        self._go = threading.Event()
-        self._todo: list[GpuReader] = []
-        self._tick = 0
-        self._gpm = GpmReaders()
-        self._thread = threading.Thread(target=self._run, name="gpu-reader", daemon=True)
-        self._thread.start()
-
-    def dispatch(self, tick: int, readers: list[GpuReader]) -> None:
-        self._tick, self._todo = tick, readers
-        self._go.set()
-
-    def abandon(self) -> None:
-        self.abandoned = True
-        self._go.set()
-
-    def _run(self) -> None:
-        while True:
-            self._go.wait()
-            self._go.clear()
-            started = time.perf_counter()
-            for reader in self._todo if not self.abandoned else ():
-                self.current = reader
-                try:
-                    reading = reader.read(self._gpm)
-                except Exception as exc:  # a bug must cost one GPU one sample, not the thread
-                    log.exception("GPU %d: read failed", reader.index)
-                    reading = GpuReading(errors=(f"internal:{type(exc).__name__}",))
-                self.current = None
-                self._results.put((self, self._tick, reader.index, reading))
-                if self.abandoned:
-                    break
-            self._results.put((self, self._tick, _DONE, time.perf_counter() - started))
-            if self.abandoned:
-                self._gpm.close()
-                return
-
-
-class _HostWorker:
-    """Reads a list of host sources (name, read) in order whenever dispatched, as _ReadThread reads GPUs,
-    keeping each outcome (reading, exception, seconds) by name. Two locks carry the hand-off (cheaper
-    than Events): `_go` is released to start, `_done` by the thread when the list is read. Abandoned
-    (its read past the deadline), it finishes the current read and exits: `current` then turns None."""
-
-    def __init__(self) -> None:
-        self.abandoned = False
-        self.pending = False  # dispatched, not yet waited for
-        self.current: str | None = None  # the source being read
-        self.current_since = 0.0  # perf_counter() when that read began
-        self.outcomes: dict[str, tuple[Any, Exception | None, float]] = {}
-        self._jobs: list[tuple[str, Callable[[], Any]]] = []
-        self._state = threading.Lock()  # abandoned vs current: no read starts once abandoned
-        self._go = threading.Lock()
-        self._go.acquire()
-        self._done = threading.Lock()
-        self._done.acquire()
-        self._thread = threading.Thread(target=self._run, name="host-reader", daemon=True)
-        self._thread.start()
-
-    def dispatch(self, jobs: list[tuple[str, Callable[[], Any]]]) -> None:
-        self._jobs, self.outcomes, self.pending = jobs, {}, True
-        self._go.release()
-
-    def wait(self, timeout: float) -> bool:
-        """Whether the dispatched list was read within timeout."""
-        if self._done.acquire(timeout=max(0.0, timeout)):
-            self.pending = False
-        return not self.pending
-
-    def abandon(self) -> str | None:
-        """Stop it; returns the source it is still reading (blocked in), None if none."""
-        with self._state:
-            self.abandoned = True
-            current = self.current
-        # Idle, or done since the last wait (it may be back at _go): wake it to exit. Busy: it exits
-        # after its current read.
-        if not self.pending or self._done.acquire(blocking=False):
-            self.pending = False
-            self._go.release()
-        return current
-
-    def _run(self) -> None:
-        while True:
-            self._go.acquire()
-            for source, read in self._jobs:
-                with self._state:
-                    if self.abandoned:
-                        break
-                    self.current, self.current_since = source, time.perf_counter()
-                reading, error = None, None
-                try:
-                    reading = read()
-                except Exception as exc:  # isolated: counted and logged by the sampler
-                    error = exc
-                self.outcomes[source] = (reading, error, time.perf_counter() - self.current_since)
-                self.current = None
-            self._done.release()
-            if self.abandoned:
-                return
+def _host_job(read: Callable[[], R]) -> Callable[[Any], R]:
+    return lambda _context: read()  # host reads need no per-thread state
 
 
 class _GpuHistory:
@@ -201,12 +90,14 @@ class Sampler:
         self.pods = pods  # the latest reading of a source polled on its own thread (kubelet)
         self.interval = interval
         self._clock = clock
-        self._results: queue.SimpleQueue[_Result] = queue.SimpleQueue()
-        self._reader_thread = _ReadThread(self._results)
+        # The GPU read thread owns its GPUs' GPM sample buffers (GpmReaders): a thread started after one
+        # was abandoned allocates fresh ones, and an abandoned thread frees its own only once its blocked
+        # call has returned, so no two threads ever touch one GPM buffer (the driver was reported to crash).
+        self._gpu_reads: DeadlineReads[int, GpuReading] = DeadlineReads(
+            "gpu-reader", clock=clock, setup=GpmReaders, teardown=GpmReaders.close)
         self._gpus: tuple[GpuReader, ...] = ()  # the set the read thread serves; a new one restarts it
-        self._stuck: dict[int, tuple[_ReadThread, str]] = {}  # gpu -> (abandoned thread, call it is in)
-        self._host_worker: _HostWorker | None = None  # started with the first host read
-        self._host_stuck: dict[str, _HostWorker] = {}  # host source -> the abandoned thread blocked in it
+        self._stuck: dict[int, str] = {}  # gpu -> the NVML call its abandoned read thread is blocked in
+        self._host_reads: DeadlineReads[str, Any] = DeadlineReads("host-reader", clock=clock)
         self._last_states: dict[int, GpuState] = {}
         self._histories: dict[int, _GpuHistory] = {}
         self._host_cpu = Histogram(HOST_CPU_BUCKETS)
@@ -229,10 +120,14 @@ class Sampler:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._reader_thread.abandon()
-        if self._host_worker is not None:
-            self._host_worker.abandon()
+        self._gpu_reads.stop()
+        self._host_reads.stop()
         self.nvml.close()
+
+    @property
+    def _host_worker(self) -> DeadlineWorker[str, Any] | None:
+        """The current host read thread (tests check that one serves every tick)."""
+        return self._host_reads.worker
 
     def _run(self) -> None:
         start = self._clock()
@@ -268,11 +163,12 @@ class Sampler:
         if failed:
             self._errors[("nvml", failed)] += 1
         self._sync_reader()
-        self._collect(seq, deadline=None)  # late results and exits of abandoned threads
-        to_read = [r for r in self._gpus if r.index not in self._stuck]
-        if to_read:
-            dispatched = time.perf_counter()
-            self._reader_thread.dispatch(seq, to_read)
+        for index in self._gpu_reads.released():  # its hung call returned: read it again
+            self._stuck.pop(index, None)
+        dispatched = time.perf_counter()
+        to_read, late = self._gpu_reads.dispatch([(r.index, r.read) for r in self._gpus])  # r.read(gpm)
+        if late is not None:
+            self._stuck_gpu(late)
 
         # The host sources are read on the host read thread meanwhile.
         cgroup_source, shm_path = self.cgroup, self.shm_path
@@ -285,11 +181,13 @@ class Sampler:
 
         fresh: dict[int, GpuReading] = {}
         if to_read:
-            took = self._collect(seq, deadline=now + GPU_DEADLINE_SHARE * self.interval, fresh=fresh)
-            if took is None:
-                self._abandon_reader()
-                took = time.perf_counter() - dispatched  # at least this long: still reading
-            self._durations["nvml"].observe(took)  # the read thread's own time: NVML only
+            got = self._gpu_reads.collect(now + GPU_DEADLINE_SHARE * self.interval)
+            if got.stuck is not None:
+                self._stuck_gpu(got.stuck)
+            fresh = {index: self._gpu_reading(index, outcome) for index, outcome in got.outcomes.items()}
+            # The read thread's own time (NVML only); past the deadline at least this long: still reading.
+            took = got.elapsed if got.elapsed is not None else time.perf_counter() - dispatched
+            self._durations["nvml"].observe(took)
         read = self._host_results(host_jobs, now + HOST_DEADLINE_SHARE * self.interval,
                                   now + HOST_LATE_DEADLINE_SHARE * self.interval)
         host, cgroup, shm = read.get("procfs"), read.get("cgroup"), read.get("shm")
@@ -300,7 +198,7 @@ class Sampler:
         if self.attributor is not None:
             attributor = self.attributor
             pids = set().union(*(g.reading.pids() for g in gpus if g.reading))
-            if "processes" in self._host_stuck:
+            if "processes" in self._host_reads.stuck:
                 found = None
             elif attributor.cached(pids):  # no file to read (no GPU process, or all known): no hand-off
                 found = self._isolated("processes", lambda: attributor.lookup(pids))
@@ -332,7 +230,7 @@ class Sampler:
             shm=shm,
             xid_errors=xid_errors,
             pods=self._isolated("pods", self.pods) if self.pods is not None else None,
-            stuck_sources=tuple(self._host_stuck),
+            stuck_sources=tuple(self._host_reads.stuck),
         )
         self.snapshot = snap  # a single reference assignment: scrapes see the old or the new, whole
         if self.history is not None:
@@ -349,19 +247,12 @@ class Sampler:
 
     def _dispatch_host(self, jobs: list[tuple[str, Callable[[], Any]]]) -> list[tuple[str, Callable[[], Any]]]:
         """Hand the host read thread the sources of `jobs` not blocked in an earlier read; returns those."""
-        for source, blocked in list(self._host_stuck.items()):
-            if blocked.current != source:  # the blocked read came back: read it again from this tick on
-                del self._host_stuck[source]
-                self._transitions.set(f"{source} deadline", None)
-        jobs = [(source, read) for source, read in jobs if source not in self._host_stuck]
-        if jobs:
-            worker = self._host_worker
-            if worker is None or worker.pending:  # (pending: a tick that raised before waiting for it)
-                if worker is not None:
-                    worker.abandon()
-                worker = self._host_worker = _HostWorker()
-            worker.dispatch(jobs)
-        return jobs
+        for source in self._host_reads.released():  # the blocked read came back: read it again from now on
+            self._transitions.set(f"{source} deadline", None)
+        keys, late = self._host_reads.dispatch([(source, _host_job(read)) for source, read in jobs])
+        if late is not None:
+            self._stuck_host(late)
+        return [(source, read) for source, read in jobs if source in keys]
 
     def _host_results(self, jobs: list[tuple[str, Callable[[], Any]]], deadline: float,
                       late_deadline: float | None = None) -> dict[str, Any]:
@@ -372,33 +263,27 @@ class Sampler:
         until `late_deadline` (if given), else they miss this tick only."""
         out: dict[str, Any] = {}
         for limit in (deadline, late_deadline):
-            worker = self._host_worker
-            if limit is None or not jobs or worker is None:
+            if limit is None or not jobs:
                 break
-            finished = worker.wait(limit - self._clock())
-            if not finished:
-                blocked_in = worker.abandon()  # under its lock: it cannot move on to another source
-                self._host_worker = _HostWorker()
-                if blocked_in is not None:  # (None: between two reads; nothing is blocked)
-                    self._stuck_host(blocked_in, worker)
-            for source, (reading, exc, took) in list(worker.outcomes.items()):
-                if source in self._host_stuck:
-                    continue  # came back just now: from the next tick
+            got = self._host_reads.collect(limit)
+            if got.stuck is not None:
+                self._stuck_host(got.stuck)
+            for source, outcome in got.outcomes.items():
                 if (duration := self._durations.get(source)) is not None:
-                    duration.observe(took)
-                out[source] = self._accounted(source, reading, exc)
-            if finished:
+                    duration.observe(outcome.seconds)
+                out[source] = self._accounted(source, outcome.value, outcome.error)
+            if got.done:
                 break
-            jobs = [(s, r) for s, r in jobs if s not in out and s not in self._host_stuck]
-            if jobs and late_deadline is not None and self._host_worker is not None:
-                self._host_worker.dispatch(jobs)
+            jobs = [(s, r) for s, r in jobs if s not in out and s not in self._host_reads.stuck]
+            if jobs and late_deadline is not None:
+                jobs = self._dispatch_host(jobs)
         return out
 
-    def _stuck_host(self, source: str, worker: _HostWorker) -> None:
-        self._host_stuck[source] = worker
+    def _stuck_host(self, blocked: Blocked[str]) -> None:
+        source = blocked.key
         self._errors[(source, "deadline")] += 1
         if (duration := self._durations.get(source)) is not None:
-            duration.observe(time.perf_counter() - worker.current_since)  # at least this long
+            duration.observe(time.perf_counter() - blocked.since)  # at least this long
         self._transitions.set(f"{source} deadline", "read not back by the tick deadline; its series are "
                               "absent and it is not read again until the blocked read returns")
 
@@ -422,50 +307,23 @@ class Sampler:
         """A new set of GPUs (NVML (re)initialised): start from a fresh read thread."""
         if self._gpus is self.nvml.gpus:
             return
-        self._reader_thread.abandon()
-        self._reader_thread = _ReadThread(self._results)
+        self._gpu_reads.reset()
         self._gpus = self.nvml.gpus
         self._stuck.clear()
         self._last_states.clear()
 
-    def _collect(self, seq: int, deadline: float | None, fresh: dict[int, GpuReading] | None = None) -> float | None:
-        """Take results off the queue; with a deadline, wait until the current read thread is done.
+    def _stuck_gpu(self, blocked: Blocked[int]) -> None:
+        """The read thread was abandoned in this GPU's read: down and "stuck in <call>" until it returns."""
+        reader = next((r for r in self._gpus if r.index == blocked.key), None)
+        call = (reader.in_call() if reader is not None else None) or "read"
+        self._stuck[blocked.key] = call
+        self._errors[("nvml", call)] += 1  # once per hang, not per tick
 
-        Returns the seconds the current thread's reads took for this tick once it reported done; None
-        when the deadline passed first (0.0 without a deadline).
-        """
-        while True:
-            try:
-                if deadline is None:
-                    thread, tick, index, reading = self._results.get_nowait()
-                else:
-                    timeout = deadline - self._clock()
-                    if timeout <= 0:
-                        return None
-                    thread, tick, index, reading = self._results.get(timeout=timeout)
-            except queue.Empty:
-                return 0.0 if deadline is None else None
-            if thread is not self._reader_thread:
-                if index == _DONE:  # an abandoned thread's hung call returned: its GPU may be read again
-                    for gpu in [g for g, (t, _) in self._stuck.items() if t is thread]:
-                        del self._stuck[gpu]
-                continue  # its late reading is stale and dropped
-            if tick != seq:
-                continue
-            if isinstance(reading, float):  # index == _DONE
-                return reading
-            if fresh is not None:
-                fresh[index] = reading
-
-    def _abandon_reader(self) -> None:
-        thread = self._reader_thread
-        thread.abandon()  # first, so it cannot move on to another GPU unnoticed
-        reader = thread.current
-        if reader is not None:
-            call = reader.in_call() or "read"
-            self._stuck[reader.index] = (thread, call)
-            self._errors[("nvml", call)] += 1  # once per hang, not per tick
-        self._reader_thread = _ReadThread(self._results)
+    def _gpu_reading(self, index: int, outcome: Outcome[GpuReading]) -> GpuReading:
+        if outcome.error is not None or outcome.value is None:  # a bug must cost one GPU one sample
+            log.error("GPU %d: read failed", index, exc_info=outcome.error)
+            return GpuReading(errors=(f"internal:{type(outcome.error).__name__}",))
+        return outcome.value
 
     def _gpu_state(self, reader: GpuReader, reading: GpuReading | None, now: float) -> GpuState:
         index = reader.index
@@ -476,11 +334,11 @@ class Sampler:
             return self._last_states[index]  # not reached this tick behind a hung GPU: keep the last state
         stuck_call = None
         if reading is None:
-            stuck_call = stuck[1] if stuck else "read"
+            stuck_call = stuck or "read"
             self._transitions.set(key, f"stuck in {stuck_call}; reported down until the call returns")
             up = False
         else:
-            for call in reading.errors:
+            for call in (*reading.errors, *reading.recorded):
                 self._errors[("nvml", call)] += 1
             up = reading.ok
             if reading.lost:  # one stable message for the whole outage; the failing calls are in errors_total

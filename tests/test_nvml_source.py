@@ -286,3 +286,100 @@ def test_sources_never_import_the_snapshot_or_the_sampler():
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not imported & {"exporter.snapshot", "exporter.sampler", "exporter.collector"}, path
+
+
+# ---- one error classifier for every NVML call (errors.py) -------------------------------------------------
+class _FailingCall:
+    """FakeNvml with one function failing with `code` where `when(args)` holds; counts those calls."""
+
+    def __init__(self, fake: FakeNvml, call: str, code: int, when=lambda args: True) -> None:
+        self._fake, self._call, self._code, self._when = fake, call, code, when
+        self.active = False
+        self.failed = 0
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._fake, name)
+        if name != self._call:
+            return attr
+
+        def failing(*args, **kwargs):
+            if self.active and self._when(args):
+                self.failed += 1
+                raise pynvml.NVMLError(self._code)
+            return attr(*args, **kwargs)
+        return failing
+
+
+def _nvlink_fields(args) -> bool:
+    from exporter.sources.gpm import FI_NVLINK_LINK_COUNT, FI_NVLINK_RX, FI_NVLINK_TX
+
+    return any(f == FI_NVLINK_LINK_COUNT or (isinstance(f, tuple) and f[0] in (FI_NVLINK_TX, FI_NVLINK_RX))
+               for f in args[1])
+
+
+# The scalar, GPM and NVLink paths of a GpuReader, each with one of its calls failing (NVLink: the per-link
+# counters, read where GPM has no totals).
+_PATHS = {
+    "scalar": ("nvmlDeviceGetTemperature", lambda args: True, FakeGpuSpec()),
+    "gpm": ("nvmlGpmSampleGet", lambda args: True, FakeGpuSpec()),
+    "nvlink": ("nvmlDeviceGetFieldValues", _nvlink_fields, FakeGpuSpec(gpm_supported=False)),
+}
+# error -> (GPU ok on the failing read, lost, driver gone, counted on that read, asked again on later reads)
+_CLASSES = {
+    pynvml.NVML_ERROR_NOT_SUPPORTED: (True, False, False, 0, False),
+    pynvml.NVML_ERROR_FUNCTION_NOT_FOUND: (True, False, False, 0, False),
+    pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH: (True, False, False, 0, False),
+    pynvml.NVML_ERROR_NO_PERMISSION: (True, False, False, 1, False),
+    pynvml.NVML_ERROR_GPU_IS_LOST: (False, True, False, 1, False),  # re-opened after REOPEN_BACKOFF_S
+    pynvml.NVML_ERROR_RESET_REQUIRED: (False, True, False, 1, False),
+    pynvml.NVML_ERROR_UNINITIALIZED: (False, True, True, 1, False),  # the source initialises again
+    pynvml.NVML_ERROR_DRIVER_NOT_LOADED: (False, True, True, 1, False),
+    pynvml.NVML_ERROR_UNKNOWN: (False, False, False, 1, True),
+    pynvml.NVML_ERROR_TIMEOUT: (False, False, False, 1, True),
+}
+
+
+def _outcome(path: str, code: int) -> tuple:
+    from exporter.sources.nvml.pcie_fallback import BlockingPcieThroughput
+    from tests.conftest import ALL_COLLECTORS, ManualClock
+
+    call, when, spec = _PATHS[path]
+    clock = ManualClock()
+    fake = FakeNvml(1, clock=clock, spec=spec)
+    fake.nvmlInit()
+    nvml = _FailingCall(fake, call, code, when)
+    reader = GpuReader(nvml, 0, BlockingPcieThroughput(nvml, clock=clock), collectors=ALL_COLLECTORS, clock=clock)
+    clock.advance(0.2)
+    assert reader.read().ok  # probed first, then failing
+    nvml.active = True
+    clock.advance(0.2)
+    first = reader.read()
+    assert nvml.failed, "the failing call was not made"
+    after = nvml.failed
+    for _ in range(2):
+        clock.advance(0.2)
+        reader.read()
+    counted = [c for c in (*first.errors, *first.recorded) if c == call]
+    return first.ok, first.lost, reader.driver_gone, len(counted), nvml.failed > after
+
+
+@pytest.mark.parametrize("code", list(_CLASSES), ids=lambda c: pynvml.NVMLError(c).__class__.__name__)
+def test_every_error_class_means_the_same_on_the_scalar_gpm_and_nvlink_paths(code):
+    outcomes = {path: _outcome(path, code) for path in _PATHS}
+    assert outcomes == {path: _CLASSES[code] for path in _PATHS}
+
+
+def test_gpm_no_permission_keeps_the_gpu_up_and_is_not_asked_every_tick(procfs, caplog):
+    from tests.conftest import families, make_sampler
+
+    fake = FakeNvml(2)
+    fake.inject("nvmlGpmSampleGet", gpu=0, error=pynvml.NVML_ERROR_NO_PERMISSION)
+    s = make_sampler(fake, procfs.root)
+    ups = []
+    for _ in range(5):
+        s.tick()
+        ups.append({x.labels["gpu"]: x.value for x in families(s)["gpu_up"].samples})
+    assert ups == [{"0": 1, "1": 1}] * 5
+    assert fake.calls["nvmlGpmSampleGet"] == 1 + 5  # GPU 0 once, GPU 1 every tick
+    assert dict(s.snapshot.stats.errors)[("nvml", "nvmlGpmSampleGet")] == 1
+    assert sum("no permission" in r.getMessage() for r in caplog.records) == 1

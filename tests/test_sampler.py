@@ -351,3 +351,102 @@ def test_a_blocked_process_lookup_costs_only_the_process_labels(procfs):
     snap = _until(s.tick, lambda snap: snap.processes != ())
     assert [pid for pid, _ in snap.processes] == [4000] and snap.stuck_sources == ()
     s.stop()
+
+
+# ---- the deadline worker (exporter/deadline.py), driven by Events: no sleeps ----------------------------
+class _Jobs:
+    """Keyed jobs that count their runs; `hold` blocks the job of that key until released."""
+
+    def __init__(self, hold: str | None = None) -> None:
+        self.hold = hold
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.runs: dict[str, int] = {}
+        self.threads: set[str] = set()
+
+    def job(self, key: str):
+        def run(context):
+            self.runs[key] = self.runs.get(key, 0) + 1
+            self.threads.add(threading.current_thread().name)
+            if key == self.hold:
+                self.entered.set()
+                assert self.release.wait(10)
+            if key == "raises":
+                raise ValueError("bad file")
+            return (key, context)
+        return run
+
+    def list(self, *keys: str):
+        return [(k, self.job(k)) for k in keys]
+
+
+def test_deadline_worker_reads_every_job_and_keeps_each_outcome():
+    from exporter.deadline import DeadlineReads
+    from tests.conftest import ManualClock
+
+    clock = ManualClock()
+    jobs = _Jobs()
+    reads = DeadlineReads("test-reader", clock=clock, setup=lambda: "ctx")
+    for _ in range(3):
+        keys, stuck = reads.dispatch(jobs.list("a", "raises", "b"))
+        assert keys == ["a", "raises", "b"] and stuck is None
+        got = reads.collect(clock() + 10)  # returns as soon as the list is done
+        assert got.done and got.stuck is None and got.elapsed is not None
+        assert got.outcomes["a"].value == ("a", "ctx") and got.outcomes["b"].error is None
+        assert isinstance(got.outcomes["raises"].error, ValueError) and got.outcomes["raises"].value is None
+    assert jobs.runs == {"a": 3, "raises": 3, "b": 3} and jobs.threads == {"test-reader"}
+    worker = reads.worker
+    reads.stop()
+    worker._thread.join(5)
+    assert not worker._thread.is_alive()
+
+
+def test_a_stuck_job_holds_one_thread_is_not_dispatched_again_and_the_rest_move_on():
+    from exporter.deadline import DeadlineReads
+    from tests.conftest import ManualClock
+
+    clock = ManualClock()
+    jobs = _Jobs(hold="a")
+    closed = []
+    reads = DeadlineReads("test-reader", clock=clock, setup=object,
+                          teardown=lambda ctx: closed.append((ctx, threading.current_thread().name)))
+    reads.dispatch(jobs.list("a", "b"))
+    assert jobs.entered.wait(10)
+    stuck_worker = reads.worker
+    got = reads.collect(clock())  # the deadline is now: abandoned to "a"
+    assert not got.done and got.stuck is not None and got.stuck.key == "a" and got.outcomes == {}
+    assert reads.stuck == {"a": stuck_worker} and reads.worker is not stuck_worker
+    for _ in range(3):  # "a" is never dispatched again while its read is blocked: one stuck thread at most
+        keys, _ = reads.dispatch(jobs.list("a", "b"))
+        assert keys == ["b"]
+        got = reads.collect(clock() + 10)
+        assert got.done and set(got.outcomes) == {"b"} and reads.released() == []
+    assert jobs.runs == {"a": 1, "b": 3}
+    jobs.release.set()
+    stuck_worker._thread.join(10)
+    # The abandoned thread finished "a" and exited without starting "b" (checked under its lock), and
+    # freed its own context on its own thread, after its last job returned.
+    assert jobs.runs == {"a": 1, "b": 3} and not stuck_worker._thread.is_alive()
+    assert len(closed) == 1 and closed[0][1] == "test-reader"
+    assert reads.released() == ["a"] and reads.stuck == {}
+    keys, _ = reads.dispatch(jobs.list("a", "b"))
+    assert keys == ["a", "b"] and reads.collect(clock() + 10).done
+    reads.stop()
+
+
+def test_a_list_nobody_waited_for_is_abandoned_at_the_next_dispatch():
+    """A tick that raised before waiting: the next dispatch must not hand a busy worker a new list."""
+    from exporter.deadline import DeadlineReads
+    from tests.conftest import ManualClock
+
+    clock = ManualClock()
+    jobs = _Jobs(hold="a")
+    reads = DeadlineReads("test-reader", clock=clock)
+    reads.dispatch(jobs.list("a"))
+    assert jobs.entered.wait(10)
+    keys, stuck = reads.dispatch(jobs.list("a", "b"))
+    assert stuck is not None and stuck.key == "a" and keys == ["b"]  # never a second thread into "a"
+    got = reads.collect(clock() + 10)
+    assert got.done and set(got.outcomes) == {"b"} and jobs.runs == {"a": 1, "b": 1}
+    jobs.release.set()
+    reads.stop()

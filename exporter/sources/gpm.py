@@ -10,6 +10,8 @@ nvmlGpmMetricsGet over the previous and the current sample, only when they are a
 driver's refresh); a tick closer than that reports the last pair that was. Unsupported (GPM or one metric):
 None, never 0, logged once. NVLink comes from GPM's totals where it has them, else from the per-link
 cumulative field counters (KiB) as delta/delta-timestamp, one nvmlDeviceGetFieldValues call per tick.
+Errors are classified and handled as every NVML call's (sources/nvml/errors.py): unsupported and denied
+turn the feature off (GPM, GPM per instance, NVLink) for good, and the GPU stays up.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from exporter.sources.nvml.errors import Fault, NvmlCalls, error_name
 from exporter.sources.pcie import CounterReading, counter_rate
 
 log = logging.getLogger("exporter.gpm")
@@ -35,9 +38,6 @@ GPM_NVLINK_RX, GPM_NVLINK_TX = 60, 61  # NVLINK_TOTAL_RX/TX_PER_SEC, MiB/s over 
 FI_NVLINK_LINK_COUNT = 91
 FI_NVLINK_TX, FI_NVLINK_RX = 138, 139  # NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX/RX: KiB, scopeId = link
 MIN_SAMPLE_GAP_S = 0.1
-_UNSUPPORTED = ("NVMLError_NotSupported", "NVMLError_FunctionNotFound", "NVMLError_ArgumentVersionMismatch",
-                "NVMLLibraryMismatchError")
-_LOST = ("NVMLError_GpuIsLost", "NVMLError_ResetRequired")
 _MIB = 1024 * 1024
 
 
@@ -61,7 +61,8 @@ class GpmReading:
     nvlink_source: str | None = None  # "gpm" or "fields"
     nvlink_links: tuple[tuple[int, float | None, float | None], ...] = ()  # (link, tx, rx) with per_link
     errors: tuple[str, ...] = ()  # calls that failed this tick (not unsupported ones)
-    lost: bool = False  # GpuIsLost: call rebind() with a fresh handle
+    lost: bool = False  # GpuIsLost, or the driver went away: call rebind() with a fresh handle
+    recorded: tuple[str, ...] = ()  # calls recorded once and not asked again (NoPermission, a bug)
 
 
 def _integer(entry: Any) -> int:
@@ -116,9 +117,12 @@ class GpmReader:
     """GPM activity and NVLink throughput of one GPU. Not thread-safe: one reading thread owns it."""
 
     def __init__(self, nvml: Any, handle: Any, index: int, clock: Callable[[], float] = time.monotonic, *,
-                 activity: bool = True, nvlink: bool = True, per_link: bool = False) -> None:
+                 calls: NvmlCalls | None = None, activity: bool = True, nvlink: bool = True,
+                 per_link: bool = False) -> None:
         """`activity`, `nvlink`, `per_link`: what to read (a collector switched off makes no NVML call).
-        Without `activity`, NVLink comes from the field counters; `per_link` reads them even with GPM."""
+        Without `activity`, NVLink comes from the field counters; `per_link` reads them even with GPM.
+        `calls`: the GPU's record of its calls' answers (the GpuReader's), so a call recorded as not to
+        be asked again stays so for a reader that replaces this one."""
         self.nvml = nvml
         self.index = index
         self._clock = clock
@@ -135,7 +139,9 @@ class GpmReader:
         self._links: int | None = None  # NVLink links; 0: none
         self._link_fields: list[tuple[int, int]] = []
         self._link_prev: dict[tuple[int, int], CounterReading] = {}
+        self._calls = calls if calls is not None else NvmlCalls(index)
         self._errors: list[str] = []
+        self._recorded: list[str] = []
         self.current_call: str | None = None  # the NVML function being called, for "stuck in <call>"
 
     # ---- public ------------------------------------------------------------------------------------
@@ -145,7 +151,7 @@ class GpmReader:
 
     def read(self, gpu_instance_ids: Iterable[int] = ()) -> GpmReading:
         """One tick. `gpu_instance_ids`: the GPU's MIG instances (empty when MIG is off)."""
-        self._errors = []
+        self._errors, self._recorded = [], []
         gpu_instance_ids = tuple(gpu_instance_ids)
         now = self._clock()
         try:
@@ -172,9 +178,9 @@ class GpmReader:
                     tx, rx, source = gpm_tx, gpm_rx, "gpm"
         except _Lost:
             self._forget()
-            return GpmReading(errors=tuple(self._errors), lost=True)
+            return GpmReading(errors=tuple(self._errors), lost=True, recorded=tuple(self._recorded))
         return GpmReading(activity, tuple(mig), tx, rx, source, links if self._per_link else (),
-                          errors=tuple(self._errors))
+                          errors=tuple(self._errors), recorded=tuple(self._recorded))
 
     def rebind(self, handle: Any) -> None:
         """A fresh handle after the GPU was lost and reopened; the next pair starts from scratch."""
@@ -189,22 +195,28 @@ class GpmReader:
 
     # ---- calling NVML --------------------------------------------------------------------------------
     def _call(self, what: str, name: str, *args: Any) -> Any:
-        """nvml.<name>(*args); _Unsupported / _Lost for those answers, None (error recorded) otherwise."""
+        """nvml.<name>(*args), its errors handled by errors.py's policy: _Unsupported for a call not to be
+        asked again (unsupported, denied, a bug), _Lost for a lost GPU or a driver gone, None (error
+        recorded) for a transient failure."""
+        key = f"{what}:{name}"  # apart from the scalar reads' keys: one GPU's calls share one record
+        if key in self._calls.skip:
+            raise _Unsupported(name)
         fn = getattr(self.nvml, name, None)
         if fn is None:
+            self._calls.skip.add(key)
             self._log_once(what, f"{name} missing from this pynvml")
             raise _Unsupported(name)
         self.current_call = name
         try:
             return fn(*args)
         except Exception as exc:
-            err = type(exc).__name__
-            if err in _UNSUPPORTED:
-                self._log_once(what, f"{name}: {err}")
+            fault = self._calls.failed(key, name, exc, self._errors, self._recorded)
+            if fault is Fault.UNSUPPORTED:
+                self._log_once(what, f"{name}: {error_name(exc)}")
+            if fault in (Fault.LOST, Fault.DRIVER_GONE):
+                raise _Lost(fault.value) from exc
+            if fault in (Fault.UNSUPPORTED, Fault.DENIED, Fault.BUG):
                 raise _Unsupported(name) from exc
-            if err in _LOST:
-                raise _Lost(err) from exc
-            self._errors.append(name)
             return None
         finally:
             self.current_call = None

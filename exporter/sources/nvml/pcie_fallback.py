@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from exporter.sources.nvml.errors import UNSUPPORTED_ERRORS, error_name
+from exporter.sources.nvml.errors import POLICY, Fault, classify, error_name
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,8 @@ class PcieSlot:
     rx: float | None = None
     at: float = 0.0  # clock() when read; 0: never
     error: str | None = None
-    unsupported: bool = False
+    unsupported: bool = False  # not asked again (errors.py: unsupported, denied, a bug)
+    fault: Fault | None = None  # the error's class
 
 
 class BlockingPcieThroughput:
@@ -61,8 +62,9 @@ class BlockingPcieThroughput:
                     tx = nvml.nvmlDeviceGetPcieThroughput(handle, nvml.NVML_PCIE_UTIL_TX_BYTES)
                     rx = nvml.nvmlDeviceGetPcieThroughput(handle, nvml.NVML_PCIE_UTIL_RX_BYTES)
                 except Exception as exc:  # one GPU's failure must not stop the others
-                    err = error_name(exc)
-                    self._slots[index] = PcieSlot(error=err, unsupported=err in UNSUPPORTED_ERRORS)
+                    fault = classify(exc)
+                    self._slots[index] = PcieSlot(error=error_name(exc), fault=fault,
+                                                  unsupported=not POLICY[fault].ask_again)
                     continue
                 # KB/s, with NVML's KB being 1024 bytes.
                 self._slots[index] = PcieSlot(tx * 1024.0, rx * 1024.0, self._clock())

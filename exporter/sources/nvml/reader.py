@@ -1,9 +1,9 @@
 """Reads one GPU into a GpuReading: the scalar specs (specs.py) plus the families with their own shape.
 
-Calls a GPU answers with NotSupported are probed once and then skipped for that GPU; any other failure
-omits that one value and is reported in `errors`, and GpuIsLost aborts the read. A TypeError from our own
-call is a bug in the exporter (wrong arguments for this binding): logged at ERROR once, counted once, and
-that call is not made again.
+Every NVML error is classified and handled as errors.py says (one policy for the scalar, GPM and NVLink
+calls): unsupported, denied and a bug of ours (a TypeError) are recorded once and the call is skipped for
+that GPU, which stays up; a transient failure omits that one value and is reported in `errors`; a lost GPU
+or a driver gone aborts the read.
 """
 from __future__ import annotations
 
@@ -12,14 +12,9 @@ import time
 from typing import Any, Callable
 
 from exporter import collectors as registry
-from exporter.sources.gpm import GpmReader, GpmReaders
-from exporter.sources.nvml.errors import (
-    DENIED_ERRORS,
-    DRIVER_GONE_ERRORS,
-    LOST_ERRORS,
-    UNSUPPORTED_ERRORS,
-    error_name,
-)
+# The module, not its names: gpm.py imports errors.py from this package, so either may be imported first.
+from exporter.sources import gpm as gpm_source
+from exporter.sources.nvml.errors import POLICY, Fault, NvmlCalls, classify, error_name
 from exporter.sources.nvml.pcie_fallback import BlockingPcieThroughput
 from exporter.sources.nvml.readings import GpuIdentity, GpuProcess, GpuReading, MigReading
 from exporter.sources.nvml.specs import (
@@ -89,8 +84,8 @@ class GpuReader:
         self._derived = tuple((s, s.source) for s in specs if isinstance(s.source, Derived))
         self._gpm = tuple((s, s.source) for s in specs if isinstance(s.source, Gpm))
         self._nvlink = tuple((s, s.source) for s in specs if isinstance(s.source, NvLink))
-        self._own_gpm = GpmReaders()  # for callers that read from one thread only (tests, benches)
-        self._gpm_reader: GpmReader | None = None  # the one in use during a read, for in_call()
+        self._own_gpm = gpm_source.GpmReaders()  # for callers that read from one thread only (tests, benches)
+        self._gpm_reader: gpm_source.GpmReader | None = None  # the one in use during a read, for in_call()
         self._clock = clock
         self._processes: tuple[GpuProcess, ...] | None = None
         self._last_refresh: dict[str, float] = {}  # what -> clock() of its last refresh (see _due)
@@ -102,13 +97,20 @@ class GpuReader:
         self._buffer_seconds: float | None = None
         self._handle: Any = None
         self._arguments: dict[NvmlCall, tuple[tuple[Any, ...], dict[str, Any]] | None] = {}
-        self._unsupported: set[str] = set()  # call keys not asked again (NotSupported, NoPermission, bugs)
+        # What this GPU's calls answered, shared with its GPM/NVLink readers (errors.py's policy).
+        self._calls = NvmlCalls(index)
+        self._unsupported = self._calls.skip  # call keys not asked again (NotSupported, NoPermission, bugs)
         self._current_call: str | None = None
         self._pcie_fallback = pcie_fallback
         self._pcie_prev: dict[str, CounterReading] = {}
         self._reopen_at = 0.0
-        self._errors: list[str] = []
-        self.driver_gone = False  # a call said NVML lost its driver: the source must initialise again
+        self._errors: list[str] = []  # calls that failed this read: counted, the GPU is not ok
+        self._recorded: list[str] = []  # calls recorded once this read (denied, bugs): the GPU stays up
+
+    @property
+    def driver_gone(self) -> bool:
+        """A call said NVML lost its driver: the source must initialise again."""
+        return self._calls.driver_gone
 
     def in_call(self) -> str | None:
         """The NVML function this reader is blocked in right now, if any (for "stuck in <call>")."""
@@ -141,30 +143,14 @@ class GpuReader:
         self._current_call = name
         try:
             return fn(self._handle if on is None else on, *args, **kwargs)
-        except TypeError:  # our arguments do not fit this binding: a bug, not an NVML answer
-            self._unsupported.add(key)
-            self._errors.append(name)
-            log.exception("GPU %d: %s: wrong call (a bug in the exporter); not called again", self.index, key)
-            return None
         except Exception as exc:
-            err = error_name(exc)
-            if err in quiet:
+            if error_name(exc) in quiet:
                 return None
-            if err in UNSUPPORTED_ERRORS:
-                self._unsupported.add(key)
-                log.info("GPU %d: %s not supported (%s); omitted from now on", self.index, key, err)
-                return None
-            self._errors.append(name)
-            if err in DENIED_ERRORS:
-                self._unsupported.add(key)
-                log.warning("GPU %d: %s: no permission; omitted until restart (the exporter lacks a privilege "
-                            "this call needs, see docs/operations.md)", self.index, name)
-                return None
-            if err in DRIVER_GONE_ERRORS:
-                self.driver_gone = True
-                raise _GpuLost(err) from exc
-            if err in LOST_ERRORS:
-                raise _GpuLost(err) from exc
+            fault = self._calls.failed(key, name, exc, self._errors, self._recorded)
+            if fault is Fault.UNSUPPORTED:
+                log.info("GPU %d: %s not supported (%s); omitted from now on", self.index, key, error_name(exc))
+            elif fault in (Fault.LOST, Fault.DRIVER_GONE):
+                raise _GpuLost(fault.value) from exc
             return None
         finally:
             self._current_call = None
@@ -221,10 +207,10 @@ class GpuReader:
         """The last read found the GPU lost (it is re-opened every REOPEN_BACKOFF_S)."""
         return self._handle is None and self._reopen_at > 0
 
-    def read(self, gpm: GpmReaders | None = None) -> GpuReading:
+    def read(self, gpm: gpm_source.GpmReaders | None = None) -> GpuReading:
         """One read. `gpm`: the calling thread's own GPM readers (the sampler's read thread passes its
         own, so a thread that replaces a stuck one never touches the stuck one's GPM buffers)."""
-        self._errors = []
+        self._errors, self._recorded = [], []
         values: dict[str, Any] = {}
         scalars: dict[GpuScalar, float] = {}
         labelled: _Labelled = {}
@@ -238,8 +224,10 @@ class GpuReader:
                     self._open()
                 except _GpuLost:
                     raise
-                except Exception as exc:
+                except Exception as exc:  # no handle: the GPU is down whatever the class
                     self._errors.append("nvmlDeviceGetHandleByIndex")
+                    if classify(exc) is Fault.DRIVER_GONE:
+                        self._calls.driver_gone = True
                     raise _GpuLost(error_name(exc)) from exc
             self._read_scalars(scalars)
             self._read_values(values, scalars)
@@ -247,10 +235,11 @@ class GpuReader:
                 self._read_gpm(self._own_gpm if gpm is None else gpm, scalars, labelled)
         except _GpuLost:
             self._handle = None  # re-open later: after a reset the old handle is stale
-            return GpuReading(errors=tuple(self._errors), lost=True)
-        return GpuReading(scalars=scalars, labelled=labelled, errors=tuple(self._errors), **values)
+            return GpuReading(errors=tuple(self._errors), recorded=tuple(self._recorded), lost=True)
+        return GpuReading(scalars=scalars, labelled=labelled, errors=tuple(self._errors),
+                          recorded=tuple(self._recorded), **values)
 
-    def _read_gpm(self, readers: GpmReaders, scalars: dict[GpuScalar, float], labelled: _Labelled) -> None:
+    def _read_gpm(self, readers: gpm_source.GpmReaders, scalars: dict[GpuScalar, float], labelled: _Labelled) -> None:
         """GPM activity (the GPU's and per MIG GPU instance) and NVLink throughput, for the Gpm and NvLink
         specs read; a collector switched off (its specs left out) makes no call."""
         reader = readers.get(self.index, self._handle, self._new_gpm_reader)
@@ -261,6 +250,7 @@ class GpuReader:
         finally:
             self._gpm_reader = None
         self._errors.extend(got.errors)
+        self._recorded.extend(got.recorded)
         if got.lost:
             raise _GpuLost("GPM")
         per_instance = dict(got.mig)
@@ -282,9 +272,10 @@ class GpuReader:
             elif (total := got.nvlink_tx_bytes_per_second if tx else got.nvlink_rx_bytes_per_second) is not None:
                 scalars[spec] = total
 
-    def _new_gpm_reader(self, handle: Any) -> GpmReader:
-        return GpmReader(self.nvml, handle, self.index, self._clock, activity=bool(self._gpm),
-                         nvlink=bool(self._nvlink), per_link=any(s.per_link for _, s in self._nvlink))
+    def _new_gpm_reader(self, handle: Any) -> gpm_source.GpmReader:
+        return gpm_source.GpmReader(self.nvml, handle, self.index, self._clock, calls=self._calls,
+                                    activity=bool(self._gpm), nvlink=bool(self._nvlink),
+                                    per_link=any(s.per_link for _, s in self._nvlink))
 
     def _read_scalars(self, out: dict[GpuScalar, float]) -> None:
         """Every scalar spec: one NVML call per distinct call (specs may share one), fields in one batch."""
@@ -479,7 +470,13 @@ class GpuReader:
                 self._unsupported.add("pcie_counters")
                 self._pcie_fallback.register(self.index, self._handle)
         slot = self._pcie_fallback.latest(self.index)
-        if slot is None or slot.unsupported:
+        if slot is None:
+            return
+        if slot.unsupported:  # counted once where its policy counts it (denied)
+            if slot.fault is not None and "pcie_fallback" not in self._unsupported:
+                self._unsupported.add("pcie_fallback")
+                if POLICY[slot.fault].counted:
+                    self._recorded.append("nvmlDeviceGetPcieThroughput")
             return
         if slot.error:
             self._errors.append("nvmlDeviceGetPcieThroughput")

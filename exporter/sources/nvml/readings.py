@@ -71,8 +71,9 @@ class GpuReading:
     ecc_errors: tuple[tuple[tuple[str, str], int], ...] | None = None  # ((corrected|uncorrected, scope), n)
     remapped_rows: tuple[int, int, int, int] | None = None  # correctable, uncorrectable, pending, failed
     mig: tuple[MigReading, ...] | None = None  # None: MIG mode off or unsupported
-    errors: tuple[str, ...] = ()  # NVML calls that failed with something other than NotSupported
+    errors: tuple[str, ...] = ()  # NVML calls that failed this read (errors.py: lost, driver gone, transient)
     lost: bool = False  # GpuIsLost / ResetRequired
+    recorded: tuple[str, ...] = ()  # calls recorded once, not asked again (NoPermission, a bug): GPU stays up
 
     def __getitem__(self, spec: GpuScalar) -> float | None:
         return self.scalars.get(spec)
