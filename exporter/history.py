@@ -149,7 +149,7 @@ class SampleHistory:
         host = {f: [_nullable(values[k]) for _, _, values in rows] for k, f in enumerate(HOST_FIELDS)}
         return Columns([t for t, _, _ in rows], host, gpus, names, mig, latest)
 
-    def query(self, window_s: float) -> dict:
+    def query(self, window_s: float, requested_s: float | None = None) -> dict:
         """The documented JSON shape (docs/live-view.md): columns aligned on `t`."""
         rows, names, gpu_ids, mig, _ = self._window(window_s)
         gpus = []
@@ -162,19 +162,21 @@ class SampleHistory:
         return {
             "interval_seconds": self.interval_s,
             "window_seconds": window_s,
+            "requested_seconds": window_s if requested_s is None else requested_s,
             "history_seconds": self.window_s,
             "t": [round(t, 3) for t, _, _ in rows],
             "host_cpu_utilization": [_nullable(values[0]) for _, _, values in rows],
             "gpus": gpus,
         }
 
-    def query_json(self, window_s: float) -> bytes:
+    def query_json(self, window_s: float, requested_s: float | None = None) -> bytes:
         """query() as compact JSON, written a column at a time: peak memory is about the size of the
         output, not a Python float and a list slot per value (tens of MB for 5 minutes of 64 GPUs)."""
         rows, names, gpu_ids, mig, _ = self._window(window_s)
         dump = json.dumps
+        asked = window_s if requested_s is None else requested_s
         parts = [f'{{"interval_seconds":{dump(self.interval_s)},"window_seconds":{dump(window_s)},'
-                 f'"history_seconds":{dump(self.window_s)},"t":'.encode(),
+                 f'"requested_seconds":{dump(asked)},"history_seconds":{dump(self.window_s)},"t":'.encode(),
                  _json_list(round(t, 3) for t, _, _ in rows), b',"host_cpu_utilization":',
                  _json_list(_nullable(values[0]) for _, _, values in rows), b',"gpus":[']
         for n, gpu in enumerate(gpu_ids):

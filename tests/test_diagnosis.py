@@ -216,8 +216,9 @@ def diagnosis_endpoint(history: SampleHistory | None, query: str) -> tuple[int, 
 def test_endpoint_caps_the_window_to_the_history(tmp_path, procfs):
     history = live_history(tmp_path, procfs, "healthy", ticks=20)
     code, doc = diagnosis_endpoint(history, "window=1h")
-    assert code == 200 and doc["requested_seconds"] == 60.0 and doc["history_seconds"] == 60.0
+    assert code == 200 and doc["requested_seconds"] == 3600.0 and doc["history_seconds"] == 60.0
     assert doc["window_seconds"] == pytest.approx(2.0)  # 20 ticks of 0.1 s kept so far
+    assert doc["coverage"] == "2.0 s of data in the 60 min asked"
     assert [f["rule"] for f in doc["findings"]] == ["nothing_abnormal", "short_window"] and doc["gpus"] == ["0", "1"]
     assert diagnosis_endpoint(history, "window=soon")[0] == 400
     assert diagnosis_endpoint(history, "window=0s")[0] == 400
@@ -328,7 +329,7 @@ def test_diagnoses_run_one_at_a_time_and_are_shared(mocker, tmp_path, procfs):
     release = threading.Event()
     calls = []
 
-    def slow(h: SampleHistory, window_s: float) -> bytes:
+    def slow(h: SampleHistory, window_s: float, asked: float) -> bytes:
         calls.append(window_s)
         release.wait(5)
         return b'{"findings": []}'
