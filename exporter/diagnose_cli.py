@@ -284,7 +284,7 @@ class PromWindow:
 
     Every share, peak and mean is over the steps that hold a value: a gauge's last sample counts for at
     most 1.5 scrape intervals (last_over_time), so a hole (failed scrapes, a stopped exporter) is no value,
-    not its last value repeated, and counters are read per step with rate() (resets handled), never
+    not its last value repeated, and counters are read per step with irate() (resets handled), never
     divided by the window's length. The covered span comes from the successful scrapes (up == 1) by the
     same rule as the live history (diagnosis.covered_span)."""
 
@@ -346,9 +346,11 @@ class PromWindow:
                  if _GPU_LABEL.fullmatch(r["metric"].get("gpu", ""))}
         mig = {r["metric"].get("gpu", "") for r in self.prom.instant(
             f"last_over_time(gpu_mig_memory_total_bytes{{{s}}}[{span}])", end)}
-        # Per step, the share of time each reason was active; the share is the mean over the steps with data.
+        # Per step, the share of time each reason was active between the step's last two scrapes (irate:
+        # rate() divides by the whole range, so it reads low where the data begins or resumes); the share
+        # is the mean over the steps with data.
         clock: dict[str, dict[str, float]] = {}
-        for (gpu, reason), vals in q(f"rate(gpu_clock_event_seconds_total{{{s}}}[{rate_w}])", ("gpu", "reason")).items():
+        for (gpu, reason), vals in q(f"irate(gpu_clock_event_seconds_total{{{s}}}[{look}])", ("gpu", "reason")).items():
             present = [v for v in vals if v is not None]
             if present:
                 clock.setdefault(gpu, {})[reason] = min(1.0, sum(present) / len(present))
@@ -375,7 +377,8 @@ class PromWindow:
             clock_events=clock.get(g, {}), xid_events=round(sum(xids.get(g, {}).values())),
             xid_codes=tuple(sorted(xids.get(g, {}))),
             starved_share=starved.get(g) if starved is not None else None,
-            pcie_saturated_share={d: v.get(g, []) for d, v in pcie_sat.items() if v is not None} or None,
+            # without the histogram (not scraped, an older exporter) the gauges decide, not an empty share
+            pcie_saturated_share={d: v[g] for d, v in pcie_sat.items() if v is not None and g in v} or None,
         ) for g in gpus)
         host_cpu = q(f"last_over_time(host_cpu_utilization_ratio{{{s}}}[{look}])").get("", empty)
         throttled = q(f"rate(cgroup_cpu_throttled_periods_total{{{s}}}[{rate_w}]) / "
