@@ -131,9 +131,17 @@ def covered_span(times: Sequence[float], interval: float, limit: float) -> float
     return round(min(span, limit), 3)
 
 
+RATIO_MAX = 10.0  # every series is a ratio, a share or a 0/1/2 state: a value outside [0, this] is no value
+
+
+def _ok(v: float | None) -> bool:
+    """Whether a value counts: None, NaN, ±Inf and values no ratio takes are no value (a rule never
+    reports an infinite or absurd peak, whatever a source or Prometheus said)."""
+    return v is not None and math.isfinite(v) and 0.0 <= v <= RATIO_MAX
+
+
 def _values(series: Series | None) -> list[float]:
-    """The finite values (None, NaN and ±Inf are no value: a rule never reports an infinite peak)."""
-    return [v for v in series or () if v is not None and math.isfinite(v)]
+    return [v for v in series or () if v is not None and _ok(v)]
 
 
 def _mean(series: Series | None) -> float | None:
@@ -167,7 +175,7 @@ def starvation(w: Window, g: GpuWindow, th: Thresholds) -> list[Finding]:
         return []
     starved = g.starved_share if g.starved_share is not None else \
         [None if v is None else float(v <= th.starved_utilization) for v in g.utilization]
-    weights = [(i, v) for i, v in enumerate(starved) if v is not None and math.isfinite(v)]
+    weights = [(i, min(v, 1.0)) for i, v in enumerate(starved) if v is not None and _ok(v)]
     if not weights:
         return []
     share = sum(v for _, v in weights) / len(weights)
@@ -179,8 +187,8 @@ def starvation(w: Window, g: GpuWindow, th: Thresholds) -> list[Finding]:
         seen: list[tuple[float, float]] = []
         for i, v in weights:
             c = cause[i] if i < len(cause) else None
-            if v > 0 and c is not None and math.isfinite(c):
-                seen.append((v, c))
+            if v > 0 and c is not None and _ok(c):
+                seen.append((v, min(c, 1.0)))
         total = sum(v for v, _ in seen)
         return sum(v * c for v, c in seen) / total if total else None
 
