@@ -584,6 +584,10 @@ def main(argv: Sequence[str]) -> int:
     except DiagnoseError as exc:
         print(f"gpu-telemetry-exporter diagnose: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a case the checks above missed: still one line for the user, never a traceback
+        print(f"gpu-telemetry-exporter diagnose: internal error ({type(exc).__name__}: {_shown(str(exc))}); "
+              "please report it", file=sys.stderr)
+        return 2
     sys.stdout.write(out)
     return 0
 

@@ -239,6 +239,7 @@ def test_hostile_numbers_give_a_correct_report_or_one_line(fake_prom, needle, va
     fake_prom.override = {needle: set_value(value, labels)}
     code, out, err = diagnose_main(fake_prom.url)
     assert code in (0, 2) and "Traceback" not in err and err.count("\n") == (code == 2), err
+    assert "internal error" not in err, err  # each case is handled, not caught by main's last resort
     if code == 0:
         doc = json.loads(out)
         assert not NON_FINITE.search(json.dumps(doc["findings"])), doc["findings"]
@@ -354,6 +355,7 @@ def test_any_hostile_answer_is_a_report_or_one_line_never_a_traceback(fake_prom,
     fake_prom.override = {q: change_for(v, labels, stamp) for q, v, labels, stamp in changes}
     code, out, err = diagnose_main(fake_prom.url)
     assert code in (0, 2) and "Traceback" not in err and err.count("\n") == (code == 2), err
+    assert "internal error" not in err, err  # each case is handled, not caught by main's last resort
     if code == 0:
         text = json.dumps(json.loads(out)["findings"])
         assert not NON_FINITE.search(text), text
