@@ -21,6 +21,12 @@ def _measured(series: list[float | None]) -> list[float | None] | None:
     return series if any(v is not None for v in series) else None
 
 
+def _increase(counts: list[float]) -> int:
+    """A counter's increase over the rows, a drop read as a reset (counted from 0), as Prometheus'
+    increase() reads it: the same gaps rule live and from Prometheus."""
+    return int(sum(b - a if b >= a else b for a, b in zip(counts, counts[1:])))
+
+
 def _late_share(t: list[float], interval: float, late_intervals: float) -> float | None:
     """Share of scheduled ticks that came late (gap over late_intervals) or were skipped, from row times."""
     if len(t) < 2:
@@ -51,7 +57,7 @@ def window_from_history(history: SampleHistory, window_s: float, th: Thresholds 
             utilization=s["utilization"], memory_used_ratio=s["memory_used_ratio"],
             pcie_tx=s["pcie_tx_utilization"], pcie_rx=s["pcie_rx_utilization"],
             clock_events=_reason_shares(s["clock_event_reasons"]), health=s["health"],
-            xid_events=int(xids[-1] - xids[0]) if xids else 0, xid_codes=tuple(sorted(xids_now.get(gpu, ()))),
+            xid_events=_increase(xids), xid_codes=tuple(sorted(xids_now.get(gpu, ()))),
             sm_active=_measured(s["sm_active"]), tensor_active=_measured(s["tensor_active"]),
             dram_active=_measured(s["dram_active"]),
         ))

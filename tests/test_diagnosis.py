@@ -396,3 +396,11 @@ def test_non_finite_values_never_become_a_finding(values):
                     "starved_share": values}, host_cpu=values, host_busy_share=values)
     text = render_text(diagnose(w)).lower()
     assert not re.search(r"\b(inf|nan)\b|[0-9]{5,} %", text), text
+
+
+def test_a_counter_reset_in_the_live_history_is_read_as_prometheus_reads_it():
+    from exporter.diagnosis_history import _increase
+
+    assert _increase([]) == _increase([3.0]) == 0
+    assert _increase([1.0, 1.0, 3.0]) == 2
+    assert _increase([5.0, 6.0, 0.0, 2.0]) == 3  # the source restarted its count: 1 + 2, not -3
