@@ -270,6 +270,9 @@ class JunkPrometheus:
     b'"values": [[1e999, "1"], [1, "1"], [2, "1"]]}]}}',  # an infinite timestamp
     b'{"status": "success", "data": {"result": [{"metric": {"instance": "x"}, "value": [NaN, "1"], '
     b'"values": [[NaN, "1"], [1, "1"], [2, "1"]]}]}}',
+    # issue #22: a timestamp no date can show was "year out of range" (a traceback)
+    b'{"status": "success", "data": {"result": [{"metric": {"instance": "x"}, "value": [1e15, "+Inf"], '
+    b'"values": [[1e15, "+Inf"], [1, "1"], [2, "1"]]}]}}',
 ])
 def test_an_answer_that_is_not_prometheus_is_one_line(body):
     junk = JunkPrometheus(body)
