@@ -22,7 +22,8 @@ import urllib.request
 from datetime import datetime, timezone
 from typing import Sequence
 
-from exporter.diagnosis import DEFAULT_THRESHOLDS, Finding, GpuWindow, Window, diagnose, render_text, report
+from exporter.diagnosis import (DEFAULT_THRESHOLDS, Finding, GpuWindow, Window, coverage, covered_span, diagnose,
+                                render_text, report)
 from exporter.durations import parse_duration
 from exporter.histogram import HOST_CPU_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS
 
@@ -30,14 +31,27 @@ RTF_LIMIT = 0.7  # the checklist's "RTF suddenly > 0.7"
 RTF_QUANTILE = 0.95
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 MAX_POINTS = 1000  # per series: the step grows with the window beyond this
-COINCIDE_BEFORE_S = 60.0  # the window diagnosed around an RTF crossing: this long before it ...
-COINCIDE_AFTER_S = 15.0  # ... and this long after
+# One answer is refused past these, counted in its bytes before it is parsed: memory grows with series x
+# points (a Python list and float per sample), not with bytes alone. A node has at most a few dozen GPUs
+# (x MIG instances); 1 000 points each.
+MAX_SERIES = 512
+MAX_SAMPLES = 200_000
+DEFAULT_TIMEOUT_S = 60.0  # --timeout: the whole run, every query together
+QUERY_TIMEOUT_S = 15.0  # one query, within what is left of --timeout
+COINCIDE_MIN_S = 30.0  # the window judged around an RTF crossing: this long (or 2 scrapes) either side
+_GPU_LABEL = re.compile(r"[0-9A-Za-z_.:/-]{1,64}")  # a `gpu` label value shown in a report; others skipped
 _TIME_TEXT = re.compile(r"^[0-9T:.+\-Zz ]{1,40}$")
 MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z: the last second a datetime (and iso()) can show
 
 
 class DiagnoseError(Exception):
     """Bad input or an unusable answer: one line for the user, exit 2."""
+
+
+def _shown(text: str, limit: int = 120) -> str:
+    """A string from outside, safe on one line of a terminal: printable, bounded."""
+    text = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return text + ("…" if len(text) >= limit else "")
 
 
 def parse_time(text: str, now: float) -> float:
@@ -84,15 +98,50 @@ def check_url(url: str) -> str:
     return url.rstrip("/")
 
 
-class Prometheus:
-    """The few calls of Prometheus's HTTP API this needs (GET /api/v1/query and /api/v1/query_range)."""
+class _SameOrigin(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only within the --prometheus origin (a path prefix, a trailing slash): one to
+    another host, port or scheme is refused and named, not followed silently."""
 
-    def __init__(self, url: str, timeout_s: float = 15.0) -> None:
+    def __init__(self, base: str) -> None:
+        self.origin = _origin(base)
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urllib.parse.urljoin(req.full_url, newurl)
+        if _origin(target) != self.origin:
+            raise DiagnoseError(f"Prometheus at {self.origin} redirected to {_shown(target)} (another host, "
+                                "port or scheme): refused; give that URL as --prometheus if it is the one")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _origin(url: str) -> str:
+    try:
+        p = urllib.parse.urlsplit(url)
+        return f"{p.scheme}://{p.hostname}:{p.port or {'http': 80, 'https': 443}.get(p.scheme)}"
+    except ValueError:
+        return "?"
+
+
+class Prometheus:
+    """The few calls of Prometheus's HTTP API this needs (GET /api/v1/query and /api/v1/query_range).
+
+    Every answer is untrusted: bounded in bytes, series and samples before it is parsed; its timestamps
+    must be finite and between 1970 and 9999 (else: not a Prometheus answer, exit 2); values may be
+    NaN or ±Inf (Prometheus writes those) and are read as "no value" by the callers. All queries share one
+    deadline (`timeout_s` for the whole run), each at most `query_timeout_s`."""
+
+    def __init__(self, url: str, timeout_s: float = DEFAULT_TIMEOUT_S, query_timeout_s: float = QUERY_TIMEOUT_S,
+                 clock=time.monotonic) -> None:
         self.url = check_url(url)
         self.timeout_s = timeout_s
+        self.query_timeout_s = query_timeout_s
+        self._clock = clock
+        self._deadline = clock() + timeout_s
+        self.queries = 0
+        self._opener = urllib.request.build_opener(_SameOrigin(self.url))
 
     def _get(self, path: str, params: dict, samples: str = "value") -> list[dict]:
         url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
+        query = _shown(params.get("query", ""), 100)
         try:
             body = self._fetch(url)
         except urllib.error.HTTPError as exc:  # Prometheus explains a bad query in the JSON body
@@ -100,30 +149,45 @@ class Prometheus:
                 reason = json.loads(getattr(exc, "body", b"")).get("error", "")
             except (ValueError, AttributeError, RecursionError):
                 reason = ""
-            raise DiagnoseError(f"Prometheus at {self.url} answered {exc.code}: {reason or exc.reason}") from None
+            raise DiagnoseError(f"Prometheus at {self.url} answered {exc.code}: "
+                                f"{_shown(str(reason or exc.reason))}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise DiagnoseError(f"cannot reach Prometheus at {self.url}: {reason}") from None
+            raise DiagnoseError(f"cannot reach Prometheus at {self.url}: {_shown(str(reason))}") from None
         if len(body) > MAX_RESPONSE_BYTES:
-            raise DiagnoseError(f"Prometheus at {self.url}: answer over {MAX_RESPONSE_BYTES} bytes; narrow the window")
+            raise DiagnoseError(f"Prometheus at {self.url}: answer over {MAX_RESPONSE_BYTES} bytes to {query}; "
+                                "narrow the window")
+        # Counted in the bytes, before json.loads builds an object per sample: every series has a
+        # "metric", every sample (and every series' list of them) a "[".
+        if body.count(b'"metric"') > MAX_SERIES:
+            raise DiagnoseError(f"Prometheus at {self.url}: more than {MAX_SERIES} series for {query}; "
+                                "narrow --instance")
+        if body.count(b"[") > MAX_SAMPLES:
+            raise DiagnoseError(f"Prometheus at {self.url}: more than {MAX_SAMPLES} samples for {query}; "
+                                "narrow the window")
         try:
             doc = json.loads(body)
             if doc["status"] != "success":
-                raise DiagnoseError(f"Prometheus at {self.url}: {doc.get('error', 'query failed')}")
+                raise DiagnoseError(f"Prometheus at {self.url}: {_shown(str(doc.get('error', 'query failed')))}")
             return _checked(doc["data"]["result"], samples)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError, OverflowError):
             # RecursionError: JSON nested thousands deep
             raise DiagnoseError(f"{self.url} did not answer like a Prometheus server ({path})") from None
 
     def _fetch(self, url: str) -> bytes:
-        """The body of GET url, with one deadline for the whole exchange: urllib's timeout bounds each
+        """The body of GET url, within what is left of the run's deadline: urllib's timeout bounds each
         socket read, so a server sending a byte at a time would hold us for as long as it liked. The
         request runs on a daemon thread that is abandoned (and ends with the process) past the deadline."""
+        left = self._deadline - self._clock()
+        if left <= 0:
+            raise self._late()
+        wait = min(self.query_timeout_s, left)
+        self.queries += 1
         outcome: list[bytes | BaseException] = []
 
         def get() -> None:
             try:
-                with urllib.request.urlopen(url, timeout=self.timeout_s) as r:
+                with self._opener.open(url, timeout=wait) as r:
                     outcome.append(r.read(MAX_RESPONSE_BYTES + 1))
             except urllib.error.HTTPError as exc:
                 exc.body = exc.read(64 * 1024)  # type: ignore[attr-defined]  # read within the deadline too
@@ -133,12 +197,18 @@ class Prometheus:
 
         worker = threading.Thread(target=get, name="prometheus-query", daemon=True)
         worker.start()
-        worker.join(self.timeout_s)
+        worker.join(wait)
         if not outcome:
-            raise DiagnoseError(f"Prometheus at {self.url} did not answer within {self.timeout_s:g}s")
+            if wait < self.query_timeout_s:
+                raise self._late()
+            raise DiagnoseError(f"Prometheus at {self.url} did not answer within {wait:g}s")
         if isinstance(outcome[0], BaseException):
             raise outcome[0]
         return outcome[0]
+
+    def _late(self) -> DiagnoseError:
+        return DiagnoseError(f"no report within --timeout {self.timeout_s:g}s ({self.queries} queries to "
+                             f"{self.url} asked); raise --timeout or narrow the window")
 
     def instant(self, expr: str, at: float) -> list[dict]:
         return self._get("/api/v1/query", {"query": expr, "time": f"{at:.3f}"})
@@ -153,89 +223,143 @@ class Prometheus:
 
 
 def _checked(result: list, key: str) -> list[dict]:
-    """The vector/matrix shape this module reads, with every sample a number: else ValueError."""
+    """The vector/matrix shape this module reads, every sample a number and every timestamp one that a
+    date can show: else ValueError."""
     if not isinstance(result, list):
         raise ValueError("result is not a list")
     for series in result:
         labels = series["metric"]
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
             raise ValueError("bad labels")
-        for t, v in series["values"] if key == "values" else [series["value"]]:
+        samples = series["values"] if key == "values" else [series["value"]]
+        if not isinstance(samples, list):
+            raise ValueError("bad samples")
+        for t, v in samples:
+            if not isinstance(v, str):
+                raise ValueError("value not a string")
             float(v)
-            if not math.isfinite(float(t)):
-                raise ValueError("timestamp not finite")
+            if not (isinstance(t, (int, float)) and 0 <= float(t) <= MAX_TIME):  # also NaN, ±Inf
+                raise ValueError("timestamp out of range")
     return result
 
 
-def _scalar(result: list[dict]) -> float | None:
-    values = [float(r["value"][1]) for r in result]
-    values = [v for v in values if not math.isnan(v)]
-    return values[0] if values else None
+def _number(text: str, low: float = -math.inf, high: float = math.inf) -> float | None:
+    """A sample value, None where it is NaN, ±Inf or outside [low, high] (a value no exporter writes)."""
+    v = float(text)
+    return v if math.isfinite(v) and low <= v <= high else None
+
+
+def _scalar(result: list[dict], low: float = -math.inf, high: float = math.inf) -> float | None:
+    values = [_number(r["value"][1], low, high) for r in result]
+    return next((v for v in values if v is not None), None)
+
+
+RATIO_RANGE = (-1e-9, 2.0)  # every series read by query_range is a ratio (or 0/1): outside this, no value
 
 
 def _aligned(result: list[dict], start: float, step: float, points: int,
-             key: str | None = None) -> dict[str, list[float | None]]:
-    """query_range result -> {label value (or ""): `points` values from start every step, None where absent}."""
-    out: dict[str, list[float | None]] = {}
+             key: str | tuple[str, ...] | None = None) -> dict:
+    """query_range result -> {label value (or "", or a tuple of them for a tuple key): `points` values
+    from start every step, None where absent or not a plausible ratio}. A series whose `gpu` label is not
+    a GPU id is skipped (it would be shown in the report)."""
+    out: dict = {}
+    low, high = RATIO_RANGE
     for series in result:
-        name = series["metric"].get(key, "") if key else ""
+        labels = series["metric"]
+        if "gpu" in labels and not _GPU_LABEL.fullmatch(labels["gpu"]):
+            continue
+        name = (tuple(labels.get(k, "") for k in key) if isinstance(key, tuple)
+                else labels.get(key, "") if key else "")
         row = out.setdefault(name, [None] * points)
         for t, v in series["values"]:
             i = round((float(t) - start) / step)
-            value = float(v)
-            if 0 <= i < points and not math.isnan(value):
-                row[i] = value
+            value = _number(v, low, high)
+            if 0 <= i < points and value is not None:
+                row[i] = min(max(value, 0.0), high)
     return out
 
 
 class PromWindow:
-    """Builds the diagnosis Window for one exporter instance and [start, end] from Prometheus."""
+    """Builds the diagnosis Window for one exporter instance and [start, end] from Prometheus.
+
+    Every share, peak and mean is over the steps that hold a value: a gauge's last sample counts for at
+    most 1.5 scrape intervals (last_over_time), so a hole (failed scrapes, a stopped exporter) is no value,
+    not its last value repeated, and counters are read per step with irate() (resets handled), never
+    divided by the window's length. The covered span comes from the successful scrapes (up == 1) by the
+    same rule as the live history (diagnosis.covered_span)."""
 
     def __init__(self, prom: Prometheus, instance: str) -> None:
         self.prom = prom
         self.sel = f'instance="{_escape(instance)}"'
+        self._scrapes: dict[tuple[float, float], tuple[list[float], list[float]]] = {}
 
     def step(self, start: float, end: float) -> float:
         """The query_range step: about the scrape interval, in whole milliseconds (as Prometheus keeps it)."""
         return round(max(self.scrape_interval(start, end), (end - start) / MAX_POINTS), 3)
 
+    def scrapes(self, start: float, end: float) -> tuple[list[float], list[float]]:
+        """(times of the instance's scrapes in [start, end], those that succeeded (up == 1))."""
+        key = (start, end)
+        if key not in self._scrapes:
+            every: set[float] = set()
+            ok: set[float] = set()
+            for r in self.prom.raw(f"up{{{self.sel}}}[{_secs(end - start)}]", end):
+                for t, v in r["values"]:
+                    if start <= float(t) <= end:
+                        every.add(float(t))
+                        if _number(v) == 1:
+                            ok.add(float(t))
+            self._scrapes[key] = (sorted(every), sorted(ok))
+        return self._scrapes[key]
+
     def scrape_interval(self, start: float, end: float) -> float:
         """The median gap between the instance's scrapes (its `up` samples) in the window."""
-        stamps = sorted(float(t) for r in self.prom.raw(f"up{{{self.sel}}}[{_secs(end - start)}]", end)
-                        for t, _ in r["values"])
+        stamps, ok = self.scrapes(start, end)
         if len(stamps) < 2:
-            raise DiagnoseError(f"fewer than 2 scrapes of {self.sel} between {iso(start)} and {iso(end)}")
+            raise DiagnoseError(f"fewer than 2 scrapes of {_shown(self.sel)} between {iso(start)} and {iso(end)}")
+        if not ok:
+            raise DiagnoseError(f"no successful scrape (up == 1) of {_shown(self.sel)} between {iso(start)} and "
+                                f"{iso(end)}: the exporter was down")
         return max(0.5, statistics.median(b - a for a, b in zip(stamps, stamps[1:])))
 
     def build(self, start: float, end: float) -> Window:
         scrape = self.scrape_interval(start, end)
+        ok = self.scrapes(start, end)[1]
         step = self.step(start, end)
         points = int((end - start) / step) + 1
         rate_w = _secs(max(4 * scrape, 2 * step))
+        look = _secs(max(1.5 * scrape, step))  # a gauge's sample stands for this long, not 5 min
         span = _secs(end - start)
         q = lambda expr, key=None: _aligned(self.prom.range(expr, start, end, step), start, step, points, key)  # noqa: E731
+        gauge = lambda metric: q(f"last_over_time({metric}[{look}])", "gpu")  # noqa: E731
         s = self.sel
         per_gpu = {
-            "utilization": q(f"gpu_utilization_ratio{{{s}}}", "gpu"),
-            "memory_used_ratio": q(f"gpu_memory_used_ratio{{{s}}}", "gpu"),
-            "pcie_tx": q(f'gpu_pcie_utilization_ratio{{{s},direction="tx"}}', "gpu"),
-            "pcie_rx": q(f'gpu_pcie_utilization_ratio{{{s},direction="rx"}}', "gpu"),
-            "health": {g: [None if v is None else 1.0 - v for v in vals]
-                       for g, vals in q(f"gpu_up{{{s}}}", "gpu").items()},
+            "utilization": gauge(f"gpu_utilization_ratio{{{s}}}"),
+            "memory_used_ratio": gauge(f"gpu_memory_used_ratio{{{s}}}"),
+            "pcie_tx": gauge(f'gpu_pcie_utilization_ratio{{{s},direction="tx"}}'),
+            "pcie_rx": gauge(f'gpu_pcie_utilization_ratio{{{s},direction="rx"}}'),
+            "health": {g: [None if v is None else 1.0 - min(v, 1.0) for v in vals]
+                       for g, vals in gauge(f"gpu_up{{{s}}}").items()},
         }
         info = self.prom.instant(f"last_over_time(gpu_info{{{s}}}[{span}])", end)
-        names = {r["metric"].get("gpu", ""): r["metric"].get("name", "") for r in info}
+        names = {r["metric"].get("gpu", ""): _shown(r["metric"].get("name", ""), 64) for r in info
+                 if _GPU_LABEL.fullmatch(r["metric"].get("gpu", ""))}
         mig = {r["metric"].get("gpu", "") for r in self.prom.instant(
             f"last_over_time(gpu_mig_memory_total_bytes{{{s}}}[{span}])", end)}
+        # Per step, the share of time each reason was active between the step's last two scrapes (irate:
+        # rate() divides by the whole range, so it reads low where the data begins or resumes); the share
+        # is the mean over the steps with data.
         clock: dict[str, dict[str, float]] = {}
-        for r in self.prom.instant(f"increase(gpu_clock_event_seconds_total{{{s}}}[{span}])", end):
-            clock.setdefault(r["metric"].get("gpu", ""), {})[r["metric"].get("reason", "")] = min(
-                1.0, float(r["value"][1]) / (end - start))
+        for (gpu, reason), vals in q(f"irate(gpu_clock_event_seconds_total{{{s}}}[{look}])", ("gpu", "reason")).items():
+            present = [v for v in vals if v is not None]
+            if present:
+                clock.setdefault(gpu, {})[reason] = min(1.0, sum(present) / len(present))
         xids: dict[str, dict[int, float]] = {}
         for r in self.prom.instant(f"increase(gpu_xid_errors_total{{{s}}}[{span}])", end):
-            n = float(r["value"][1])
-            if n >= 0.5 and _is_number(r["metric"].get("xid", "0"), int):
-                xids.setdefault(r["metric"].get("gpu", ""), {})[int(r["metric"].get("xid", "0"))] = n
+            n = _number(r["value"][1], 0.0, 1e9)
+            gpu, code = r["metric"].get("gpu", ""), r["metric"].get("xid", "")
+            if n is not None and n >= 0.5 and _GPU_LABEL.fullmatch(gpu) and re.fullmatch(r"[0-9]{1,4}", code):
+                xids.setdefault(gpu, {})[int(code)] = n
         gpus = sorted(set(names) | set(per_gpu["utilization"]) | set(per_gpu["health"]), key=_gpu_order)
         empty = [None] * points
         # The sample histograms keep every tick between scrapes: shares per step where a threshold is a bucket.
@@ -253,19 +377,23 @@ class PromWindow:
             clock_events=clock.get(g, {}), xid_events=round(sum(xids.get(g, {}).values())),
             xid_codes=tuple(sorted(xids.get(g, {}))),
             starved_share=starved.get(g) if starved is not None else None,
-            pcie_saturated_share={d: v.get(g, []) for d, v in pcie_sat.items() if v is not None} or None,
+            # without the histogram (not scraped, an older exporter) the gauges decide, not an empty share
+            pcie_saturated_share={d: v[g] for d, v in pcie_sat.items() if v is not None and g in v} or None,
         ) for g in gpus)
-        host_cpu = q(f"host_cpu_utilization_ratio{{{s}}}").get("", empty)
+        host_cpu = q(f"last_over_time(host_cpu_utilization_ratio{{{s}}}[{look}])").get("", empty)
         throttled = q(f"rate(cgroup_cpu_throttled_periods_total{{{s}}}[{rate_w}]) / "
                       f"rate(cgroup_cpu_periods_total{{{s}}}[{rate_w}])").get("", [])
-        shm_size = _scalar(self.prom.instant(f"max_over_time(host_shm_size_bytes{{{s}}}[{span}])", end))
-        shm_used = _scalar(self.prom.instant(f"max_over_time(host_shm_used_bytes{{{s}}}[{span}])", end))
-        shm_path = next((r["metric"].get("path") for r in self.prom.instant(
+        size_range = (0.0, float(1 << 62))
+        shm_size = _scalar(self.prom.instant(f"max_over_time(host_shm_size_bytes{{{s}}}[{span}])", end), *size_range)
+        shm_used = _scalar(self.prom.instant(f"max_over_time(host_shm_used_bytes{{{s}}}[{span}])", end), *size_range)
+        shm_path = next((_shown(r["metric"].get("path", ""), 200) for r in self.prom.instant(
             f"last_over_time(host_shm_size_bytes{{{s}}}[{span}])", end)), None)
-        interval = _scalar(self.prom.instant(f"last_over_time(exporter_sample_interval_seconds{{{s}}}[{span}])", end))
+        interval = _scalar(self.prom.instant(f"last_over_time(exporter_sample_interval_seconds{{{s}}}[{span}])",
+                                             end), 1e-3, 86400.0)
         nvml = _scalar(self.prom.instant(f"last_over_time(exporter_nvml_up{{{s}}}[{span}])", end))
         return Window(
-            seconds=end - start, interval_s=interval or scrape, host_cpu=host_cpu, cgroup_throttled=throttled,
+            seconds=covered_span(ok, scrape, end - start), requested_s=end - start, data_from=ok[0],
+            interval_s=interval or scrape, host_cpu=host_cpu, cgroup_throttled=throttled,
             gpus=window_gpus, host_busy_share=host_busy.get("") if host_busy is not None else None,
             shm_path=shm_path, shm_size_bytes=None if shm_size is None else int(shm_size),
             shm_used_bytes=None if shm_used is None else int(shm_used),
@@ -289,23 +417,26 @@ class PromWindow:
             return None
         late_by = (DEFAULT_THRESHOLDS.sampler_late_intervals - 1) * interval
         buckets = self.prom.instant(f"increase(exporter_sample_lateness_seconds_bucket{{{self.sel}}}[{span}])", end)
-        bounds = sorted((float(r["metric"]["le"]), float(r["value"][1])) for r in buckets
-                        if _is_number(r["metric"].get("le", ""), float))
+        counts = ((_le(r["metric"].get("le", "")), _number(r["value"][1], 0.0, 1e15)) for r in buckets)
+        bounds = sorted((le, n) for le, n in counts if le is not None and n is not None)
         on_time = next((n for le, n in bounds if le >= late_by), None)
         total = bounds[-1][1] if bounds else 0.0
-        overruns = _scalar(self.prom.instant(f"increase(exporter_sample_overruns_total{{{self.sel}}}[{span}])", end))
+        overruns = _scalar(self.prom.instant(f"increase(exporter_sample_overruns_total{{{self.sel}}}[{span}])", end),
+                           0.0, 1e15)
         if on_time is None or total + (overruns or 0) <= 0:
             return None
         return ((total - on_time) + (overruns or 0)) / (total + (overruns or 0))
 
 
-def _is_number(label: str, kind: type) -> bool:
-    """Whether a label value (from a server we do not control) converts with int or float."""
+def _le(label: str) -> float | None:
+    """A histogram bucket's `le` label (from a server we do not control): a number or +Inf, else None."""
+    if not re.fullmatch(r"[0-9.eE+-]{1,32}|\+Inf", label):
+        return None
     try:
-        kind(label)
+        le = float(label)
     except ValueError:
-        return False
-    return True
+        return None
+    return None if math.isnan(le) else le
 
 
 def _escape(value: str) -> str:
@@ -317,7 +448,8 @@ def _secs(seconds: float) -> str:
 
 
 def _gpu_order(gpu: str) -> tuple[int, str]:
-    return (int(gpu), "") if gpu.isdigit() else (1 << 30, gpu)
+    """GPU ids in numeric order (str.isdigit() takes "²", which int() does not: a regex decides)."""
+    return (int(gpu), "") if re.fullmatch(r"[0-9]{1,9}", gpu) else (1 << 30, gpu)
 
 
 def rtf_crossing(prom: Prometheus, selector: str, start: float, end: float, step: float,
@@ -326,8 +458,8 @@ def rtf_crossing(prom: Prometheus, selector: str, start: float, end: float, step
     window's start); the peak p95 alone when it never was; None when there was no RTF to judge."""
     expr = (f"histogram_quantile({RTF_QUANTILE}, sum by (le) "
             f"(rate(tts_real_time_factor_bucket{selector}[{rate_w}])))")
-    points = [(float(t), float(v)) for r in prom.range(expr, start, end, step) for t, v in r["values"]]
-    points = sorted(p for p in points if not math.isnan(p[1]))
+    read = [(float(t), _number(v, 0.0, 1e6)) for r in prom.range(expr, start, end, step) for t, v in r["values"]]
+    points = sorted((t, v) for t, v in read if v is not None and start - step <= t <= end + step)
     above = [t for t, v in points if v > RTF_LIMIT]
     if not points:
         return None
@@ -341,7 +473,8 @@ def find_instance(prom: Prometheus, end: float, span: str) -> str:
         return found[0]
     if not found:
         raise DiagnoseError("no gpu-telemetry-exporter instance in that window (exporter_sample_interval_seconds)")
-    raise DiagnoseError("several exporter instances; pick one with --instance: " + ", ".join(found))
+    shown = ", ".join(_shown(i, 80) for i in found[:20]) + (f" and {len(found) - 20} more" if len(found) > 20 else "")
+    raise DiagnoseError("several exporter instances; pick one with --instance: " + shown)
 
 
 def _parser():
@@ -358,6 +491,8 @@ def _parser():
     p.add_argument("--to", dest="end", default="", help="end of the window (with --from)")
     p.add_argument("--rtf-selector", default="{}",
                    help='PromQL label matchers for tts_real_time_factor, e.g. {job="tts"} (default: all)')
+    p.add_argument("--timeout", default="60s",
+                   help="give up (exit 2) when the whole run takes longer than this (default 60s)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
@@ -392,14 +527,23 @@ def run(argv: Sequence[str], now: float | None = None) -> str:
     start, end = (round(t, 3) for t in window_bounds(a.at, a.window, a.start, a.end, now))
     if not re.fullmatch(r"\{[^{}]{0,500}\}", a.rtf_selector):
         raise DiagnoseError(f"invalid --rtf-selector {a.rtf_selector!r}: want PromQL matchers in braces")
-    prom = Prometheus(a.prometheus)
+    try:
+        timeout = parse_duration(a.timeout)
+    except ValueError as exc:
+        raise DiagnoseError(f"--timeout: {exc}") from None
+    if not 0 < timeout <= 86400:
+        raise DiagnoseError("--timeout: want more than 0 and at most 1 day")
+    prom = Prometheus(a.prometheus, timeout_s=timeout)
     instance = a.instance or find_instance(prom, end, _secs(end - start))
     source = PromWindow(prom, instance)
     w = source.build(start, end)
     findings = diagnose(w)
     doc = report(w, findings)
-    doc.update(instance=instance, start=iso(start), end=iso(end))
-    text = [f"Diagnosis of {instance} from {iso(start)} to {iso(end)} ({len(w.gpus)} GPU(s)):", render_text(findings)]
+    doc.update(instance=instance, start=iso(start), end=iso(end),
+               data_from=iso(w.data_from) if w.data_from is not None else None)
+    text = [f"Diagnosis of {_shown(instance)} from {iso(start)} to {iso(end)} ({len(w.gpus)} GPU(s)); {coverage(w)}"
+            + (f", from {iso(w.data_from)}" if w.data_from is not None and w.data_from > start + 2 * w.interval_s
+               and w.seconds < (end - start) else "") + ":", render_text(findings)]
     scrape = source.scrape_interval(start, end)
     crossing = rtf_crossing(prom, a.rtf_selector, start, end, source.step(start, end), _secs(4 * scrape))
     if crossing is None or isinstance(crossing, float):
@@ -409,10 +553,11 @@ def run(argv: Sequence[str], now: float | None = None) -> str:
                     f"{RTF_LIMIT} (peak {crossing:.2f}).")
     else:
         at, peak, already = crossing
-        around = (round(max(start, at - COINCIDE_BEFORE_S), 3), round(min(end, at + COINCIDE_AFTER_S), 3))
-        near = diagnose(source.build(*around)) if around[1] - around[0] > 2 * scrape else findings
+        around = coinciding_window(at, scrape)
+        near = diagnose(source.build(*around)) if len(source.scrapes(*around)[1]) >= 2 else findings
         coincides = _first_abnormal(near)
         doc["rtf"] = {"crossed_at": iso(at), "above_from_start": already, "peak": round(peak, 3), "limit": RTF_LIMIT,
+                      "judged_from": iso(around[0]), "judged_to": iso(around[1]),
                       "coinciding": coincides.to_dict() if coincides else None}
         when = f"was above {RTF_LIMIT} from the window's start, {iso(at)}" if already else \
             f"crossed {RTF_LIMIT} at {iso(at)}"
@@ -420,6 +565,16 @@ def run(argv: Sequence[str], now: float | None = None) -> str:
                     + (f"coinciding finding: {coincides.title} ({coincides.rule}): {coincides.evidence}"
                        if coincides else "no finding coincides: look inside the TTS service."))
     return json.dumps(doc, indent=1) + "\n" if a.json else "\n".join(text) + "\n"
+
+
+def coinciding_window(at: float, scrape: float) -> tuple[float, float]:
+    """What is judged for the finding that coincides with an RTF crossing at `at`: a short window centred
+    on it, max(30 s, 2 scrape intervals) either side. A cause that starts at the crossing fills half of it,
+    one that starts d seconds after fills (half - d) / (2 half): over the 20 % starved share up to
+    d = 0.6 half (18 s at 30 s), so a cause up to one scrape interval late is still found, and one that
+    ended more than `half` before the crossing is not in it at all."""
+    half = max(COINCIDE_MIN_S, 2 * scrape)
+    return round(max(0.0, at - half), 3), round(min(MAX_TIME, at + half), 3)
 
 
 def _first_abnormal(findings: list[Finding]) -> Finding | None:
@@ -431,6 +586,10 @@ def main(argv: Sequence[str]) -> int:
         out = run(argv)
     except DiagnoseError as exc:
         print(f"gpu-telemetry-exporter diagnose: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a case the checks above missed: still one line for the user, never a traceback
+        print(f"gpu-telemetry-exporter diagnose: internal error ({type(exc).__name__}: {_shown(str(exc))}); "
+              "please report it", file=sys.stderr)
         return 2
     sys.stdout.write(out)
     return 0

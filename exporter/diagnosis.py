@@ -12,6 +12,7 @@ and no GPU was mostly idle, so it ranks above the informational notes that may c
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
@@ -46,6 +47,7 @@ class Thresholds:
     tensor_bound: float = 0.80  # mean GPM tensor-pipe activity at or above: tensor-bound
     dram_bound: float = 0.80  # mean GPM DRAM activity at or above: memory-bandwidth-bound
     short_window_s: float = 10.0  # fewer seconds of samples than this: say the shares are still rough
+    partial_window: float = 0.9  # samples covering less than this share of the window asked: say so
 
 
 DEFAULT_THRESHOLDS = Thresholds()
@@ -77,7 +79,7 @@ class GpuWindow:
 
 @dataclass(frozen=True)
 class Window:
-    seconds: float
+    seconds: float  # the span the samples cover (see covered_span), which every share is over
     interval_s: float  # expected spacing of the samples
     host_cpu: Series = ()  # aligned on the GPUs' series
     cgroup_throttled: Series = ()  # share of CFS periods throttled per sample; () without a cgroup
@@ -88,6 +90,8 @@ class Window:
     shm_used_bytes: int | None = None
     sampler_late_share: float | None = None  # share of ticks late or skipped
     nvml_message: str = ""  # why no GPU is there, when none is
+    requested_s: float | None = None  # the window asked for; None: the same as `seconds`
+    data_from: float | None = None  # unix time of the first sample in the window, where known
 
 
 @dataclass(frozen=True)
@@ -111,13 +115,33 @@ def _pct(x: float) -> str:
 
 
 def _duration(seconds: float) -> str:
-    if seconds >= 120 and round(seconds) % 60 == 0:
-        return f"{round(seconds) // 60} min"
+    if seconds >= 120 or (seconds >= 60 and round(seconds) % 60 == 0):
+        minutes, rest = divmod(round(seconds), 60)
+        return f"{minutes} min" + (f" {rest} s" if rest else "")
     return f"{seconds:.1f} s" if seconds < 10 else f"{round(seconds)} s"
 
 
+def covered_span(times: Sequence[float], interval: float, limit: float) -> float:
+    """Seconds of a window its samples stand for, at most `limit`: each sample its own interval, and a
+    gap between two samples as long as it is, unless it is a hole (over 2 intervals: a failed scrape,
+    a stopped exporter), which counts for nothing. One rule for the live history and Prometheus."""
+    if not times:
+        return 0.0
+    span = interval + sum(b - a if 0 <= b - a <= 2 * interval else interval for a, b in zip(times, times[1:]))
+    return round(min(span, limit), 3)
+
+
+RATIO_MAX = 10.0  # every series is a ratio, a share or a 0/1/2 state: a value outside [0, this] is no value
+
+
+def _ok(v: float | None) -> bool:
+    """Whether a value counts: None, NaN, ±Inf and values no ratio takes are no value (a rule never
+    reports an infinite or absurd peak, whatever a source or Prometheus said)."""
+    return v is not None and math.isfinite(v) and 0.0 <= v <= RATIO_MAX
+
+
 def _values(series: Series | None) -> list[float]:
-    return [v for v in series or () if v is not None]
+    return [v for v in series or () if v is not None and _ok(v)]
 
 
 def _mean(series: Series | None) -> float | None:
@@ -151,7 +175,7 @@ def starvation(w: Window, g: GpuWindow, th: Thresholds) -> list[Finding]:
         return []
     starved = g.starved_share if g.starved_share is not None else \
         [None if v is None else float(v <= th.starved_utilization) for v in g.utilization]
-    weights = [(i, v) for i, v in enumerate(starved) if v is not None]
+    weights = [(i, min(v, 1.0)) for i, v in enumerate(starved) if v is not None and _ok(v)]
     if not weights:
         return []
     share = sum(v for _, v in weights) / len(weights)
@@ -163,8 +187,8 @@ def starvation(w: Window, g: GpuWindow, th: Thresholds) -> list[Finding]:
         seen: list[tuple[float, float]] = []
         for i, v in weights:
             c = cause[i] if i < len(cause) else None
-            if v > 0 and c is not None:
-                seen.append((v, c))
+            if v > 0 and c is not None and _ok(c):
+                seen.append((v, min(c, 1.0)))
         total = sum(v for v, _ in seen)
         return sum(v * c for v, c in seen) / total if total else None
 
@@ -340,11 +364,18 @@ def diagnose(w: Window, th: Thresholds = DEFAULT_THRESHOLDS) -> list[Finding]:
             f"No GPU was sampled in the last {_duration(w.seconds)}" + (f": {w.nvml_message}" if w.nvml_message else ""),
             "Check that the NVIDIA driver is loaded and the exporter sees the devices (runtimeClass nvidia, "
             "NVIDIA_VISIBLE_DEVICES=all)."))
+    asked = w.requested_s if w.requested_s is not None else w.seconds
     if 0 < w.seconds < th.short_window_s:
         found.append(_finding(
             "short_window", "info", 0.0, "Little history yet",
             f"Only {_duration(w.seconds)} of samples so far: shares over so short a window are rough",
             f"Wait for at least {_duration(th.short_window_s)} of samples (the exporter just started)."))
+    elif w.seconds < th.partial_window * asked:
+        found.append(_finding(
+            "partial_window", "info", 0.0, "Data for part of the window only",
+            f"{coverage(w)}: every share, peak and mean is over the samples there, not the whole window",
+            "Normal right after the exporter or Prometheus started; otherwise look for failed scrapes or "
+            "exporter restarts (up == 0) in the window."))
     # A GPU mostly idle is no alarm, but not "utilisation within thresholds" either: no all-clear over it.
     if not any(f.severity in ("critical", "warning") or f.rule == "gpu_underused" for f in found):
         found.append(_finding(
@@ -355,10 +386,18 @@ def diagnose(w: Window, th: Thresholds = DEFAULT_THRESHOLDS) -> list[Finding]:
     return sorted(found, key=lambda f: -f.score)
 
 
+def coverage(w: Window) -> str:
+    """'3 min 12 s of data in the 5 min asked': what every report says it covers."""
+    asked = w.requested_s if w.requested_s is not None else w.seconds
+    return f"{_duration(w.seconds)} of data in the {_duration(asked)} asked"
+
+
 def report(w: Window, findings: list[Finding]) -> dict:
-    """The JSON document both /api/v1/diagnosis and `diagnose --json` give."""
-    return {"window_seconds": w.seconds, "interval_seconds": w.interval_s, "gpus": [g.gpu for g in w.gpus],
-            "findings": [f.to_dict() for f in findings]}
+    """The JSON document both /api/v1/diagnosis and `diagnose --json` give: `window_seconds` is the span
+    the samples cover, `requested_seconds` the one asked."""
+    return {"window_seconds": w.seconds, "requested_seconds": w.requested_s if w.requested_s is not None
+            else w.seconds, "coverage": coverage(w), "interval_seconds": w.interval_s,
+            "gpus": [g.gpu for g in w.gpus], "findings": [f.to_dict() for f in findings]}
 
 
 def render_text(findings: list[Finding]) -> str:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from exporter.diagnosis import DEFAULT_THRESHOLDS, GpuWindow, Thresholds, Window, diagnose, report
+from exporter.diagnosis import DEFAULT_THRESHOLDS, GpuWindow, Thresholds, Window, covered_span, diagnose, report
 from exporter.history import SampleHistory
 from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS
 
@@ -21,6 +21,12 @@ def _measured(series: list[float | None]) -> list[float | None] | None:
     return series if any(v is not None for v in series) else None
 
 
+def _increase(counts: list[float]) -> int:
+    """A counter's increase over the rows, a drop read as a reset (counted from 0), as Prometheus'
+    increase() reads it: the same gaps rule live and from Prometheus."""
+    return int(sum(b - a if b >= a else b for a, b in zip(counts, counts[1:])))
+
+
 def _late_share(t: list[float], interval: float, late_intervals: float) -> float | None:
     """Share of scheduled ticks that came late (gap over late_intervals) or were skipped, from row times."""
     if len(t) < 2:
@@ -34,7 +40,10 @@ def _late_share(t: list[float], interval: float, late_intervals: float) -> float
     return late / scheduled
 
 
-def window_from_history(history: SampleHistory, window_s: float, th: Thresholds = DEFAULT_THRESHOLDS) -> Window:
+def window_from_history(history: SampleHistory, window_s: float, th: Thresholds = DEFAULT_THRESHOLDS,
+                        requested_s: float | None = None) -> Window:
+    """The window's rows as the diagnosis reads them: every share is over the rows there (a late or
+    skipped tick is no row; the history starts empty at each exporter start)."""
     cols = history.columns(window_s)
     snap = cols.latest
     xids_now: dict[str, list[int]] = {}
@@ -48,14 +57,14 @@ def window_from_history(history: SampleHistory, window_s: float, th: Thresholds 
             utilization=s["utilization"], memory_used_ratio=s["memory_used_ratio"],
             pcie_tx=s["pcie_tx_utilization"], pcie_rx=s["pcie_rx_utilization"],
             clock_events=_reason_shares(s["clock_event_reasons"]), health=s["health"],
-            xid_events=int(xids[-1] - xids[0]) if xids else 0, xid_codes=tuple(sorted(xids_now.get(gpu, ()))),
+            xid_events=_increase(xids), xid_codes=tuple(sorted(xids_now.get(gpu, ()))),
             sm_active=_measured(s["sm_active"]), tensor_active=_measured(s["tensor_active"]),
             dram_active=_measured(s["dram_active"]),
         ))
     shm = snap.shm if snap else None
-    covered = cols.t[-1] - cols.t[0] + history.interval_s if cols.t else 0.0
     return Window(
-        seconds=round(min(window_s, covered), 3), interval_s=history.interval_s, host_cpu=cols.host["host_cpu_utilization"],
+        seconds=covered_span(cols.t, history.interval_s, window_s), interval_s=history.interval_s,
+        requested_s=window_s if requested_s is None else requested_s, data_from=cols.t[0] if cols.t else None, host_cpu=cols.host["host_cpu_utilization"],
         cgroup_throttled=cols.host["cgroup_cpu_throttled_ratio"], gpus=tuple(gpus),
         shm_path=shm.path if shm else None, shm_size_bytes=shm.size_bytes if shm else None,
         shm_used_bytes=shm.used_bytes if shm else None,
@@ -63,10 +72,11 @@ def window_from_history(history: SampleHistory, window_s: float, th: Thresholds 
         nvml_message="" if gpus or snap is None else snap.nvml.message)
 
 
-def diagnosis_json(history: SampleHistory, window_s: float) -> bytes:
+def diagnosis_json(history: SampleHistory, window_s: float, requested_s: float | None = None) -> bytes:
     """The body of GET /api/v1/diagnosis for a window already checked by the server and capped to the
-    history kept (the window actually covered is less while the history fills)."""
-    w = window_from_history(history, window_s)
+    history kept (`requested_s`: the window asked before the cap); window_seconds is what the samples
+    cover (less while the history fills)."""
+    w = window_from_history(history, window_s, requested_s=requested_s)
     doc = report(w, diagnose(w))
-    doc.update(requested_seconds=window_s, history_seconds=history.window_s)
+    doc.update(history_seconds=history.window_s)
     return json.dumps(doc, separators=(",", ":")).encode()

@@ -180,6 +180,7 @@ class SampleHistory:
                 "host_cpu": latest is not None and latest.host is not None and latest.host.simulated}
 
     def query(self, window_s: float) -> dict:
+    def query(self, window_s: float, requested_s: float | None = None) -> dict:
         """The documented JSON shape (docs/live-view.md): columns aligned on `t`."""
         rows, names, gpu_ids, mig, latest = self._window(window_s)
         gpus = []
@@ -195,6 +196,7 @@ class SampleHistory:
         return {
             "interval_seconds": self.interval_s,
             "window_seconds": window_s,
+            "requested_seconds": window_s if requested_s is None else requested_s,
             "history_seconds": self.window_s,
             "simulated": self._simulated(latest),
             "t": [round(t, 3) for t, _, _ in rows],
@@ -202,13 +204,15 @@ class SampleHistory:
             "gpus": gpus,
         }
 
-    def query_json(self, window_s: float) -> bytes:
+    def query_json(self, window_s: float, requested_s: float | None = None) -> bytes:
         """query() as compact JSON, written a column at a time: peak memory is about the size of the
         output, not a Python float and a list slot per value (tens of MB for 5 minutes of 64 GPUs)."""
         rows, names, gpu_ids, mig, latest = self._window(window_s)
         dump = json.dumps
+        asked = window_s if requested_s is None else requested_s
         parts = [f'{{"interval_seconds":{dump(self.interval_s)},"window_seconds":{dump(window_s)},'
-                 f'"history_seconds":{dump(self.window_s)},"simulated":{dump(self._simulated(latest))},"t":'.encode(),
+                 f'"requested_seconds":{dump(asked)},"history_seconds":{dump(self.window_s)},'
+                 f'"simulated":{dump(self._simulated(latest))},"t":'.encode(),
                  _json_list(round(t, 3) for t, _, _ in rows), b',"host_cpu_utilization":',
                  _json_list(_nullable(values[0]) for _, _, values in rows), b',"gpus":[']
         for n, gpu in enumerate(gpu_ids):

@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Callable, Hashable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -73,7 +73,7 @@ class _SharedRenders:
     each thread that allocates its own malloc arena and keeps what it freed, so multi-megabyte renders
     spread over the 40 request threads left ~100 MB resident (measured; 17 MB with one arena)."""
 
-    def __init__(self, render: Callable[[float], bytes], renders: int, name: str, max_age_s: float = 1.0,
+    def __init__(self, render: Callable[..., bytes], renders: int, name: str, max_age_s: float = 1.0,
                  windows: int = 4, clock: Callable[[], float] = time.monotonic) -> None:
         self._render = render
         self._renders = threading.BoundedSemaphore(renders)
@@ -82,9 +82,10 @@ class _SharedRenders:
         self._windows = windows
         self._clock = clock
         self._lock = threading.Lock()
-        self._entries: dict[float, tuple[float, threading.Lock, list[bytes]]] = {}
+        self._entries: dict[Hashable, tuple[float, threading.Lock, list[bytes]]] = {}
 
-    def get(self, window: float) -> bytes | None:
+    def get(self, window: Hashable) -> bytes | None:
+        """The body for `window` (a key: the render is called with it, unpacked when a tuple)."""
         now = self._clock()
         with self._lock:
             entry = self._entries.get(window)
@@ -100,7 +101,8 @@ class _SharedRenders:
             if not self._renders.acquire(blocking=False):
                 return None
             try:
-                body.append(self._render_threads.submit(self._render, window).result())
+                args = window if isinstance(window, tuple) else (window,)
+                body.append(self._render_threads.submit(self._render, *args).result())
             finally:
                 self._renders.release()
             return body[0]
@@ -125,7 +127,8 @@ class ExporterApp:
         self.landing = live_page(telemetry_path, history.window_s if history else 0.0)
         self.landing_gz = gzip.compress(self.landing, compresslevel=9)
         self.samples = _SharedRenders(history.query_json, _SAMPLES_RENDERS, "samples") if history else None
-        self.diagnoses = (_SharedRenders(lambda w: diagnosis_json(history, w), _DIAGNOSIS_RENDERS, "diagnosis")
+        self.diagnoses = (_SharedRenders(lambda w, asked: diagnosis_json(history, w, asked), _DIAGNOSIS_RENDERS,
+                                         "diagnosis")
                           if history else None)
 
     def inline(self, request: Request) -> Response | None:
@@ -151,26 +154,25 @@ class ExporterApp:
             return Response(200, self.cache.get(om, gz), content_type,
                             _encoding_headers(gz, vary="Accept, Accept-Encoding"))
         if request.path == "/api/v1/diagnosis":
-            # A window longer than the history kept is capped to it: "the last hour" means "all there is".
-            return self._history_query(request, self.diagnoses, "5m", cap=True)
-        return self._history_query(request, self.samples, "60s", cap=False)
+            return self._history_query(request, self.diagnoses, "5m")
+        return self._history_query(request, self.samples, "60s")
 
-    def _history_query(self, request: Request, renders: _SharedRenders | None, default: str, cap: bool) -> Response:
+    def _history_query(self, request: Request, renders: _SharedRenders | None, default: str) -> Response:
+        """Both history endpoints alike: a window longer than the history kept is capped to it ("the last
+        hour" means "all there is") and the answer says so: `window_seconds` (capped) beside
+        `requested_seconds` (asked)."""
         if self.history is None or renders is None:
             return _json(404, {"error": "history is off (--history.window=0)"})
         try:
             window = parse_duration(window_param(request.query, default))
         except ValueError as exc:
             return _json(400, {"error": str(exc)})
-        kept = self.history.window_s
-        if cap and window > 0:
-            window = min(window, kept)
-        if not 0 < window <= kept:
-            return _json(400, {"error": f"window must be > 0 and <= {kept:g}s (--history.window)"})
-        if cap and window < self.history.interval_s:  # no sample in it: the diagnosis would say "No GPU found"
+        if not window > 0:
+            return _json(400, {"error": "window must be > 0"})
+        if window < self.history.interval_s:  # no sample in it: the diagnosis would say "No GPU found"
             return _json(400, {"error": f"window must be at least the sample interval, "
                                         f"{self.history.interval_s:g}s (--sample.interval)"})
-        body = renders.get(window)
+        body = renders.get((min(window, self.history.window_s), round(window, 3)))
         if body is None:
             return Response(503, b'{"error":"busy: too many history queries at once, retry"}', "application/json",
                             (("Retry-After", "1"),))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import replace
 
@@ -216,8 +217,9 @@ def diagnosis_endpoint(history: SampleHistory | None, query: str) -> tuple[int, 
 def test_endpoint_caps_the_window_to_the_history(tmp_path, procfs):
     history = live_history(tmp_path, procfs, "healthy", ticks=20)
     code, doc = diagnosis_endpoint(history, "window=1h")
-    assert code == 200 and doc["requested_seconds"] == 60.0 and doc["history_seconds"] == 60.0
+    assert code == 200 and doc["requested_seconds"] == 3600.0 and doc["history_seconds"] == 60.0
     assert doc["window_seconds"] == pytest.approx(2.0)  # 20 ticks of 0.1 s kept so far
+    assert doc["coverage"] == "2.0 s of data in the 60 min asked"
     assert [f["rule"] for f in doc["findings"]] == ["nothing_abnormal", "short_window"] and doc["gpus"] == ["0", "1"]
     assert diagnosis_endpoint(history, "window=soon")[0] == 400
     assert diagnosis_endpoint(history, "window=0s")[0] == 400
@@ -328,7 +330,7 @@ def test_diagnoses_run_one_at_a_time_and_are_shared(mocker, tmp_path, procfs):
     release = threading.Event()
     calls = []
 
-    def slow(h: SampleHistory, window_s: float) -> bytes:
+    def slow(h: SampleHistory, window_s: float, asked: float) -> bytes:
         calls.append(window_s)
         release.wait(5)
         return b'{"findings": []}'
@@ -361,3 +363,59 @@ def test_rtf_crossing_says_whether_the_rtf_was_scraped_at_all():
     assert rtf_crossing(Prom([[1, "NaN"]]), "", 0.0, 10.0, 1.0, "4s") is None
     assert rtf_crossing(Prom([[1, "0.3"], [2, "0.5"]]), "", 0.0, 10.0, 1.0, "4s") == 0.5
     assert rtf_crossing(Prom([[1, "0.3"], [2, "0.9"]]), "", 0.0, 10.0, 1.0, "4s") == (2.0, 0.9, False)
+# ---- what a report covers (issue #25 item 1): the same rule live and from Prometheus ---------------
+def test_covered_span_counts_samples_not_holes():
+    from exporter.diagnosis import covered_span
+
+    assert covered_span([], 15, 300) == 0.0
+    assert covered_span([0, 15, 30, 45, 60], 15, 300) == 75.0  # each sample stands for its interval
+    assert covered_span([0, 15, 30, 120, 135], 15, 300) == 75.0  # a 90 s hole counts for nothing
+    assert covered_span([0, 16, 31], 15, 300) == 46.0  # late scrapes count as they are
+    assert covered_span([k * 15.0 for k in range(100)], 15, 300) == 300.0  # at most the window
+
+
+def test_the_live_window_covers_its_rows_across_a_hole(tmp_path, procfs):
+    """Throttled ticks, then the sampler stalled 30 s, then more: the clock share is over the rows, the
+    report says what it covers, and 'partial_window' says it is short of the asked minute."""
+    clock, wall = ManualClock(), ManualClock(1_700_000_000.0)
+    history = SampleHistory(60.0, 0.1, wall_clock=wall)
+    s = make_sampler(ScenarioNvml("throttled", 1, clock=clock), procfs.root, interval=0.1, clock=clock,
+                     history=history)
+    for k in range(200):
+        if k == 100:
+            wall.advance(30.0)  # the hole: no tick for 30 s
+        procfs.advance(busy=[2, 2], idle=[18, 18])
+        s.tick()
+        clock.advance(0.1)
+        wall.advance(0.1)
+    w = window_from_history(history, 60.0)
+    assert w.seconds == pytest.approx(20.0, abs=0.2) and w.requested_s == 60.0
+    found = {f.rule: f for f in diagnose(w)}
+    assert found["clocks_throttled"].evidence.startswith("GPU 0 clocks held down for 90 % of the last 20 s")
+    assert found["partial_window"].evidence.startswith("20 s of data in the 1 min asked")
+    doc = report(w, diagnose(w))
+    assert (doc["window_seconds"], doc["requested_seconds"]) == (w.seconds, 60.0)
+
+
+def test_a_full_window_has_no_partial_note(tmp_path, procfs):
+    history = live_history(tmp_path, procfs, "healthy", ticks=200)  # 20 s of 0.1 s ticks
+    assert rules(window_from_history(history, 20.0)) == ["nothing_abnormal"]
+    assert "partial_window" in rules(window_from_history(history, 60.0))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True), st.floats(-2, 2)), max_size=30))
+def test_non_finite_values_never_become_a_finding(values):
+    """±Inf or NaN in any series is no value: never 'memory used peaked at inf %'."""
+    w = window(gpu={"memory_used_ratio": values, "utilization": values, "pcie_rx": values,
+                    "starved_share": values}, host_cpu=values, host_busy_share=values)
+    text = render_text(diagnose(w)).lower()
+    assert not re.search(r"\b(inf|nan)\b|[0-9]{5,} %", text), text
+
+
+def test_a_counter_reset_in_the_live_history_is_read_as_prometheus_reads_it():
+    from exporter.diagnosis_history import _increase
+
+    assert _increase([]) == _increase([3.0]) == 0
+    assert _increase([1.0, 1.0, 3.0]) == 2
+    assert _increase([5.0, 6.0, 0.0, 2.0]) == 3  # the source restarted its count: 1 + 2, not -3
