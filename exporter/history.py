@@ -179,7 +179,6 @@ class SampleHistory:
         return {"gpus": latest is not None and latest.nvml.mode == "fake",
                 "host_cpu": latest is not None and latest.host is not None and latest.host.simulated}
 
-    def query(self, window_s: float) -> dict:
     def query(self, window_s: float, requested_s: float | None = None) -> dict:
         """The documented JSON shape (docs/live-view.md): columns aligned on `t`."""
         rows, names, gpu_ids, mig, latest = self._window(window_s)
