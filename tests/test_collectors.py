@@ -14,7 +14,6 @@ from exporter.cli import parse_config
 from exporter.collector import SnapshotCollector
 from exporter.environment import env_name
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
-from exporter.pods import PodCollector
 from exporter.sources.cgroup import CgroupSource
 from exporter.sources.kubelet import ContainerRef, PodResources
 from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
@@ -64,9 +63,7 @@ def run(tmp_path, procfs, on: frozenset[str]) -> tuple[dict, Counter]:
         clock.advance(0.2)
         procfs.advance(busy=[10, 20], idle=[90, 80])
         s.tick()
-        inner = SnapshotCollector(lambda: s.snapshot, specs=SPECS, collectors=on)
-        top = PodCollector(inner, lambda: s.snapshot, False) if "pod-info" in on else inner
-        fams = {exposed(m): m.samples for m in top.collect()}
+        fams = {exposed(m): m.samples for m in SnapshotCollector(lambda: s.snapshot, specs=SPECS, collectors=on).collect()}
     finally:
         s.stop()
     return fams, Counter(fake.calls)

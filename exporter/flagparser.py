@@ -1,0 +1,33 @@
+"""The argument parser both commands use (the exporter's flags, `diagnose`): one-line errors with exit 2,
+no abbreviations (`--fake-gpu 2` is a typo, not --fake-gpus), and a close match for a mistyped flag."""
+from __future__ import annotations
+
+import argparse
+import difflib
+from typing import NoReturn
+
+
+class FlagParser(argparse.ArgumentParser):
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(allow_abbrev=False, **kwargs)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            message = "; ".join(self.unknown(arg) for arg in message[len(prefix):].split())
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def unknown(self, arg: str) -> str:
+        """'unknown flag --web.listen-adress (did you mean --web.listen-address?)'."""
+        flag = arg.partition("=")[0]
+        shown = flag if len(flag) <= 80 else flag[:80] + "..."
+        if not flag.startswith("-"):
+            return f"unexpected argument {shown!r}"
+        match = close_match(flag, [o for a in self._actions for o in a.option_strings])
+        return f"unknown flag {shown}" + (f" (did you mean {match}?)" if match else "")
+
+
+def close_match(word: str, candidates: list[str]) -> str | None:
+    """The closest candidate (difflib), None when nothing is close; long words are cut before comparing."""
+    found = difflib.get_close_matches(word[:100], candidates, n=1, cutoff=0.75)
+    return found[0] if found else None
