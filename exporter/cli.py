@@ -350,7 +350,8 @@ def _build_parser(full_help: bool = False) -> FlagParser:
         if f.switch:
             p.add_argument(f.name, action=argparse.BooleanOptionalAction, dest=f.name, default=None, help=about)
         else:
-            p.add_argument(f.name, dest=f.name, default=None, help=about)
+            p.add_argument(f.name, dest=f.name, default=None, help=about,
+                           metavar=f.name.lstrip("-").replace("-", "_").upper())
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 

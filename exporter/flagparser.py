@@ -14,7 +14,9 @@ class FlagParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
-            message = "; ".join(self.unknown(arg) for arg in message[len(prefix):].split())
+            args = message[len(prefix):].split()
+            flags = [a for a in args if a.startswith("-")]  # a mistyped flag's value is not worth a word
+            message = "; ".join(self.unknown(arg) for arg in flags or args)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
     def unknown(self, arg: str) -> str:
