@@ -16,17 +16,17 @@ class FlagParser(argparse.ArgumentParser):
         if message.startswith(prefix):
             args = message[len(prefix):].split()
             flags = [a for a in args if a.startswith("-")]  # a mistyped flag's value is not worth a word
-            message = "; ".join(self.unknown(arg) for arg in flags or args)
+            message = prefix + ", ".join(self.unknown(arg) for arg in flags or args)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
     def unknown(self, arg: str) -> str:
-        """'unknown flag --web.listen-adress (did you mean --web.listen-address?)'."""
+        """'--web.listen-adress (did you mean --web.listen-address?)', with argparse's words around it."""
         flag = arg.partition("=")[0]
         shown = flag if len(flag) <= 80 else flag[:80] + "..."
         if not flag.startswith("-"):
-            return f"unexpected argument {shown!r}"
+            return repr(shown)
         match = close_match(flag, [o for a in self._actions for o in a.option_strings])
-        return f"unknown flag {shown}" + (f" (did you mean {match}?)" if match else "")
+        return shown + (f" (did you mean {match}?)" if match else "")
 
 
 def close_match(word: str, candidates: list[str]) -> str | None:

@@ -52,9 +52,10 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["--fake-gpus", "two"], "not an integer"),
     (["--log.level", "loud"], "--log.level"),
     (["--web.telemetry-path", "metrics"], "--web.telemetry-path"),
-    (["--no-such-flag"], "unknown flag --no-such-flag"),
-    (["--web.listen-adress", ":1"], "unknown flag --web.listen-adress (did you mean --web.listen-address?)"),
-    (["--fake-gpu", "2"], "unknown flag --fake-gpu (did you mean --fake-gpus?)"),  # no abbreviations
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--web.listen-adress", ":1"], "unrecognized arguments: --web.listen-adress (did you mean --web.listen-address?)"),
+    (["--fake-gpu", "2"], "unrecognized arguments: --fake-gpu (did you mean --fake-gpus?)"),  # no abbreviations
+    (["stray"], "unrecognized arguments: 'stray'"),
     (["--no-collector.gpmm"], "(did you mean --no-collector.gpm?)"),
     (["--fake-gpus", "1", "--fake-scenario", "stravd"],
      "--fake-scenario 'stravd': unknown scenario (did you mean starved?); valid: healthy, starved"),
