@@ -8,6 +8,8 @@ import sys
 from collections import Counter
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from exporter import collectors as registry
 from exporter.cli import parse_config
@@ -291,3 +293,18 @@ def test_collect_param_scrapes_a_subset(exporter_proc):
         status, _, body = http_get(p.url + "/metrics?" + query)
         assert status == 400 and needle in body.decode() and body.count(b"\n") == 1, (query, body)
     assert http_get(p.url + "/metrics?unrelated=1")[0] == 200  # other parameters are ignored, as node_exporter
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=1500) | st.lists(st.sampled_from(list(registry.GROUPS) + ["", "x", "gpm%00", "ecc"]),
+                                         max_size=40).map(lambda names: "&".join(f"collect[]={n}" for n in names)))
+def test_collect_query_fuzzed(query):
+    """Any query string: a checked selection or ValueError with a short message, never another exception."""
+    from exporter.server import collect_params
+
+    try:
+        chosen = registry.select(collect_params(query), registry.DEFAULT)
+    except ValueError as exc:
+        assert len(str(exc)) < 600
+    else:
+        assert "exporter" in chosen and chosen <= set(registry.GROUPS)
