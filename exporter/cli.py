@@ -286,7 +286,8 @@ def _check_pod_labels(s: _Setting, v: Values) -> bool:
 def _check_collector(s: _Setting, v: Values) -> bool:
     """A collector's switch; not given, its default unless --collector.disable-defaults (above it) is on."""
     if s.env is None and s.value == "default":
-        return False if v["--collector.disable-defaults"] else registry.BY_NAME[s.flag[12:]].default
+        collector = registry.BY_NAME[s.flag.removeprefix("--collector.")]
+        return False if v["--collector.disable-defaults"] else collector.default
     return _switch_value(s)
 
 

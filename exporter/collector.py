@@ -115,7 +115,7 @@ class SnapshotCollector(Collector):
         self._node = node_name  # an empty label value is the same as no label to Prometheus
         self._specs = registry.rows_enabled(collectors, specs)
         self._pod_labels = pod_labels
-        self.collectors = collectors
+        self._collectors = collectors
         # Each enabled group (collectors.py order): its spec rows (specs.py names the collector of each
         # row), then its @renders methods. A collector of spec rows only (gpm, nvlink) needs no method.
         self._groups = tuple(
@@ -130,7 +130,7 @@ class SnapshotCollector(Collector):
     def collect(self, only: frozenset[str] | None = None) -> Iterator[Metric]:
         """Every enabled group's families, or those of the groups in `only` (collect[]; collectors.select)."""
         snap = self._snapshot()  # one snapshot for the whole scrape, pod labels included
-        owners = snap.pods.by_device() if snap.pods is not None and "pod-info" in self.collectors else {}
+        owners = snap.pods.by_device() if snap.pods is not None and "pod-info" in self._collectors else {}
         success = GaugeMetricFamily("exporter_collector_success",
                                     "1 when the collector's families rendered in this scrape, 0 when it failed.",
                                     labels=["collector"])

@@ -65,7 +65,8 @@ def run(tmp_path, procfs, on: frozenset[str]) -> tuple[dict, Counter]:
         clock.advance(0.2)
         procfs.advance(busy=[10, 20], idle=[90, 80])
         s.tick()
-        fams = {exposed(m): m.samples for m in SnapshotCollector(lambda: s.snapshot, specs=SPECS, collectors=on).collect()}
+        collector = SnapshotCollector(lambda: s.snapshot, specs=SPECS, collectors=on)
+        fams = {exposed(m): m.samples for m in collector.collect()}
     finally:
         s.stop()
     return fams, Counter(fake.calls)
