@@ -270,3 +270,11 @@ def test_healthcheck_does_not_import_the_exporter():
     assert "exporter.healthcheck" in loaded
     assert not loaded & {"exporter.cli", "exporter.sampler", "exporter.collector", "exporter.server",
                          "exporter.sources", "prometheus_client", "pynvml"}, sorted(loaded)
+
+
+def test_without_pynvml_the_backend_is_absent(monkeypatch, procfs):
+    """The ImportError branch: reachable now that start-up no longer imports the fakes (which import pynvml)."""
+    from exporter.cli import _nvml_module, parse_config
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` raises ImportError
+    assert _nvml_module(parse_config(["--path.procfs", str(procfs.root)])) == (None, "absent")
