@@ -17,10 +17,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from exporter import collectors  # noqa: E402
 from exporter.collector import SnapshotCollector  # noqa: E402
 from exporter.exposition import TextRenderer  # noqa: E402
 from exporter.fake_nvml import FakeNvml, fake_uuid  # noqa: E402
-from exporter.pods import PodCollector  # noqa: E402
 from exporter.sampler import Sampler  # noqa: E402
 from exporter.sources.kubelet import ContainerRef, PodResources  # noqa: E402
 from exporter.sources.nvml import NvmlSource  # noqa: E402
@@ -53,13 +53,13 @@ def main() -> int:
     for _ in range(3):
         sampler.tick()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(lambda: sampler.snapshot))
+    registry.register(SnapshotCollector(lambda: sampler.snapshot, collectors=collectors.DEFAULT - {"pod-info"}))
     renderer = TextRenderer()
     with_pods = {}
     for label, stamp_gpu_series in (("pods", False), ("pods+labels", True)):
         with_pods[label] = CollectorRegistry(auto_describe=False)
-        with_pods[label].register(PodCollector(SnapshotCollector(lambda: sampler.snapshot), lambda: sampler.snapshot,
-                                               stamp_gpu_series))
+        with_pods[label].register(SnapshotCollector(lambda: sampler.snapshot, pod_labels=stamp_gpu_series))
+    gpm_only = SnapshotCollector(lambda: sampler.snapshot)
     handle = fake.nvmlDeviceGetHandleByIndex(0)
     host = ProcfsSource("/proc")
     own_pid = [os.getpid()]
@@ -69,6 +69,7 @@ def main() -> int:
         ("process lookup, new pid", lambda: ProcessAttributor("/proc").lookup(own_pid)),  # once per new GPU pid
         ("collect+render text", lambda: renderer.render(registry.collect())),
         ("collect+render openmetrics", lambda: renderer.render(registry.collect(), openmetrics=True)),
+        ("collect+render, collect[]=gpm", lambda: renderer.render(gpm_only.collect(frozenset({"exporter", "gpm"})))),
         ("collect+render text, pod info", lambda: renderer.render(with_pods["pods"].collect())),
         ("  same, --kubernetes.pod-labels", lambda: renderer.render(with_pods["pods+labels"].collect())),
         ("fake NVML call", lambda: fake.nvmlDeviceGetPowerUsage(handle)),

@@ -1,4 +1,9 @@
-"""Command line: node_exporter-style flags, each also settable from a GPU_EXPORTER_* variable."""
+"""Command line: node_exporter-style flags, each also settable from a GPU_EXPORTER_* variable.
+
+The flags are one table (FLAGS): name, default, help, and the validator that turns the text into the
+value main() uses (it may read the values of the rows above it). Adding a flag is one row and its
+Config field. The fakes (fake_nvml, fake_scenarios) are imported only when a --fake-* flag asks for them.
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,21 +16,21 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import Metric
 
 from exporter import __version__
 from exporter import collectors as registry
 from exporter.collector import SnapshotCollector
 from exporter.durations import parse_duration
 from exporter.environment import ENV_PREFIX, env_name
-from exporter.fake_scenarios import SCENARIOS, ScenarioNvml, host_source, scenario_help
+from exporter.flagparser import FlagParser, close_match
 from exporter.history import SampleHistory
 from exporter.sampler import Sampler
 from exporter.httpd import Limits
 from exporter.listen import ListenAddressError, parse_listen_address
-from exporter.pods import PodCollector
 from exporter.server import ServerCollector, bind, make_server
 from exporter.sources.cgroup import CgroupSource, locate
 from exporter.sources.kubelet import DEFAULT_SOCKET, PodResourcesPoller
@@ -33,6 +38,7 @@ from exporter.sources.nvml import NvmlSource
 from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.kernfile import read_once
+from exporter.sources.procfs import ProcfsSource
 from exporter.webconfig import WebConfigError, WebConfigWatcher
 
 log = logging.getLogger("exporter")
@@ -44,6 +50,7 @@ MAX_FAKE_GPUS = 64
 MAX_HISTORY_ROWS = 18_000
 # Served by the exporter itself; the telemetry path must not shadow one of them.
 RESERVED_PATHS = ("/", "/healthz", "/api/v1/samples", "/api/v1/diagnosis")
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,11 +80,6 @@ class Config:
     fake_gpus_from: str = ""  # an nvidia-smi -q -x dump to serve as simulated GPUs
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 @dataclass(frozen=True)
 class _Setting:
     """A flag's value and where it came from, so an error can name what the user actually wrote."""
@@ -89,232 +91,36 @@ class _Setting:
         return f"{self.env}={self.value!r} ({self.flag})" if self.env else f"{self.flag} {self.value!r}"
 
 
-_VALUE_FLAGS: dict[str, str] = {}  # flag -> default, filled by _build_parser
+Values = Mapping[str, Any]  # flag name -> validated value, for the rows above the one being checked
+
+
+def _text(s: _Setting, v: Values) -> str:
+    return s.value
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One row of the flag table. `check` turns the setting into the value (ValueError: a one-line error
+    naming the setting); it may read the values of the rows above it. `field`: the Config field it fills
+    (None: folded into another, as the collector switches are into Config.collectors). A `switch` is
+    --x / --no-x with default "on" or "off". A callable `help` is only called for --help (it may import)."""
+    name: str
+    default: str
+    help: str | Callable[[], str]
+    check: Callable[[_Setting, Values], Any] = _text
+    field: str | None = None
+    switch: bool = False
+
+
 _ENV_TRUE, _ENV_FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
 
-def _build_parser() -> _Parser:
-    p = _Parser(
-        prog="gpu-telemetry-exporter",
-        description="Prometheus exporter sampling NVIDIA GPUs (NVML) and host CPU (procfs) several times a second. "
-        f"Every flag can also be set from the environment variable named in brackets ({ENV_PREFIX}...). "
-        "`gpu-telemetry-exporter diagnose --help`: why the RTF jittered in a past window, from Prometheus.",
-    )
-
-    def flag(name: str, default: str, help_text: str) -> None:
-        # default None: the environment and then the default are applied after parsing (_settings), so a
-        # bad value can be reported under the name it was given.
-        _VALUE_FLAGS[name] = default
-        p.add_argument(name, default=None, help=f"{help_text} [{env_name(name)}] (default: {default})")
-
-    flag("--web.listen-address", ":9445", "address to listen on, [host]:port")
-    flag("--web.telemetry-path", "/metrics", "path under which to expose metrics")
-    flag("--web.max-requests", "40", "maximum concurrent scrape requests; 503 beyond it; 0 = no limit")
-    flag("--web.max-connections", "512", "maximum open client connections; at the limit the oldest idle or "
-                                         "slow one is closed for a new one")
-    flag("--web.config.file", "", "exporter-toolkit web config (YAML) for TLS and basic auth; empty: plain HTTP")
-    flag("--sample.interval", "200ms", "sampling interval (>= 10ms), e.g. 200ms, 0.5s, 1m30s")
-    flag("--path.procfs", "/proc", "procfs mount point (the host's /proc when run in a container)")
-    flag("--fake-gpus", "0", f"serve N simulated GPUs instead of real NVML (demos, tests; at most {MAX_FAKE_GPUS})")
-    flag("--fake-mig", "", "with --fake-gpus: put simulated GPU 0 (an H100 80GB) in MIG mode with these "
-                           "instances, e.g. 3g.40gb,2g.20gb,1g.10gb,1g.10gb")
-    flag("--fake-churn", "0", "with --fake-gpus: a new batch process (new PID) every other DURATION on each "
-                              "GPU, for label-churn soak tests; 0: the default 10 s schedule with fixed PIDs")
-    flag("--fake-scenario", "", "with --fake-gpus: drive every simulated GPU into one condition for the "
-                                "diagnosis (" + scenario_help().replace("%", "%%") + ")")
-    flag("--fake-gpus-from", "", "serve the GPUs of this `nvidia-smi -q -x` dump as simulated GPUs (values as "
-                                 "recorded, N/A as NotSupported): preview a node's series before deploying")
-    flag("--log.level", "info", "log level: debug, info, warn, error")
-    flag("--node.name", "", "node name for the `node` label of gpu_info (Kubernetes: from the downward API)")
-    flag("--path.cgroupfs", "/sys/fs/cgroup", "cgroup filesystem mount point")
-    flag("--cgroup.path", "", "cgroup to report CPU throttling and memory for, relative to --path.cgroupfs "
-                             "(default: the exporter's own); must exist at start-up")
-    flag("--path.shm", "/dev/shm", "shared-memory mount to report (empty: off)")
-    flag("--history.window", "5m", "how much full-resolution history the live view at / keeps (0: off)")
-    for c in registry.COLLECTORS:  # --[no-]collector.<name>, one per registered collector
-        env = env_name(f"--collector.{c.name}")
-        p.add_argument(f"--collector.{c.name}", action=argparse.BooleanOptionalAction, dest=f"collector.{c.name}",
-                       default=None, help=f"collector: {c.help} [{env}] (default: {'on' if c.default else 'off'})")
-    flag("--kubernetes.pod-resources-socket", DEFAULT_SOCKET,
-         "kubelet pod-resources socket for gpu_pod_info (which pod holds each GPU); polled every 5 s while it "
-         "exists; empty: off")
-    env = env_name("--kubernetes.pod-labels")
-    p.add_argument("--kubernetes.pod-labels", action=argparse.BooleanOptionalAction, default=None,
-                   help="also stamp namespace/pod/container on every per-GPU series of a GPU one container "
-                        f"holds (dcgm-exporter style; series change on every reschedule) [{env}] (default: off)")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    return p
-
-
-def _attach_dash_values(argv: Sequence[str]) -> list[str]:
-    """`--sample.interval -1s`: argparse takes '-1s' for an option and says only "expected one argument".
-    Hand such a value to its flag (as --sample.interval=-1s) so the value's own check says what is wrong."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        value = argv[i + 1] if i + 1 < len(argv) else ""
-        if argv[i] in _VALUE_FLAGS and value.startswith("-") and not value.startswith("--"):
-            out.append(f"{argv[i]}={value}")
-            i += 2
-        else:
-            out.append(argv[i])
-            i += 1
-    return out
-
-
-def _settings(args: dict[str, Any]) -> dict[str, _Setting]:
-    """Each value flag's setting: the command line, else its environment variable, else the default."""
-    out = {}
-    for name, default in _VALUE_FLAGS.items():
-        value = args[name.lstrip("-").replace("-", "_")]
-        env = env_name(name)
-        if value is None and env in os.environ:
-            out[name] = _Setting(name, os.environ[env], env)
-        else:
-            out[name] = _Setting(name, default if value is None else value, None)
-    return out
-
-
-def _switch(flag: str, cli_value: bool | None, default: bool) -> bool:
-    """An on/off flag: --x / --no-x, else its variable (strictly true/false/1/0/yes/no), else the default."""
-    if cli_value is not None:
-        return cli_value
-    env = env_name(flag)
-    raw = os.environ.get(env)
-    if raw is None:
-        return default
-    if raw.strip().lower() in _ENV_TRUE:
-        return True
-    if raw.strip().lower() in _ENV_FALSE:
-        return False
-    raise ValueError(f"{env}={raw[:40]!r} ({flag}): want one of {', '.join(_ENV_TRUE + _ENV_FALSE)}")
-
-
-def parse_config(argv: Sequence[str] | None = None) -> Config:
-    parser = _build_parser()
-    a = vars(parser.parse_args(_attach_dash_values(sys.argv[1:] if argv is None else argv)))
-    try:
-        s = _settings(a)
-        collectors = frozenset(c.name for c in registry.COLLECTORS
-                               if _switch(f"--collector.{c.name}", a[f"collector.{c.name}"], default=c.default))
-        pod_labels = _switch("--kubernetes.pod-labels", a["kubernetes.pod_labels"], default=False)
-        interval = _duration(s["--sample.interval"])
-        if interval < MIN_INTERVAL_S:
-            raise ValueError(f"{s['--sample.interval']}: below the 10ms minimum")
-        listen = s["--web.listen-address"]
-        try:
-            parse_listen_address(listen.value)
-        except ListenAddressError as exc:
-            raise ValueError(f"{listen}: {exc}") from None
-        path = _telemetry_path(s["--web.telemetry-path"])
-        fake = _non_negative_int(s["--fake-gpus"])
-        if fake > MAX_FAKE_GPUS:
-            raise ValueError(f"{s['--fake-gpus']}: at most {MAX_FAKE_GPUS} simulated GPUs")
-        max_requests = _non_negative_int(s["--web.max-requests"])
-        max_connections = _non_negative_int(s["--web.max-connections"])
-        if max_connections < 1:
-            raise ValueError(f"{s['--web.max-connections']}: must be at least 1")
-        level = s["--log.level"].value.lower()
-        if level not in ("debug", "info", "warn", "warning", "error"):
-            raise ValueError(f"{s['--log.level']}: want debug, info, warn or error")
-        fake_mig = _fake_mig(s["--fake-mig"], fake)
-        fake_churn = _duration(s["--fake-churn"])
-        if fake_churn and not fake:
-            raise ValueError(f"{s['--fake-churn']}: --fake-churn needs --fake-gpus")
-        fake_scenario = s["--fake-scenario"]
-        if fake_scenario.value and (not fake or fake_scenario.value not in SCENARIOS):
-            raise ValueError(f"{fake_scenario}: needs --fake-gpus and one of " + ", ".join(SCENARIOS))
-        fake_from = s["--fake-gpus-from"]
-        if fake_from.value:
-            if fake:
-                raise ValueError(f"{fake_from}: not with --fake-gpus")
-            _smi_dump(fake_from.value, str(fake_from))
-        pod_socket = s["--kubernetes.pod-resources-socket"].value
-        if pod_labels and not pod_socket:
-            raise ValueError("--kubernetes.pod-labels needs --kubernetes.pod-resources-socket")
-        history = _duration(s["--history.window"])
-        if history and history < interval:
-            raise ValueError(f"{s['--history.window']}: shorter than --sample.interval")
-        if history / interval > MAX_HISTORY_ROWS:
-            raise ValueError(f"{s['--history.window']}: keeps {history / interval:.0f} samples at "
-                             f"--sample.interval {interval:g}s; at most {MAX_HISTORY_ROWS} (e.g. 1h at 200ms)")
-        procfs = s["--path.procfs"].value
-        stat = Path(procfs) / "stat"
-        try:
-            read_once(stat)  # a FIFO or device here would block start-up: refused, not opened blocking
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{s['--path.procfs']}: cannot read {stat}: "
-                             f"{getattr(exc, 'strerror', None) or exc}") from None
-        cgroupfs, cgroup_path = s["--path.cgroupfs"].value, s["--cgroup.path"].value
-        if cgroup_path:
-            try:
-                locate(cgroupfs, cgroup_path)
-            except (OSError, ValueError) as exc:
-                raise ValueError(f"{s['--cgroup.path']}: {exc}") from None
-        web_config = s["--web.config.file"]
-        if web_config.value:
-            _web_config(web_config.value, str(web_config))  # a bad file is a flag error, before anything starts
-    except ValueError as exc:
-        parser.error(str(exc))
-    return Config(listen_address=listen.value, telemetry_path=path, sample_interval=interval, procfs=procfs,
-                  fake_gpus=fake, log_level=level, max_requests=max_requests, node_name=s["--node.name"].value,
-                  collectors=collectors, cgroupfs=cgroupfs, cgroup_path=cgroup_path, shm_path=s["--path.shm"].value,
-                  history_window=history, fake_mig=fake_mig, fake_churn=fake_churn, max_connections=max_connections,
-                  web_config_file=web_config.value, pod_resources_socket=pod_socket, pod_labels=pod_labels,
-                  fake_scenario=fake_scenario.value, fake_gpus_from=fake_from.value)
-
-
-def _web_config(path: str, subject: str) -> WebConfigWatcher:
-    """The watcher for a web config file; ValueError naming `subject` (the flag or variable) if it is bad."""
-    try:
-        return WebConfigWatcher(path)
-    except WebConfigError as exc:
-        raise ValueError(f"{subject}: {exc}") from None
-
-
+# ---- validators: a setting's text -> its value, or ValueError naming the setting ------------------------
 def _duration(setting: _Setting) -> float:
     try:
         return parse_duration(setting.value)
     except ValueError as exc:
         raise ValueError(f"{setting}: {exc}") from None
-
-
-def _telemetry_path(setting: _Setting) -> str:
-    path = setting.value
-    if not path.startswith("/") or len(path) > 256 or any(c.isspace() or not c.isprintable() or c in "?#"
-                                                          for c in path):
-        raise ValueError(f"{setting}: want a path starting with / without spaces, ? or #, e.g. /metrics")
-    if "%" in path:  # requests are matched after decoding: /met%72ics would only answer at /met%2572ics
-        raise ValueError(f"{setting}: no percent-encoding; write the path as it reads decoded, e.g. /métriques")
-    if path in RESERVED_PATHS:
-        raise ValueError(f"{setting}: taken by the exporter ({', '.join(RESERVED_PATHS)})")
-    return path
-
-
-def _fake_mig(setting: _Setting, fake_gpus: int) -> tuple[str, ...]:
-    profiles = tuple(p for p in setting.value.split(",") if p)
-    if not profiles:
-        return ()
-    if not fake_gpus:
-        raise ValueError(f"{setting}: --fake-mig needs --fake-gpus")
-    from exporter.fake_nvml import check_mig_layout
-
-    if len(profiles) > 7:
-        raise ValueError(f"{setting}: at most 7 instances")
-    try:
-        check_mig_layout(profiles)
-    except ValueError as exc:
-        raise ValueError(f"{setting}: {exc}") from None
-    return profiles
-
-
-def _smi_dump(path: str, subject: str) -> Any:
-    from exporter.fake_smi import NotADump, read_dump
-
-    try:
-        return read_dump(path)
-    except (OSError, NotADump) as exc:
-        raise ValueError(f"{subject}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _non_negative_int(setting: _Setting) -> int:
@@ -327,12 +133,329 @@ def _non_negative_int(setting: _Setting) -> int:
     return n
 
 
+def _switch_value(setting: _Setting) -> bool:
+    """--x / --no-x ("on"/"off" here), or the variable, strictly true/false/1/0/yes/no."""
+    raw = setting.value.strip().lower()
+    if raw in _ENV_TRUE or (raw == "on" and setting.env is None):
+        return True
+    if raw in _ENV_FALSE or (raw == "off" and setting.env is None):
+        return False
+    raise ValueError(f"{setting}: want one of {', '.join(_ENV_TRUE + _ENV_FALSE)}")
+
+
+def _check_listen(s: _Setting, v: Values) -> str:
+    try:
+        parse_listen_address(s.value)
+    except ListenAddressError as exc:
+        raise ValueError(f"{s}: {exc}") from None
+    return s.value
+
+
+def _check_interval(s: _Setting, v: Values) -> float:
+    interval = _duration(s)
+    if interval < MIN_INTERVAL_S:
+        raise ValueError(f"{s}: below the 10ms minimum")
+    return interval
+
+
+def _check_telemetry_path(s: _Setting, v: Values) -> str:
+    path = s.value
+    if not path.startswith("/") or len(path) > 256 or any(c.isspace() or not c.isprintable() or c in "?#"
+                                                          for c in path):
+        raise ValueError(f"{s}: want a path starting with / without spaces, ? or #, e.g. /metrics")
+    if "%" in path:  # requests are matched after decoding: /met%72ics would only answer at /met%2572ics
+        raise ValueError(f"{s}: no percent-encoding; write the path as it reads decoded, e.g. /métriques")
+    if path in RESERVED_PATHS:
+        raise ValueError(f"{s}: taken by the exporter ({', '.join(RESERVED_PATHS)})")
+    return path
+
+
+def _check_count(s: _Setting, v: Values) -> int:
+    return _non_negative_int(s)
+
+
+def _check_max_connections(s: _Setting, v: Values) -> int:
+    n = _non_negative_int(s)
+    if n < 1:
+        raise ValueError(f"{s}: must be at least 1")
+    return n
+
+
+def _check_web_config(s: _Setting, v: Values) -> str:
+    if s.value:
+        _web_config(s.value, str(s))  # a bad file is a flag error, before anything starts
+    return s.value
+
+
+def _check_fake_gpus(s: _Setting, v: Values) -> int:
+    n = _non_negative_int(s)
+    if n > MAX_FAKE_GPUS:
+        raise ValueError(f"{s}: at most {MAX_FAKE_GPUS} simulated GPUs")
+    return n
+
+
+def _check_fake_mig(s: _Setting, v: Values) -> tuple[str, ...]:
+    profiles = tuple(p for p in s.value.split(",") if p)
+    if not profiles:
+        return ()
+    if not v["--fake-gpus"]:
+        raise ValueError(f"{s}: --fake-mig needs --fake-gpus")
+    if len(profiles) > 7:
+        raise ValueError(f"{s}: at most 7 instances")
+    from exporter.fake_nvml import check_mig_layout  # the fakes load only when asked for
+
+    try:
+        check_mig_layout(profiles)
+    except ValueError as exc:
+        raise ValueError(f"{s}: {exc}") from None
+    return profiles
+
+
+def _check_fake_churn(s: _Setting, v: Values) -> float:
+    churn = _duration(s)
+    if churn and not v["--fake-gpus"]:
+        raise ValueError(f"{s}: --fake-churn needs --fake-gpus")
+    return churn
+
+
+def _check_fake_scenario(s: _Setting, v: Values) -> str:
+    if not s.value:
+        return ""
+    from exporter.fake_scenarios import SCENARIOS  # the fakes load only when asked for
+
+    if s.value not in SCENARIOS:
+        match = close_match(s.value, list(SCENARIOS))
+        raise ValueError(f"{s}: unknown scenario" + (f" (did you mean {match}?)" if match else "")
+                         + "; valid: " + ", ".join(SCENARIOS))
+    if not v["--fake-gpus"]:
+        raise ValueError(f"{s}: --fake-scenario needs --fake-gpus")
+    return s.value
+
+
+def _check_fake_gpus_from(s: _Setting, v: Values) -> str:
+    if s.value:
+        if v["--fake-gpus"]:
+            raise ValueError(f"{s}: not with --fake-gpus")
+        _smi_dump(s.value, str(s))
+    return s.value
+
+
+def _smi_dump(path: str, subject: str) -> Any:
+    from exporter.fake_smi import NotADump, read_dump  # the fakes load only when asked for
+
+    try:
+        return read_dump(path)
+    except (OSError, NotADump) as exc:
+        raise ValueError(f"{subject}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def _scenario_help() -> str:
+    from exporter.fake_scenarios import scenario_help
+
+    return f"with --fake-gpus: drive every simulated GPU into one condition for the diagnosis ({scenario_help()})"
+
+
+def _check_log_level(s: _Setting, v: Values) -> str:
+    level = s.value.lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"{s}: want debug, info, warn or error")
+    return level
+
+
+def _check_procfs(s: _Setting, v: Values) -> str:
+    stat = Path(s.value) / "stat"
+    try:
+        read_once(stat)  # a FIFO or device here would block start-up: refused, not opened blocking
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{s}: cannot read {stat}: {getattr(exc, 'strerror', None) or exc}") from None
+    return s.value
+
+
+def _check_cgroup_path(s: _Setting, v: Values) -> str:
+    if s.value:
+        try:
+            locate(v["--path.cgroupfs"], s.value)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{s}: {exc}") from None
+    return s.value
+
+
+def _check_history(s: _Setting, v: Values) -> float:
+    history, interval = _duration(s), v["--sample.interval"]
+    if history and history < interval:
+        raise ValueError(f"{s}: shorter than --sample.interval")
+    if history / interval > MAX_HISTORY_ROWS:
+        raise ValueError(f"{s}: keeps {history / interval:.0f} samples at --sample.interval {interval:g}s; "
+                         f"at most {MAX_HISTORY_ROWS} (e.g. 1h at 200ms)")
+    return history
+
+
+def _check_switch(s: _Setting, v: Values) -> bool:
+    return _switch_value(s)
+
+
+def _check_pod_labels(s: _Setting, v: Values) -> bool:
+    on = _switch_value(s)
+    if on and not v["--kubernetes.pod-resources-socket"]:
+        raise ValueError("--kubernetes.pod-labels needs --kubernetes.pod-resources-socket")
+    return on
+
+
+def _check_collector(s: _Setting, v: Values) -> bool:
+    """A collector's switch; not given, its default unless --collector.disable-defaults (above it) is on."""
+    if s.env is None and s.value == "default":
+        collector = registry.BY_NAME[s.flag.removeprefix("--collector.")]
+        return False if v["--collector.disable-defaults"] else collector.default
+    return _switch_value(s)
+
+
+# The table, in --help order; a validator may read the values of the rows above its own.
+FLAGS: tuple[Flag, ...] = (
+    Flag("--web.listen-address", ":9445", "address to listen on, [host]:port", _check_listen, "listen_address"),
+    Flag("--web.telemetry-path", "/metrics", "path under which to expose metrics", _check_telemetry_path,
+         "telemetry_path"),
+    Flag("--web.max-requests", "40", "maximum concurrent scrape requests; 503 beyond it; 0 = no limit",
+         _check_count, "max_requests"),
+    Flag("--web.max-connections", "512", "maximum open client connections; at the limit the oldest idle or "
+         "slow one is closed for a new one", _check_max_connections, "max_connections"),
+    Flag("--web.config.file", "", "exporter-toolkit web config (YAML) for TLS and basic auth; empty: plain HTTP",
+         _check_web_config, "web_config_file"),
+    Flag("--sample.interval", "200ms", "sampling interval (>= 10ms), e.g. 200ms, 0.5s, 1m30s", _check_interval,
+         "sample_interval"),
+    Flag("--path.procfs", "/proc", "procfs mount point (the host's /proc when run in a container)", _check_procfs,
+         "procfs"),
+    Flag("--fake-gpus", "0", f"serve N simulated GPUs instead of real NVML (demos, tests; at most {MAX_FAKE_GPUS})",
+         _check_fake_gpus, "fake_gpus"),
+    Flag("--fake-mig", "", "with --fake-gpus: put simulated GPU 0 (an H100 80GB) in MIG mode with these "
+         "instances, e.g. 3g.40gb,2g.20gb,1g.10gb,1g.10gb", _check_fake_mig, "fake_mig"),
+    Flag("--fake-churn", "0", "with --fake-gpus: a new batch process (new PID) every other DURATION on each GPU, "
+         "for label-churn soak tests; 0: the default 10 s schedule with fixed PIDs", _check_fake_churn, "fake_churn"),
+    Flag("--fake-scenario", "", _scenario_help, _check_fake_scenario, "fake_scenario"),
+    Flag("--fake-gpus-from", "", "serve the GPUs of this `nvidia-smi -q -x` dump as simulated GPUs (values as "
+         "recorded, N/A as NotSupported): preview a node's series before deploying", _check_fake_gpus_from,
+         "fake_gpus_from"),
+    Flag("--log.level", "info", "log level: debug, info, warn, error", _check_log_level, "log_level"),
+    Flag("--node.name", "", "node name for the `node` label of gpu_info (Kubernetes: from the downward API)",
+         field="node_name"),
+    Flag("--path.cgroupfs", "/sys/fs/cgroup", "cgroup filesystem mount point", field="cgroupfs"),
+    Flag("--cgroup.path", "", "cgroup to report CPU throttling and memory for, relative to --path.cgroupfs "
+         "(default: the exporter's own); must exist at start-up", _check_cgroup_path, "cgroup_path"),
+    Flag("--path.shm", "/dev/shm", "shared-memory mount to report (empty: off)", field="shm_path"),
+    Flag("--history.window", "5m", "how much full-resolution history the live view at / keeps (0: off)",
+         _check_history, "history_window"),
+    Flag("--collector.disable-defaults", "off", "turn off every collector not switched on by its own flag "
+         "(as node_exporter's flag of that name)", _check_switch, switch=True),
+    *(Flag(f"--collector.{c.name}", "on" if c.default else "off", f"collector: {c.help}", _check_collector,
+           switch=True) for c in registry.COLLECTORS),
+    Flag("--kubernetes.pod-resources-socket", DEFAULT_SOCKET,
+         "kubelet pod-resources socket for gpu_pod_info (which pod holds each GPU); polled every 5 s while it "
+         "exists; empty: off", field="pod_resources_socket"),
+    Flag("--kubernetes.pod-labels", "off", "also stamp namespace/pod/container on every per-GPU series of a GPU "
+         "one container holds (dcgm-exporter style; series change on every reschedule)", _check_pod_labels,
+         "pod_labels", switch=True),
+)
+_BY_NAME = {f.name: f for f in FLAGS}
+
+
+def _build_parser(full_help: bool = False) -> FlagParser:
+    """The argparse view of FLAGS. A flag's parsed value is None unless given: the environment and then
+    the default are applied by _setting, so a bad value can be reported under the name it was given."""
+    p = FlagParser(
+        prog="gpu-telemetry-exporter",
+        description="Prometheus exporter sampling NVIDIA GPUs (NVML) and host CPU (procfs) several times a second. "
+        f"Every flag can also be set from the environment variable named in brackets ({ENV_PREFIX}...). "
+        "`gpu-telemetry-exporter diagnose --help`: why the RTF jittered in a past window, from Prometheus.",
+    )
+    for f in FLAGS:
+        about = f.help if isinstance(f.help, str) else f.help() if full_help else ""
+        about = f"{about} [{env_name(f.name)}] (default: {f.default})".replace("%", "%%")
+        if f.switch:
+            p.add_argument(f.name, action=argparse.BooleanOptionalAction, dest=f.name, default=None, help=about)
+        else:
+            p.add_argument(f.name, dest=f.name, default=None, help=about,
+                           metavar=f.name.lstrip("-").replace("-", "_").upper())
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def _attach_dash_values(argv: Sequence[str]) -> list[str]:
+    """`--sample.interval -1s`: argparse takes '-1s' for an option and says only "expected one argument".
+    Hand such a value to its flag (as --sample.interval=-1s) so the value's own check says what is wrong."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        value = argv[i + 1] if i + 1 < len(argv) else ""
+        flag = _BY_NAME.get(argv[i])
+        if flag is not None and not flag.switch and value.startswith("-") and not value.startswith("--"):
+            out.append(f"{argv[i]}={value}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _setting(f: Flag, given: Any) -> _Setting:
+    """The command line, else the flag's environment variable, else the default ("default" for a collector,
+    whose default depends on --collector.disable-defaults)."""
+    if given is not None:
+        return _Setting(f.name, ("on" if given else "off") if f.switch else given, None)
+    env = env_name(f.name)
+    if env in os.environ:
+        return _Setting(f.name, os.environ[env], env)
+    return _Setting(f.name, "default" if f.check is _check_collector else f.default, None)
+
+
+def parse_config(argv: Sequence[str] | None = None) -> Config:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser(full_help=any(a in ("-h", "--help") for a in argv))
+    given = vars(parser.parse_args(_attach_dash_values(argv)))
+    values: dict[str, Any] = {}
+    try:
+        for f in FLAGS:
+            values[f.name] = f.check(_setting(f, given[f.name]), values)
+    except ValueError as exc:
+        parser.error(str(exc))
+    collectors = frozenset(c.name for c in registry.COLLECTORS if values[f"--collector.{c.name}"])
+    return Config(collectors=collectors, **{f.field: values[f.name] for f in FLAGS if f.field})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """One warning per GPU_EXPORTER_* variable that names no flag (a typo would otherwise go unnoticed)."""
+    known = [env_name(f.name) for f in FLAGS]
+    out = []
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            match = close_match(name, known)
+            out.append(f"{name[:100]} names no flag and is ignored" + (f"; did you mean {match}?" if match else ""))
+    return out
+
+
+def _web_config(path: str, subject: str) -> WebConfigWatcher:
+    """The watcher for a web config file; ValueError naming `subject` (the flag or variable) if it is bad."""
+    try:
+        return WebConfigWatcher(path)
+    except WebConfigError as exc:
+        raise ValueError(f"{subject}: {exc}") from None
+
+
+def _host_source(cfg: Config) -> Any:
+    """The host CPU as read from procfs, or simulated busy where a --fake-scenario asks for it."""
+    if cfg.fake_scenario:
+        from exporter.fake_scenarios import host_source
+
+        return host_source(cfg.fake_scenario, cfg.procfs)
+    return ProcfsSource(cfg.procfs)
+
+
 def _nvml_module(cfg: Config) -> tuple[Any, str]:
     if cfg.fake_gpus_from:
         from exporter.fake_smi import SmiNvml
 
         return SmiNvml(_smi_dump(cfg.fake_gpus_from, cfg.fake_gpus_from)), "fake"
     if cfg.fake_scenario:
+        from exporter.fake_scenarios import ScenarioNvml
+
         return ScenarioNvml(cfg.fake_scenario, cfg.fake_gpus), "fake"
     if cfg.fake_gpus:
         from exporter.fake_nvml import FakeGpuSpec, FakeNvml
@@ -346,6 +469,17 @@ def _nvml_module(cfg: Config) -> tuple[Any, str]:
     except ImportError:
         return None, "absent"
     return pynvml, "real"
+
+
+def _subset(only: frozenset[str], snapshot: SnapshotCollector,
+            others: Iterable[Any]) -> Callable[[], Iterable[Metric]]:
+    """A collect[] scrape's families: the selected groups of the snapshot collector, and the exporter's own
+    process_* and exporter_http_* families (node_exporter keeps its own metrics in a filtered scrape)."""
+    def families() -> Iterable[Metric]:
+        yield from snapshot.collect(only)
+        for other in others:
+            yield from other.collect()
+    return families
 
 
 def _handle_other_signals(web_config: WebConfigWatcher | None) -> None:
@@ -411,26 +545,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpu-telemetry-exporter: error: cannot listen on {cfg.listen_address}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 2
+    for warning in unknown_variables(os.environ):
+        log.warning("%s", warning)
     history = SampleHistory(cfg.history_window, cfg.sample_interval) if cfg.history_window else None
     on = cfg.collectors
+    need = registry.needs(on)  # which sources to build: what the enabled collectors need (collectors.py)
     pods = (PodResourcesPoller(cfg.pod_resources_socket)
-            if cfg.pod_resources_socket and "pod-info" in on else None)
+            if cfg.pod_resources_socket and "kubelet" in need else None)
     specs = GPU_SCALARS + NVLINK_PER_LINK_SCALARS  # each row read and rendered only if its collector is on
-    sampler = Sampler(NvmlSource(*_nvml_module(cfg), collectors=on, specs=specs), host_source(cfg.fake_scenario, cfg.procfs),
-                      interval=cfg.sample_interval, cgroup=_cgroup_source(cfg) if "cgroup" in on else None,
-                      shm_path=(cfg.shm_path or None) if "shm" in on else None,
-                      attributor=ProcessAttributor(cfg.procfs) if on & {"processes", "mig"} else None,
+    sampler = Sampler(NvmlSource(*_nvml_module(cfg), specs=registry.rows_enabled(on, specs),
+                                 reads=registry.nvml_reads(on)),
+                      _host_source(cfg), interval=cfg.sample_interval,
+                      cgroup=_cgroup_source(cfg) if "host.cgroup" in need else None,
+                      shm_path=(cfg.shm_path or None) if "host.shm" in need else None,
+                      attributor=ProcessAttributor(cfg.procfs) if "host.processes" in need else None,
                       history=history, pods=pods.latest_reading if pods else None)
-    registry = CollectorRegistry(auto_describe=False)
-    server = make_server(sock, registry, sampler.health, cfg.telemetry_path, history=history,
-                         generation=lambda: sampler.snapshot, web_config=web_config,
-                         limits=Limits(max_requests=cfg.max_requests, max_connections=cfg.max_connections))
     snapshot_collector = SnapshotCollector(lambda: sampler.snapshot, node_name=cfg.node_name, specs=specs,
-                                           collectors=on)
-    registry.register(PodCollector(snapshot_collector, lambda: sampler.snapshot, cfg.pod_labels) if pods
-                      else snapshot_collector)
-    ProcessCollector(registry=registry)  # process_*: the exporter's own CPU and memory cost
-    registry.register(ServerCollector(server))
+                                           collectors=on, pod_labels=cfg.pod_labels)
+    process_collector = ProcessCollector(registry=None)  # process_*: the exporter's own CPU and memory cost
+    collector_registry = CollectorRegistry(auto_describe=False)
+    server = make_server(sock, collector_registry, sampler.health, cfg.telemetry_path, history=history,
+                         generation=lambda: sampler.snapshot, web_config=web_config,
+                         limits=Limits(max_requests=cfg.max_requests, max_connections=cfg.max_connections),
+                         select=lambda names: _subset(registry.select(names, on), snapshot_collector,
+                                                      (process_collector, server_collector)))
+    server_collector = ServerCollector(server)
+    for c in (snapshot_collector, process_collector, server_collector):
+        collector_registry.register(c)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -447,13 +588,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     serving.start()
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
-    backend = f"{cfg.fake_gpus} simulated GPUs" if cfg.fake_gpus else "NVML through nvidia-ml-py"
+    backend = (f"{cfg.fake_gpus} simulated GPU{'s' if cfg.fake_gpus != 1 else ''}" if cfg.fake_gpus
+               else "NVML through nvidia-ml-py")
     if cfg.fake_gpus_from:
         backend = f"simulated from the nvidia-smi dump {cfg.fake_gpus_from}"
     scheme = "https" if web_config and web_config.ssl_context else "http"
     auth = " with basic auth" if web_config and web_config.auth.enabled else ""
-    log.info("gpu-telemetry-exporter %s listening on %s://%s:%d%s%s (sampling every %gs; GPUs: %s)",
-             __version__, scheme, shown, port, cfg.telemetry_path, auth, cfg.sample_interval, backend)
+    base = f"{scheme}://{shown}:{port}"
+    log.info("gpu-telemetry-exporter %s listening on %s/ (live view; metrics at %s%s)%s (sampling every %gs; "
+             "GPUs: %s)", __version__, base, base, cfg.telemetry_path, auth, cfg.sample_interval, backend)
     if auth and scheme == "http":
         log.warning("basic auth without TLS: passwords cross the network in clear text")
     for note in web_config.notes() if web_config else ():

@@ -4,6 +4,8 @@ Series of a GPU that vanished simply stop being yielded; nothing is kept in glob
 """
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable, Iterator, Sequence
 
 from prometheus_client.core import (
@@ -17,10 +19,13 @@ from prometheus_client.registry import Collector
 from exporter import __version__
 from exporter import collectors as registry
 from exporter.histogram import HistogramSnapshot
+from exporter.pods import pod_info_family, stamp
 from exporter.snapshot import GpuState, Snapshot
 from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS, PCIE_DIRECTIONS, GpuProcess, GpuReading
 from exporter.sources.nvml.specs import GPU_SCALARS, GpuScalar
 from exporter.sources.processes import ProcessIdentity
+
+log = logging.getLogger("exporter.collector")
 
 GPU_LABELS = ["gpu", "uuid"]
 
@@ -82,48 +87,94 @@ def _add_processes(memory: GaugeMetricFamily, sm: GaugeMetricFamily | None, base
             sm.add_metric(values, p.sm_utilization)
 
 
+_RENDERERS: dict[str, list[str]] = {}  # collector group -> method names, in definition (= exposition) order
+
+
+def renders(group: str) -> Callable[[_Render], _Render]:
+    """Registers a SnapshotCollector method as (part of) the rendering of a collector group of collectors.py."""
+    def register(method: _Render) -> _Render:
+        _RENDERERS.setdefault(group, []).append(method.__name__)
+        return method
+    return register
+
+
+_Render = Callable[["SnapshotCollector", Snapshot], Iterator[Metric]]
+
+
 class SnapshotCollector(Collector):
-    """client_python's collect(): every family group in turn, each named after the collector it belongs
-    to (node_exporter style; collectors.py), from one snapshot. `specs` are the scalar GPU rows to render;
-    groups and rows of a collector not in `collectors` are skipped."""
+    """client_python's collect(): the families of every enabled collector group (collectors.py), each
+    rendered by its @renders methods from one snapshot read once per scrape; then exporter_collector_*,
+    how each group's rendering went. `specs` are the scalar GPU rows to render; rows of a collector not in
+    `collectors` are skipped. With pod-resources in the snapshot, per-GPU series of a device one container
+    holds get namespace/pod/container (pods.py): per-process series always, the others with `pod_labels`."""
 
     def __init__(self, snapshot: Callable[[], Snapshot], node_name: str = "",
                  specs: tuple[GpuScalar, ...] = GPU_SCALARS,
-                 collectors: frozenset[str] = registry.DEFAULT) -> None:
+                 collectors: frozenset[str] = registry.DEFAULT, pod_labels: bool = False) -> None:
         self._snapshot = snapshot
         self._node = node_name  # an empty label value is the same as no label to Prometheus
         self._specs = registry.rows_enabled(collectors, specs)
-        groups: tuple[tuple[str, Callable[[Snapshot], Iterator[Metric]]], ...] = (
-            ("exporter", self._exporter_families),
-            ("gpu", self._gpu_families),
-            ("pcie-link", self._pcie_link_family),
-            ("pcie-histograms", self._pcie_histogram_family),
-            ("clock-events", self._clock_event_seconds_family),
-            ("clock-event-state", self._clock_event_state_family),
-            ("ecc", self._ecc_family),
-            ("ecc", self._remapped_rows_family),
-            ("row-remap", self._row_remap_families),
-            ("processes", self._process_families),
-            ("mig", self._mig_families),
-            ("host", self._host_families),
-            ("cpu-per-core", self._cpu_per_core_family),
-            ("cpu-histogram", self._cpu_histogram_family),
-            ("cgroup", self._cgroup_families),
-            ("shm", self._shm_families),
-        )
-        self._groups = tuple(g for g in groups if registry.enabled(collectors, g[0]))
+        self._pod_labels = pod_labels
+        self._collectors = collectors
+        # Each enabled group (collectors.py order): its spec rows (specs.py names the collector of each
+        # row), then its @renders methods. A collector of spec rows only (gpm, nvlink) needs no method.
+        self._groups = tuple(
+            (name, tuple(r for r in self._specs if r.collector == name),
+             tuple(getattr(self, m) for m in _RENDERERS.get(name, ())))
+            for name in registry.GROUPS if registry.enabled(collectors, name))
+        self._failing: set[str] = set()  # groups whose last render raised: one log line per transition
 
     def describe(self) -> list[Metric]:
         return []  # registration must not trigger a collect
 
-    def collect(self) -> Iterator[Metric]:
-        snap = self._snapshot()
-        for _collector, families in self._groups:
-            for family in families(snap):
-                if family.samples:  # as client_golang: no HELP/TYPE bytes for a family with nothing in it
-                    yield family
+    def collect(self, only: frozenset[str] | None = None) -> Iterator[Metric]:
+        """Every enabled group's families, or those of the groups in `only` (collect[]; collectors.select)."""
+        snap = self._snapshot()  # one snapshot for the whole scrape, pod labels included
+        owners = snap.pods.by_device() if snap.pods is not None and "pod-info" in self._collectors else {}
+        success = GaugeMetricFamily("exporter_collector_success",
+                                    "1 when the collector's families rendered in this scrape, 0 when it failed.",
+                                    labels=["collector"])
+        duration = GaugeMetricFamily("exporter_collector_duration_seconds",
+                                     "Time this scrape took to render the collector's families.",
+                                     labels=["collector"])
+        live = _live(snap)
+        for name, rows, methods in self._groups:
+            if only is not None and name not in only:
+                continue
+            started = time.perf_counter()
+            try:
+                families = [f for f in _scalar_families(rows, live) if f.samples]
+                families += [f for method in methods for f in method(snap) if f.samples]
+            except Exception:  # a bug in one group costs its own families, not the scrape
+                if name not in self._failing:
+                    log.exception("collector %s failed to render; its families are left out", name)
+                self._failing.add(name)
+                families, ok = [], 0
+            else:
+                if name in self._failing:
+                    log.info("collector %s renders again", name)
+                self._failing.discard(name)
+                ok = 1
+            success.add_metric([name], ok)
+            duration.add_metric([name], time.perf_counter() - started)
+            stamped = bool(owners) and name != "pod-info"  # gpu_pod_info carries the pod labels already
+            for family in families:  # as client_golang: no HELP/TYPE bytes for a family with nothing in it
+                yield stamp(family, owners, self._pod_labels) if stamped and family.name.startswith("gpu_") else family
+        yield success
+        yield duration
+
+    # ---- Kubernetes --------------------------------------------------------------------------------
+    @renders("pod-info")
+    def _pod_families(self, snap: Snapshot) -> Iterator[Metric]:
+        pods = snap.pods
+        if pods is None:  # off, or no socket: the exposition is what it is without Kubernetes
+            return
+        yield GaugeMetricFamily("exporter_pod_resources_up",
+                                "1 when the last List of the kubelet pod-resources API succeeded.", value=int(pods.up))
+        yield pod_info_family(snap, pods.by_device())
 
     # ---- the exporter itself -----------------------------------------------------------------------
+    @renders("exporter")
     def _exporter_families(self, snap: Snapshot) -> Iterator[Metric]:
         info = GaugeMetricFamily("exporter_build_info", "Exporter version and NVML backend (real, fake, absent).",
                                  labels=["version", "nvml"])
@@ -156,6 +207,7 @@ class SnapshotCollector(Collector):
         yield late
 
     # ---- GPUs --------------------------------------------------------------------------------------
+    @renders("gpu")
     def _gpu_families(self, snap: Snapshot) -> Iterator[Metric]:
         gpus = snap.gpus
         info = GaugeMetricFamily("gpu_info", "GPU identity; always 1.",
@@ -169,9 +221,7 @@ class SnapshotCollector(Collector):
         yield info
         yield up
 
-        live = _live(snap)
-        yield from _scalar_families(self._specs, live)
-        yield from self._pcie_families(live)
+        yield from self._pcie_families(_live(snap))
         yield from self._xid_family(snap)
 
         util = HistogramMetricFamily(
@@ -184,6 +234,7 @@ class SnapshotCollector(Collector):
                 util.add_metric(_labels(g), _buckets(g.utilization_hist), g.utilization_hist.sum)
         yield util
 
+    @renders("pcie-histograms")
     def _pcie_histogram_family(self, snap: Snapshot) -> Iterator[Metric]:
         pcie = HistogramMetricFamily("gpu_sampled_pcie_utilization_ratio", "Every sampled gpu_pcie_utilization_ratio; "
                                      "le=0.9 / count = share of time <= 90 %.", labels=GPU_LABELS + ["direction"])
@@ -193,6 +244,7 @@ class SnapshotCollector(Collector):
                     pcie.add_metric(_labels(g) + [d], _buckets(h), h.sum)
         yield pcie
 
+    @renders("pcie-link")
     def _pcie_link_family(self, snap: Snapshot) -> Iterator[Metric]:
         link = GaugeMetricFamily(
             "gpu_pcie_link_max_bytes_per_second",
@@ -226,6 +278,7 @@ class SnapshotCollector(Collector):
         yield throughput
         yield ratio
 
+    @renders("clock-event-state")
     def _clock_event_state_family(self, snap: Snapshot) -> Iterator[Metric]:
         active = GaugeMetricFamily("gpu_clock_event_active",
                                    "1 while the clock event (throttle) reason is active "
@@ -237,6 +290,7 @@ class SnapshotCollector(Collector):
                 active.add_metric(_labels(g) + [name], int(bool(mask & bit)))
         yield active
 
+    @renders("clock-events")
     def _clock_event_seconds_family(self, snap: Snapshot) -> Iterator[Metric]:
         seconds = CounterMetricFamily("gpu_clock_event_seconds",
                                       "Sampled time each clock event reason was active (one interval per tick).",
@@ -256,6 +310,7 @@ class SnapshotCollector(Collector):
                 xid.add_metric(_labels(identity[index]) + [str(code)], n)
         yield xid
 
+    @renders("ecc")
     def _ecc_family(self, snap: Snapshot) -> Iterator[Metric]:
         ecc = CounterMetricFamily("gpu_ecc_errors", "ECC memory errors (nvmlDeviceGetTotalEccErrors); "
                                   "scope=volatile since driver load, aggregate over the board's life.",
@@ -265,6 +320,7 @@ class SnapshotCollector(Collector):
                 ecc.add_metric(_labels(g) + [error, scope], n)
         yield ecc
 
+    @renders("ecc")
     def _remapped_rows_family(self, snap: Snapshot) -> Iterator[Metric]:
         rows = GaugeMetricFamily("gpu_remapped_rows", "Memory rows remapped (nvmlDeviceGetRemappedRows), "
                                  "by the cause of the remap.", labels=GPU_LABELS + ["cause"])
@@ -274,6 +330,7 @@ class SnapshotCollector(Collector):
                 rows.add_metric(_labels(g) + ["uncorrectable"], r.remapped_rows[1])
         yield rows
 
+    @renders("row-remap")
     def _row_remap_families(self, snap: Snapshot) -> Iterator[Metric]:
         pending = GaugeMetricFamily("gpu_row_remap_pending", "1 when a row remap waits for a GPU reset.",
                                     labels=GPU_LABELS)
@@ -288,6 +345,7 @@ class SnapshotCollector(Collector):
         yield failed
 
     # ---- processes and MIG devices -----------------------------------------------------------------
+    @renders("processes")
     def _process_families(self, snap: Snapshot) -> Iterator[Metric]:
         who = dict(snap.processes)
         memory = GaugeMetricFamily("gpu_process_memory_used_bytes",
@@ -301,6 +359,7 @@ class SnapshotCollector(Collector):
         yield memory
         yield sm
 
+    @renders("mig")
     def _mig_families(self, snap: Snapshot) -> Iterator[Metric]:
         who = dict(snap.processes)
         mig_labels = GPU_LABELS + ["mig_uuid", "gpu_instance_id", "compute_instance_id"]
@@ -321,6 +380,7 @@ class SnapshotCollector(Collector):
         yield from (mig_used, mig_total, mig_memory)
 
     # ---- cgroup and /dev/shm ------------------------------------------------------------------------
+    @renders("cgroup")
     def _cgroup_families(self, snap: Snapshot) -> Iterator[Metric]:
         c = snap.cgroup
         if c is not None:
@@ -345,6 +405,7 @@ class SnapshotCollector(Collector):
                     fam.add_metric([c.path], value)
                     yield fam
 
+    @renders("shm")
     def _shm_families(self, snap: Snapshot) -> Iterator[Metric]:
         shm = snap.shm
         if shm is not None:
@@ -358,6 +419,7 @@ class SnapshotCollector(Collector):
             yield used
 
     # ---- host --------------------------------------------------------------------------------------
+    @renders("host")
     def _host_families(self, snap: Snapshot) -> Iterator[Metric]:
         host = snap.host
         if host is None:
@@ -373,6 +435,7 @@ class SnapshotCollector(Collector):
             yield GaugeMetricFamily("host_memory_available_bytes", "MemAvailable from /proc/meminfo.",
                                     value=host.memory_available_bytes)
 
+    @renders("cpu-histogram")
     def _cpu_histogram_family(self, snap: Snapshot) -> Iterator[Metric]:
         h = snap.host_cpu_hist
         if h is not None:
@@ -381,6 +444,7 @@ class SnapshotCollector(Collector):
             fam.add_metric([], _buckets(h), h.sum)
             yield fam
 
+    @renders("cpu-per-core")
     def _cpu_per_core_family(self, snap: Snapshot) -> Iterator[Metric]:
         cores = GaugeMetricFamily("host_cpu_core_utilization_ratio",
                                   "Busy share of one CPU over the last interval (/proc/stat deltas).",
@@ -388,3 +452,8 @@ class SnapshotCollector(Collector):
         for cpu, value in snap.host.core_utilization if snap.host is not None else ():
             cores.add_metric([cpu], value)
         yield cores
+
+
+_unknown = set(_RENDERERS) - set(registry.GROUPS)
+if _unknown:  # a renderer for a group collectors.py does not declare: fail at import, not in a scrape
+    raise RuntimeError(f"@renders for undeclared collector groups {sorted(_unknown)} (exporter/collectors.py)")

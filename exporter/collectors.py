@@ -1,16 +1,23 @@
-"""The collectors a user can switch, node_exporter style: one row each, the only place they are declared.
+"""The collectors, node_exporter style: each declared once, here, and everything else derived from the row.
 
-cli.py turns every row into `--[no-]collector.<name>` (and its GPU_EXPORTER_COLLECTOR_* variable), the
-NVML reader skips the calls of a disabled collector, and the snapshot collector skips its families. The
-defaults keep one 8-GPU scrape within the series budget (docs/metrics.md) while everything the dashboard's
-default rows and the alert rules read stays on. Families of the always-on groups (ALWAYS_ON) cannot be
-switched off: they are the exporter itself, the core GPU gauges, and host CPU and memory.
+A row names the collector, its default, its help, the families it emits and the reads it needs:
+- cli.py makes `--[no-]collector.<name>` (and GPU_EXPORTER_COLLECTOR_*) from it, and builds a source only
+  when an enabled collector needs it (`needs`: "host.cgroup", "host.shm", "host.processes", "kubelet");
+- the NVML reader makes an optional call group only when an enabled collector needs it ("nvml.<group>",
+  the reader's READS), and reads a spec row (specs.py) only when the collector the row names is on;
+- the snapshot collector (collector.py) renders each enabled collector's families with the method
+  registered under its name (`@renders("<name>")`); collect[] and exporter_collector_* use the same names.
 
-Plain data only: sources import this module, so it imports nothing of the exporter.
+The defaults keep one 8-GPU scrape within the series budget (docs/metrics.md) while everything the
+dashboard's default rows and the alert rules read stays on. The always-on groups (ALWAYS_ON) are the
+exporter itself, the core GPU gauges, and host CPU and memory: no flag turns them off.
+
+Plain data: no source imports this module (sources get plain sets and spec rows from cli.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence, TypeVar
 
 ALWAYS_ON = ("exporter", "gpu", "host")
 
@@ -21,6 +28,7 @@ class Collector:
     default: bool
     help: str
     families: tuple[str, ...]  # as exposed (counters with _total): what the switch removes
+    needs: tuple[str, ...] = ()  # sources and NVML call groups it needs beyond the always-on ones
 
 
 COLLECTORS: tuple[Collector, ...] = (
@@ -40,18 +48,20 @@ COLLECTORS: tuple[Collector, ...] = (
     Collector("pcie-link", False, "maximum PCIe link bytes/s per direction (static; the ratio already divides "
               "by it)", ("gpu_pcie_link_max_bytes_per_second",)),
     Collector("clock-events", True, "seconds each clock event (throttle) reason was active, per reason",
-              ("gpu_clock_event_seconds_total",)),
+              ("gpu_clock_event_seconds_total",), needs=("nvml.clock-events",)),
     Collector("clock-event-state", False, "a 0/1 gauge per clock event reason (rate() of the seconds counter "
-              "gives the same at sample resolution)", ("gpu_clock_event_active",)),
+              "gives the same at sample resolution)", ("gpu_clock_event_active",), needs=("nvml.clock-events",)),
     Collector("ecc", False, "ECC error counters (corrected/uncorrected, volatile/aggregate) and remapped rows by "
-              "cause, every 5 s", ("gpu_ecc_errors_total", "gpu_remapped_rows")),
+              "cause, every 5 s", ("gpu_ecc_errors_total", "gpu_remapped_rows"),
+              needs=("nvml.ecc", "nvml.remapped-rows")),
     Collector("row-remap", True, "whether a row remap waits for a GPU reset or failed (replace the board), "
-              "every 5 s", ("gpu_row_remap_pending", "gpu_row_remap_failure")),
+              "every 5 s", ("gpu_row_remap_pending", "gpu_row_remap_failure"), needs=("nvml.remapped-rows",)),
     Collector("processes", True, "per-process GPU memory and utilisation with container/pod labels",
               ("gpu_process_memory_used_bytes", "gpu_process_sm_utilization_ratio",
-               "gpu_mig_process_memory_used_bytes")),
+               "gpu_mig_process_memory_used_bytes"), needs=("nvml.processes", "host.processes")),
     Collector("mig", True, "MIG devices: memory (and processes, with the processes collector) per instance",
-              ("gpu_mig_memory_used_bytes", "gpu_mig_memory_total_bytes", "gpu_mig_process_memory_used_bytes")),
+              ("gpu_mig_memory_used_bytes", "gpu_mig_memory_total_bytes", "gpu_mig_process_memory_used_bytes"),
+              needs=("nvml.mig", "host.processes")),
     Collector("cpu-per-core", True, "busy share of each CPU", ("host_cpu_core_utilization_ratio",)),
     Collector("cpu-histogram", True, "histogram of every sampled host CPU utilisation (le=0.9 only: the "
               "diagnosis' host-busy share reads it)",
@@ -59,16 +69,21 @@ COLLECTORS: tuple[Collector, ...] = (
     Collector("cgroup", True, "CPU throttling and memory of the watched cgroup (--cgroup.path)",
               ("cgroup_cpu_usage_seconds_total", "cgroup_cpu_throttled_seconds_total",
                "cgroup_cpu_throttled_periods_total", "cgroup_cpu_periods_total", "cgroup_cpu_limit_cores",
-               "cgroup_memory_usage_bytes", "cgroup_memory_limit_bytes")),
+               "cgroup_memory_usage_bytes", "cgroup_memory_limit_bytes"), needs=("host.cgroup",)),
     Collector("shm", True, "size and use of the shared-memory mount (--path.shm)",
-              ("host_shm_size_bytes", "host_shm_used_bytes")),
+              ("host_shm_size_bytes", "host_shm_used_bytes"), needs=("host.shm",)),
     Collector("pod-info", True, "which pod holds each GPU, from the kubelet pod-resources API "
-              "(--kubernetes.pod-resources-socket)", ("gpu_pod_info", "exporter_pod_resources_up")),
+              "(--kubernetes.pod-resources-socket)", ("gpu_pod_info", "exporter_pod_resources_up"),
+              needs=("kubelet",)),
 )
 
 BY_NAME = {c.name: c for c in COLLECTORS}
 DEFAULT = frozenset(c.name for c in COLLECTORS if c.default)
 ALL = frozenset(BY_NAME)
+# What the snapshot collector renders and collect[] can name: the always-on groups and every collector.
+GROUPS = ALWAYS_ON + tuple(c.name for c in COLLECTORS)
+# collect[] values a scrape may carry (node_exporter has no bound; ours: every group once, and no more).
+MAX_SELECT = len(GROUPS)
 
 
 def enabled(collectors: frozenset[str], name: str) -> bool:
@@ -80,6 +95,42 @@ def enabled(collectors: frozenset[str], name: str) -> bool:
     return name in collectors
 
 
-def rows_enabled(collectors: frozenset[str], rows: tuple) -> tuple:
+_Row = TypeVar("_Row")
+
+
+def rows_enabled(collectors: frozenset[str], rows: Sequence[_Row]) -> tuple[_Row, ...]:
     """The declarative rows (specs.py's GpuScalar, each naming its `collector`) whose collector is on."""
-    return tuple(r for r in rows if enabled(collectors, r.collector))
+    return tuple(r for r in rows if enabled(collectors, getattr(r, "collector")))
+
+
+def needs(collectors: frozenset[str]) -> frozenset[str]:
+    """Every source and call group an enabled collector needs ("host.cgroup", "nvml.ecc", ...)."""
+    return frozenset(n for c in COLLECTORS if c.name in collectors for n in c.needs)
+
+
+def nvml_reads(collectors: frozenset[str]) -> frozenset[str]:
+    """The NVML reader's optional call groups (reader.READS) the enabled collectors need."""
+    return frozenset(n.removeprefix("nvml.") for n in needs(collectors) if n.startswith("nvml."))
+
+
+def nvml_options(collectors: frozenset[str], specs: Sequence[_Row]) -> dict[str, object]:
+    """NvmlSource's keyword arguments for these collectors: the spec rows to read, the call groups to make."""
+    return {"specs": rows_enabled(collectors, specs), "reads": nvml_reads(collectors)}
+
+
+class SelectError(ValueError):
+    """A collect[] parameter the server answers 400 to; the message says what is valid."""
+
+
+def select(names: Sequence[str], collectors: frozenset[str]) -> frozenset[str]:
+    """The groups a `collect[]` scrape asks for, checked: known, enabled, bounded in count. The exporter's
+    own group always comes along (node_exporter keeps its scrape metrics too)."""
+    if len(names) > MAX_SELECT:
+        raise SelectError(f"collect[]: at most {MAX_SELECT} values, got {len(names)}")
+    for name in names:
+        if name not in GROUPS:
+            shown = name if len(name) <= 40 and name.isprintable() else name[:40].encode("unicode_escape").decode()
+            raise SelectError(f"collect[]: unknown collector {shown!r}; valid: {', '.join(GROUPS[1:])}")
+        if not enabled(collectors, name):
+            raise SelectError(f"collect[]: collector {name!r} is disabled (--collector.{name} enables it)")
+    return frozenset(names) | {"exporter"}

@@ -25,6 +25,7 @@ from typing import Sequence
 from exporter.diagnosis import (DEFAULT_THRESHOLDS, Finding, GpuWindow, Window, coverage, covered_span, diagnose,
                                 render_text, report)
 from exporter.durations import parse_duration
+from exporter.flagparser import FlagParser  # one-line errors, exit 2: the same as the exporter's flags
 from exporter.histogram import HOST_CPU_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS
 
 RTF_LIMIT = 0.7  # the checklist's "RTF suddenly > 0.7"
@@ -478,9 +479,7 @@ def find_instance(prom: Prometheus, end: float, span: str) -> str:
 
 
 def _parser():
-    from exporter.cli import _Parser  # one-line errors, exit 2: the same as the exporter's flags
-
-    p = _Parser(prog="gpu-telemetry-exporter diagnose",
+    p = FlagParser(prog="gpu-telemetry-exporter diagnose",
                 description="Diagnose a past window (why the TTS real-time factor jittered) from a Prometheus "
                             "that scraped the exporter.")
     p.add_argument("--prometheus", required=True, help="Prometheus base URL, e.g. http://prometheus:9090")

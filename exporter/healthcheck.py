@@ -20,9 +20,10 @@ from exporter.webconfig import WebConfigError, load_web_config
 
 def main() -> int:
     try:
-        host, port = parse_listen_address(os.environ.get(env_name("--web.listen-address"), ":9445"))
+        listen = os.environ.get(env_name("--web.listen-address"), ":9445")
+        host, port = parse_listen_address(listen)
     except ListenAddressError as exc:
-        print(f"healthcheck: {exc}", file=sys.stderr)
+        print(f"healthcheck: {env_name('--web.listen-address')}={listen!r}: {exc}", file=sys.stderr)
         return 1
     if host in ("", "::", "0.0.0.0"):
         host = "127.0.0.1"

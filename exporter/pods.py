@@ -1,15 +1,13 @@
 """Kubernetes attribution on the collector side: gpu_pod_info, and namespace/pod/container on GPU series.
 
-Wraps the snapshot collector, so it needs nothing from it but its families: series with a `uuid` (or
-`mig_uuid`) label belong to that device. Labels are stamped only where they are certain, i.e. exactly
+The snapshot collector (collector.py) renders the pod-info collector with pod_info_family and stamps its
+other families with stamp(), from the same snapshot: series with a `uuid` (or `mig_uuid`) label belong
+to that device. Labels are stamped only where they are certain, i.e. exactly
 one container holds the device; with time-slicing or MPS the join on gpu_pod_info is the answer.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
-
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from exporter.snapshot import Snapshot
@@ -61,29 +59,3 @@ def stamp(metric: Metric, owners: Owners, gpu_series: bool) -> Metric:
     out = Metric(metric.name, metric.documentation, metric.type, metric.unit)
     out.samples = samples
     return out
-
-
-class PodCollector(Collector):
-    """The inner collector's families, stamped, plus gpu_pod_info and exporter_pod_resources_up."""
-
-    def __init__(self, inner: Collector, snapshot: Callable[[], Snapshot], gpu_series: bool = False) -> None:
-        self._inner = inner
-        self._snapshot = snapshot
-        self._gpu_series = gpu_series
-
-    def describe(self) -> list[Metric]:
-        return []
-
-    def collect(self) -> Iterator[Metric]:
-        snap = self._snapshot()
-        pods = snap.pods
-        families = self._inner.collect()
-        if pods is None:  # off, or no socket: the exposition is what it is without Kubernetes
-            yield from families
-            return
-        owners = pods.by_device()
-        for m in families:
-            yield stamp(m, owners, self._gpu_series) if m.name.startswith("gpu_") else m
-        yield GaugeMetricFamily("exporter_pod_resources_up",
-                                "1 when the last List of the kubelet pod-resources API succeeded.", value=int(pods.up))
-        yield pod_info_family(snap, owners)

@@ -16,10 +16,10 @@ import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Hashable, Iterator
+from typing import Callable, Hashable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
 
 from exporter import __version__
@@ -113,13 +113,20 @@ _SAMPLES_RENDERS = 2
 # shared by everyone asking for the same window within a second, 503 for the rest.
 _DIAGNOSIS_RENDERS = 1
 _MAX_QUERY = 256  # bytes of query string the history endpoints read; their one parameter needs a few
+_MAX_METRICS_QUERY = 1024  # collect[] names every collector in about 450 bytes
+_MAX_METRICS_FIELDS = 32  # parameters a /metrics query may carry; collectors.select bounds collect[] itself
+
+# collect[] values -> the families to render (ValueError: a 400 with its message). main() builds it from
+# collectors.select, so the server needs nothing of the collectors.
+Select = Callable[[Sequence[str]], Callable[[], Iterable[Metric]]]
 
 
 class ExporterApp:
     def __init__(self, registry: CollectorRegistry, health: Callable[[], tuple[bool, str]],
                  telemetry_path: str, history: SampleHistory | None,
-                 generation: Callable[[], object] | None) -> None:
-        text = TextRenderer()
+                 generation: Callable[[], object] | None, select: Select | None = None) -> None:
+        text = self.text = TextRenderer()
+        self.select = select
         self.health = health
         self.telemetry_path = telemetry_path
         self.history = history
@@ -151,11 +158,25 @@ class ExporterApp:
             content_type = _negotiate(request.headers.get("accept", ""))
             om = content_type.startswith("application/openmetrics-text")
             gz = _wants_gzip(request)
-            return Response(200, self.cache.get(om, gz), content_type,
+            try:
+                body = self._subset(request.query, om, gz)
+            except ValueError as exc:
+                return Response(400, f"{exc}\n".encode(), "text/plain; charset=utf-8")
+            return Response(200, self.cache.get(om, gz) if body is None else body, content_type,
                             _encoding_headers(gz, vary="Accept, Accept-Encoding"))
         if request.path == "/api/v1/diagnosis":
             return self._history_query(request, self.diagnoses, "5m")
         return self._history_query(request, self.samples, "60s")
+
+    def _subset(self, query: str, om: bool, gz: bool) -> bytes | None:
+        """The page of a `collect[]` scrape (node_exporter's parameter), or None: no collect[], the whole
+        page, shared through the cache. A subset is rendered for its scraper alone (its bytes are a part
+        of the whole page's, and --web.max-requests bounds how many run at once)."""
+        names = collect_params(query)
+        if not names or self.select is None:
+            return None
+        body = self.text.render(self.select(names)(), openmetrics=om)
+        return gzip.compress(body, compresslevel=5) if gz else body
 
     def _history_query(self, request: Request, renders: _SharedRenders | None, default: str) -> Response:
         """Both history endpoints alike: a window longer than the history kept is capped to it ("the last
@@ -192,6 +213,19 @@ def window_param(query: str, default: str) -> str:
     if len(window) > 32:
         raise ValueError("window: too long, want e.g. 60s or 5m")
     return window
+
+
+def collect_params(query: str) -> list[str]:
+    """The `collect[]` values of a /metrics query string, bounded in bytes and count before any parsing."""
+    if not query:
+        return []
+    if len(query) > _MAX_METRICS_QUERY:
+        raise ValueError(f"query string longer than {_MAX_METRICS_QUERY} bytes")
+    try:
+        pairs = urllib.parse.parse_qsl(query, max_num_fields=_MAX_METRICS_FIELDS)
+    except ValueError:
+        raise ValueError(f"more than {_MAX_METRICS_FIELDS} query parameters") from None
+    return [value for key, value in pairs if key == "collect[]"]
 
 
 def _negotiate(accept: str) -> str:
@@ -315,13 +349,15 @@ def make_server(
     generation: Callable[[], object] | None = None,
     web_config: WebConfigWatcher | None = None,
     limits: Limits | None = None,
+    select: Select | None = None,
 ) -> HttpServer:
     """Bind (raises OSError when the port is taken; or take a socket from bind()) and return the server,
     not yet serving.
 
     generation: returns an object that changes when the metrics do (the sampler's snapshot); with it,
-    rendered pages are shared between scrapes of the same generation."""
-    app = ExporterApp(registry, health, telemetry_path, history, generation)
+    rendered pages are shared between scrapes of the same generation.
+    select: with it, `collect[]` scrapes a subset (see Select); without, collect[] is ignored."""
+    app = ExporterApp(registry, health, telemetry_path, history, generation, select)
     return HttpServer(
         bind(listen_address) if isinstance(listen_address, str) else listen_address, app, limits or Limits(),
         tls=web_config.tls_context if web_config else (lambda: None),

@@ -6,7 +6,7 @@ from typing import Iterator
 
 import pytest
 
-from exporter.collectors import ALL as ALL_COLLECTORS
+from exporter.collectors import ALL as ALL_COLLECTORS, nvml_options
 from exporter.collector import SnapshotCollector
 from exporter.fake_nvml import FakeNvml
 from exporter.histogram import HistogramSnapshot
@@ -100,7 +100,7 @@ def make_sampler(nvml: FakeNvml | None, procfs_root: Path, interval: float = 0.2
                  **extra) -> Sampler:
     """Every collector on unless told otherwise: tests see every family (test_collectors.py: the defaults)."""
     return Sampler(NvmlSource(nvml, mode, backoff_initial_s=0.01, backoff_max_s=0.02, clock=clock,
-                              collectors=collectors, specs=specs),
+                              **nvml_options(collectors, specs)),
                    ProcfsSource(procfs_root), interval=interval, clock=clock, **extra)
 
 

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.collectors import ALL as ALL_COLLECTORS
+from exporter.collectors import ALL as ALL_COLLECTORS, nvml_options
+from exporter.sources.nvml.specs import GPU_SCALARS
 from exporter.fake_nvml import FakeNvml
 from exporter.sources.cgroup import (
     CgroupPathError,
@@ -272,7 +273,8 @@ def test_processes_collector_can_be_switched_off(procfs):
     from exporter.sources.procfs import ProcfsSource
 
     fake = FakeNvml(1)
-    s = Sampler(NvmlSource(fake, "fake", collectors=ALL_COLLECTORS - {"processes"}), ProcfsSource(procfs.root))
+    s = Sampler(NvmlSource(fake, "fake", **nvml_options(ALL_COLLECTORS - {"processes"}, GPU_SCALARS)),
+                ProcfsSource(procfs.root))
     s.tick()
     assert "gpu_process_memory_used_bytes" not in families(s)
     assert fake.calls["nvmlDeviceGetComputeRunningProcesses"] == 0

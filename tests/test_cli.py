@@ -45,14 +45,23 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["--cgroup.path", "/no/such/cgroup-here"], "--cgroup.path '/no/such/cgroup-here': no cgroup"),
     (["--sample.interval", "5ms"], "below the 10ms minimum"),
     (["--sample.interval", "fast"], "invalid duration"),
-    (["--web.listen-address", "nonsense"], "--web.listen-address"),
+    (["--web.listen-address", "nonsense"], "--web.listen-address 'nonsense': want [host]:port, e.g. :9445"),
     (["--web.listen-address", ":99999"], "port out of range"),
     (["--path.procfs", "/nonexistent/proc"], "--path.procfs"),
     (["--fake-gpus", "-2"], "must not be negative"),
     (["--fake-gpus", "two"], "not an integer"),
     (["--log.level", "loud"], "--log.level"),
     (["--web.telemetry-path", "metrics"], "--web.telemetry-path"),
-    (["--no-such-flag"], "unrecognized arguments"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--web.listen-adress", ":1"], "unrecognized arguments: --web.listen-adress (did you mean --web.listen-address?)"),
+    (["--fake-gpu", "2"], "unrecognized arguments: --fake-gpu (did you mean --fake-gpus?)"),  # no abbreviations
+    (["stray"], "unrecognized arguments: 'stray'"),
+    (["--no-collector.gpmm"], "(did you mean --no-collector.gpm?)"),
+    (["--fake-gpus", "1", "--fake-scenario", "stravd"],
+     "--fake-scenario 'stravd': unknown scenario (did you mean starved?); valid: healthy, starved"),
+    (["--fake-scenario", "stravd"], "unknown scenario"),  # the name is wrong whatever else is missing
+    (["--fake-scenario", "starved"], "--fake-scenario 'starved': --fake-scenario needs --fake-gpus"),
+    (["--collector.disable-defaults=yes"], "ignored explicit argument"),
     (["--web.max-connections", "0"], "--web.max-connections '0': must be at least 1"),
     (["--web.config.file", "/nonexistent/web.yml"], "cannot read /nonexistent/web.yml"),
     (["--fake-churn", "1s"], "--fake-churn needs --fake-gpus"),
@@ -77,6 +86,26 @@ def test_bad_value_from_environment_names_the_variable(env, needle):
     r = run_cli(env=env)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_an_error_names_the_flag_once():
+    for args in (["--web.listen-address", "nonsense"], ["--web.listen-address", ":99999"]):
+        r = run_cli(*args)
+        assert r.returncode == 2 and r.stderr.count("--web.listen-address") == 1, r.stderr
+    r = run_cli(env={"GPU_EXPORTER_WEB_LISTEN_ADDRESS": "[::1"})
+    assert r.stderr.count("listen-address") == 1 and "GPU_EXPORTER_WEB_LISTEN_ADDRESS='[::1'" in r.stderr
+
+
+def test_a_variable_that_names_no_flag_is_reported_with_a_close_match():
+    from exporter.cli import unknown_variables
+
+    env = {"GPU_EXPORTER_SAMPLE_INTERVALL": "1s", "GPU_EXPORTER_SAMPLE_INTERVAL": "1s", "PATH": "/bin",
+           "GPU_EXPORTER_ZZZ": "1"}
+    assert unknown_variables(env) == [
+        "GPU_EXPORTER_SAMPLE_INTERVALL names no flag and is ignored; did you mean GPU_EXPORTER_SAMPLE_INTERVAL?",
+        "GPU_EXPORTER_ZZZ names no flag and is ignored"]
+    assert unknown_variables({"GPU_EXPORTER_" + "X" * 10_000: ""})[0].startswith("GPU_EXPORTER_XXX")
+    assert len(unknown_variables({"GPU_EXPORTER_" + "X" * 10_000: ""})[0]) < 200
 
 
 def test_the_command_line_wins_over_the_environment_and_is_named():
@@ -170,6 +199,18 @@ def test_signal_stops_cleanly_within_a_second(exporter_proc, sig):
 
 
 @pytest.mark.e2e
+def test_start_up_log_names_the_live_view_and_warns_of_unknown_variables(exporter_proc):
+    p = exporter_proc("--fake-gpus", "1", env={"GPU_EXPORTER_FAKE_GPU": "2"})
+    p.wait_for_sample()
+    lines = p.log().splitlines()
+    start = next(line for line in lines if "listening on" in line)
+    assert f"listening on {p.url}/ (live view; metrics at {p.url}/metrics)" in start
+    assert "GPUs: 1 simulated GPU)" in start  # not "1 simulated GPUs"
+    warned = [line for line in lines if "GPU_EXPORTER_FAKE_GPU " in line]
+    assert len(warned) == 1 and "WARNING" in warned[0] and "did you mean GPU_EXPORTER_FAKE_GPUS?" in warned[0]
+
+
+@pytest.mark.e2e
 def test_settings_from_environment(exporter_proc):
     p = exporter_proc(env={"GPU_EXPORTER_FAKE_GPUS": "3", "GPU_EXPORTER_WEB_TELEMETRY_PATH": "/m",
                            "GPU_EXPORTER_SAMPLE_INTERVAL": "100ms", "GPU_EXPORTER_NODE_NAME": "gpu-node-7"})
@@ -229,3 +270,11 @@ def test_healthcheck_does_not_import_the_exporter():
     assert "exporter.healthcheck" in loaded
     assert not loaded & {"exporter.cli", "exporter.sampler", "exporter.collector", "exporter.server",
                          "exporter.sources", "prometheus_client", "pynvml"}, sorted(loaded)
+
+
+def test_without_pynvml_the_backend_is_absent(monkeypatch, procfs):
+    """The ImportError branch: reachable now that start-up no longer imports the fakes (which import pynvml)."""
+    from exporter.cli import _nvml_module, parse_config
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` raises ImportError
+    assert _nvml_module(parse_config(["--path.procfs", str(procfs.root)])) == (None, "absent")

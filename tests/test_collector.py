@@ -67,7 +67,8 @@ def test_names_follow_prometheus_conventions(procfs):
     text = generate_latest(registry).decode()
     names = {m.name for m in text_string_to_metric_families(text)}
     units = ("_ratio", "_bytes", "_bytes_per_second", "_celsius", "_watts", "_joules", "_hertz", "_seconds",
-             "_info", "_up", "_active", "_errors", "_samples", "_overruns", "_rows", "_pending", "_failure")
+             "_info", "_up", "_active", "_errors", "_samples", "_overruns", "_rows", "_pending", "_failure",
+             "_success")
     for name in names:
         assert re.fullmatch(r"[a-z][a-z0-9_]*", name), name
         assert not re.search(r"percent|_pct|_mib|_mb|_kb|_ms\b|milli|celcius", name), name

@@ -10,7 +10,6 @@ import pynvml
 from exporter.collector import SnapshotCollector
 from exporter.collectors import ALL as ALL_COLLECTORS
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
-from exporter.pods import PodCollector
 from exporter.sources.kubelet import ContainerRef, PodResources
 from exporter.sources.cgroup import CgroupSource
 from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
@@ -70,9 +69,8 @@ def test_every_emitted_family_is_documented_and_every_documented_metric_exists(p
         time.sleep(0.2)
         s.tick()
         procfs.advance(busy=[10, 20], idle=[90, 80])
-    # Everything main() registers that renders the snapshot: the snapshot collector inside the pod one.
-    fams = list(PodCollector(SnapshotCollector(lambda: s.snapshot, collectors=ALL_COLLECTORS), lambda: s.snapshot,
-                             False).collect())
+    # Everything main() registers that renders the snapshot (pod-info included).
+    fams = list(SnapshotCollector(lambda: s.snapshot, collectors=ALL_COLLECTORS).collect())
     s.stop()
     emitted = {exposed(m.name, m.type): m.type for m in fams if m.samples}
     assert len(emitted) > 40

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import pynvml
 import pytest
 
-from exporter.collectors import ALL as ALL_COLLECTORS
+from exporter.collectors import ALL as ALL_COLLECTORS, nvml_options, nvml_reads
 from exporter.collector import SnapshotCollector
 from exporter.fake_nvml import FakeGpuSpec, FakeNvml
 from exporter.sampler import Sampler
@@ -118,7 +118,7 @@ def backend(request: pytest.FixtureRequest) -> Iterator[FakeBackend | StubBacken
 
 @pytest.fixture
 def source(backend) -> Iterator[NvmlSource]:
-    src = NvmlSource(backend.nvml, "real", collectors=ALL_COLLECTORS)
+    src = NvmlSource(backend.nvml, "real", **nvml_options(ALL_COLLECTORS, specs.GPU_SCALARS))
     src.poll(0.0)
     assert src.status.up, src.status.message
     yield src
@@ -297,7 +297,7 @@ def by_gpu(fams: dict, name: str, **match: str) -> dict[str, float]:
 
 def ticks(backend, procfs, n: int = 3, **source: Any) -> Sampler:
     """A sampler on the backend's clock, ticked n times 200 ms apart (GPM needs pairs >= 100 ms apart)."""
-    s = Sampler(NvmlSource(backend.nvml, "real", clock=backend.clock, **{"collectors": ALL_COLLECTORS, **source}),
+    s = Sampler(NvmlSource(backend.nvml, "real", clock=backend.clock, **{"reads": nvml_reads(ALL_COLLECTORS), **source}),
                 ProcfsSource(procfs.root),
                 interval=0.2, clock=backend.clock)
     for i in range(n):

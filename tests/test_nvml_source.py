@@ -12,6 +12,7 @@ from exporter.sources.nvml import GpuReader, NvmlSource
 from exporter.sources.nvml.reader import REOPEN_BACKOFF_S
 from exporter.sources.nvml.specs import (
     ENERGY,
+    GPU_SCALARS,
     FAN_SPEED,
     MEMORY_BANDWIDTH_UTILIZATION,
     MEMORY_CLOCK,
@@ -172,7 +173,8 @@ def test_pcie_fallback_uses_blocking_call_off_the_read_path(clock):
         return blocking(device, counter)
 
     fake.nvmlDeviceGetPcieThroughput = recording
-    src = NvmlSource(fake, "fake", clock=fake.clock, collectors=registry.DEFAULT - {"nvlink"})  # NVLink reads
+    src = NvmlSource(fake, "fake", clock=fake.clock,  # NVLink reads
+                     **registry.nvml_options(registry.DEFAULT - {"nvlink"}, GPU_SCALARS))
     src.poll(0.0)  # fields too (per-link counters); only PCIe's one call is counted here
     r = src.gpus[0]
     r.read()  # discovers the counters are unsupported and starts the fallback thread

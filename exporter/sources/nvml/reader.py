@@ -11,7 +11,6 @@ import logging
 import time
 from typing import Any, Callable
 
-from exporter import collectors as registry
 # The module, not its names: gpm.py imports errors.py from this package, so either may be imported first.
 from exporter.sources import gpm as gpm_source
 from exporter.sources.nvml.errors import POLICY, Fault, NvmlCalls, classify, error_name
@@ -57,6 +56,9 @@ def _field_value(fv: Any) -> int | float:
             4: fv.value.sllVal, 5: fv.value.siVal}.get(fv.valueType, fv.value.ullVal)
 
 
+# The optional NVML call groups, each made only when asked for (`reads`): collectors.py maps collectors onto them.
+READS = frozenset({"processes", "mig", "clock-events", "ecc", "remapped-rows"})
+
 _Labelled = dict[GpuScalar, tuple[tuple[tuple[tuple[str, str], ...], float], ...]]
 
 
@@ -65,18 +67,17 @@ class GpuReader:
     another. GPM state is the read thread's own (a GpmReaders passed to read())."""
 
     def __init__(self, nvml: Any, index: int, pcie_fallback: BlockingPcieThroughput, *,
-                 specs: tuple[GpuScalar, ...] = GPU_SCALARS, collectors: frozenset[str] = registry.DEFAULT,
+                 specs: tuple[GpuScalar, ...] = GPU_SCALARS, reads: frozenset[str] = READS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.nvml = nvml
         self.index = index
         self.identity = GpuIdentity(index, "", "", "", None)
-        # A disabled collector's rows and calls are never made (collectors.py).
-        self.collect_processes = "processes" in collectors
-        self._collect_mig = "mig" in collectors
-        self._collect_clock_events = bool({"clock-events", "clock-event-state"} & collectors)
-        self._collect_ecc = "ecc" in collectors
-        self._collect_remapped_rows = bool({"ecc", "row-remap"} & collectors)
-        specs = registry.rows_enabled(collectors, specs)
+        # Only the rows and optional call groups asked for are read (cli.py derives both from collectors.py).
+        self.collect_processes = "processes" in reads
+        self._collect_mig = "mig" in reads
+        self._collect_clock_events = "clock-events" in reads
+        self._collect_ecc = "ecc" in reads
+        self._collect_remapped_rows = "remapped-rows" in reads
         self._specs = specs
         # Split once by source: the read is on every tick.
         self._called = tuple((s, s.source) for s in specs if isinstance(s.source, NvmlCall))

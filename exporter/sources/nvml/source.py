@@ -6,10 +6,9 @@ import logging
 import time
 from typing import Any, Callable
 
-from exporter import collectors as registry
 from exporter.sources.nvml.errors import error_name
 from exporter.sources.nvml.pcie_fallback import BlockingPcieThroughput
-from exporter.sources.nvml.reader import GpuReader
+from exporter.sources.nvml.reader import READS, GpuReader
 from exporter.sources.nvml.readings import NvmlStatus
 from exporter.sources.nvml.specs import GPU_SCALARS, GpuScalar
 from exporter.sources.nvml.xid import XID_WAIT_MS, XidWatcher
@@ -29,7 +28,7 @@ class NvmlSource:
         *,
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 60.0,
-        collectors: frozenset[str] = registry.DEFAULT,
+        reads: frozenset[str] = READS,  # the reader's optional call groups to make
         specs: tuple[GpuScalar, ...] = GPU_SCALARS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -38,7 +37,7 @@ class NvmlSource:
         self.status = NvmlStatus(mode, False, None, "not initialised yet")
         # A new tuple whenever the set of GPUs changes (NVML initialised again): compare by identity.
         self.gpus: tuple[GpuReader, ...] = ()
-        self._collectors = collectors
+        self._reads = reads
         self._specs = specs
         self._clock = clock
         self._backoff_initial = backoff_initial_s
@@ -83,7 +82,7 @@ class NvmlSource:
             return call
         self._pcie_fallback = BlockingPcieThroughput(nvml, clock=self._clock)
         self.gpus = tuple(GpuReader(nvml, i, self._pcie_fallback, specs=self._specs,
-                                    collectors=self._collectors, clock=self._clock)
+                                    reads=self._reads, clock=self._clock)
                           for i in range(count))
         self._xid = XidWatcher(nvml, count) if count else None
         self._delay = self._backoff_initial
