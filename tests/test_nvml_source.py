@@ -343,14 +343,14 @@ _CLASSES = {
 
 def _outcome(path: str, code: int) -> tuple:
     from exporter.sources.nvml.pcie_fallback import BlockingPcieThroughput
-    from tests.conftest import ALL_COLLECTORS, ManualClock
+    from tests.conftest import ManualClock
 
     call, when, spec = _PATHS[path]
     clock = ManualClock()
     fake = FakeNvml(1, clock=clock, spec=spec)
     fake.nvmlInit()
     nvml = _FailingCall(fake, call, code, when)
-    reader = GpuReader(nvml, 0, BlockingPcieThroughput(nvml, clock=clock), collectors=ALL_COLLECTORS, clock=clock)
+    reader = GpuReader(nvml, 0, BlockingPcieThroughput(nvml, clock=clock), clock=clock)
     clock.advance(0.2)
     assert reader.read().ok  # probed first, then failing
     nvml.active = True
