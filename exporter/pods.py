@@ -6,7 +6,7 @@ one container holds the device; with time-slicing or MPS the join on gpu_pod_inf
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -15,7 +15,7 @@ from prometheus_client.samples import Sample
 from exporter.snapshot import Snapshot
 from exporter.sources.kubelet import ContainerRef
 
-Owners = dict[str, tuple[ContainerRef, ...]]
+Owners = Mapping[str, tuple[ContainerRef, ...]]
 
 
 def pod_info_family(snap: Snapshot, owners: Owners) -> Metric:
@@ -86,4 +86,8 @@ class PodCollector(Collector):
             yield stamp(m, owners, self._gpu_series) if m.name.startswith("gpu_") else m
         yield GaugeMetricFamily("exporter_pod_resources_up",
                                 "1 when the last List of the kubelet pod-resources API succeeded.", value=int(pods.up))
+        yield GaugeMetricFamily("exporter_pod_resources_left_out",
+                                "Container-device entries of the last List left out of gpu_pod_info by the "
+                                "exporter's bounds (name length, devices, containers per device, series).",
+                                value=pods.cut)
         yield pod_info_family(snap, owners)
