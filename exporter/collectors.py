@@ -63,7 +63,8 @@ COLLECTORS: tuple[Collector, ...] = (
     Collector("shm", True, "size and use of the shared-memory mount (--path.shm)",
               ("host_shm_size_bytes", "host_shm_used_bytes")),
     Collector("pod-info", True, "which pod holds each GPU, from the kubelet pod-resources API "
-              "(--kubernetes.pod-resources-socket)", ("gpu_pod_info", "exporter_pod_resources_up")),
+              "(--kubernetes.pod-resources-socket)", ("gpu_pod_info", "exporter_pod_resources_up",
+                                                       "exporter_pod_resources_left_out")),
 )
 
 BY_NAME = {c.name: c for c in COLLECTORS}
