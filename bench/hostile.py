@@ -209,9 +209,13 @@ def pods_100000_on_gpu0(sock: Path) -> subprocess.Popen:
                                       for i in range(100_000)})
 
 
-def pods_20000_on_gpu0(sock: Path) -> subprocess.Popen:  # fits the reply cap: cut by the per-device bound
+def pods_10000_on_gpu0(sock: Path) -> subprocess.Popen:  # fits the reply cap: cut by the per-device bound
     return allocations_kubelet(sock, {f"tts/synth-{i:05d}/model": {"nvidia.com/gpu": [fake_uuid(0)]}
-                                      for i in range(20_000)})
+                                      for i in range(10_000)})
+
+
+def tiny_ids_at_the_cap(sock: Path) -> subprocess.Popen:  # the most entries a reply under the cap can hold
+    return allocations_kubelet(sock, {"tts/synth-0/model": {"nvidia.com/gpu": [f"GPU-{i:x}" for i in range(190_000)]}})
 
 
 def bogus_ids_60000(sock: Path) -> subprocess.Popen:
@@ -229,8 +233,8 @@ def behaving(sock: Path) -> subprocess.Popen:  # the baseline: a real node's Lis
 
 
 KUBELET_ACTORS: dict[str, Callable[[Path], subprocess.Popen]] = {
-    f.__name__: f for f in (behaving, announces_4gb, announces_100mb, pods_100000_on_gpu0, pods_20000_on_gpu0,
-                            bogus_ids_60000, names_10000_chars)}
+    f.__name__: f for f in (behaving, announces_4gb, announces_100mb, pods_100000_on_gpu0, pods_10000_on_gpu0,
+                            bogus_ids_60000, tiny_ids_at_the_cap, names_10000_chars)}
 
 
 def lateness_p99(before: dict, after: dict) -> float | None:

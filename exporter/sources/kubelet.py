@@ -17,7 +17,7 @@ import struct
 import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from exporter.transitions import TransitionLog
 
@@ -28,13 +28,18 @@ LIST_METHOD = "/v1.PodResourcesLister/List"
 # Bounds on what the kubelet (or whatever listens at the socket) can cost; docs/operations.md says why
 # each number and how to raise it. A reply over MAX_RESPONSE_BYTES is refused from its 5-byte gRPC length
 # prefix, before any of it is buffered; at most WINDOW_BYTES of it arrive before that (HTTP/2 flow control).
-MAX_RESPONSE_BYTES = 4 << 20  # a node of 250 pods, each with GPUs, CPUs and NICs, answers in < 1 MiB
+MAX_RESPONSE_BYTES = 2 << 20  # a node of 250 pods, each with GPUs, CPUs and NICs, answers in < 250 KiB
 WINDOW_BYTES = 1 << 20  # HTTP/2 receive window, connection and stream (grpclib's default is 4 MiB)
 MAX_DEVICE_ID_CHARS = 256
 MAX_NAME_CHARS = 253  # a Kubernetes object name (DNS subdomain); namespace and container names are <= 63
 MAX_DEVICES = 256  # GPUs and MIG devices of one node: 16 GPUs x 7 MIG instances is 128
 MAX_HOLDERS_PER_DEVICE = 128  # containers sharing one device (MPS allows 48 clients; time-slicing replicas)
 MAX_SERIES = 1024  # gpu_pod_info series of the node, all devices together
+# Reading a reply at the cap costs up to ~90 ms of CPU: done in slices of SLICE_ENTRIES pods and device IDs
+# (0.5-4 ms each) with SLICE_PAUSE between, so it stays under the DaemonSet's 250m and does not take the
+# CPU quota a scrape needs (all at once it would throttle the whole cgroup for ~0.3 s).
+SLICE_ENTRIES = 1024
+SLICE_PAUSE = 0.015
 GPU_RESOURCE_PREFIX = "nvidia.com/"  # nvidia.com/gpu, nvidia.com/gpu.shared, nvidia.com/mig-<profile>
 NVML_UUID_PREFIXES = ("GPU-", "MIG-")  # what NVML's UUIDs start with: other IDs can never match a device
 _KEY = "kubelet pod-resources"
@@ -126,6 +131,9 @@ class _Lowest:
         return True, None
 
 
+_TOO_LONG = ("", "", "")  # marks a container whose names are over MAX_NAME_CHARS (compared by identity)
+
+
 def read_reply(response: Any) -> tuple[Holders, Cuts]:
     """Plain, bounded data from a ListPodResourcesResponse: the NVIDIA devices each container holds, and
     what the bounds left out.
@@ -134,36 +142,62 @@ def read_reply(response: Any) -> tuple[Holders, Cuts]:
     counts once. Device IDs that cannot be an NVML UUID (another plugin's under nvidia.com/, PCI addresses
     of NICs) are not GPUs and are skipped without counting.
     """
+    out: list[tuple[Holders, Cuts]] = []
+    for _ in _reading(response, out):
+        pass
+    return out[0]
+
+
+async def read_reply_paced(response: Any, pause: float = SLICE_PAUSE) -> tuple[Holders, Cuts]:
+    """read_reply, pausing `pause` seconds after each slice of SLICE_ENTRIES."""
+    out: list[tuple[Holders, Cuts]] = []
+    for _ in _reading(response, out):
+        await asyncio.sleep(pause)
+    return out[0]
+
+
+def _reading(response: Any, out: list[tuple[Holders, Cuts]]) -> Iterator[None]:
+    """read_reply's work, yielding after every SLICE_ENTRIES pods and device IDs; appends the result to out."""
+    steps = SLICE_ENTRIES
     devices = _Lowest(MAX_DEVICES)
     found: dict[str, _Lowest] = {}
     names = device_ids = devices_cut = 0
     for pod in response.pod_resources:
-        namespace, name = pod.namespace, pod.name
+        steps -= 1
+        if steps <= 0:
+            yield
+            steps = SLICE_ENTRIES
         for container in pod.containers:
             key: tuple[str, str, str] | None = None
             for group in container.devices:
                 if not group.resource_name.startswith(GPU_RESOURCE_PREFIX):
                     continue
-                for device_id in group.device_ids:
+                for device_id in group.device_ids:  # the hot loop: up to ~200 000 IDs in a reply at the cap
+                    steps -= 1
+                    if steps <= 0:
+                        yield
+                        steps = SLICE_ENTRIES
                     if not device_id.startswith(NVML_UUID_PREFIXES):
                         continue
                     if len(device_id) > MAX_DEVICE_ID_CHARS:
                         device_ids += 1
                         continue
                     if key is None:
-                        key = (namespace, name, container.name)
-                    if max(map(len, key)) > MAX_NAME_CHARS:
+                        key = (pod.namespace, pod.name, container.name)
+                        if max(map(len, key)) > MAX_NAME_CHARS:
+                            key = _TOO_LONG
+                    if key is _TOO_LONG:
                         names += 1
                         continue
-                    uuid = device_uuid(device_id)
+                    uuid = device_id.partition("::")[0]  # device_uuid, inlined
                     holders = found.get(uuid)
                     if holders is None:
-                        kept, out = devices.offer(uuid)
+                        kept, evicted = devices.offer(uuid)
                         if not kept:
                             devices_cut += 1
                             continue
-                        if out is not None:
-                            gone = found.pop(out)
+                        if evicted is not None:
+                            gone = found.pop(evicted)
                             devices_cut += len(gone.keys) + gone.cut
                         holders = found[uuid] = _Lowest(MAX_HOLDERS_PER_DEVICE)
                     holders.offer(key)
@@ -180,7 +214,7 @@ def read_reply(response: Any) -> tuple[Holders, Cuts]:
             out_holders.append((uuid, tuple(ContainerRef(*k) for k in keys)))
     cuts = Cuts(names=names, device_ids=device_ids, devices=devices_cut, holders=per_device,
                 series=series)
-    return tuple(out_holders), cuts
+    out.append((tuple(out_holders), cuts))
 
 
 def holders_from(response: Any) -> Holders:
@@ -236,7 +270,7 @@ class PodResourcesClient:
         data = await asyncio.wait_for(self._call(timeout), timeout)
         response = self._pb.ListPodResourcesResponse.FromString(data)
         del data  # the bytes and the decoded message are both ~ the reply's size: hold one at a time
-        return read_reply(response)
+        return await read_reply_paced(response)
 
     async def _call(self, timeout: float) -> bytes:
         """grpclib's unary call (UnaryUnaryMethod.__call__) with read_message in place of its recv_message.
