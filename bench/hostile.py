@@ -3,6 +3,7 @@
 
     .venv/bin/python bench/hostile.py            # ~3 minutes, writes bench/hostile-results.json
     .venv/bin/python bench/hostile.py kubelet    # one scenario (or several) by name: prints, writes nothing
+    .venv/bin/python bench/hostile.py kubelet announces_4gb behaving   # some of its actors only
 
 Four scenarios, each against a fresh exporter on 127.0.0.1 (simulated GPUs):
 - tls: HTTPS, 8 GPUs, default --web.max-connections (512): 300 TLS connections that finish the
@@ -292,8 +293,9 @@ def kubelet_scenario(d: Path, seconds: float = 20.0) -> dict:
         print(f"kubelet: skipped, no cgroup with the DaemonSet's limits can be made here: {exc}", flush=True)
         return {"skipped": str(exc)}
     out = {}
-    for name, actor in KUBELET_ACTORS.items():
-        out[name] = kubelet_actor_run(d, name, actor, seconds)
+    chosen = [a for a in sys.argv[1:] if a in KUBELET_ACTORS] or list(KUBELET_ACTORS)  # `kubelet behaving ...`
+    for name in chosen:
+        out[name] = kubelet_actor_run(d, name, KUBELET_ACTORS[name], seconds)
         print(" ", name, json.dumps(out[name]), flush=True)
     return out
 
