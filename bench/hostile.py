@@ -249,6 +249,14 @@ def lateness_p99(before: dict, after: dict) -> float | None:
     return next((float(le) for le in les if total and delta(le) >= 0.99 * total), None)
 
 
+def values_or_none(url: str) -> dict:
+    """The exporter's samples, or {} where it does not answer (OOM-killed, or too slow for 10 s)."""
+    try:
+        return metric_values(url)
+    except Exception:  # noqa: BLE001 (a dead or drowning exporter is a result here, not a bench failure)
+        return {}
+
+
 def kubelet_actor_run(d: Path, name: str, actor: Callable[[Path], subprocess.Popen], seconds: float) -> dict:
     sock = d / f"{name}.sock"
     kubelet = actor(sock)
@@ -259,7 +267,7 @@ def kubelet_actor_run(d: Path, name: str, actor: Callable[[Path], subprocess.Pop
         e = ExporterProcess("--fake-gpus", "8", "--kubernetes.pod-resources-socket", str(sock), prefix=cg.prefix)
         e.wait_for_sample(timeout=30)
         time.sleep(6)  # the first poll and the next
-        before = metric_values(e.url)
+        before = values_or_none(e.url)
         statuses, times = [], []
         end = time.monotonic() + seconds
         while time.monotonic() < end:
@@ -267,7 +275,7 @@ def kubelet_actor_run(d: Path, name: str, actor: Callable[[Path], subprocess.Pop
             statuses.append(s)
             times.append(t)
             time.sleep(0.2)
-        after = metric_values(e.url) if e.proc.poll() is None else {}
+        after = values_or_none(e.url) if e.proc.poll() is None else {}
         return {"alive": e.proc.poll() is None, "oom_kills": cg.oom_kills(),
                 "rss_peak_mb": round(rss_bytes(e.proc.pid, "VmHWM") / MB, 1) if e.proc.poll() is None else None,
                 "cgroup_peak_mb": round(cg.peak_bytes() / MB, 1),
