@@ -38,7 +38,7 @@ class GrpcioClient:
         from exporter.sources import kubelet
         from exporter.sources import podresources_v1_pb2 as pb
 
-        self._pb, self._holders = pb, kubelet.holders_from
+        self._pb, self._holders = pb, kubelet.read_reply
         self._channel = grpc.insecure_channel(f"unix:{socket_path}", options=[
             ("grpc.max_receive_message_length", kubelet.MAX_RESPONSE_BYTES)])
         self._list = self._channel.unary_unary(kubelet.LIST_METHOD,

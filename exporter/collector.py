@@ -171,6 +171,10 @@ class SnapshotCollector(Collector):
             return
         yield GaugeMetricFamily("exporter_pod_resources_up",
                                 "1 when the last List of the kubelet pod-resources API succeeded.", value=int(pods.up))
+        yield GaugeMetricFamily("exporter_pod_resources_left_out",
+                                "Container-device entries of the last List left out of gpu_pod_info by the "
+                                "exporter's bounds (name length, devices, containers per device, series).",
+                                value=pods.cut)
         yield pod_info_family(snap, pods.by_device())
 
     # ---- the exporter itself -----------------------------------------------------------------------

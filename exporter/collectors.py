@@ -73,8 +73,8 @@ COLLECTORS: tuple[Collector, ...] = (
     Collector("shm", True, "size and use of the shared-memory mount (--path.shm)",
               ("host_shm_size_bytes", "host_shm_used_bytes"), needs=("host.shm",)),
     Collector("pod-info", True, "which pod holds each GPU, from the kubelet pod-resources API "
-              "(--kubernetes.pod-resources-socket)", ("gpu_pod_info", "exporter_pod_resources_up"),
-              needs=("kubelet",)),
+              "(--kubernetes.pod-resources-socket)", ("gpu_pod_info", "exporter_pod_resources_up",
+                                                       "exporter_pod_resources_left_out"), needs=("kubelet",)),
 )
 
 BY_NAME = {c.name: c for c in COLLECTORS}

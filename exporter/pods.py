@@ -7,13 +7,15 @@ one container holds the device; with time-slicing or MPS the join on gpu_pod_inf
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.samples import Sample
 
 from exporter.snapshot import Snapshot
 from exporter.sources.kubelet import ContainerRef
 
-Owners = dict[str, tuple[ContainerRef, ...]]
+Owners = Mapping[str, tuple[ContainerRef, ...]]
 
 
 def pod_info_family(snap: Snapshot, owners: Owners) -> Metric:

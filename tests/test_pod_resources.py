@@ -1,14 +1,17 @@
 """The kubelet pod-resources source against a real gRPC server (grpcio on a unix socket), and its faults."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,9 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from exporter.sources import podresources_v1_pb2 as pb
-from exporter.sources.kubelet import ContainerRef, PodResources, PodResourcesPoller, holders_from
-from tests.conftest import REPO, start_fake_kubelet, stop_process
-from tests.fake_kubelet import FakeKubelet, GarbageServer, response
+from exporter.sources import kubelet as source
+from exporter.sources.kubelet import ContainerRef, Cuts, PodResources, PodResourcesPoller, holders_from, read_reply
+from tests.conftest import REPO, ExporterProcess, http_get, start_fake_kubelet, stop_process
+from tests.fake_kubelet import FakeKubelet, GarbageServer, HostileKubelet, response
 
 GPU_A = "GPU-aaaaaaaa-0000-4000-8000-000000000000"
 GPU_B = "GPU-bbbbbbbb-0000-4000-8000-000000000000"
@@ -116,17 +120,104 @@ def test_any_bytes_decode_to_holders_or_a_decode_error(data):
 @settings(max_examples=200, deadline=None)
 @given(st.dictionaries(st.from_regex(r"[a-z]{1,5}/[a-z0-9-]{1,8}/[a-z]{1,4}", fullmatch=True),
                        st.dictionaries(st.sampled_from(["nvidia.com/gpu", "nvidia.com/mig-1g.10gb", "cpu"]),
-                                       st.lists(st.text(max_size=300), max_size=4), max_size=2), max_size=6))
+                                       st.lists(st.builds(str.__add__, st.sampled_from(["GPU-", "MIG-", "", "0000:"]),
+                                                          st.text(max_size=300)), max_size=4), max_size=2),
+                       max_size=6))
 def test_holders_of_any_allocation(allocations):
-    holders = dict(holders_from(pb.ListPodResourcesResponse.FromString(response(allocations).SerializeToString())))
-    for key, resources in allocations.items():
-        ref = ContainerRef(*key.split("/"))
-        for name, ids in resources.items():
-            for device_id in ids:
-                uuid = device_id.partition("::")[0]
-                wanted = name.startswith("nvidia.com/") and uuid and len(device_id) <= 256
-                assert (ref in holders.get(uuid, ())) or not wanted
-    assert all(0 < len(uuid) <= 256 for uuid in holders)
+    holders = holders_from(pb.ListPodResourcesResponse.FromString(response(allocations).SerializeToString()))
+    wanted = {(device_id.partition("::")[0], ContainerRef(*key.split("/")))
+              for key, resources in allocations.items() for name, ids in resources.items() for device_id in ids
+              if name.startswith("nvidia.com/") and device_id[:4] in ("GPU-", "MIG-") and len(device_id) <= 256}
+    assert {(uuid, ref) for uuid, refs in holders for ref in refs} == wanted
+
+
+# ---- bounds on a valid reply -------------------------------------------------------------------------------
+def pods_on(device_ids: list[str], n: int, name=lambda i: f"synth-{i:06d}") -> pb.ListPodResourcesResponse:
+    """n pods (one container each) holding device_ids[i % len]: built directly, not via `response`, for speed."""
+    resp = pb.ListPodResourcesResponse()
+    for i in range(n):
+        pod = resp.pod_resources.add(name=name(i), namespace="tts")
+        pod.containers.add(name="model").devices.add(resource_name="nvidia.com/gpu",
+                                                     device_ids=[device_ids[i % len(device_ids)]])
+    return resp
+
+
+@pytest.mark.parametrize("n", [source.MAX_HOLDERS_PER_DEVICE, source.MAX_HOLDERS_PER_DEVICE + 1, 10_000, 100_000])
+def test_containers_per_device_are_bounded_to_the_lowest(n):
+    """100 000 pods on GPU 0 (the issue's case) and smaller counts: at most MAX_HOLDERS_PER_DEVICE kept, the
+    same ones whatever order the kubelet lists them in (a Go map's), and the rest counted."""
+    resp = pods_on([GPU_A], n)
+    holders, cuts = read_reply(resp)
+    kept = min(n, source.MAX_HOLDERS_PER_DEVICE)
+    assert [uuid for uuid, _ in holders] == [GPU_A]
+    assert holders[0][1] == tuple(ContainerRef("tts", f"synth-{i:06d}", "model") for i in range(kept))
+    assert cuts == Cuts(holders=n - kept) and cuts.total == n - kept
+    shuffled = pb.ListPodResourcesResponse()
+    shuffled.pod_resources.extend(random.Random(n).sample(list(resp.pod_resources), len(resp.pod_resources)))
+    assert read_reply(shuffled) == (holders, cuts)
+
+
+@pytest.mark.parametrize("ids", [
+    [f"bogus-{i}" for i in range(60_000)],  # the issue's: not a GPU at all (another plugin, a PCI address)
+    [f"0000:{i:02x}:00.0" for i in range(256)] * 100,
+])
+def test_device_ids_that_are_no_nvml_uuid_cost_nothing(ids):
+    holders, cuts = read_reply(pods_on(ids, len(ids)))
+    assert holders == () and cuts == Cuts()
+
+
+@pytest.mark.parametrize("n", [source.MAX_DEVICES + 1, 60_000])
+def test_devices_are_bounded(n):
+    ids = [f"GPU-{i:08d}" for i in range(n)]
+    holders, cuts = read_reply(pods_on(ids[::-1], n))  # listed highest first: the lowest are still kept
+    assert [uuid for uuid, _ in holders] == ids[:source.MAX_DEVICES]
+    assert cuts == Cuts(devices=n - source.MAX_DEVICES)
+
+
+def test_series_are_bounded_in_all():
+    per_device = source.MAX_HOLDERS_PER_DEVICE
+    devices = source.MAX_SERIES // per_device + 3
+    ids = [f"GPU-{i:04d}" for i in range(devices)]
+    resp = pods_on(ids, devices * per_device)
+    holders, cuts = read_reply(resp)
+    assert sum(len(refs) for _, refs in holders) == source.MAX_SERIES
+    assert [uuid for uuid, _ in holders] == ids[:source.MAX_SERIES // per_device]  # the lowest devices first
+    assert cuts == Cuts(series=3 * per_device)
+
+
+@pytest.mark.parametrize("field", ["namespace", "name", "container"])
+@pytest.mark.parametrize("length", [source.MAX_NAME_CHARS + 1, 10_000, 1_000_000])
+def test_names_longer_than_kubernetes_allows_are_left_out(field, length):
+    resp = pods_on([GPU_A, GPU_B], 4)
+    pod = resp.pod_resources[1]  # holds GPU_B
+    if field == "container":
+        pod.containers[0].name = "c" * length
+    else:
+        setattr(pod, field, "x" * length)
+    holders, cuts = read_reply(resp)
+    assert dict(holders)[GPU_B] == (ContainerRef("tts", "synth-000003", "model"),)
+    assert len(dict(holders)[GPU_A]) == 2 and cuts == Cuts(names=1)
+    setattr(pod, "name", "p" * source.MAX_NAME_CHARS)  # the longest a Kubernetes name can be: kept
+    pod.namespace, pod.containers[0].name = "tts", "model"
+    assert read_reply(resp)[1] == Cuts()
+
+
+def test_a_large_reply_is_read_in_slices_with_the_same_result():
+    """So its CPU is spread out (the poll thread must not take the 250m quota a scrape needs at once)."""
+    import asyncio
+
+    resp = pods_on([f"GPU-{i:05d}" for i in range(3000)] + ["bogus"] * 1000, 10_000)
+    out: list = []
+    slices = sum(1 for _ in source._reading(resp, out))
+    assert slices >= (10_000 + 10_000) // source.SLICE_ENTRIES - 1  # pods and device IDs both count
+    assert asyncio.run(source.read_reply_paced(resp, pause=0)) == out[0] == read_reply(resp)
+    assert len(out[0][0]) == source.MAX_DEVICES and out[0][1].devices > 3000 - source.MAX_DEVICES
+
+
+def test_device_index_is_built_once_per_poll():
+    reading = PodResources(up=True, holders=((GPU_A, (SYNTH_0,)), (GPU_B, (SYNTH_1,))))
+    assert reading.by_device() is reading.by_device() and reading.by_device() == {GPU_A: (SYNTH_0,), GPU_B: (SYNTH_1,)}
+    assert reading == PodResources(up=True, holders=((GPU_A, (SYNTH_0,)), (GPU_B, (SYNTH_1,))))
 
 
 # ---- against the real server -------------------------------------------------------------------------------
@@ -222,20 +313,141 @@ def test_garbage_on_the_socket_is_a_failed_list(sock_dir):
         garbage.stop()
 
 
+REFUSED = PodResources(up=False, problem=f"List refused: reply over the {source.MAX_RESPONSE_BYTES}-byte limit")
+
+
 def test_an_oversized_response_is_refused(kubelet, sock_dir):
     """Over MAX_RESPONSE_BYTES the answer is not decoded: a failed List, not a memory blow-up in protobuf."""
-    from exporter.sources.kubelet import MAX_RESPONSE_BYTES
-
-    ids = [f"GPU-{i:08d}-" + "x" * 230 for i in range(MAX_RESPONSE_BYTES // 240 + 100)]
+    ids = [f"GPU-{i:08d}-" + "x" * 230 for i in range(source.MAX_RESPONSE_BYTES // 240 + 100)]
     kubelet.set({"tts/synth-0/model": {"nvidia.com/gpu": ids}})
     poller = poller_for(sock_dir / "kubelet.sock", timeout=10)
     try:
-        reading = poller.poll_now()
-        assert reading == PodResources(up=False, problem="List failed: DecodeError")
+        assert poller.poll_now() == REFUSED
         kubelet.set({"tts/synth-0/model": {"nvidia.com/gpu": ids[:10]}})  # the same kubelet, within bounds
         assert len(poller.poll_now().holders) == 10
     finally:
         poller.stop()
+
+
+def test_100000_pods_on_one_gpu_from_a_real_server(kubelet, sock_dir):
+    """The issue's List of 100 000 pods on GPU 0 is ~15 MB: refused. 10 000 fit the cap and are cut to the
+    bound; exporter_pod_resources_left_out counts the rest."""
+    poller = poller_for(sock_dir / "kubelet.sock", timeout=10)
+    try:
+        kubelet.set({f"tts/synth-{i:06d}/model": {"nvidia.com/gpu": [GPU_A]} for i in range(100_000)})
+        assert poller.poll_now() == REFUSED
+        kubelet.set({f"tts/synth-{i:06d}/model": {"nvidia.com/gpu": [GPU_A]} for i in range(10_000)})
+        reading = poller.poll_now()
+        assert reading.up and len(reading.by_device()[GPU_A]) == source.MAX_HOLDERS_PER_DEVICE
+        assert reading.cut == 10_000 - source.MAX_HOLDERS_PER_DEVICE
+    finally:
+        poller.stop()
+
+
+def test_cuts_are_logged_once_per_transition(kubelet, sock_dir, caplog):
+    caplog.set_level(logging.INFO, logger="exporter.kubelet")
+    many = {f"tts/synth-{i:04d}/model": {"nvidia.com/gpu": [GPU_A]} for i in range(source.MAX_HOLDERS_PER_DEVICE + 5)}
+    long_name = {"tts/" + "p" * 10_000 + "/model": {"nvidia.com/gpu": [GPU_B]}}
+    poller = poller_for(sock_dir / "kubelet.sock")
+    try:
+        for allocations, cut in ((many, 5), (many, 5), (many | long_name, 6), ({}, 0), ({}, 0)):
+            kubelet.set(allocations)
+            reading = poller.poll_now()
+            assert reading.up and reading.cut == cut
+    finally:
+        poller.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        f"kubelet pod-resources bounds: left out of gpu_pod_info: more than {source.MAX_HOLDERS_PER_DEVICE} "
+        "containers on a device",
+        f"kubelet pod-resources bounds: left out of gpu_pod_info: names over {source.MAX_NAME_CHARS} characters, "
+        f"more than {source.MAX_HOLDERS_PER_DEVICE} containers on a device",
+        "kubelet pod-resources bounds: recovered"], messages
+
+
+# ---- a hostile kubelet: huge announced lengths -------------------------------------------------------------
+@pytest.fixture
+def hostile(sock_dir: Path) -> Iterator[HostileKubelet]:
+    k = HostileKubelet(sock_dir / "kubelet.sock", announce=None)
+    yield k
+    k.stop()
+
+
+@pytest.mark.parametrize("announce", [4_000_000_000, 100 << 20, 50 << 20, source.MAX_RESPONSE_BYTES + 1])
+def test_a_huge_announced_reply_is_refused_from_its_prefix(hostile, sock_dir, caplog, announce):
+    """A peer announcing `announce` bytes and streaming zeros: refused from the 5-byte prefix, so the client
+    holds at most the HTTP/2 window of it (grpclib alone buffered all of it before the size check); one log
+    line for the fault, one when the kubelet behaves again."""
+    caplog.set_level(logging.INFO, logger="exporter.kubelet")
+    hostile.announce = announce
+    poller = poller_for(sock_dir / "kubelet.sock", timeout=5)
+    try:
+        poller.poll_now()  # connects and imports grpclib: not what is measured
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(3):
+            assert poller.poll_now() == REFUSED
+        grown = tracemalloc.get_traced_memory()[1] - before
+        tracemalloc.stop()
+        assert grown < 3 * source.WINDOW_BYTES, grown  # the window and its copies, not the announced size
+        assert hostile.sent <= 4 * (source.WINDOW_BYTES + 5)  # what the client let it push, in 4 calls
+        hostile.announce = None
+        hostile.allocations = {"tts/synth-0/model": {"nvidia.com/gpu": [GPU_A]}}
+        assert poller.poll_now().by_device() == {GPU_A: (SYNTH_0,)}
+    finally:
+        tracemalloc.stop()
+        poller.stop()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("List refused: reply over" in m for m in messages) == 1, messages
+    assert f"({min(announce, 0xFFFFFFFF)} bytes announced)" in messages[0]
+    assert sum("recovered" in m for m in messages) == 1, messages
+
+
+def test_a_reply_at_the_cap_is_read_and_a_bad_one_forgotten_at_once(hostile, sock_dir):
+    """Exactly MAX_RESPONSE_BYTES is read (zeros are no protobuf message: DecodeError), and nothing of it
+    stays referenced after the poll, even with the cycle collector off (a traceback holds the frames)."""
+    hostile.announce = source.MAX_RESPONSE_BYTES
+    poller = poller_for(sock_dir / "kubelet.sock", timeout=5)
+    gc.disable()
+    try:
+        poller.poll_now()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for _ in range(3):
+            assert poller.poll_now() == PodResources(up=False, problem="List failed: DecodeError")
+        current, peak = tracemalloc.get_traced_memory()
+        assert peak - before >= source.MAX_RESPONSE_BYTES  # it was read...
+        assert current - before < source.MAX_RESPONSE_BYTES // 4, current - before  # ...and let go
+        assert hostile.sent == 4 * (source.MAX_RESPONSE_BYTES + 5)
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+        poller.stop()
+
+
+def test_a_hostile_kubelet_cannot_kill_or_silence_the_exporter(sock_dir):
+    """The exporter as deployed, beside a kubelet announcing 4 GB on every List: its memory stays flat, the
+    GPU series keep coming, exporter_pod_resources_up is 0."""
+    path = sock_dir / "kubelet.sock"
+    hostile = subprocess.Popen([sys.executable, str(REPO / "tests" / "fake_kubelet.py"), "--socket", str(path),
+                                "--announce", "4000000000"], cwd=REPO, stdout=subprocess.PIPE,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})
+    exporter = None
+    try:
+        assert hostile.stdout is not None and hostile.stdout.readline().strip() == b"serving"
+        exporter = ExporterProcess("--fake-gpus", "2", "--kubernetes.pod-resources-socket", str(path))
+        assert wait_until(lambda: "List refused" in exporter.log(), timeout=30)
+        time.sleep(11)  # two more polls (every 5 s)
+        body = exporter.wait_for_sample()
+        assert b"exporter_pod_resources_up 0.0" in body and body.count(b"gpu_up{") == 2
+        status = Path(f"/proc/{exporter.proc.pid}/status").read_text()
+        peak_kib = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1])
+        assert peak_kib < 100 * 1024, status  # the DaemonSet's limit is 128 MiB
+        assert exporter.log().count("List refused") == 1 and exporter.proc.poll() is None
+    finally:
+        if exporter:
+            exporter.stop()
+        stop_process(hostile)
 
 
 def test_stop_cancels_a_list_in_flight(kubelet, sock_dir):

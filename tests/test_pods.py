@@ -121,6 +121,19 @@ def test_off_or_no_socket_leaves_the_exposition_as_it_was(setup):
     assert [m.samples for m in wrapped] == [m.samples for m in plain]
 
 
+def test_cut_entries_are_counted_and_pod_info_stays_bounded(setup):
+    sampler, pods, uuids, _ = setup
+    many = tuple(ContainerRef("tts", f"synth-{i:03d}", "model") for i in range(128))
+    pods.latest = PodResources(up=True, holders=((uuids[0], many),), cut=99_872)  # what 100 000 pods leave
+    sampler.tick()
+    fams = collect(sampler)
+    assert fams["exporter_pod_resources_left_out"].samples[0].value == 99_872
+    assert len(fams["gpu_pod_info"].samples) == 128
+    pods.set({uuids[0]: (A,)})
+    sampler.tick()
+    assert collect(sampler)["exporter_pod_resources_left_out"].samples[0].value == 0
+
+
 def test_kubelet_down_drops_pod_info_and_reports_it(setup):
     sampler, pods, uuids, _ = setup
     pods.latest = PodResources(up=False, problem="List timed out after 2s")

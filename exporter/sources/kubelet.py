@@ -10,11 +10,14 @@ so an exporter off Kubernetes does not pay their memory (docs/performance.md has
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import os
+import struct
 import threading
-from dataclasses import dataclass
-from typing import Any
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
 
 from exporter.transitions import TransitionLog
 
@@ -22,10 +25,25 @@ log = logging.getLogger("exporter.kubelet")
 
 DEFAULT_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
 LIST_METHOD = "/v1.PodResourcesLister/List"
-MAX_RESPONSE_BYTES = 16 << 20  # a node with 250 pods answers in tens of KB
+# Bounds on what the kubelet (or whatever listens at the socket) can cost; docs/operations.md says why
+# each number and how to raise it. A reply over MAX_RESPONSE_BYTES is refused from its 5-byte gRPC length
+# prefix, before any of it is buffered; at most WINDOW_BYTES of it arrive before that (HTTP/2 flow control).
+MAX_RESPONSE_BYTES = 2 << 20  # a node of 250 pods, each with GPUs, CPUs and NICs, answers in < 250 KiB
+WINDOW_BYTES = 1 << 20  # HTTP/2 receive window, connection and stream (grpclib's default is 4 MiB)
 MAX_DEVICE_ID_CHARS = 256
+MAX_NAME_CHARS = 253  # a Kubernetes object name (DNS subdomain); namespace and container names are <= 63
+MAX_DEVICES = 256  # GPUs and MIG devices of one node: 16 GPUs x 7 MIG instances is 128
+MAX_HOLDERS_PER_DEVICE = 128  # containers sharing one device (MPS allows 48 clients; time-slicing replicas)
+MAX_SERIES = 1024  # gpu_pod_info series of the node, all devices together
+# Reading a reply at the cap costs up to ~90 ms of CPU: done in slices of SLICE_ENTRIES pods and device IDs
+# (0.5-4 ms each) with SLICE_PAUSE between, so it stays under the DaemonSet's 250m and does not take the
+# CPU quota a scrape needs (all at once it would throttle the whole cgroup for ~0.3 s).
+SLICE_ENTRIES = 1024
+SLICE_PAUSE = 0.015
 GPU_RESOURCE_PREFIX = "nvidia.com/"  # nvidia.com/gpu, nvidia.com/gpu.shared, nvidia.com/mig-<profile>
+NVML_UUID_PREFIXES = ("GPU-", "MIG-")  # what NVML's UUIDs start with: other IDs can never match a device
 _KEY = "kubelet pod-resources"
+_CUT_KEY = "kubelet pod-resources bounds"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -35,16 +53,49 @@ class ContainerRef:
     container: str
 
 
+Holders = tuple[tuple[str, tuple[ContainerRef, ...]], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Cuts:
+    """Container-device entries of one List left out by the bounds above, by bound."""
+
+    names: int = 0  # a namespace, pod or container name over MAX_NAME_CHARS
+    device_ids: int = 0  # an NVML-looking device ID over MAX_DEVICE_ID_CHARS
+    devices: int = 0  # devices past MAX_DEVICES (the lowest UUIDs are kept)
+    holders: int = 0  # containers past MAX_HOLDERS_PER_DEVICE on one device (the lowest are kept)
+    series: int = 0  # entries past MAX_SERIES in all
+
+    @property
+    def total(self) -> int:
+        return self.names + self.device_ids + self.devices + self.holders + self.series
+
+    def describe(self) -> str | None:
+        """A stable one-line summary (bounds, not counts, so the log shows each change once), or None."""
+        hit = [text for n, text in ((self.names, f"names over {MAX_NAME_CHARS} characters"),
+                                    (self.device_ids, f"device IDs over {MAX_DEVICE_ID_CHARS} characters"),
+                                    (self.devices, f"more than {MAX_DEVICES} devices"),
+                                    (self.holders, f"more than {MAX_HOLDERS_PER_DEVICE} containers on a device"),
+                                    (self.series, f"more than {MAX_SERIES} series")) if n]
+        return "left out of gpu_pod_info: " + ", ".join(hit) if hit else None
+
+
 @dataclass(frozen=True, slots=True)
 class PodResources:
     """The last List of the kubelet: device UUID (GPU-... or MIG-...) -> containers holding it."""
 
     up: bool  # False: the socket is there but the last List failed (then `holders` is empty)
-    holders: tuple[tuple[str, tuple[ContainerRef, ...]], ...] = ()  # sorted by UUID
+    holders: Holders = ()  # sorted by UUID
     problem: str = ""  # why not up
+    cut: int = 0  # entries of the List left out by the bounds (exporter_pod_resources_left_out)
+    # Built once per poll, not per scrape: every scrape looks devices up in it.
+    index: Mapping[str, tuple[ContainerRef, ...]] = field(init=False, repr=False, compare=False)
 
-    def by_device(self) -> dict[str, tuple[ContainerRef, ...]]:
-        return dict(self.holders)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "index", dict(self.holders))
+
+    def by_device(self) -> Mapping[str, tuple[ContainerRef, ...]]:
+        return self.index
 
 
 def device_uuid(device_id: str) -> str:
@@ -52,36 +103,150 @@ def device_uuid(device_id: str) -> str:
     return device_id.partition("::")[0]
 
 
-def holders_from(response: Any) -> tuple[tuple[str, tuple[ContainerRef, ...]], ...]:
-    """Plain data from a ListPodResourcesResponse: the NVIDIA devices each container holds.
+class _Lowest:
+    """The `limit` lowest distinct keys offered, kept sorted: what is kept does not depend on the order the
+    kubelet lists pods in (a Go map's, which changes between calls), so a cut does not churn series."""
 
-    Linear in the response; a container holding several replicas of one GPU counts once.
+    __slots__ = ("keys", "limit", "cut")
+
+    def __init__(self, limit: int) -> None:
+        self.keys: list[Any] = []
+        self.limit = limit
+        self.cut = 0
+
+    def offer(self, key: Any) -> tuple[bool, Any]:
+        """(kept, the key pushed out to make room or None)."""
+        keys = self.keys
+        full = len(keys) >= self.limit
+        if full and key > keys[-1]:
+            self.cut += 1
+            return False, None
+        i = bisect.bisect_left(keys, key)
+        if i < len(keys) and keys[i] == key:
+            return True, None
+        keys.insert(i, key)
+        if full:
+            self.cut += 1
+            return True, keys.pop()
+        return True, None
+
+
+_TOO_LONG = ("", "", "")  # marks a container whose names are over MAX_NAME_CHARS (compared by identity)
+
+
+def read_reply(response: Any) -> tuple[Holders, Cuts]:
+    """Plain, bounded data from a ListPodResourcesResponse: the NVIDIA devices each container holds, and
+    what the bounds left out.
+
+    Linear in the response (times log of the bounds); a container holding several replicas of one GPU
+    counts once. Device IDs that cannot be an NVML UUID (another plugin's under nvidia.com/, PCI addresses
+    of NICs) are not GPUs and are skipped without counting.
     """
-    found: dict[str, set[ContainerRef]] = {}
+    out: list[tuple[Holders, Cuts]] = []
+    for _ in _reading(response, out):
+        pass
+    return out[0]
+
+
+async def read_reply_paced(response: Any, pause: float = SLICE_PAUSE) -> tuple[Holders, Cuts]:
+    """read_reply, pausing `pause` seconds after each slice of SLICE_ENTRIES."""
+    out: list[tuple[Holders, Cuts]] = []
+    for _ in _reading(response, out):
+        await asyncio.sleep(pause)
+    return out[0]
+
+
+def _reading(response: Any, out: list[tuple[Holders, Cuts]]) -> Iterator[None]:
+    """read_reply's work, yielding after every SLICE_ENTRIES pods and device IDs; appends the result to out."""
+    steps = SLICE_ENTRIES
+    devices = _Lowest(MAX_DEVICES)
+    found: dict[str, _Lowest] = {}
+    names = device_ids = devices_cut = 0
     for pod in response.pod_resources:
+        steps -= 1
+        if steps <= 0:
+            yield
+            steps = SLICE_ENTRIES
         for container in pod.containers:
-            ref = ContainerRef(pod.namespace, pod.name, container.name)
-            for devices in container.devices:
-                if not devices.resource_name.startswith(GPU_RESOURCE_PREFIX):
+            key: tuple[str, str, str] | None = None
+            for group in container.devices:
+                if not group.resource_name.startswith(GPU_RESOURCE_PREFIX):
                     continue
-                for device_id in devices.device_ids:
-                    uuid = device_uuid(device_id) if len(device_id) <= MAX_DEVICE_ID_CHARS else ""
-                    if uuid:
-                        found.setdefault(uuid, set()).add(ref)
-    return tuple((uuid, tuple(sorted(refs))) for uuid, refs in sorted(found.items()))
+                for device_id in group.device_ids:  # the hot loop: up to ~200 000 IDs in a reply at the cap
+                    steps -= 1
+                    if steps <= 0:
+                        yield
+                        steps = SLICE_ENTRIES
+                    if not device_id.startswith(NVML_UUID_PREFIXES):
+                        continue
+                    if len(device_id) > MAX_DEVICE_ID_CHARS:
+                        device_ids += 1
+                        continue
+                    if key is None:
+                        key = (pod.namespace, pod.name, container.name)
+                        if max(map(len, key)) > MAX_NAME_CHARS:
+                            key = _TOO_LONG
+                    if key is _TOO_LONG:
+                        names += 1
+                        continue
+                    uuid = device_id.partition("::")[0]  # device_uuid, inlined
+                    holders = found.get(uuid)
+                    if holders is None:
+                        kept, evicted = devices.offer(uuid)
+                        if not kept:
+                            devices_cut += 1
+                            continue
+                        if evicted is not None:
+                            gone = found.pop(evicted)
+                            devices_cut += len(gone.keys) + gone.cut
+                        holders = found[uuid] = _Lowest(MAX_HOLDERS_PER_DEVICE)
+                    holders.offer(key)
+    out_holders: list[tuple[str, tuple[ContainerRef, ...]]] = []
+    room = MAX_SERIES
+    per_device = series = 0
+    for uuid in devices.keys:
+        holders = found[uuid]
+        per_device += holders.cut
+        keys = holders.keys[:room]
+        series += len(holders.keys) - len(keys)
+        room -= len(keys)
+        if keys:
+            out_holders.append((uuid, tuple(ContainerRef(*k) for k in keys)))
+    cuts = Cuts(names=names, device_ids=device_ids, devices=devices_cut, holders=per_device,
+                series=series)
+    out.append((tuple(out_holders), cuts))
 
 
-def _bounded_codec() -> Any:
-    from google.protobuf.message import DecodeError
-    from grpclib.encoding.proto import ProtoCodec
+def holders_from(response: Any) -> Holders:
+    """read_reply without the account of what was cut."""
+    return read_reply(response)[0]
 
-    class BoundedProtoCodec(ProtoCodec):
-        def decode(self, data: bytes, message_type: Any) -> Any:
-            if len(data) > MAX_RESPONSE_BYTES:
-                raise DecodeError(f"response of {len(data)} bytes is over the {MAX_RESPONSE_BYTES} limit")
-            return super().decode(data, message_type)
 
-    return BoundedProtoCodec()
+class ReplyTooLarge(Exception):
+    """The kubelet announced a reply over MAX_RESPONSE_BYTES: refused before any of it is buffered."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__(f"reply over the {MAX_RESPONSE_BYTES}-byte limit")
+        self.length = length
+
+
+class BadReply(Exception):
+    """No gRPC message where one was due, or a compressed one (never asked for)."""
+
+
+async def read_message(h2_stream: Any, limit: int = MAX_RESPONSE_BYTES) -> bytes:
+    """One length-prefixed gRPC message from grpclib's HTTP/2 stream, its length checked before its bytes
+    are read. (grpclib's own recv_message reads the whole announced length, then hands it to the codec.)
+    grpclib acknowledges DATA only as it is read, so until then the peer can push at most the window."""
+    prefix = await h2_stream.recv_data(5)
+    if len(prefix) != 5:
+        raise BadReply("no message in the reply")
+    compressed, length = struct.unpack(">?I", prefix)
+    if compressed:
+        raise BadReply("compressed reply")
+    if length > limit:
+        raise ReplyTooLarge(length)
+    return bytes(await h2_stream.recv_data(length))
 
 
 class PodResourcesClient:
@@ -89,20 +254,34 @@ class PodResourcesClient:
 
     def __init__(self, socket_path: str) -> None:
         from grpclib.client import Channel, UnaryUnaryMethod
+        from grpclib.config import Configuration
 
         from exporter.sources import podresources_v1_pb2
 
         pb: Any = podresources_v1_pb2  # message classes are built at import time: nothing for mypy to see
         self._pb = pb
-        self._channel = Channel(path=socket_path, codec=_bounded_codec())
+        config = Configuration(http2_connection_window_size=WINDOW_BYTES, http2_stream_window_size=WINDOW_BYTES)
+        self._channel = Channel(path=socket_path, config=config)
         self._list = UnaryUnaryMethod(self._channel, LIST_METHOD, pb.ListPodResourcesRequest,
                                       pb.ListPodResourcesResponse)
 
-    async def list(self, timeout: float) -> tuple[tuple[str, tuple[ContainerRef, ...]], ...]:
+    async def list(self, timeout: float) -> tuple[Holders, Cuts]:
         # wait_for bounds the whole call, connecting included, whatever the peer sends or withholds.
-        response = await asyncio.wait_for(self._list(self._pb.ListPodResourcesRequest(), timeout=timeout),
-                                          timeout)
-        return holders_from(response)
+        data = await asyncio.wait_for(self._call(timeout), timeout)
+        response = self._pb.ListPodResourcesResponse.FromString(data)
+        del data  # the bytes and the decoded message are both ~ the reply's size: hold one at a time
+        return await read_reply_paced(response)
+
+    async def _call(self, timeout: float) -> bytes:
+        """grpclib's unary call (UnaryUnaryMethod.__call__) with read_message in place of its recv_message.
+        `_stream` and `_wrapper` are grpclib's (0.4): the HTTP/2 stream, and what turns a lost connection or
+        the deadline into grpclib's errors; tests/test_pod_resources.py fails if they change."""
+        async with self._list.open(timeout=timeout) as stream:
+            await stream.send_message(self._pb.ListPodResourcesRequest(), end=True)
+            await stream.recv_initial_metadata()
+            with stream._wrapper:
+                data = await read_message(stream._stream)
+        return data  # leaving the block checked the trailers: the grpc-status was OK
 
     def close(self) -> None:
         self._channel.close()
@@ -112,12 +291,25 @@ def _describe(exc: BaseException, timeout: float) -> str:
     """A stable one-line reason (no addresses or counters in it), so the log shows each change once."""
     if isinstance(exc, asyncio.TimeoutError):
         return f"List timed out after {timeout:g}s"
+    if isinstance(exc, (ReplyTooLarge, BadReply)):
+        return f"List refused: {exc}"
     if isinstance(exc, PermissionError):  # the kubelet makes the socket root-only
         return "permission denied: the socket is root-only (deploy/overlays/pod-resources runs as UID 0)"
     status = getattr(exc, "status", None)  # grpclib's GRPCError
     if status is not None:
         return f"List failed: {getattr(status, 'name', status)}"
     return f"List failed: {type(exc).__name__}"
+
+
+def _forget(exc: BaseException) -> None:
+    """Clears the locals of the frames an exception's traceback holds (a refused or undecodable reply's
+    bytes among them): otherwise they live until the cycle collector meets the traceback."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)
+        e = e.__cause__ or e.__context__
 
 
 class PodResourcesPoller:
@@ -214,16 +406,19 @@ class PodResourcesPoller:
         try:
             if self._client is None:
                 self._client = PodResourcesClient(self.socket_path)
-            holders = await self._client.list(self.timeout)
+            holders, cuts = await self._client.list(self.timeout)
         except Exception as exc:  # whatever the kubelet (or a stranger on the socket) does, only pod info is lost
             return self._failed(exc)
         self._transitions.set(_KEY, None)
-        return PodResources(up=True, holders=holders)
+        self._transitions.set(_CUT_KEY, cuts.describe())
+        return PodResources(up=True, holders=holders, cut=cuts.total)
 
     def _failed(self, exc: BaseException) -> PodResources:
         problem = _describe(exc, self.timeout)
+        _forget(exc)
         self._drop_client()
-        self._transitions.set(_KEY, f"{self.socket_path}: {problem}")
+        detail = f"{exc.length} bytes announced" if isinstance(exc, ReplyTooLarge) else ""
+        self._transitions.set(_KEY, f"{self.socket_path}: {problem}", detail)
         return PodResources(up=False, problem=problem)
 
     def _drop_client(self) -> None:
