@@ -226,13 +226,21 @@ def test_compose_sidecar():
 
 
 def dockerfile_stages() -> list[list[str]]:
+    """The Dockerfile's stages, each a list of its lines; FROM lines with the global ARGs' defaults put in
+    (what `docker build` with no --build-arg uses)."""
     lines = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text()).splitlines()
     stages: list[list[str]] = []
+    args: dict[str, str] = {}
     for line in lines:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        if not stages and line.upper().startswith("ARG "):
+            name, _, default = line[4:].partition("=")
+            args[name.strip()] = default.strip()
+            continue
         if line.upper().startswith("FROM "):
+            line = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], line)
             stages.append([])
         stages[-1].append(line)
     return stages
