@@ -371,7 +371,10 @@ class _Connection(asyncio.Protocol):
             self._set_state("linger", 2.0, "")
             self.timer = asyncio.get_running_loop().call_later(2.0, self.close_now)
             self.tx.resume_reading()
-            self.tx.write_eof()
+            try:
+                self.tx.write_eof()
+            except OSError:  # the peer reset already (ENOTCONN): nothing left to linger for
+                self.close_now()
             return
         self.closed = True
         self._cancel_timer()
