@@ -156,6 +156,8 @@ def check_running_sidecar(podman: Podman, s: Sidecar, body: bytes, scheme: str, 
     uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()
     assert set(uids) == {"65534"}, uids  # real, effective, saved and fs UID; rootful podman maps them 1:1
     assert re.search(r"^CapEff:\s+0+$", status, re.M), "no capabilities"
+    logs = podman("logs", EXPORTER)
+    assert "Traceback" not in logs.stdout + logs.stderr, (logs.stdout + logs.stderr)[-3000:]
 
     code, seconds = stop_with_sigterm(podman, EXPORTER)
     s.figures["sigterm_stop_s"] = seconds
