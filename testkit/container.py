@@ -78,8 +78,9 @@ class Podman:
         self("info", "--format", "{{.Host.OCIRuntime.Name}}", timeout=60)
 
     def ids(self, kind: str) -> set[str]:
-        """Every image ("images") or container ("ps") id now present."""
-        args = ("images", "-a", "-q", "--no-trunc") if kind == "images" else ("ps", "-a", "-q", "--no-trunc")
+        """The ids of every image ("images"), untagged image ("dangling") or container ("ps") now present."""
+        args = {"images": ("images", "-a", "-q", "--no-trunc"), "ps": ("ps", "-a", "-q", "--no-trunc"),
+                "dangling": ("images", "-a", "-q", "--no-trunc", "--filter", "dangling=true")}[kind]
         return set(self(*args).stdout.split())
 
 
@@ -99,7 +100,7 @@ def base_image(podman: Podman) -> tuple[str, dict[str, float]]:
         return tag, spent
     if not fresh:
         tarball.parent.mkdir(parents=True, exist_ok=True)
-        partial = tarball.with_suffix(".partial")
+        partial = tarball.with_name(f"{tarball.stem}.{os.getpid()}.partial")  # two runs at once write apart
         t0 = time.monotonic()
         r = subprocess.run(["mmdebstrap", "--quiet", "--format=tar", "--variant=minbase", "--include=" + ",".join(BASE_PACKAGES),
                             f"--customize-hook={BASE_HOOK}", BASE_SUITE, str(partial)],

@@ -56,7 +56,10 @@ class Sidecar:
         c = re.sub(r"\bdocker (build|run|inspect)\b", r"podman \1", command)
         c = replace_once(c, "gpu-telemetry-exporter:0.1.0", TAG) if "gpu-telemetry-exporter:0.1.0" in c else c
         if c.startswith("podman build "):
-            return replace_once(c, "podman build ", "podman build --format docker --network host --pull=never "
+            # docker format keeps HEALTHCHECK; no layer cache: the one image made is the one tagged, so
+            # cleaning up removes exactly what this test made, even beside another run
+            return replace_once(c, "podman build ", "podman build --format docker --layers=false --network host "
+                                "--pull=never "
                                 f"--build-arg PYTHON_IMAGE={self.base} " + " ".join(pip_build_args(self.work)) + " ")
         if "--name chattts " in c:
             c = replace_once(c, "--gpus all --shm-size=2g your-registry/chattts-server:latest",
@@ -113,16 +116,16 @@ def engine(tmp_path_factory) -> Iterator[tuple[Podman, str]]:
         pytest.fail(f"podman cannot run here: {exc}", pytrace=False)
     for step, seconds in spent.items():
         print(f"base image: {step} {seconds:.1f} s")
-    images_before = podman.ids("images")
+    dangling = podman.ids("dangling")
     yield podman, base
     # The exporter first: a container removed while another shares its PID namespace may survive.
     for name in (EXPORTER, TTS):
         podman("rm", "--force", "--time", "0", name, check=False)
-    for image in podman.ids("images") - images_before:
-        podman("rmi", "--force", image, check=False)
+    podman("rmi", "--force", TAG, check=False)
     left = podman("ps", "-a", "--filter", f"name={PREFIX}", "--format", "{{.Names}}").stdout.split()
     assert not left, f"containers left behind: {left}"
-    assert not podman.ids("images") - images_before, "images left behind"
+    assert podman("image", "exists", TAG, check=False).returncode == 1, f"{TAG} left behind"
+    assert not podman.ids("dangling") - dangling, "untagged images left behind"
 
 
 def stop_with_sigterm(podman: Podman, name: str) -> tuple[int, float]:
