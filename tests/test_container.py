@@ -62,8 +62,8 @@ class Sidecar:
                                 "--pull=never "
                                 f"--build-arg PYTHON_IMAGE={self.base} " + " ".join(pip_build_args(self.work)) + " ")
         if "--name chattts " in c:
-            c = replace_once(c, "--gpus all --shm-size=2g your-registry/chattts-server:latest",
-                             f"--shm-size=64m --cpus {CPUS} {self.base} python3 -c \"{BURN}\"")
+            c = replace_once(c, "--gpus all --shm-size=2g --ipc=shareable your-registry/chattts-server:latest",
+                             f"--shm-size=64m --ipc=shareable --cpus {CPUS} {self.base} python3 -c \"{BURN}\"")
         elif "--name gpu-telemetry " in c:
             c = replace_once(c, "--name gpu-telemetry --gpus all ",
                              f"--name {EXPORTER} -v {self.stub_dir}:/nvml:ro -e LD_LIBRARY_PATH=/nvml "

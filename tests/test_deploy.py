@@ -228,7 +228,7 @@ def test_compose_sidecar():
     exp = compose["gpu-telemetry-exporter"]
     assert exp["pid"] == "service:tts" and exp["read_only"] is True and "9445:9445" in exp["ports"]
     # the README's `docker run` sidecar (tests/test_container.py runs it), option for option
-    assert exp["ipc"] == "service:tts" and exp["cap_drop"] == ["ALL"]
+    assert exp["ipc"] == "service:tts" and compose["tts"]["ipc"] == "shareable" and exp["cap_drop"] == ["ALL"]
     assert exp["security_opt"] == ["no-new-privileges:true"]
     assert compose["tts"]["shm_size"]
     # Grafana gets the provisioning and dashboards folders that exist in this repo.
