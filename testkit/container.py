@@ -77,11 +77,9 @@ class Podman:
                 raise EngineError(f"{tool} not found (tests/run.sh installs podman runc mmdebstrap uidmap)")
         self("info", "--format", "{{.Host.OCIRuntime.Name}}", timeout=60)
 
-    def ids(self, kind: str) -> set[str]:
-        """The ids of every image ("images"), untagged image ("dangling") or container ("ps") now present."""
-        args = {"images": ("images", "-a", "-q", "--no-trunc"), "ps": ("ps", "-a", "-q", "--no-trunc"),
-                "dangling": ("images", "-a", "-q", "--no-trunc", "--filter", "dangling=true")}[kind]
-        return set(self(*args).stdout.split())
+    def dangling_images(self) -> set[str]:
+        """The ids of the untagged images now present."""
+        return set(self("images", "-a", "-q", "--no-trunc", "--filter", "dangling=true").stdout.split())
 
 
 def cache_dir() -> Path:

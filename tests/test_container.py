@@ -119,7 +119,7 @@ def engine(tmp_path_factory) -> Iterator[tuple[Podman, str]]:
         pytest.fail(f"podman cannot run here: {why}", pytrace=False)
     for step, seconds in spent.items():
         print(f"base image: {step} {seconds:.1f} s")
-    dangling = podman.ids("dangling")
+    dangling = podman.dangling_images()
     yield podman, base
     # The exporter first: a container removed while another shares its PID namespace may survive.
     for name in (EXPORTER, TTS):
@@ -128,7 +128,7 @@ def engine(tmp_path_factory) -> Iterator[tuple[Podman, str]]:
     left = podman("ps", "-a", "--filter", f"name={PREFIX}", "--format", "{{.Names}}").stdout.split()
     assert not left, f"containers left behind: {left}"
     assert podman("image", "exists", TAG, check=False).returncode == 1, f"{TAG} left behind"
-    assert not podman.ids("dangling") - dangling, "untagged images left behind"
+    assert not podman.dangling_images() - dangling, "untagged images left behind"
 
 
 def stop_with_sigterm(podman: Podman, name: str) -> tuple[int, float]:
@@ -159,8 +159,8 @@ def check_running_sidecar(podman: Podman, s: Sidecar, body: bytes, scheme: str, 
     assert write.returncode != 0 and "Read-only file system" in write.stderr, write.stderr
     pid = podman("inspect", "-f", "{{.State.Pid}}", EXPORTER).stdout.strip()
     status = Path(f"/proc/{pid}/status").read_text()
-    uids = re.search(r"^Uid:\s+(.*)$", status, re.M).group(1).split()
-    assert set(uids) == {"65534"}, uids  # real, effective, saved and fs UID; rootful podman maps them 1:1
+    uids = re.search(r"^Uid:\s+(.*)$", status, re.M)
+    assert uids and set(uids.group(1).split()) == {"65534"}, status  # real, effective, saved and fs UID; rootful podman maps them 1:1
     assert re.search(r"^CapEff:\s+0+$", status, re.M), "no capabilities"
     logs = podman("logs", EXPORTER)
     assert "Traceback" not in logs.stdout + logs.stderr, (logs.stdout + logs.stderr)[-3000:]
