@@ -1,12 +1,15 @@
 # gpu-telemetry-exporter image: build a wheel, install it into a slim runtime with no compilers.
 # Build: docker build -t gpu-telemetry-exporter:0.1.0 .
-FROM python:3.12.7-slim-bookworm AS build
+# PYTHON_IMAGE: any Debian-based image with `python` and `pip` on PATH (tests/test_container.py builds on a
+# local stand-in, made with mmdebstrap, where no registry is reachable).
+ARG PYTHON_IMAGE=python:3.12.7-slim-bookworm
+FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
-FROM python:3.12.7-slim-bookworm
+FROM ${PYTHON_IMAGE}
 # The NVIDIA container runtime injects libnvidia-ml and the device nodes when these are set.
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=utility \

@@ -22,6 +22,10 @@ command -v openssl >/dev/null || missing+=(openssl)  # certificates for the TLS 
 command -v gcc >/dev/null || missing+=(gcc)
 [ -e /usr/include/stdio.h ] || missing+=(libc6-dev)
 command -v unshare >/dev/null || missing+=(util-linux)  # a 64 MiB tmpfs as /dev/shm for the diagnosis tests
+# tests/test_container.py: podman builds the Dockerfile and runs the README's sidecar lines; runc (crun
+# refuses hybrid cgroup layouts), uidmap for podman, mmdebstrap for a local base image (no registry here)
+for tool in podman runc mmdebstrap; do command -v $tool >/dev/null || missing+=($tool); done
+command -v newuidmap >/dev/null || missing+=(uidmap)
 if [ ${#missing[@]} -gt 0 ]; then apt_install "${missing[@]}"; fi
 
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi

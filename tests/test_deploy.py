@@ -3,9 +3,11 @@ CRD objects carry what Prometheus Operator needs, alert rules pass promtool, the
 invariants. (No Docker engine or cluster here: see docs/operations.md for what is not exercised.)"""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -212,10 +214,22 @@ def test_every_alert_has_a_runbook_section():
             assert r["annotations"]["runbook_url"].endswith("#" + r["alert"].lower())
 
 
+def test_compose_file_follows_the_compose_spec():
+    schema = json.loads((REPO / "tests" / "schemas" / "compose-spec.json").read_text())
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    validator = jsonschema.Draft7Validator(schema)  # the schema's own "$schema" is draft-07
+    assert [e.message for e in validator.iter_errors(compose)] == []
+    typo = {**compose, "services": {**compose["services"], "tts": {**compose["services"]["tts"], "shm_sise": "2g"}}}
+    assert any("shm_sise" in e.message for e in validator.iter_errors(typo)), "the schema rejects unknown keys"
+
+
 def test_compose_sidecar():
     compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())["services"]
     exp = compose["gpu-telemetry-exporter"]
     assert exp["pid"] == "service:tts" and exp["read_only"] is True and "9445:9445" in exp["ports"]
+    # the README's `docker run` sidecar (tests/test_container.py runs it), option for option
+    assert exp["ipc"] == "service:tts" and compose["tts"]["ipc"] == "shareable" and exp["cap_drop"] == ["ALL"]
+    assert exp["security_opt"] == ["no-new-privileges:true"]
     assert compose["tts"]["shm_size"]
     # Grafana gets the provisioning and dashboards folders that exist in this repo.
     for volume in compose["grafana"]["volumes"] + compose["prometheus"]["volumes"]:
@@ -226,13 +240,21 @@ def test_compose_sidecar():
 
 
 def dockerfile_stages() -> list[list[str]]:
+    """The Dockerfile's stages, each a list of its lines; FROM lines with the global ARGs' defaults put in
+    (what `docker build` with no --build-arg uses)."""
     lines = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text()).splitlines()
     stages: list[list[str]] = []
+    args: dict[str, str] = {}
     for line in lines:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
+        if not stages and line.upper().startswith("ARG "):
+            name, _, default = line[4:].partition("=")
+            args[name.strip()] = default.strip()
+            continue
         if line.upper().startswith("FROM "):
+            line = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], line)
             stages.append([])
         stages[-1].append(line)
     return stages
