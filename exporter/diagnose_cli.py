@@ -328,10 +328,13 @@ class PromWindow:
         ok = self.scrapes(start, end)[1]
         step = self.step(start, end)
         points = int((end - start) / step) + 1
+        # Steps counted back from `end`, so the latest scrape is always in: counted from `start`, a step a
+        # little over the scrape interval (15.006 s) left up to one whole scrape out at the end.
+        first = round(end - (points - 1) * step, 3)
         rate_w = _secs(max(4 * scrape, 2 * step))
         look = _secs(max(1.5 * scrape, step))  # a gauge's sample stands for this long, not 5 min
         span = _secs(end - start)
-        q = lambda expr, key=None: _aligned(self.prom.range(expr, start, end, step), start, step, points, key)  # noqa: E731
+        q = lambda expr, key=None: _aligned(self.prom.range(expr, first, end, step), first, step, points, key)  # noqa: E731
         gauge = lambda metric: q(f"last_over_time({metric}[{look}])", "gpu")  # noqa: E731
         s = self.sel
         per_gpu = {
@@ -473,7 +476,8 @@ def find_instance(prom: Prometheus, end: float, span: str) -> str:
     if len(found) == 1:
         return found[0]
     if not found:
-        raise DiagnoseError("no gpu-telemetry-exporter instance in that window (exporter_sample_interval_seconds)")
+        raise DiagnoseError("no gpu-telemetry-exporter instance in that window (no exporter_sample_interval_seconds "
+                            "series): has Prometheus scraped the exporter yet? See its targets page (up)")
     shown = ", ".join(_shown(i, 80) for i in found[:20]) + (f" and {len(found) - 20} more" if len(found) > 20 else "")
     raise DiagnoseError("several exporter instances; pick one with --instance: " + shown)
 

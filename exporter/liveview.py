@@ -107,8 +107,9 @@ function draw(canvas, t, series, lines) {
 // What the page says is simulated (the exporter's --fake-gpus / --fake-scenario), never passed off as measured.
 function showSimulated(sim) {
   const el = document.getElementById("simulated"), parts = [];
-  if (sim && sim.gpus) parts.push("Simulated GPUs (--fake-gpus): every GPU value below is made up by the " +
-                                  "exporter's simulator, not read from a device");
+  if (sim && sim.gpus) parts.push("Simulated GPUs (--fake-gpus, --fake-gpus-from): every GPU value below comes " +
+                                  "from the exporter's simulator (made up, or replayed from a recorded nvidia-smi " +
+                                  "dump), not read from a device");
   if (sim && sim.host_cpu) parts.push("the host CPU is simulated too (the scenario drives it 91\u201399 % busy; " +
                                       "not this machine's /proc/stat)");
   el.hidden = !parts.length; el.textContent = parts.join("; ");

@@ -425,6 +425,9 @@ def build_histories(end: float) -> Backfill:
     for t in ticks:
         cause = crossing - 90 <= t < crossing - 60
         b.scrape("decoy:1", t, util=0.2 if cause else 0.9, host=0.97 if cause else 0.3)
+    # Prometheus just started: two scrapes 15.006 s apart (real scrape jitter), the latest 0.4 s before the end.
+    b.scrape("fresh:1", end - 15.406, util=0.9, host=0.3)
+    b.scrape("fresh:1", end - 0.4, util=0.2, host=0.97)
     return b
 
 
@@ -481,6 +484,28 @@ def test_a_history_that_starts_60s_before_the_query_end(backfilled):
 
     text = run(["--prometheus", prom.url, "--instance", "late:1", "--at", f"{end:.0f}", "--window", "5m"])
     assert "; 75 s of data in the 5 min asked, from " in text.splitlines()[0], text
+
+
+def test_the_latest_scrape_is_in_the_window(backfilled):
+    """Steps counted from the window's start with a 15.006 s scrape interval ended 14.9 s before the end:
+    right after Prometheus started, the second scrape was left out, one GPU read 100 % starved from one
+    gauge value and the other (starved too) was not named."""
+    prom, end = backfilled
+    w = prom_window(prom, "fresh:1", end)
+    assert [v for v in w.gpus[0].utilization if v is not None] == [0.9, 0.2], w.gpus[0].utilization
+    doc = diagnose_doc(prom, "fresh:1", end)
+    assert doc["findings"][0]["rule"] == "cpu_starvation", doc["findings"]
+
+
+def test_no_exporter_scraped_yet_says_what_to_check(tmp_path):
+    prom = PrometheusServer(tmp_path / "prom", {})  # nothing to scrape, as before the first scrape
+    try:
+        prom.wait_for("vector(1)")
+        r = diagnose_cli("--prometheus", prom.url)
+    finally:
+        prom.stop()
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "has Prometheus scraped the exporter yet?" in r.stderr
 
 
 def test_a_60s_hole_where_the_exporter_stopped(backfilled):

@@ -259,7 +259,7 @@ def test_plain_simulated_gpus_inject_nothing_alarming(exporter_proc, tmp_path):
     page = dom(p.url + "/", tmp_path)
     assert 'data-first="nothing_abnormal"' in page and 'class="sev sev-critical"' not in page
     assert 'class="sev sev-warning"' not in page
-    assert "Simulated GPUs (--fake-gpus)" in page and " · simulated</h2>" in page
+    assert "Simulated GPUs (--fake-gpus, --fake-gpus-from)" in page and " · simulated</h2>" in page
 
 
 @pytest.mark.e2e
