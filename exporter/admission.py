@@ -26,6 +26,7 @@ The rules, each the fix for a way a burst of hostile connects cut a real scraper
 from __future__ import annotations
 
 import enum
+import operator
 from dataclasses import dataclass
 from typing import Callable, Generic, Protocol, TypeVar
 
@@ -39,7 +40,10 @@ class ConnState(enum.Enum):
     LINGER = "linger"  # closing politely
 
 
-SILENT_STATES = frozenset({ConnState.IDLE, ConnState.HANDSHAKE})  # where one that has sent nothing can be
+_SINCE = operator.attrgetter("since")
+_LINGER, _IDLE, _HEAD, _HANDSHAKE = ConnState.LINGER, ConnState.IDLE, ConnState.HEAD, ConnState.HANDSHAKE
+# a connection that has sent nothing is idle (plain) or handshaking (TLS); tested with `is`: an enum's
+# hash is a Python call, and the ranking runs over every place per newcomer at the cap
 
 
 class Conn(Protocol):
@@ -214,30 +218,43 @@ class Admission(Generic[C]):
         """Whom a newcomer replaces, oldest first within each rank (see the module docstring)."""
         young = self.clock() - self.limits.silent_grace_s
         ranks: tuple[list[C], ...] = ([], [], [], [], [])
-        for c in pool:  # one pass: each connection in the first rank it meets
-            state, fresh = c.state, c.fresh
-            if state is ConnState.LINGER:
-                ranks[0].append(c)
-            elif fresh and state in SILENT_STATES:
-                if c.since <= young:
-                    ranks[1].append(c)
-                elif spoken:  # a request outranks silence within its grace; silence does not
-                    ranks[4].append(c)
-            elif fresh:
-                continue
-            elif state is ConnState.IDLE:
+        linger, idle, head, handshake = _LINGER, _IDLE, _HEAD, _HANDSHAKE
+        for c in pool:  # one pass, each connection in the first rank it meets
+            state = c.state
+            if c.fresh:  # nothing received: a victim only while silent (see _qualifies)
+                if state is idle or state is handshake:
+                    if c.since <= young:
+                        ranks[1].append(c)
+                    elif spoken:  # a request outranks silence within its grace; silence does not
+                        ranks[4].append(c)
+                elif state is linger:
+                    ranks[0].append(c)
+            elif state is idle:
                 ranks[1].append(c)
-            elif state is ConnState.HEAD or state is ConnState.HANDSHAKE and (spoken or c.since <= young):
+            elif state is head or state is handshake and (spoken or c.since <= young):
                 # a handshake begun within the grace may be a client one round trip from its request (a
                 # scraper awaiting the server's hello): like silence, only a request outranks it
                 ranks[2].append(c)
+            elif state is linger:
+                ranks[0].append(c)
             elif c.stalled:
                 ranks[3].append(c)
+        since = _SINCE
         for rank in ranks:
-            rank.sort(key=lambda c: c.since)
+            if not rank:
+                continue
             # A fresh one whose bytes wait unread is about to be served, not silent: skipped. Asked (a
-            # syscall) in age order only until one qualifies, so a flood of newcomers costs one or two each.
-            for c in rank:
-                if not c.fresh or c.state in SILENT_STATES and not c.unread():
+            # syscall) in age order only until one qualifies, so a flood of newcomers costs one or two each;
+            # the oldest usually qualifies, so the rank is sorted only when it does not.
+            oldest = min(rank, key=since)
+            if _qualifies(oldest):
+                return oldest
+            for c in sorted(rank, key=since):
+                if c is not oldest and _qualifies(c):
                     return c
         return None
+
+
+def _qualifies(c: Conn) -> bool:
+    """Not a fresh connection whose bytes wait in its socket (asked last: a syscall)."""
+    return not c.fresh or (c.state is _IDLE or c.state is _HANDSHAKE) and not c.unread()

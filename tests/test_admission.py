@@ -8,11 +8,12 @@ from dataclasses import dataclass, replace
 
 from hypothesis import given, settings, strategies as st
 
-from exporter.admission import SILENT_STATES, Admission, ConnState, Place, Verdict
+from exporter.admission import Admission, ConnState, Place, Verdict
 from exporter.httpd import Limits
 
 S = ConnState
 GRACE = Limits().silent_grace_s  # 250 ms
+SILENT_STATES = (S.IDLE, S.HANDSHAKE)  # where a connection that has sent nothing can be
 
 
 @dataclass(eq=False)  # identity: a connection is a key in the policy's places
