@@ -567,7 +567,8 @@ class HttpServer:
     # -- connection bookkeeping (loop thread): the admission policy decides, this carries it out
     @property
     def _connections(self) -> dict[_Connection, None]:
-        return self.admission.placed  # full places, oldest first
+        """The full places, oldest first (the policy's; the socket tests look into them)."""
+        return self.admission.placed
 
     @property
     def _reserve(self) -> dict[_Connection, None]:
