@@ -8,15 +8,10 @@ every phase has a bound:
   (TLS runs inside the connection, tlsconn.py, so handshaking clients count like any other);
 - idle keep-alive wait for the next request: `idle_timeout_s`;
 - head size and header count: `max_head_bytes` / `max_headers` (431 beyond), request bodies: 413;
-- open connections: `max_connections`. At the cap a new connection evicts the oldest idle one (a
-  connection that has sent nothing counts as idle only after `silent_grace_s`, so a burst of silent
-  connects cannot cut a client whose request is still on its way), then the oldest one still handshaking
-  or sending its head (a handshake only past the same grace: it takes the client a round trip), then the
-  oldest one whose client does not read its answer; a newcomer whose request has arrived may also take
-  a silent one's place, and a silent newcomer gets `probation_s` for its first bytes before its place is
-  decided. When none can go, up to `reserve_connections` more are let in that answer only the priority
-  paths (/healthz) and get 503 for anything else, unless by the time their request comes a place can be
-  made for it;
+- open connections: `max_connections`, with `reserve_connections` more past the cap that answer only the
+  priority paths (/healthz). Who gets a place, who is evicted for it and who waits `probation_s` for
+  its first bytes is the pure policy of admission.py (rules and their history there); this module asks
+  it and carries its verdicts out;
 - requests in flight: `max_requests` (503 beyond, like node_exporter's --web.max-requests; at the cap
   the oldest request whose client does not read its answer is cut first). Handlers run on a pool of at
   most that many threads, so threads stay bounded whatever the load;
@@ -54,6 +49,7 @@ from typing import Callable, Mapping, Protocol, cast
 
 import h11
 
+from exporter.admission import Admission, ConnState, Place, Verdict
 from exporter.fairqueue import FairQueue
 from exporter.tlsconn import TlsSession
 
@@ -62,7 +58,6 @@ log = logging.getLogger("exporter.server")
 _TLS_HANDSHAKE = 0x16  # the first byte of every TLS connection: a handshake record
 _HTTP_TO_HTTPS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"  # Go's
 _WRITE_CHUNK = 64 * 1024  # the transport's high-water mark: a slow reader holds at most about this much
-_SILENT_STATES = ("idle", "handshake")  # the states a connection that has sent nothing can be in
 
 
 @dataclass(frozen=True)
@@ -193,11 +188,11 @@ class ServerStats:
 
 
 class _Connection(asyncio.Protocol):
-    # states: "handshake" (TLS), "idle" (waiting for a request), "head" (receiving one), "busy" (being
-    # answered), "linger" (closing politely)
+    """One client connection; to the admission policy an `admission.Conn`."""
+
     def __init__(self, server: HttpServer) -> None:
         self.server = server
-        self.state = "new"
+        self.state = ConnState.NEW
         self.since = 0.0
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=server.limits.max_head_bytes)
         self.tls: TlsSession | None = None
@@ -208,7 +203,6 @@ class _Connection(asyncio.Protocol):
         self.writable: asyncio.Future | None = None  # set while the client does not read what we write
         self.closed = False
         self.eof = False  # the client half-closed: answer what it sent, then close
-        self.reserve = False  # admitted past the cap: priority paths only
         self.must_close = False  # the request had a body we did not read
         self.fresh = True  # nothing received yet: the first byte tells TLS from plain HTTP
         self.sending: bytes | None = None  # the body being written
@@ -231,21 +225,21 @@ class _Connection(asyncio.Protocol):
         self.peer = str(peer[0]) if isinstance(peer, tuple) else "-"
         transport.set_write_buffer_limits(high=64 * 1024)
         self.context = self.server.tls_context()
-        if self.server.admit(self) == "in":
+        if self.server.admit(self):
             self.start()
 
     def start(self) -> None:
         """Admitted: serve it."""
         if self.context is not None:
             self.tls = TlsSession(self.context)
-            self._set_state("handshake", self._head_timeout(), "header_timeout")
+            self._set_state(ConnState.HANDSHAKE, self._head_timeout(), "header_timeout")
         else:
             self._to_idle()
 
     def data_received(self, data: bytes) -> None:
-        if self.closed or self.state == "linger":
+        if self.closed or self.state is ConnState.LINGER:
             return  # discarded: a connection being closed politely
-        if self.state == "new" and not self.server.settle(self, spoken=True):
+        if self.state is ConnState.NEW and not self.server.settle(self, spoken=True):
             return  # on probation, and its first bytes did not win it a place
         if self.fresh:
             self.fresh = False
@@ -260,7 +254,7 @@ class _Connection(asyncio.Protocol):
                 self.close("tls_error")
                 return
             self._flush_tls()
-            if self.state == "handshake":
+            if self.state is ConnState.HANDSHAKE:
                 if not self.tls.handshaken:
                     return
                 if not self.server.allow_peer(self.tls.peercert):
@@ -270,12 +264,12 @@ class _Connection(asyncio.Protocol):
                 self._to_idle()
         if data:
             self.h11.receive_data(data)
-            if self.state == "busy":
+            if self.state is ConnState.BUSY:
                 if len(self.h11.trailing_data[0]) > self.server.limits.max_head_bytes:
                     self.tx.pause_reading()  # pipelined flood while we answer
             else:
-                if self.state == "idle":
-                    self._set_state("head", self._head_timeout(), "header_timeout")
+                if self.state is ConnState.IDLE:
+                    self._set_state(ConnState.HEAD, self._head_timeout(), "header_timeout")
                 self._next_request()
         if self.tls is not None and self.tls.peer_closed and not self.closed:
             self.eof_received()
@@ -296,11 +290,11 @@ class _Connection(asyncio.Protocol):
         return True
 
     def eof_received(self) -> bool:
-        if self.state == "linger":
+        if self.state is ConnState.LINGER:
             self.close_now()
             return False
         self.eof = True
-        if self.state == "busy":  # the client half-closed after its request: answer, then close
+        if self.state is ConnState.BUSY:  # the client half-closed after its request: answer, then close
             return True
         self.close("client_closed")
         return False
@@ -328,9 +322,14 @@ class _Connection(asyncio.Protocol):
         # past the cap a connection gets a short deadline: it holds a reserved place
         return min(self.server.limits.header_timeout_s, 2.0) if self.reserve else self.server.limits.header_timeout_s
 
-    def _set_state(self, state: str, timeout: float | None, reason: str) -> None:
+    @property
+    def reserve(self) -> bool:
+        """Admitted past the cap: priority paths only."""
+        return self in self.server.admission.reserve
+
+    def _set_state(self, state: ConnState, timeout: float | None, reason: str) -> None:
         self.state = state
-        self.since = time.monotonic()
+        self.since = self.server.admission.clock()
         self._cancel_timer()
         if timeout is not None and reason:
             self.timer = asyncio.get_running_loop().call_later(timeout, self.close, reason)
@@ -341,34 +340,31 @@ class _Connection(asyncio.Protocol):
             self.timer = None
 
     def _to_idle(self) -> None:
-        self._set_state("idle", self.server.limits.idle_timeout_s, "idle_timeout")
+        self._set_state(ConnState.IDLE, self.server.limits.idle_timeout_s, "idle_timeout")
         if self.h11.trailing_data[0]:  # a pipelined request already arrived
-            self._set_state("head", self._head_timeout(), "header_timeout")
+            self._set_state(ConnState.HEAD, self._head_timeout(), "header_timeout")
             self._next_request()
         elif self.eof:
             self.close("client_closed")
 
-    @property
-    def silent(self) -> bool:
-        """Nothing received yet, and nothing waiting in the socket either (the loop has not read it)."""
-        return self.fresh and self.state in _SILENT_STATES and not self._unread()
-
-    def _unread(self) -> int:
+    def unread(self) -> bool:
+        """Bytes wait in the socket that the loop has not read yet (FIONREAD; the policy asks only at the cap)."""
         sock = self.tx.get_extra_info("socket")
         try:
-            return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] if sock else 0
+            return sock is not None and struct.unpack(
+                "i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0] > 0
         except OSError:
-            return 0
+            return False
 
     @property
     def stalled(self) -> bool:
         """Being answered, but the client does not read the answer."""
-        return self.state == "busy" and self.writable is not None
+        return self.state is ConnState.BUSY and self.writable is not None
 
     def close(self, reason: str, linger: bool = False) -> None:
         """Close and count why. With linger, half-close and discard what the client still sends for a
         moment: closing with unread data makes the kernel send a reset that can destroy our last response."""
-        if self.closed or self.state == "linger":
+        if self.closed or self.state is ConnState.LINGER:
             return
         self.server.stats.closed[reason] += 1
         log.debug("%s: connection closed: %s", self.peer, reason)
@@ -379,7 +375,7 @@ class _Connection(asyncio.Protocol):
             self.tls.close()
             self._flush_tls()
         if linger and self.tx.can_write_eof() and not self.eof:
-            self._set_state("linger", 2.0, "")
+            self._set_state(ConnState.LINGER, 2.0, "")
             self.timer = asyncio.get_running_loop().call_later(2.0, self.close_now)
             self.tx.resume_reading()
             try:
@@ -448,11 +444,11 @@ class _Connection(asyncio.Protocol):
         except BadRequest as exc:
             self._reject(exc)
             return
-        self._set_state("busy", None, "")
+        self._set_state(ConnState.BUSY, None, "")
         self.task = asyncio.get_running_loop().create_task(self._serve(request))
 
     def _reject(self, exc: BadRequest) -> None:
-        self._set_state("busy", None, "")
+        self._set_state(ConnState.BUSY, None, "")
         log.debug("%s: bad request: %s", self.peer, exc)
         response = Response(exc.status, f"{HTTPStatus(exc.status).phrase}: {exc}\n".encode(), close=True)
         self.task = asyncio.get_running_loop().create_task(self._serve(None, response))
@@ -554,9 +550,8 @@ class HttpServer:
         self.allow_request = allow_request
         self.config_status = config_status
         self.stats = ServerStats()
-        self._connections: dict[_Connection, None] = {}  # insertion-ordered: oldest first
-        self._reserve: dict[_Connection, None] = {}
-        self._waiting: dict[_Connection, asyncio.TimerHandle] = {}  # newcomers on probation
+        self.admission: Admission[_Connection] = Admission(limits, clock=time.monotonic)
+        self._probation: dict[_Connection, asyncio.TimerHandle] = {}  # the timers of newcomers on probation
         self._pool = ThreadPoolExecutor(max_workers=limits.max_requests or 64, thread_name_prefix="http-worker")
         self._auth_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-auth")
         self._background_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-background")
@@ -569,117 +564,77 @@ class HttpServer:
         self._running = threading.Event()
         self._done = threading.Event()
 
-    # -- connection bookkeeping (loop thread)
-    def admit(self, conn: _Connection) -> str:
-        """A new connection's place: "in" (serve it), "wait" (on probation, settle() decides) or "out"."""
-        full = len(self._connections) >= self.limits.max_connections  # below the cap no one asks
-        return self._place(conn, spoken=full and conn._unread() > 0, may_wait=True)
+    # -- connection bookkeeping (loop thread): the admission policy decides, this carries it out
+    @property
+    def _connections(self) -> dict[_Connection, None]:
+        """The full places, oldest first (the policy's; the socket tests look into them)."""
+        return self.admission.placed
+
+    @property
+    def _reserve(self) -> dict[_Connection, None]:
+        return self.admission.reserve
+
+    def admit(self, conn: _Connection) -> bool:
+        """A new connection: True when it is to be served now (a full or a reserved place); else it waits on
+        probation (settle() decides) or was refused."""
+        return self._carry_out(conn, self.admission.admit(conn))
 
     def settle(self, conn: _Connection, spoken: bool) -> bool:
         """The end of a newcomer's probation: its first bytes arrived (spoken) or its time is up. True when
         it got a place (and was started)."""
-        timer = self._waiting.pop(conn, None)
+        timer = self._probation.pop(conn, None)
         if timer is None:
             return False
         timer.cancel()
-        self._count_open()
         if conn.closed:  # it went away while it waited
+            self.forget(conn)
             return False
-        if self._place(conn, spoken or conn._unread() > 0, may_wait=False) != "in":
+        verdict = self.admission.settle(conn, spoken)
+        if verdict is None or not self._carry_out(conn, verdict):
             return False
         conn.start()
         return True
 
-    def _place(self, conn: _Connection, spoken: bool, may_wait: bool) -> str:
-        limits = self.limits
-        victim = None
-        if len(self._connections) < limits.max_connections:
-            self._connections[conn] = None
-        elif (victim := self._evictable(self._connections, spoken)) is not None:
-            self._evict(victim)
-            self._connections[conn] = None
-        elif may_wait and not spoken and len(self._waiting) < limits.max_connections:
-            # Silent, but perhaps only because its request is still on its way (accepted in the moment of
-            # a burst of attackers' connects): it waits a moment for its first bytes, which outrank silence.
-            self._waiting[conn] = asyncio.get_running_loop().call_later(limits.probation_s, self.settle, conn, False)
-        elif len(self._reserve) < limits.reserve_connections or (
-                limits.reserve_connections and (victim := self._evictable(self._reserve, spoken=False))):
-            # Nothing could make room: a reserved place, for probes (a request may still find room when it
-            # arrives, see _promote). A full reserve gives up one that sent nothing past its grace or trickles.
-            if victim is not None:
-                self._evict(victim)
-            conn.reserve = True
-            self._reserve[conn] = None
-        else:
+    def _carry_out(self, conn: _Connection, verdict: Verdict[_Connection]) -> bool:
+        if verdict.evict is not None:
+            self._evict(verdict.evict)
+        if verdict.place is Place.WAIT:
+            self._probation[conn] = asyncio.get_running_loop().call_later(
+                self.limits.probation_s, self.settle, conn, False)
+        elif verdict.place is Place.OUT:
             self.stats.closed["connection_limit"] += 1
             conn.closed = True
             if conn.context is None:  # a TLS client could not read a plain answer
                 conn.tx.writelines(conn._h11_send(h11.Response(
                     status_code=503, headers=[("Content-Length", "0"), ("Connection", "close")])))
             conn.tx.close()
-            return "out"
         self._count_open()
-        return "wait" if conn in self._waiting else "in"
+        return verdict.place is Place.IN or verdict.place is Place.RESERVE
 
     def _count_open(self) -> None:
-        self.stats.open_connections = len(self._connections) + len(self._reserve) + len(self._waiting)
-
-    def _evictable(self, pool: dict[_Connection, None], spoken: bool) -> _Connection | None:
-        """Whom a newcomer replaces at the cap, oldest first within each rank: one closing politely, one idle
-        between requests or silent past its grace, one trickling its head or handshaking (the latter past its
-        grace, but for a newcomer that has spoken), one not reading its answer; and, only for a newcomer that
-        has spoken, one still in its grace (a request outranks silence; between two silent ones the one that
-        came first keeps its place)."""
-        young = time.monotonic() - self.limits.silent_grace_s
-        ranks: tuple[Callable[[_Connection], bool], ...] = (
-            lambda c: c.state == "linger",
-            lambda c: c.state == "idle" and not c.fresh or c.fresh and c.state in _SILENT_STATES and c.since <= young,
-            # one that began its TLS handshake within the grace may be a client one round trip from its
-            # request (a scraper awaiting the server's hello): like silence, only a request outranks it
-            lambda c: not c.fresh and (c.state == "head" or c.state == "handshake" and (spoken or c.since <= young)),
-            lambda c: c.stalled,
-            lambda c: spoken and c.fresh and c.state in _SILENT_STATES)
-        for rank in ranks:
-            # A fresh one whose bytes wait unread is about to be served, not silent: skipped. Checked (a
-            # syscall) in age order only until one qualifies, so a flood of newcomers costs one or two each.
-            for c in sorted((c for c in pool if rank(c)), key=lambda c: c.since):
-                if not c.fresh or c.silent:
-                    return c
-        return None
+        self.stats.open_connections = self.admission.open
 
     def _evict(self, victim: _Connection) -> None:
-        victim.close_now() if victim.state == "linger" else victim.close("evicted")
+        victim.close_now() if victim.state is ConnState.LINGER else victim.close("evicted")
         self.forget(victim)
 
     def _promote(self, conn: _Connection) -> bool:
-        """A reserved connection whose request is not for a priority path takes a full place if one can be
-        made for a newcomer that has spoken: it may have been silent only because its request had not
-        arrived when it was accepted."""
-        if len(self._connections) >= self.limits.max_connections:  # else a place freed while it waited
-            victim = self._evictable(self._connections, spoken=True)
-            if victim is None:
-                return False
-            self._evict(victim)
-        self._reserve.pop(conn, None)
-        self._connections[conn] = None
-        conn.reserve = False
-        self._count_open()
+        """A reserved connection whose request is not for a priority path: a full place if one is free or
+        can be made (it may have been silent only because its request had not arrived when accepted)."""
+        verdict = self.admission.promote(conn)
+        if verdict is None:
+            return False
+        self._carry_out(conn, verdict)
         return True
 
     def trim_stalled(self) -> None:
-        """Keep the distinct bodies held for clients that do not read under `max_stalled_bytes` (a body
-        shared by many clients counts once): past it the oldest such client is cut."""
-        while True:
-            stalled = [c for c in self._connections if c.stalled and not c.closed and c.sending is not None]
-            held = sum(len(b) for b in {id(c.sending): c.sending for c in stalled if c.sending is not None}.values())
-            if held <= self.limits.max_stalled_bytes:
-                return
-            min(stalled, key=lambda c: c.since).close("evicted")
+        """Keep the distinct bodies held for clients that do not read under `max_stalled_bytes`."""
+        for conn in self.admission.over_budget():
+            conn.close("evicted")
 
     def forget(self, conn: _Connection) -> None:
-        self._connections.pop(conn, None)
-        self._reserve.pop(conn, None)
-        if (timer := self._waiting.pop(conn, None)) is not None:
+        self.admission.forget(conn)
+        if (timer := self._probation.pop(conn, None)) is not None:
             timer.cancel()
         self._count_open()
 
@@ -721,10 +676,9 @@ class HttpServer:
         if self.limits.max_requests and self.stats.in_flight >= self.limits.max_requests:
             # A slot held by a client that does not read its answer (its handler is done, only the write
             # waits) gives way, as at the connection cap: else 40 such clients 503 every scrape for 30 s.
-            stalled = [c for c in self._connections if c.stalled and c is not conn]
-            if not stalled:
+            if (stalled := self.admission.oldest_stalled(besides=conn)) is None:
                 return Response(503, b"too many concurrent requests\n"), False
-            min(stalled, key=lambda c: c.since).close("evicted")  # its slot is released as its task ends
+            stalled.close("evicted")  # its slot is released as its task ends
         self.stats.in_flight += 1
         try:
             response = await asyncio.get_running_loop().run_in_executor(self._pool, self.app.handle, request)
@@ -779,7 +733,7 @@ class HttpServer:
             self._running.set()
             loop.run_until_complete(self._stop)
             server.close()
-            for conn in [*self._connections, *self._reserve, *self._waiting]:
+            for conn in [*self.admission.placed, *self.admission.reserve, *self.admission.waiting]:
                 conn.close("shutdown")
             tasks = asyncio.all_tasks(loop)
             for task in tasks:
