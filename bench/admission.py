@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""What a connect costs the exporter at its connection cap (the admission policy, exporter/admission.py).
+"""What a connect costs the exporter at its connection cap (the admission policy, exporter/web/admission.py).
 
     .venv/bin/python bench/admission.py [--connects 3000]    # ~10 s; prints, writes nothing
 
-Two figures. flood: an HTTP server (exporter/httpd.py, --web.max-connections 512, its reserve of 16) in
+Two figures. flood: an HTTP server (exporter/web/httpd.py, --web.max-connections 512, its reserve of 16) in
 a child process, filled with silent connections, then `--connects` more silent ones in bursts of 200,
 0.3 s apart, so each newcomer evicts one past its grace: the server process's CPU time per connect.
 ranking: the policy alone choosing a victim among 512 fake connections (all past their grace; all
@@ -24,9 +24,9 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exporter.admission import Admission, ConnState  # noqa: E402
-from exporter.httpd import HttpServer, Limits, Request, Response  # noqa: E402
-from exporter.server import bind  # noqa: E402
+from exporter.web.admission import Admission, ConnState  # noqa: E402
+from exporter.web.httpd import HttpServer, Limits, Request, Response  # noqa: E402
+from exporter.web.server import bind  # noqa: E402
 
 CAP = 512
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exporter.diagnosis import diagnose  # noqa: E402
-from exporter.diagnosis_history import window_from_history  # noqa: E402
-from exporter.fake_nvml import FakeNvml  # noqa: E402
-from exporter.history import SampleHistory  # noqa: E402
-from exporter.sampler import Sampler  # noqa: E402
+from exporter.diagnosis.rules import diagnose  # noqa: E402
+from exporter.diagnosis.live import window_from_history  # noqa: E402
+from exporter.fake.nvml import FakeNvml  # noqa: E402
+from exporter.diagnosis.live import new_history  # noqa: E402
+from exporter.pipeline.sampler import Sampler  # noqa: E402
 from exporter.sources.nvml import NvmlSource  # noqa: E402
 from exporter.sources.procfs import ProcfsSource  # noqa: E402
 
@@ -47,7 +47,7 @@ def bench(gpus: int) -> dict:
         snap = sampler.tick()
         sampler.stop()
     wall = [1_700_000_000.0]
-    history = SampleHistory(WINDOW, INTERVAL, wall_clock=lambda: wall[0])
+    history = new_history(WINDOW, INTERVAL, wall_clock=lambda: wall[0])
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     rows = round(WINDOW / INTERVAL)  # what the ring keeps

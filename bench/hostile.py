@@ -40,7 +40,7 @@ import bcrypt
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from exporter.fake_nvml import fake_uuid  # noqa: E402
+from exporter.fake.nvml import fake_uuid  # noqa: E402
 from testkit.processes import REPO, ExporterProcess, stop_process  # noqa: E402
 from testkit.loadgen import (basic_auth, guessers, metric_values, open_silent, open_tls_idle,  # noqa: E402
                              percentile, repeaters, rss_bytes, timed_get, tls_client_context)

@@ -17,11 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
-from exporter import collectors  # noqa: E402
-from exporter.collector import SnapshotCollector  # noqa: E402
-from exporter.exposition import TextRenderer  # noqa: E402
-from exporter.fake_nvml import FakeNvml, fake_uuid  # noqa: E402
-from exporter.sampler import Sampler  # noqa: E402
+from exporter.pipeline import collectors  # noqa: E402
+from exporter.pipeline.collector import SnapshotCollector  # noqa: E402
+from exporter.pipeline.exposition import TextRenderer  # noqa: E402
+from exporter.fake.nvml import FakeNvml, fake_uuid  # noqa: E402
+from exporter.pipeline.sampler import Sampler  # noqa: E402
 from exporter.sources.kubelet import ContainerRef, PodResources  # noqa: E402
 from exporter.sources.nvml import NvmlSource  # noqa: E402
 from exporter.sources.processes import ProcessAttributor  # noqa: E402

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from exporter.fake_nvml import fake_uuid  # noqa: E402
+from exporter.fake.nvml import fake_uuid  # noqa: E402
 from testkit.processes import free_port, http_get, start_fake_kubelet, stop_process  # noqa: E402
 
 GPUS = 8

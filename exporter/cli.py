@@ -22,16 +22,16 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import Metric
 
 from exporter import __version__
-from exporter import collectors as registry
-from exporter.collector import SnapshotCollector
+from exporter.pipeline import collectors as registry
+from exporter.pipeline.collector import SnapshotCollector
 from exporter.durations import parse_duration
 from exporter.environment import ENV_PREFIX, env_name
 from exporter.flagparser import FlagParser, close_match
-from exporter.history import SampleHistory
-from exporter.sampler import Sampler
-from exporter.httpd import Limits
-from exporter.listen import ListenAddressError, parse_listen_address
-from exporter.server import ServerCollector, bind, make_server
+from exporter.diagnosis.live import new_history
+from exporter.pipeline.sampler import Sampler
+from exporter.web.httpd import Limits
+from exporter.web.listen import ListenAddressError, parse_listen_address
+from exporter.web.server import ServerCollector, bind, make_server
 from exporter.sources.cgroup import CgroupSource, locate
 from exporter.sources.kubelet import DEFAULT_SOCKET, PodResourcesPoller
 from exporter.sources.nvml import NvmlSource
@@ -39,7 +39,7 @@ from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.kernfile import read_once
 from exporter.sources.procfs import ProcfsSource
-from exporter.webconfig import WebConfigError, WebConfigWatcher
+from exporter.web.config import WebConfigError, WebConfigWatcher
 
 log = logging.getLogger("exporter")
 
@@ -202,7 +202,7 @@ def _check_fake_mig(s: _Setting, v: Values) -> tuple[str, ...]:
         raise ValueError(f"{s}: --fake-mig needs --fake-gpus")
     if len(profiles) > 7:
         raise ValueError(f"{s}: at most 7 instances")
-    from exporter.fake_nvml import check_mig_layout  # the fakes load only when asked for
+    from exporter.fake.nvml import check_mig_layout  # the fakes load only when asked for
 
     try:
         check_mig_layout(profiles)
@@ -221,7 +221,7 @@ def _check_fake_churn(s: _Setting, v: Values) -> float:
 def _check_fake_scenario(s: _Setting, v: Values) -> str:
     if not s.value:
         return ""
-    from exporter.fake_scenarios import SCENARIOS  # the fakes load only when asked for
+    from exporter.fake.scenarios import SCENARIOS  # the fakes load only when asked for
 
     if s.value not in SCENARIOS:
         match = close_match(s.value, list(SCENARIOS))
@@ -241,7 +241,7 @@ def _check_fake_gpus_from(s: _Setting, v: Values) -> str:
 
 
 def _smi_dump(path: str, subject: str) -> Any:
-    from exporter.fake_smi import NotADump, read_dump  # the fakes load only when asked for
+    from exporter.fake.smi import NotADump, read_dump  # the fakes load only when asked for
 
     try:
         return read_dump(path)
@@ -250,7 +250,7 @@ def _smi_dump(path: str, subject: str) -> Any:
 
 
 def _scenario_help() -> str:
-    from exporter.fake_scenarios import scenario_help
+    from exporter.fake.scenarios import scenario_help
 
     return f"with --fake-gpus: drive every simulated GPU into one condition for the diagnosis ({scenario_help()})"
 
@@ -442,7 +442,7 @@ def _web_config(path: str, subject: str) -> WebConfigWatcher:
 def _host_source(cfg: Config) -> Any:
     """The host CPU as read from procfs, or simulated busy where a --fake-scenario asks for it."""
     if cfg.fake_scenario:
-        from exporter.fake_scenarios import host_source
+        from exporter.fake.scenarios import host_source
 
         return host_source(cfg.fake_scenario, cfg.procfs)
     return ProcfsSource(cfg.procfs)
@@ -450,15 +450,15 @@ def _host_source(cfg: Config) -> Any:
 
 def _nvml_module(cfg: Config) -> tuple[Any, str]:
     if cfg.fake_gpus_from:
-        from exporter.fake_smi import SmiNvml
+        from exporter.fake.smi import SmiNvml
 
         return SmiNvml(_smi_dump(cfg.fake_gpus_from, cfg.fake_gpus_from)), "fake"
     if cfg.fake_scenario:
-        from exporter.fake_scenarios import ScenarioNvml
+        from exporter.fake.scenarios import ScenarioNvml
 
         return ScenarioNvml(cfg.fake_scenario, cfg.fake_gpus), "fake"
     if cfg.fake_gpus:
-        from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+        from exporter.fake.nvml import FakeGpuSpec, FakeNvml
 
         # Nothing alarming unless asked: XIDs come only with --fake-scenario xids.
         churn: dict[str, Any] = {"batch_period_s": cfg.fake_churn, "batch_new_pid": True} if cfg.fake_churn else {}
@@ -520,7 +520,7 @@ def _raise_open_file_limit() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["diagnose"]:
-        from exporter.diagnose_cli import main as diagnose_main
+        from exporter.diagnosis.prometheus import main as diagnose_main
 
         return diagnose_main(argv[1:])
     cfg = parse_config(argv)
@@ -547,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for warning in unknown_variables(os.environ):
         log.warning("%s", warning)
-    history = SampleHistory(cfg.history_window, cfg.sample_interval) if cfg.history_window else None
+    history = new_history(cfg.history_window, cfg.sample_interval) if cfg.history_window else None
     on = cfg.collectors
     need = registry.needs(on)  # which sources to build: what the enabled collectors need (collectors.py)
     pods = (PodResourcesPoller(cfg.pod_resources_socket)

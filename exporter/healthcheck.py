@@ -14,8 +14,8 @@ import sys
 import urllib.request
 
 from exporter.environment import env_name
-from exporter.listen import ListenAddressError, parse_listen_address
-from exporter.webconfig import WebConfigError, load_web_config
+from exporter.web.listen import ListenAddressError, parse_listen_address
+from exporter.web.config import WebConfigError, load_web_config
 
 
 def main() -> int:

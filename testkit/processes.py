@@ -187,7 +187,7 @@ class Stack:
     Prometheus scraping both."""
 
     def __init__(self, workdir: Path) -> None:
-        from exporter.fake_nvml import fake_uuid
+        from exporter.fake.nvml import fake_uuid
 
         workdir.mkdir(parents=True, exist_ok=True)
         socket_path = workdir / "kubelet.sock"

@@ -3,8 +3,8 @@
     python -m testkit.smi_dump DUMP.xml [--out FILE] [--format stub|fake]
 
 stub (default): the stand-in's key=value lines ($NVML_STUB_CONFIG), every GPU of the dump; fake: the parsed
-dump as JSON (what exporter.fake_smi.SmiNvml serves, which `--fake-gpus-from DUMP.xml` reads directly).
-The parse is exporter/fake_smi.py's, so both replay one board. A file that is not a dump: one line, exit 2.
+dump as JSON (what exporter.fake.smi.SmiNvml serves, which `--fake-gpus-from DUMP.xml` reads directly).
+The parse is exporter/fake/smi.py's, so both replay one board. A file that is not a dump: one line, exit 2.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from exporter.fake_smi import CALL_VALUES, SmiDump, error_code, parse_dump, read_dump, NotADump  # noqa: F401
+from exporter.fake.smi import CALL_VALUES, SmiDump, error_code, parse_dump, read_dump, NotADump  # noqa: F401
 
 # SmiGpu.values keys that are stand-in keys of the same name and unit.
 _SAME = ("util", "mem_util", "mem_total", "mem_used", "temp", "power_mw", "limit_mw", "energy_mj",
@@ -106,7 +106,7 @@ CALL_FAMILIES: dict[str, tuple[tuple[str, dict[str, str]], ...]] = {
     "nvmlDeviceGetComputeRunningProcesses": (("gpu_process_memory_used_bytes", {}),),
     "nvmlDeviceGetProcessUtilization": (("gpu_process_sm_utilization_ratio", {}),),
 }
-# Readings the Python fake jitters (exporter/fake_smi.py): relative or absolute tolerance there.
+# Readings the Python fake jitters (exporter/fake/smi.py): relative or absolute tolerance there.
 JITTER = {"gpu_utilization_ratio": (0.0, 0.02), "gpu_power_watts": (0.01, 0.0)}
 
 

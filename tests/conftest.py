@@ -6,11 +6,11 @@ from typing import Iterator
 
 import pytest
 
-from exporter.collectors import ALL as ALL_COLLECTORS, nvml_options
-from exporter.collector import SnapshotCollector
-from exporter.fake_nvml import FakeNvml
-from exporter.histogram import HistogramSnapshot
-from exporter.sampler import Sampler
+from exporter.pipeline.collectors import ALL as ALL_COLLECTORS, nvml_options
+from exporter.pipeline.collector import SnapshotCollector
+from exporter.fake.nvml import FakeNvml
+from exporter.pipeline.histogram import HistogramSnapshot
+from exporter.pipeline.sampler import Sampler
 from exporter.sources.nvml import NvmlSource
 from exporter.sources.nvml.specs import GPU_SCALARS
 from exporter.sources.procfs import ProcfsSource

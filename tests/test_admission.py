@@ -1,6 +1,6 @@
-"""The admission policy (exporter/admission.py) without sockets or sleeps: fake connections, a fake clock.
+"""The admission policy (exporter/web/admission.py) without sockets or sleeps: fake connections, a fake clock.
 
-Each eviction edge case the server once got wrong (git log -- exporter/httpd.py) is a named test here;
+Each eviction edge case the server once got wrong (git log -- exporter/web/httpd.py) is a named test here;
 tests/test_httpd.py still checks the same rules end to end over real sockets."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import dataclass, replace
 
 from hypothesis import given, settings, strategies as st
 
-from exporter.admission import Admission, ConnState, Place, Verdict
-from exporter.httpd import Limits
+from exporter.web.admission import Admission, ConnState, Place, Verdict
+from exporter.web.httpd import Limits
 
 S = ConnState
 GRACE = Limits().silent_grace_s  # 250 ms

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 
-from exporter import collectors as registry
-from exporter.collector import SnapshotCollector
-from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from exporter.pipeline import collectors as registry
+from exporter.pipeline.collector import SnapshotCollector
+from exporter.fake.nvml import FakeGpuSpec, FakeNvml
 from exporter.sources.cgroup import CgroupSource
 from exporter.sources.kubelet import ContainerRef, PodResources
 from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS

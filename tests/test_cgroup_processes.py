@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.collectors import ALL as ALL_COLLECTORS, nvml_options
+from exporter.pipeline.collectors import ALL as ALL_COLLECTORS, nvml_options
 from exporter.sources.nvml.specs import GPU_SCALARS
-from exporter.fake_nvml import FakeNvml
+from exporter.fake.nvml import FakeNvml
 from exporter.sources.cgroup import (
     CgroupPathError,
     CgroupSource,
@@ -268,7 +268,7 @@ def test_process_series_appear_and_vanish_with_labels(procfs):
 
 
 def test_processes_collector_can_be_switched_off(procfs):
-    from exporter.sampler import Sampler
+    from exporter.pipeline.sampler import Sampler
     from exporter.sources.nvml import NvmlSource
     from exporter.sources.procfs import ProcfsSource
 

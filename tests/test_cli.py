@@ -268,7 +268,7 @@ def test_healthcheck_does_not_import_the_exporter():
     assert r.returncode == 0, r.stderr
     loaded = set(r.stdout.split())
     assert "exporter.healthcheck" in loaded
-    assert not loaded & {"exporter.cli", "exporter.sampler", "exporter.collector", "exporter.server",
+    assert not loaded & {"exporter.cli", "exporter.pipeline.sampler", "exporter.pipeline.collector", "exporter.web.server",
                          "exporter.sources", "prometheus_client", "pynvml"}, sorted(loaded)
 
 

@@ -7,8 +7,8 @@ import pynvml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.collector import SnapshotCollector
-from exporter.fake_nvml import FakeNvml
+from exporter.pipeline.collector import SnapshotCollector
+from exporter.fake.nvml import FakeNvml
 from exporter.sources.nvml.specs import UTILIZATION
 from tests.conftest import families, make_sampler
 
@@ -145,7 +145,7 @@ def test_lost_gpu_keeps_up_series_drops_values(procfs):
 def test_server_metrics_are_documented_and_count():
     from prometheus_client import CollectorRegistry
 
-    from exporter.server import ServerCollector, make_server
+    from exporter.web.server import ServerCollector, make_server
     from tests.conftest import REPO, http_get
 
     registry = CollectorRegistry(auto_describe=False)

@@ -1,4 +1,4 @@
-"""Collectors you can switch (exporter/collectors.py): each switch removes its families and the NVML calls
+"""Collectors you can switch (exporter/pipeline/collectors.py): each switch removes its families and the NVML calls
 behind them; the registry, --help and README's flag table agree."""
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter import collectors as registry
+from exporter.pipeline import collectors as registry
 from exporter.cli import parse_config
-from exporter.collector import SnapshotCollector
+from exporter.pipeline.collector import SnapshotCollector
 from exporter.environment import env_name
-from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from exporter.fake.nvml import FakeGpuSpec, FakeNvml
 from exporter.sources.cgroup import CgroupSource
 from exporter.sources.kubelet import ContainerRef, PodResources
 from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
@@ -301,7 +301,7 @@ def test_collect_param_scrapes_a_subset(exporter_proc):
                                          max_size=40).map(lambda names: "&".join(f"collect[]={n}" for n in names)))
 def test_collect_query_fuzzed(query):
     """Any query string: a checked selection or ValueError with a short message, never another exception."""
-    from exporter.server import collect_params
+    from exporter.web.server import collect_params
 
     try:
         chosen = registry.select(collect_params(query), registry.DEFAULT)

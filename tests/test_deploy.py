@@ -146,7 +146,7 @@ def test_runtimeclass_overlay():
 def test_tls_overlay_serves_https_from_the_certificate_secret(tmp_path):
     import base64
 
-    from exporter.webconfig import parse_web_config
+    from exporter.web.config import parse_web_config
 
     docs = kustomize("overlays/tls")
     for doc in docs:

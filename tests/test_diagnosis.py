@@ -11,11 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.diagnosis import MIB, GpuWindow, Thresholds, Window, diagnose, render_text, report
-from exporter.diagnosis_history import _late_share, window_from_history
-from exporter.fake_nvml import FakeGpuSpec, FakeNvml
-from exporter.fake_scenarios import SCENARIOS, ScenarioNvml
-from exporter.history import SampleHistory
+from exporter.diagnosis.rules import MIB, GpuWindow, Thresholds, Window, diagnose, render_text, report
+from exporter.diagnosis.live import _late_share, window_from_history
+from exporter.fake.nvml import FakeGpuSpec, FakeNvml
+from exporter.fake.scenarios import SCENARIOS, ScenarioNvml
+from exporter.diagnosis.live import new_history
+from exporter.pipeline.history import SampleHistory
 from exporter.sources.cgroup import CgroupSource
 from tests.conftest import ManualClock, make_sampler
 from tests.test_cgroup_processes import v2_tree
@@ -159,7 +160,7 @@ def live_history(tmp_path, procfs, scenario: str, host_busy: bool = False, quota
                  ticks: int = 200, interval: float = 0.1) -> SampleHistory:
     clock = ManualClock()
     wall = ManualClock(1_700_000_000.0)
-    history = SampleHistory(60.0, interval, wall_clock=wall)
+    history = new_history(60.0, interval, wall_clock=wall)
     root = tmp_path / "cgroup"
     v2_tree(root, "/tts", 0, 0, 0, 0)
     s = make_sampler(ScenarioNvml(scenario, 2, clock=clock), procfs.root, interval=interval, clock=clock,
@@ -198,8 +199,8 @@ def diagnosis_app(history: SampleHistory | None):
     """The server's app (no socket); `ask(query)` -> (status, JSON document) of GET /api/v1/diagnosis."""
     from prometheus_client import CollectorRegistry
 
-    from exporter.httpd import Request
-    from exporter.server import ExporterApp
+    from exporter.web.httpd import Request
+    from exporter.web.server import ExporterApp
 
     app = ExporterApp(CollectorRegistry(), lambda: (True, "ok"), "/metrics", history, None)
 
@@ -244,7 +245,7 @@ def test_every_scenario_has_a_description():
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=60))
 def test_parse_time_takes_any_text_without_crashing(text):
-    from exporter.diagnose_cli import DiagnoseError, parse_time
+    from exporter.diagnosis.prometheus import DiagnoseError, parse_time
 
     try:
         assert isinstance(parse_time(text, 1_800_000_000.0), float)
@@ -253,7 +254,7 @@ def test_parse_time_takes_any_text_without_crashing(text):
 
 
 def test_parse_time_forms():
-    from exporter.diagnose_cli import parse_time
+    from exporter.diagnosis.prometheus import parse_time
 
     now = 1_800_000_000.0
     assert parse_time("now", now) == now and parse_time("now-10m", now) == now - 600
@@ -274,11 +275,11 @@ def test_bad_fake_scenario_is_one_line(args, capsys):
 def test_gpm_ratios_flow_from_a_reading_into_the_tensor_rule(tmp_path, procfs):
     """A reading carrying GPM activity (the gpm collector's spec rows) reaches the diagnosis through the
     history ring; a GPU without GPM leaves the GPM rules silent."""
-    from exporter.history import GPM_FIELDS
+    from exporter.pipeline.history import GPM_FIELDS
     from exporter.sources.nvml.specs import DRAM_ACTIVE, SM_ACTIVE, TENSOR_ACTIVE
 
     clock, wall = ManualClock(), ManualClock(1_700_000_000.0)
-    history = SampleHistory(10.0, 0.1, wall_clock=wall)
+    history = new_history(10.0, 0.1, wall_clock=wall)
     s = make_sampler(ScenarioNvml("healthy", 1, clock=clock), procfs.root, interval=0.1, clock=clock)
     for _ in range(10):
         procfs.advance(busy=[2, 2], idle=[18, 18])
@@ -292,7 +293,7 @@ def test_gpm_ratios_flow_from_a_reading_into_the_tensor_rule(tmp_path, procfs):
     w = window_from_history(history, 10.0)
     assert [w.gpus[0].tensor_active[-1], w.gpus[0].dram_active[-1]] == [0.9, 0.2] and len(GPM_FIELDS) == 3
     assert [f.rule for f in diagnose(w)] == ["nothing_abnormal", "tensor_bound", "short_window"]
-    plain = SampleHistory(10.0, 0.1, wall_clock=wall)
+    plain = new_history(10.0, 0.1, wall_clock=wall)
     s = make_sampler(FakeNvml(specs=[FakeGpuSpec(gpm_supported=False)], clock=clock), procfs.root, interval=0.1,
                      clock=clock, history=plain)
     for _ in range(5):
@@ -316,7 +317,7 @@ def test_help_prints_and_exits_0(argv, capsys):
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=80))
 def test_any_query_string_gets_a_status_not_an_exception(query):
-    history = SampleHistory(10.0, 0.1)
+    history = new_history(10.0, 0.1)
     code, doc = diagnosis_endpoint(history, query)
     assert (code, bool(doc.get("findings"))) in ((200, True), (400, False)) and ("error" in doc) == (code == 400)
 
@@ -335,7 +336,7 @@ def test_diagnoses_run_one_at_a_time_and_are_shared(mocker, tmp_path, procfs):
         release.wait(5)
         return b'{"findings": []}'
 
-    mocker.patch("exporter.server.diagnosis_json", side_effect=slow)
+    mocker.patch("exporter.web.server.diagnosis_json", side_effect=slow)
     with ThreadPoolExecutor(6) as pool:
         ask = diagnosis_app(history)
         same = [pool.submit(ask, "window=30s") for _ in range(4)]
@@ -350,7 +351,7 @@ def test_diagnoses_run_one_at_a_time_and_are_shared(mocker, tmp_path, procfs):
 
 def test_rtf_crossing_says_whether_the_rtf_was_scraped_at_all():
     """`diagnose` is definite: "not scraped" (no points) and "stayed at or below 0.7" (with its peak) apart."""
-    from exporter.diagnose_cli import rtf_crossing
+    from exporter.diagnosis.prometheus import rtf_crossing
 
     class Prom:
         def __init__(self, values):
@@ -365,7 +366,7 @@ def test_rtf_crossing_says_whether_the_rtf_was_scraped_at_all():
     assert rtf_crossing(Prom([[1, "0.3"], [2, "0.9"]]), "", 0.0, 10.0, 1.0, "4s") == (2.0, 0.9, False)
 # ---- what a report covers (issue #25 item 1): the same rule live and from Prometheus ---------------
 def test_covered_span_counts_samples_not_holes():
-    from exporter.diagnosis import covered_span
+    from exporter.diagnosis.rules import covered_span
 
     assert covered_span([], 15, 300) == 0.0
     assert covered_span([0, 15, 30, 45, 60], 15, 300) == 75.0  # each sample stands for its interval
@@ -378,7 +379,7 @@ def test_the_live_window_covers_its_rows_across_a_hole(tmp_path, procfs):
     """Throttled ticks, then the sampler stalled 30 s, then more: the clock share is over the rows, the
     report says what it covers, and 'partial_window' says it is short of the asked minute."""
     clock, wall = ManualClock(), ManualClock(1_700_000_000.0)
-    history = SampleHistory(60.0, 0.1, wall_clock=wall)
+    history = new_history(60.0, 0.1, wall_clock=wall)
     s = make_sampler(ScenarioNvml("throttled", 1, clock=clock), procfs.root, interval=0.1, clock=clock,
                      history=history)
     for k in range(200):
@@ -414,7 +415,7 @@ def test_non_finite_values_never_become_a_finding(values):
 
 
 def test_a_counter_reset_in_the_live_history_is_read_as_prometheus_reads_it():
-    from exporter.diagnosis_history import _increase
+    from exporter.diagnosis.live import _increase
 
     assert _increase([]) == _increase([3.0]) == 0
     assert _increase([1.0, 1.0, 3.0]) == 2

@@ -155,7 +155,7 @@ def test_prometheus_window_reads_the_sample_histograms(scenarios):
     """Starved, busy and saturated shares come from the sample histograms (every tick), not only gauges."""
     import time
 
-    from exporter.diagnose_cli import Prometheus, PromWindow
+    from exporter.diagnosis.prometheus import Prometheus, PromWindow
 
     now = time.time()
     starved = PromWindow(Prometheus(scenarios.prom.url), f"127.0.0.1:{scenarios.exporters['cpu-starved'].port}")
@@ -301,7 +301,7 @@ def test_a_server_that_trickles_its_answer_is_given_up_on_at_the_timeout():
     server liked. The whole exchange has one deadline."""
     import http.server
 
-    from exporter.diagnose_cli import DiagnoseError, Prometheus
+    from exporter.diagnosis.prometheus import DiagnoseError, Prometheus
 
     stop = threading.Event()
 
@@ -450,14 +450,14 @@ def backfilled(tmp_path_factory) -> Iterator[tuple[PrometheusServer, float]]:
 
 
 def diagnose_doc(prom: PrometheusServer, instance: str, end: float, *extra: str) -> dict:
-    from exporter.diagnose_cli import run
+    from exporter.diagnosis.prometheus import run
 
     return json.loads(run(["--prometheus", prom.url, "--instance", instance, "--at", f"{end:.0f}", "--window", "5m",
                            "--rtf-selector", '{job="tts"}', "--json", *extra]))
 
 
 def prom_window(prom: PrometheusServer, instance: str, end: float):
-    from exporter.diagnose_cli import Prometheus, PromWindow
+    from exporter.diagnosis.prometheus import Prometheus, PromWindow
 
     return PromWindow(Prometheus(prom.url), instance).build(end - WINDOW_S, end)
 
@@ -480,7 +480,7 @@ def test_a_history_that_starts_60s_before_the_query_end(backfilled):
     assert abs(w.gpus[0].clock_events["sw_thermal_slowdown"] - 0.9) <= S / w.seconds
     assert "for 100 % of the last 75 s" in rules["pcie_saturated"]["evidence"]
     assert "clocks held down for 90 %" in rules["clocks_throttled"]["evidence"]
-    from exporter.diagnose_cli import run
+    from exporter.diagnosis.prometheus import run
 
     text = run(["--prometheus", prom.url, "--instance", "late:1", "--at", f"{end:.0f}", "--window", "5m"])
     assert "; 75 s of data in the 5 min asked, from " in text.splitlines()[0], text
@@ -531,7 +531,7 @@ def test_a_history_across_an_exporter_restart(backfilled):
 def test_a_cause_starting_near_the_rtf_crossing_is_named_as_coinciding(backfilled, name):
     """A starvation that begins with the jitter (0, 2, 10 s after the crossing) filled ~15 s of the old
     60 s-before-to-15 s-after lookup: "no finding coincides" while the whole window named it."""
-    from exporter.diagnose_cli import iso
+    from exporter.diagnosis.prometheus import iso
 
     prom, end = backfilled
     doc = diagnose_doc(prom, name, end)

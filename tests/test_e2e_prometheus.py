@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from exporter.fake_nvml import FakeGpuSpec
+from exporter.fake.nvml import FakeGpuSpec
 from tests.conftest import STACK_PODS, find_tool, http_get
 
 pytestmark = pytest.mark.e2e
@@ -119,7 +119,7 @@ def test_xid_and_health_series(stack):
     xid = prom.wait_for('gpu_xid_errors_total{gpu="1",xid="31"}', timeout=20)
     assert float(xid[0]["value"][1]) >= 1
     assert prom.query("gpu_row_remap_pending == 0")
-    # Off by default (the series budget, exporter/collectors.py); test_collectors.py switches them on.
+    # Off by default (the series budget, exporter/pipeline/collectors.py); test_collectors.py switches them on.
     for name in ("gpu_ecc_errors_total", "gpu_sample_buffer_seconds", "gpu_power_from_energy_watts",
                  "gpu_clock_event_active", "gpu_pcie_link_max_bytes_per_second"):
         assert not prom.query(name), name

@@ -5,9 +5,9 @@ from prometheus_client.openmetrics import exposition as om_exposition
 from prometheus_client.openmetrics import parser as om_parser
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.collector import SnapshotCollector
-from exporter.exposition import TextRenderer
-from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from exporter.pipeline.collector import SnapshotCollector
+from exporter.pipeline.exposition import TextRenderer
+from exporter.fake.nvml import FakeGpuSpec, FakeNvml
 from tests.conftest import make_sampler
 
 
@@ -45,7 +45,7 @@ def test_fast_renderer_matches_generate_latest(procfs):
 def test_label_cache_forgets_label_sets_of_exited_processes():
     from prometheus_client.core import GaugeMetricFamily
 
-    from exporter.exposition import TextRenderer
+    from exporter.pipeline.exposition import TextRenderer
 
     renderer = TextRenderer()
     for i in range(1000):  # a new PID every render, as with short-lived jobs

@@ -7,7 +7,7 @@ import time
 import pynvml
 import pytest
 
-from exporter.fake_nvml import FakeGpuSpec, FakeNvml, fake_call_names
+from exporter.fake.nvml import FakeGpuSpec, FakeNvml, fake_call_names
 
 
 def test_every_fake_function_exists_in_pynvml_with_the_same_parameters():
@@ -118,7 +118,7 @@ def test_plain_simulated_gpus_schedule_no_xid_and_the_xids_scenario_does():
 def test_every_scenario_names_a_documented_rule():
     from pathlib import Path
 
-    from exporter.fake_scenarios import SCENARIOS
+    from exporter.fake.scenarios import SCENARIOS
 
     rules = Path(__file__).resolve().parents[1].joinpath("docs/diagnosis.md").read_text()
     for name, s in SCENARIOS.items():
@@ -127,7 +127,7 @@ def test_every_scenario_names_a_documented_rule():
 
 
 def test_simulated_host_is_busy_marked_and_keeps_the_real_memory(tmp_path):
-    from exporter.fake_scenarios import SimulatedHost, host_source
+    from exporter.fake.scenarios import SimulatedHost, host_source
     from exporter.sources.procfs import ProcfsSource
     from tests.conftest import FakeProcfs
 

@@ -9,8 +9,8 @@ import time
 import pynvml
 from prometheus_client import CollectorRegistry
 
-from exporter.fake_nvml import FakeNvml, fake_call_names
-from exporter.server import make_server
+from exporter.fake.nvml import FakeNvml, fake_call_names
+from exporter.web.server import make_server
 from tests.conftest import ALL_COLLECTORS, families, http_get, make_sampler
 
 
@@ -46,7 +46,7 @@ def test_problems_are_logged_once_per_transition(procfs, caplog):
         fake.clear_faults(0)
         for _ in range(3):
             s.tick()
-    messages = [r.getMessage() for r in caplog.records if r.name == "exporter.sampler"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "exporter.pipeline.sampler"]
     assert messages == ["GPU 0: failing calls: nvmlDeviceGetTemperature", "GPU 0: recovered"]
     assert dict(s.snapshot.stats.errors)[("nvml", "nvmlDeviceGetTemperature")] == 5  # counted every tick
 
@@ -59,7 +59,7 @@ def test_a_lost_gpu_is_logged_once_for_the_whole_outage(procfs, caplog):
     with caplog.at_level(logging.INFO, logger="exporter"):
         for _ in range(6):  # the failing read, then ticks inside the re-open back-off
             s.tick()
-    lost = [r.getMessage() for r in caplog.records if r.name == "exporter.sampler"]
+    lost = [r.getMessage() for r in caplog.records if r.name == "exporter.pipeline.sampler"]
     assert len(lost) == 1 and lost[0].startswith("GPU 0: lost"), lost
 
 
@@ -88,7 +88,7 @@ def test_no_permission_is_counted_and_logged_once_and_not_asked_again(procfs, ca
 def test_a_5s_hang_seen_through_http_while_everything_else_keeps_serving(procfs):
     """The issue's case end to end in one process: real sampler thread, real HTTP server, one NVML call
     of GPU 1 hanging for 5 s."""
-    from exporter.collector import SnapshotCollector
+    from exporter.pipeline.collector import SnapshotCollector
     from prometheus_client.parser import text_string_to_metric_families
 
     fake = FakeNvml(2)
@@ -150,7 +150,7 @@ def _cgroup_tree(root, rel: str = "tts") -> None:
 
 
 def _sampler_messages(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "exporter.sampler"]
+    return [r.getMessage() for r in caplog.records if r.name == "exporter.pipeline.sampler"]
 
 
 def test_malformed_cgroup_files_cost_their_own_series_and_one_log_line(procfs, tmp_path, caplog):
@@ -202,7 +202,7 @@ def test_a_source_that_raises_costs_only_its_own_series(procfs, tmp_path, caplog
     broken = {name: mocker.patch.object(obj, attr, side_effect=RuntimeError(f"bug in {name}"))
               for name, obj, attr in (("procfs", s.procfs, "read"), ("cgroup", s.cgroup, "read"),
                                       ("processes", s.attributor, "lookup"), ("nvml", s.nvml, "poll"))}
-    mocker.patch("exporter.sampler.read_shm", side_effect=OSError(5, "Input/output error"))
+    mocker.patch("exporter.pipeline.sampler.read_shm", side_effect=OSError(5, "Input/output error"))
     with caplog.at_level(logging.INFO, logger="exporter"):
         for _ in range(4):
             s.tick()

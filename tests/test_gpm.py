@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from exporter.fake.nvml import FakeGpuSpec, FakeNvml
 from exporter.sources.gpm import MIN_SAMPLE_GAP_S, GpmActivity, GpmReader
 from tests.conftest import ManualClock
 

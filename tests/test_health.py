@@ -5,7 +5,7 @@ import time
 
 import pynvml
 
-from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from exporter.fake.nvml import FakeGpuSpec, FakeNvml
 from exporter.sources.nvml.specs import POWER, POWER_FROM_ENERGY
 from tests.conftest import families, make_sampler
 

@@ -11,8 +11,8 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from exporter.httpd import BadRequest, HttpServer, Limits, Request, Response, parse_head
-from exporter.server import bind
+from exporter.web.httpd import BadRequest, HttpServer, Limits, Request, Response, parse_head
+from exporter.web.server import bind
 from tests.conftest import read_until_closed
 
 
@@ -421,7 +421,7 @@ def test_parse_head_only_ever_raises_bad_request(head):
 def test_concurrent_scrapes_of_one_snapshot_share_one_render():
     from concurrent.futures import ThreadPoolExecutor
 
-    from exporter.server import _RenderCache
+    from exporter.web.server import _RenderCache
 
     renders = []
     generation = [object()]
@@ -480,7 +480,7 @@ def test_an_exception_while_answering_closes_that_connection_and_is_logged(serve
     """Defect 4: a header value h11 cannot encode used to leave every connection hanging."""
     server = serve(idle_timeout_s=30, header_timeout_s=30)
     server.extra_headers = lambda: (("X-Quote", "\u201cq\u201d"),)
-    with connect(server) as s, caplog.at_level("ERROR", logger="exporter.server"):
+    with connect(server) as s, caplog.at_level("ERROR", logger="exporter.web.server"):
         s.sendall(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
         assert closed_within(s, 3.0)
     assert server.stats.closed["internal_error"] == 1
@@ -583,7 +583,7 @@ def test_bad_tls_is_a_closed_connection_not_a_stuck_one(serve, tls_context):
 @given(st.lists(st.tuples(st.sampled_from(["push", "pop"]), st.integers(0, 5)), max_size=200),
        st.integers(1, 8))
 def test_fair_queue_is_bounded_and_a_flood_only_pushes_itself_out(ops, capacity):
-    from exporter.fairqueue import FairQueue
+    from exporter.web.fairqueue import FairQueue
 
     q: FairQueue[tuple[int, int]] = FairQueue(capacity)
     waiting: dict[int, list[tuple[int, int]]] = {}
@@ -605,7 +605,7 @@ def test_fair_queue_is_bounded_and_a_flood_only_pushes_itself_out(ops, capacity)
 
 
 def test_fair_queue_serves_keys_in_turn():
-    from exporter.fairqueue import FairQueue
+    from exporter.web.fairqueue import FairQueue
 
     q: FairQueue[str] = FairQueue(64)
     for i in range(20):
@@ -620,7 +620,7 @@ def test_fair_queue_serves_keys_in_turn():
        st.integers(1, 8), st.integers(1, 3))
 def test_fair_queue_by_rank_bounds_each_key_and_a_better_rank_always_gets_in(ops, capacity, per_key):
     """Issue #22.3: ranks (webconfig.BasicAuth.rank) and a per-address bound on top of the fairness."""
-    from exporter.fairqueue import FairQueue
+    from exporter.web.fairqueue import FairQueue
 
     q: FairQueue[tuple[int, int, int]] = FairQueue(capacity, per_key)
     waiting: list[tuple[int, int, int]] = []
@@ -652,7 +652,7 @@ def test_fair_queue_by_rank_bounds_each_key_and_a_better_rank_always_gets_in(ops
 def test_a_real_first_login_is_next_after_thousands_of_invented_names_from_many_addresses():
     """Issue #22.3: 2 000 guesses (new names) from 127.0.0.2..9 fill the queue; the real user's login
     from a ninth address is the next one served, and its own address's backlog is bounded."""
-    from exporter.fairqueue import FairQueue
+    from exporter.web.fairqueue import FairQueue
 
     q: FairQueue[str] = FairQueue(32, per_key=4)
     refused = sum(q.push(f"127.0.0.{2 + i % 8}", f"guess{i}", 2) is not None for i in range(2000))
@@ -676,7 +676,7 @@ def test_a_client_gone_before_the_half_close_is_debug_not_an_error(serve, caplog
     server = serve()
     mocker.patch.object(asyncio.selector_events._SelectorSocketTransport, "write_eof",
                         side_effect=OSError(errno.ENOTCONN, "Transport endpoint is not connected"))
-    with caplog.at_level("DEBUG", logger="exporter.server"):
+    with caplog.at_level("DEBUG", logger="exporter.web.server"):
         for bad in (b"GET metrics HTTP/1.1\r\n\r\n", b"\x00garbage\r\n\r\n",
                     b"GET / HTTP/1.1\r\nX: " + b"a" * 20000 + b"\r\n\r\n"):
             assert status_of(ask(server, bad)) in (400, 431)
@@ -686,12 +686,12 @@ def test_a_client_gone_before_the_half_close_is_debug_not_an_error(serve, caplog
 
 
 def test_a_connection_reset_while_answering_is_counted_not_an_error(serve, caplog, mocker):
-    from exporter.httpd import _Connection
+    from exporter.web.httpd import _Connection
 
     server = serve()
     real = _Connection._write
     mocker.patch.object(_Connection, "_write", side_effect=ConnectionResetError(104, "Connection reset by peer"))
-    with caplog.at_level("DEBUG", logger="exporter.server"), connect(server) as s:
+    with caplog.at_level("DEBUG", logger="exporter.web.server"), connect(server) as s:
         s.sendall(b"GET /fast HTTP/1.1\r\n\r\n")
         assert read_until_closed(s) == b""
     mocker.patch.object(_Connection, "_write", real)
@@ -707,10 +707,10 @@ def test_a_connection_reset_while_answering_is_counted_not_an_error(serve, caplo
 def test_samples_share_one_render_per_window_for_a_second_and_cap_renders(mocker, clock):
     from concurrent.futures import ThreadPoolExecutor
 
-    from exporter.history import SampleHistory
-    from exporter.server import _SharedRenders
+    from exporter.diagnosis.live import new_history
+    from exporter.web.server import _SharedRenders
 
-    history = SampleHistory(60, 1.0)
+    history = new_history(60, 1.0)
     slow = threading.Event()
     real_query = history.query_json
 
@@ -739,7 +739,7 @@ def test_samples_share_one_render_per_window_for_a_second_and_cap_renders(mocker
 @given(st.text(max_size=600) | st.lists(st.sampled_from(["window=", "&", "=", "1", "9", "s", "m", "%", "ff", ";"]),
                                         max_size=300).map("".join))
 def test_window_param_only_ever_raises_value_error_and_stays_short(query):
-    from exporter.server import window_param
+    from exporter.web.server import window_param
 
     try:
         window = window_param(query, "60s")

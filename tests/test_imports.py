@@ -64,7 +64,7 @@ def cycles(g: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_graph_is_read():
     g = graph()
-    assert "exporter.cli" in g and "exporter.collector" in g["exporter.cli"]
+    assert "exporter.cli" in g and "exporter.pipeline.collector" in g["exporter.cli"]
     assert "exporter.sources.nvml.reader" in g["exporter.sources.nvml.source"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]  # the walk finds one
 
@@ -75,7 +75,7 @@ def test_no_import_cycle():
 
 
 # What a source may use besides other sources: small helpers with no exporter imports of their own.
-SOURCE_MAY_USE = {"exporter.transitions", "exporter.durations", "exporter.histogram"}
+SOURCE_MAY_USE = {"exporter.transitions", "exporter.durations"}
 
 
 def test_sources_import_nothing_of_the_pipeline_web_or_diagnosis():
@@ -99,4 +99,33 @@ def test_the_fakes_and_pynvml_load_only_when_asked_for(procfs):
     r = subprocess.run([sys.executable, "-c", code.replace("'--path.procfs'", "'--fake-gpus', '1', "
                                                            "'--fake-mig', '1g.10gb', '--path.procfs'")],
                        cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert "exporter.fake_nvml" in r.stdout.split(), r.stdout + r.stderr
+    assert "exporter.fake.nvml" in r.stdout.split(), r.stdout + r.stderr
+
+
+# The packages, top to bottom (docs/architecture.md): a module imports only its own package and those
+# below it. The leaves (durations, environment, transitions, flagparser) import nothing of the exporter.
+LAYERS = ("exporter.cli", "exporter.web", "exporter.diagnosis", "exporter.fake", "exporter.pipeline",
+          "exporter.sources")
+LEAVES = ("exporter.durations", "exporter.environment", "exporter.transitions", "exporter.flagparser")
+ENTRY_POINTS = ("exporter.cli", "exporter.__main__", "exporter.healthcheck")
+
+
+def layer(module: str) -> int:
+    for k, top in enumerate(LAYERS):
+        if module == top or module.startswith(top + "."):
+            return k
+    if module in ENTRY_POINTS:
+        return 0
+    if module in LEAVES:
+        return len(LAYERS)
+    raise AssertionError(f"{module}: in no layer of LAYERS (add it where it belongs)")
+
+
+def test_imports_run_down_the_layers_only():
+    g = graph()
+    wrong = [f"{m} -> {d}" for m, deps in g.items() if m != "exporter" for d in deps
+             if d != "exporter" and layer(d) < layer(m)]
+    assert not wrong, "imports up the layers: " + "; ".join(sorted(wrong))
+    for leaf in LEAVES:
+        assert not {d for d in g[leaf] if d != "exporter"}, f"{leaf} is no longer a leaf: {sorted(g[leaf])}"
+    assert layer("exporter.web.httpd") < layer("exporter.pipeline.sampler") < layer("exporter.sources.procfs")

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from exporter.fake_nvml import FakeNvml
-from exporter.fake_scenarios import SCENARIOS
-from exporter.history import GPU_FIELDS, SampleHistory
+from exporter.fake.nvml import FakeNvml
+from exporter.fake.scenarios import SCENARIOS
+from exporter.diagnosis.live import new_history
+from exporter.pipeline.history import GPU_FIELDS
 from exporter.sources.nvml.specs import MEMORY_USED_RATIO, TENSOR_ACTIVE, UTILIZATION
 from tests.conftest import FakeProcfs, ManualClock, find_tool, http_get, make_sampler
 
@@ -22,7 +23,7 @@ def sampled_history(procfs, ticks: int, window: float = 2.0, interval: float = 0
     clock = ManualClock()
     wall = ManualClock(1_700_000_000.0)
     fake = FakeNvml(2, clock=clock)
-    history = SampleHistory(window, interval, wall_clock=wall)
+    history = new_history(window, interval, wall_clock=wall)
     s = make_sampler(fake, procfs.root, interval=interval, clock=clock, history=history)
     snaps = []
     for _ in range(ticks):
@@ -54,11 +55,11 @@ def test_api_shape_and_values_match_what_the_fake_produced(procfs):
 
 
 def test_api_says_what_is_simulated_and_when_clocks_were_held_down(procfs):
-    from exporter.fake_scenarios import ScenarioNvml
+    from exporter.fake.scenarios import ScenarioNvml
 
     clock, wall = ManualClock(), ManualClock(1_700_000_000.0)
     fake = ScenarioNvml("throttled", 1, clock=clock)
-    history = SampleHistory(5.0, 0.1, wall_clock=wall)
+    history = new_history(5.0, 0.1, wall_clock=wall)
     s = make_sampler(fake, procfs.root, interval=0.1, clock=clock, history=history)
     busy = []
     for _ in range(30):

@@ -7,9 +7,9 @@ import time
 
 import pynvml
 
-from exporter.collector import SnapshotCollector
-from exporter.collectors import ALL as ALL_COLLECTORS
-from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from exporter.pipeline.collector import SnapshotCollector
+from exporter.pipeline.collectors import ALL as ALL_COLLECTORS
+from exporter.fake.nvml import FakeGpuSpec, FakeNvml
 from exporter.sources.kubelet import ContainerRef, PodResources
 from exporter.sources.cgroup import CgroupSource
 from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS

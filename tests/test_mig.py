@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from exporter.fake_nvml import FakeGpuSpec, FakeNvml, mig_memory_bytes
+from exporter.fake.nvml import FakeGpuSpec, FakeNvml, mig_memory_bytes
 from tests.conftest import ManualClock, PrometheusServer, families, http_get, make_sampler
 
 H100_SPLIT = ("3g.40gb", "2g.20gb", "1g.10gb", "1g.10gb")

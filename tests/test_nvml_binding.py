@@ -12,10 +12,10 @@ from typing import Any, Iterator
 import pynvml
 import pytest
 
-from exporter.collectors import ALL as ALL_COLLECTORS, nvml_options, nvml_reads
-from exporter.collector import SnapshotCollector
-from exporter.fake_nvml import FakeGpuSpec, FakeNvml
-from exporter.sampler import Sampler
+from exporter.pipeline.collectors import ALL as ALL_COLLECTORS, nvml_options, nvml_reads
+from exporter.pipeline.collector import SnapshotCollector
+from exporter.fake.nvml import FakeGpuSpec, FakeNvml
+from exporter.pipeline.sampler import Sampler
 from exporter.sources.gpm import RATIO_METRICS
 from exporter.sources.nvml import GpuReader, NvmlSource, specs
 from exporter.sources.procfs import ProcfsSource

@@ -6,8 +6,8 @@ import time
 import pynvml
 import pytest
 
-from exporter import collectors as registry
-from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from exporter.pipeline import collectors as registry
+from exporter.fake.nvml import FakeGpuSpec, FakeNvml
 from exporter.sources.nvml import GpuReader, NvmlSource
 from exporter.sources.nvml.reader import REOPEN_BACKOFF_S
 from exporter.sources.nvml.specs import (
@@ -287,7 +287,7 @@ def test_sources_never_import_the_snapshot_or_the_sampler():
         tree = ast.parse(path.read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert not imported & {"exporter.snapshot", "exporter.sampler", "exporter.collector"}, path
+        assert not imported & {"exporter.pipeline.snapshot", "exporter.pipeline.sampler", "exporter.pipeline.collector"}, path
 
 
 # ---- one error classifier for every NVML call (errors.py) -------------------------------------------------

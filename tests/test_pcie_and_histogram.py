@@ -4,7 +4,7 @@ import pytest
 
 from tests.conftest import fraction_at_or_below
 
-from exporter.histogram import PCIE_BUCKETS, RATIO_BUCKETS, Histogram
+from exporter.pipeline.histogram import PCIE_BUCKETS, RATIO_BUCKETS, Histogram
 from exporter.sources.pcie import CounterReading, counter_rate, link_bytes_per_second
 
 

@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from exporter.collector import SnapshotCollector
-from exporter.collectors import ALL as ALL_COLLECTORS
-from exporter.fake_nvml import FakeGpuSpec, FakeNvml
+from exporter.pipeline.collector import SnapshotCollector
+from exporter.pipeline.collectors import ALL as ALL_COLLECTORS
+from exporter.fake.nvml import FakeGpuSpec, FakeNvml
 from exporter.sources.kubelet import ContainerRef, PodResources, PodResourcesPoller
 from tests.conftest import ManualClock, make_sampler
 from tests.test_pod_resources import kubelet, sock_dir, wait_until  # noqa: F401 (fixtures)

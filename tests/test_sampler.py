@@ -7,8 +7,8 @@ import time
 import pynvml
 import pytest
 
-from exporter.fake_nvml import FakeGpuSpec, FakeNvml
-from exporter.histogram import RATIO_BUCKETS
+from exporter.fake.nvml import FakeGpuSpec, FakeNvml
+from exporter.pipeline.histogram import RATIO_BUCKETS
 from exporter.sources.cgroup import CgroupReading
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.nvml.specs import SAMPLE_BUFFER_SECONDS, UTILIZATION
@@ -234,7 +234,7 @@ def test_a_blocked_host_read_does_not_stall_the_tick(procfs, tmp_path, caplog):
     """procfs behind a stale mount: its read blocks in the kernel. The tick publishes on time without
     it, counts the hang once, keeps one thread blocked in it (no new one per tick), and picks procfs up
     again by itself when the read returns."""
-    caplog.set_level(logging.INFO, logger="exporter.sampler")
+    caplog.set_level(logging.INFO, logger="exporter.pipeline.sampler")
     s = make_sampler(FakeNvml(2), procfs.root, interval=0.2, shm_path=str(tmp_path))
     s.tick()
     real_read = s.procfs.read
@@ -353,7 +353,7 @@ def test_a_blocked_process_lookup_costs_only_the_process_labels(procfs):
     s.stop()
 
 
-# ---- the deadline worker (exporter/deadline.py), driven by Events: no sleeps ----------------------------
+# ---- the deadline worker (exporter/pipeline/deadline.py), driven by Events: no sleeps ----------------------------
 class _Jobs:
     """Keyed jobs that count their runs; `hold` blocks the job of that key until released."""
 
@@ -381,7 +381,7 @@ class _Jobs:
 
 
 def test_deadline_worker_reads_every_job_and_keeps_each_outcome():
-    from exporter.deadline import DeadlineReads
+    from exporter.pipeline.deadline import DeadlineReads
     from tests.conftest import ManualClock
 
     clock = ManualClock()
@@ -402,7 +402,7 @@ def test_deadline_worker_reads_every_job_and_keeps_each_outcome():
 
 
 def test_a_stuck_job_holds_one_thread_is_not_dispatched_again_and_the_rest_move_on():
-    from exporter.deadline import DeadlineReads
+    from exporter.pipeline.deadline import DeadlineReads
     from tests.conftest import ManualClock
 
     clock = ManualClock()
@@ -436,7 +436,7 @@ def test_a_stuck_job_holds_one_thread_is_not_dispatched_again_and_the_rest_move_
 
 def test_a_list_nobody_waited_for_is_abandoned_at_the_next_dispatch():
     """A tick that raised before waiting: the next dispatch must not hand a busy worker a new list."""
-    from exporter.deadline import DeadlineReads
+    from exporter.pipeline.deadline import DeadlineReads
     from tests.conftest import ManualClock
 
     clock = ManualClock()

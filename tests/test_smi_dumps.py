@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.fake_smi import MAX_DUMP_BYTES, NotADump, parse_dump, read_dump
+from exporter.fake.smi import MAX_DUMP_BYTES, NotADump, parse_dump, read_dump
 from testkit.processes import REPO, ExporterProcess, http_get
 from testkit.smi_dump import (EXPORTER_FLAGS, JITTER, absent_series, expected_series, gpus_table, stub_config)
 

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from prometheus_client import CollectorRegistry
 
-from exporter.httpd import Request
-from exporter.server import ExporterApp, make_server
+from exporter.web.httpd import Request
+from exporter.web.server import ExporterApp, make_server
 from tests.conftest import REPO, read_until_closed
 from tests.test_web_security import make_ca
 
@@ -192,7 +192,7 @@ def diagnose_main(url: str, *args: str) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from exporter.diagnose_cli import main
+    from exporter.diagnosis.prometheus import main
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -16,8 +16,8 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from exporter.httpd import Request
-from exporter.webconfig import BasicAuth, WebConfigError, WebConfigWatcher, parse_web_config
+from exporter.web.httpd import Request
+from exporter.web.config import BasicAuth, WebConfigError, WebConfigWatcher, parse_web_config
 from tests.conftest import REPO, ExporterProcess, http_get, read_until_closed, stop_process
 
 pytestmark = pytest.mark.e2e
@@ -374,7 +374,7 @@ def test_a_bad_reload_logs_one_error_and_keeps_serving(tmp_path, caplog):
         caplog.clear()
         path.write_bytes(bad)
         os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
-        with caplog.at_level("ERROR", logger="exporter.webconfig"):
+        with caplog.at_level("ERROR", logger="exporter.web.config"):
             assert watcher.poll() is False
             assert watcher.poll() is False  # unchanged: not logged again
         assert len(caplog.records) == 1 and "not reloaded" in caplog.records[0].getMessage()
@@ -394,7 +394,7 @@ def test_dummy_hash_for_unknown_users_costs_what_the_configured_ones_cost():
 def test_min_version_tls10_is_refused_or_really_spoken(pki):
     """`min_version: TLS10` must not claim what this OpenSSL refuses: either it is an error at load, or a
     TLS 1.0 client really gets through."""
-    from exporter.webconfig import build_tls_context, load_web_config
+    from exporter.web.config import build_tls_context, load_web_config
 
     (pki / "tls10.yml").write_text("tls_server_config: {cert_file: server.crt, key_file: server.key, "
                                    "min_version: TLS10}\n")
@@ -495,7 +495,7 @@ def test_a_truncated_config_at_any_cut_never_turns_auth_or_tls_off(pki, tmp_path
     line_ends = [i + 1 for i, c in enumerate(text) if c == "\n"]
     cuts = sorted({0, *line_ends, *range(1, len(text), 13)})
     refusals = 0
-    with caplog.at_level("WARNING", logger="exporter.webconfig"):
+    with caplog.at_level("WARNING", logger="exporter.web.config"):
         for cut in cuts:
             if not reload(watcher, text[:cut]):
                 refusals += 1
@@ -526,7 +526,7 @@ def test_a_reload_that_removes_protection_is_refused_and_the_old_config_serves(p
         replacement = "basic_auth_users:\n" + "".join(f"  {u}: '{h}'\n" for u, h in users.items())
     elif replacement == "tls-without-client-certs":
         replacement = full_config(pki, users, auth_type="NoClientCert").replace(f"  client_ca_file: {pki}/ca.crt\n", "")
-    with caplog.at_level("WARNING", logger="exporter.webconfig"):
+    with caplog.at_level("WARNING", logger="exporter.web.config"):
         assert reload(watcher, replacement) is False
     assert watcher.ssl_context is context and protected(watcher) and watcher.status()[0] is False
     lines = [r for r in caplog.records if "not reloaded" in r.getMessage()]
@@ -539,7 +539,7 @@ def test_changes_to_who_may_read_are_warnings_naming_them(pki, tmp_path, caplog)
     a, b = htpasswd_hash("a"), htpasswd_hash("b")
     (tmp_path / "web.yml").write_text(full_config(pki, {"prometheus": a, "grafana": a}))
     watcher = WebConfigWatcher(tmp_path / "web.yml")
-    with caplog.at_level("INFO", logger="exporter.webconfig"):
+    with caplog.at_level("INFO", logger="exporter.web.config"):
         assert reload(watcher, full_config(pki, {"prometheus": b, "alice": a},
                                            sans="  client_allowed_sans: [client]\n"))
         assert reload(watcher, full_config(pki, {"prometheus": b, "alice": a}, auth_type="RequireAndVerifyClientCert",
@@ -573,7 +573,7 @@ def test_a_truncated_config_keeps_a_real_exporter_closed_and_says_so_in_its_metr
             assert http_get(exporter.url + "/metrics")[0] == 401
             body = http_get(exporter.url + "/metrics", headers=auth)[2]
             assert b"exporter_web_config_last_reload_successful 0.0" in body
-        assert "WARNING exporter.webconfig: web config" in exporter.log()
+        assert "WARNING exporter.web.config: web config" in exporter.log()
         assert "ERROR" not in exporter.log()
         docs = (REPO / "docs" / "metrics.md").read_text()
         for name in ("exporter_web_config_last_reload_successful",

@@ -19,11 +19,12 @@ import pytest
 import yaml
 from hypothesis import given, settings, strategies as st
 
-from exporter import tlsconfig, webyaml
-from exporter.httpd import Request
-from exporter.ratelimit import RateLimit, TokenBucket, parse_rate_limit
-from exporter.webconfig import WebConfigError, WebConfigWatcher, parse_web_config
-from exporter.webheaders import parse_headers
+from exporter.web import yamltext as webyaml
+from exporter.web import tlsconfig
+from exporter.web.httpd import Request
+from exporter.web.ratelimit import RateLimit, TokenBucket, parse_rate_limit
+from exporter.web.config import WebConfigError, WebConfigWatcher, parse_web_config
+from exporter.web.headers import parse_headers
 from tests.conftest import REPO, ExporterProcess, ManualClock, read_until_closed
 from tests.test_web_security import client_context, get, htpasswd_hash, make_cert, make_pki, openssl, refused
 
@@ -471,7 +472,7 @@ def test_rate_limit_is_per_client_address_and_per_verified_user(tmp_path):
 
 
 def test_rate_limit_buckets_are_bounded():
-    from exporter.ratelimit import KeyedBuckets, RateLimit
+    from exporter.web.ratelimit import KeyedBuckets, RateLimit
 
     buckets = KeyedBuckets(RateLimit(3600.0, 1), keys=100)
     assert all(buckets.allow(i) for i in range(10_000))

@@ -42,7 +42,7 @@ class HostReading:
     memory_total_bytes: int | None
     memory_available_bytes: int | None
     errors: tuple[str, ...]  # procfs files that could not be read or parsed this tick
-    simulated: bool = False  # CPU figures made up by a --fake-scenario (exporter.fake_scenarios), not read
+    simulated: bool = False  # CPU figures made up by a --fake-scenario (exporter.fake.scenarios), not read
 
 
 def parse_proc_stat(text: str) -> dict[str, CpuTimes]:

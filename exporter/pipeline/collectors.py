@@ -91,7 +91,7 @@ def enabled(collectors: frozenset[str], name: str) -> bool:
     if name in ALWAYS_ON:
         return True
     if name not in BY_NAME:
-        raise KeyError(f"collector {name!r} is not registered in exporter/collectors.py")
+        raise KeyError(f"collector {name!r} is not registered in exporter/pipeline/collectors.py")
     return name in collectors
 
 

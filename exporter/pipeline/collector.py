@@ -17,15 +17,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter import collectors as registry
-from exporter.histogram import HistogramSnapshot
-from exporter.pods import pod_info_family, stamp
-from exporter.snapshot import GpuState, Snapshot
+from exporter.pipeline import collectors as registry
+from exporter.pipeline.histogram import HistogramSnapshot
+from exporter.pipeline.pods import pod_info_family, stamp
+from exporter.pipeline.snapshot import GpuState, Snapshot
 from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS, PCIE_DIRECTIONS, GpuProcess, GpuReading
 from exporter.sources.nvml.specs import GPU_SCALARS, GpuScalar
 from exporter.sources.processes import ProcessIdentity
 
-log = logging.getLogger("exporter.collector")
+log = logging.getLogger("exporter.pipeline.collector")
 
 GPU_LABELS = ["gpu", "uuid"]
 
@@ -460,4 +460,4 @@ class SnapshotCollector(Collector):
 
 _unknown = set(_RENDERERS) - set(registry.GROUPS)
 if _unknown:  # a renderer for a group collectors.py does not declare: fail at import, not in a scrape
-    raise RuntimeError(f"@renders for undeclared collector groups {sorted(_unknown)} (exporter/collectors.py)")
+    raise RuntimeError(f"@renders for undeclared collector groups {sorted(_unknown)} (exporter/pipeline/collectors.py)")

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import pynvml
 
-from exporter.fake_nvml import FakeGpuSpec, FakeHandle, FakeMigHandle, FakeNvml, _nvml_call, _unwrapped, fake_uuid
+from exporter.fake.nvml import FakeGpuSpec, FakeHandle, FakeMigHandle, FakeNvml, _nvml_call, _unwrapped, fake_uuid
 
 MAX_DUMP_BYTES = 4 * 1024 * 1024  # a 16-GPU dump with every supported clock listed is ~1.2 MB
 MAX_GPUS = 16

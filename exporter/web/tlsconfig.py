@@ -127,7 +127,7 @@ class TlsSettings:
 
 def _text(doc: dict, key: str) -> str:
     """A string setting; YAML scalars of other types are taken as written, as Go's yaml does (`0x10`, `yes`)."""
-    from exporter import webyaml  # here: the container health check imports this module without PyYAML's cost
+    from exporter.web import yamltext as webyaml  # here: the container health check imports this module without PyYAML's cost
 
     value = doc.get(key)
     if isinstance(value, (dict, list)):

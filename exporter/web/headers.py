@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from exporter import webyaml
+from exporter.web import yamltext as webyaml
 
 WHERE = "http_server_config.headers"
 

@@ -56,13 +56,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from exporter import tlsconfig
-from exporter.httpd import Request, Response
-from exporter.ratelimit import KeyedBuckets, RateLimit, parse_rate_limit
-from exporter.tlsconfig import TlsSettings
-from exporter.webheaders import parse_headers
+from exporter.web import tlsconfig
+from exporter.web.httpd import Request, Response
+from exporter.web.ratelimit import KeyedBuckets, RateLimit, parse_rate_limit
+from exporter.web.tlsconfig import TlsSettings
+from exporter.web.headers import parse_headers
 
-log = logging.getLogger("exporter.webconfig")
+log = logging.getLogger("exporter.web.config")
 
 _EXEMPT_PATHS = frozenset({"/healthz"})  # neither authenticated nor rate-limited
 _BCRYPT = re.compile(r"\$2[abxy]\$(\d\d)\$[./A-Za-z0-9]{53}")  # used with fullmatch: no trailing newline
@@ -102,7 +102,7 @@ def _check_keys(doc: dict, allowed: set[str], where: str) -> None:
 def parse_web_config(text: str, base_dir: Path) -> WebConfig:
     import yaml  # only needed with --web.config.file
 
-    from exporter import webyaml
+    from exporter.web import yamltext as webyaml
 
     try:
         doc = _mapping(webyaml.load(text), "web config")

@@ -19,13 +19,25 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from exporter.diagnosis import THROTTLE_REASONS, Thresholds
-from exporter.snapshot import GpuState, Snapshot
+from exporter.pipeline.snapshot import GpuState, Snapshot
 from exporter.sources.cgroup import CgroupReading
 from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS
 from exporter.sources.nvml.specs import DRAM_ACTIVE, MEMORY_USED_RATIO, SM_ACTIVE, TENSOR_ACTIVE, UTILIZATION
 
-_STARVED = Thresholds().starved_utilization  # below_40_fraction counts what the diagnosis calls starved
+
+
+@dataclass(frozen=True)
+class Marks:
+    """What the live view marks, as the diagnosis' checklist defines it (diagnosis/live.py builds it, so
+    the pipeline imports nothing of the diagnosis): utilisation at or below `starved_at` counts into
+    below_40_fraction; clock event reasons in `held_down` draw the clocks strip."""
+
+    starved_at: float
+    held_down: frozenset[str]
+
+    @property
+    def held_down_bits(self) -> int:
+        return sum(bit for bit, name in CLOCK_EVENT_REASONS if name in self.held_down)
 
 # Charted by the live view and served by /api/v1/samples; the GPM ratios are null without GPM (pre-Hopper,
 # the gpm collector off, the first tick).
@@ -38,8 +50,6 @@ HOST_FIELDS = ("host_cpu_utilization", "cgroup_cpu_throttled_ratio")
 
 
 _NAN = float("nan")
-# The clock event bits the diagnosis calls "held down by heat or power": the live view's clocks strip.
-_HELD_DOWN = sum(bit for bit, name in CLOCK_EVENT_REASONS if name in THROTTLE_REASONS)
 _CLOCK_EVENTS = ALL_GPU_FIELDS.index("clock_event_reasons")
 
 
@@ -82,9 +92,11 @@ def _nullable(v: float) -> float | None:
 
 
 class SampleHistory:
-    def __init__(self, window_s: float, interval_s: float, wall_clock=time.time) -> None:
+    def __init__(self, window_s: float, interval_s: float, marks: Marks, wall_clock=time.time) -> None:
         self.window_s = window_s
         self.interval_s = interval_s
+        self._starved_at = marks.starved_at
+        self._held_down_bits = marks.held_down_bits
         # Each row: (unix time, gpu ids, array [HOST_FIELDS, gpu0 ALL_GPU_FIELDS, gpu1 ..., ...]).
         self._rows: deque[tuple[float, tuple[str, ...], array]] = deque(maxlen=max(1, int(round(window_s / interval_s))))
         self._ids: tuple[str, ...] = ()  # shared by consecutive rows while the GPU set is unchanged
@@ -141,10 +153,9 @@ class SampleHistory:
                 at = first + ids.index(gpu) * width if gpu in ids else None
             yield None if at is None else _nullable(values[at + k])
 
-    @staticmethod
-    def _below_40(utilization: Iterable[float | None]) -> float | None:
+    def _below_40(self, utilization: Iterable[float | None]) -> float | None:
         util = [v for v in utilization if v is not None]
-        return (sum(1 for v in util if v <= _STARVED) / len(util)) if util else None
+        return (sum(1 for v in util if v <= self._starved_at) / len(util)) if util else None
 
     def columns(self, window_s: float) -> Columns:
         """The rows newer than (newest - window_s) as columns: what the diagnosis reads."""
@@ -153,10 +164,10 @@ class SampleHistory:
         host = {f: [_nullable(values[k]) for _, _, values in rows] for k, f in enumerate(HOST_FIELDS)}
         return Columns([t for t, _, _ in rows], host, gpus, names, mig, latest)
 
-    @classmethod
-    def _held_down(cls, rows: list, gpu: str) -> list[float | None]:
+    def _held_down(self, rows: list, gpu: str) -> list[float | None]:
         """Per tick: 1.0 while a heat or power clock event reason held the clocks down, else 0.0; None: no value."""
-        return [None if v is None else float(int(v) & _HELD_DOWN != 0) for v in cls._column(rows, gpu, _CLOCK_EVENTS)]
+        bits = self._held_down_bits
+        return [None if v is None else float(int(v) & bits != 0) for v in self._column(rows, gpu, _CLOCK_EVENTS)]
 
     @staticmethod
     def _share(flags: list[float | None]) -> float | None:

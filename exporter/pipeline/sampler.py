@@ -21,10 +21,10 @@ import time
 from collections import Counter
 from typing import Any, Callable, TypeVar
 
-from exporter.deadline import Blocked, DeadlineReads, DeadlineWorker, Outcome
-from exporter.histogram import DURATION_BUCKETS, HOST_CPU_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS, Histogram
-from exporter.history import SampleHistory
-from exporter.snapshot import GpuState, SamplerStats, Snapshot
+from exporter.pipeline.deadline import Blocked, DeadlineReads, DeadlineWorker, Outcome
+from exporter.pipeline.histogram import DURATION_BUCKETS, HOST_CPU_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS, Histogram
+from exporter.pipeline.history import SampleHistory
+from exporter.pipeline.snapshot import GpuState, SamplerStats, Snapshot
 from exporter.sources.cgroup import CgroupSource
 from exporter.sources.gpm import GpmReaders
 from exporter.sources.kubelet import PodResources
@@ -36,7 +36,7 @@ from exporter.sources.procfs import ProcfsSource
 from exporter.sources.shm import read_shm
 from exporter.transitions import TransitionLog
 
-log = logging.getLogger("exporter.sampler")
+log = logging.getLogger("exporter.pipeline.sampler")
 R = TypeVar("R")
 
 GPU_DEADLINE_SHARE = 0.6  # GPU reads must come back within this share of the interval

@@ -1,5 +1,5 @@
 """`gpu-telemetry-exporter diagnose --prometheus URL [--instance I] [--at T | --from T --to T]`: the
-diagnosis of exporter.diagnosis for a past window, from what a real Prometheus scraped (its HTTP API),
+diagnosis of exporter.diagnosis.rules for a past window, from what a real Prometheus scraped (its HTTP API),
 and, where the TTS service exports `tts_real_time_factor` (docs/metrics.md), when the RTF crossed 0.7
 and which finding coincides with it.
 
@@ -22,11 +22,11 @@ import urllib.request
 from datetime import datetime, timezone
 from typing import Sequence
 
-from exporter.diagnosis import (DEFAULT_THRESHOLDS, Finding, GpuWindow, Window, coverage, covered_span, diagnose,
+from exporter.diagnosis.rules import (DEFAULT_THRESHOLDS, Finding, GpuWindow, Window, coverage, covered_span, diagnose,
                                 render_text, report)
 from exporter.durations import parse_duration
 from exporter.flagparser import FlagParser  # one-line errors, exit 2: the same as the exporter's flags
-from exporter.histogram import HOST_CPU_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS
+from exporter.pipeline.histogram import HOST_CPU_BUCKETS, PCIE_BUCKETS, RATIO_BUCKETS
 
 RTF_LIMIT = 0.7  # the checklist's "RTF suddenly > 0.7"
 RTF_QUANTILE = 0.95

@@ -23,16 +23,16 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
 
 from exporter import __version__
-from exporter.diagnosis_history import diagnosis_json
+from exporter.diagnosis.live import diagnosis_json
 from exporter.durations import parse_duration
-from exporter.exposition import TextRenderer
-from exporter.history import SampleHistory
-from exporter.httpd import HttpServer, Limits, Request, Response
-from exporter.listen import parse_listen_address
-from exporter.liveview import live_page
-from exporter.webconfig import WebConfigWatcher
+from exporter.pipeline.exposition import TextRenderer
+from exporter.pipeline.history import SampleHistory
+from exporter.web.httpd import HttpServer, Limits, Request, Response
+from exporter.web.listen import parse_listen_address
+from exporter.web.liveview import live_page
+from exporter.web.config import WebConfigWatcher
 
-log = logging.getLogger("exporter.server")
+log = logging.getLogger("exporter.web.server")
 
 
 class _RenderCache:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from exporter.histogram import HistogramSnapshot
+from exporter.pipeline.histogram import HistogramSnapshot
 from exporter.sources.cgroup import CgroupReading
 from exporter.sources.kubelet import PodResources
 from exporter.sources.nvml.readings import GpuIdentity, GpuReading, NvmlStatus

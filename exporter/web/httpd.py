@@ -49,11 +49,11 @@ from typing import Callable, Mapping, Protocol, cast
 
 import h11
 
-from exporter.admission import Admission, ConnState, Place, Verdict
-from exporter.fairqueue import FairQueue
-from exporter.tlsconn import TlsSession
+from exporter.web.admission import Admission, ConnState, Place, Verdict
+from exporter.web.fairqueue import FairQueue
+from exporter.web.tlsconn import TlsSession
 
-log = logging.getLogger("exporter.server")
+log = logging.getLogger("exporter.web.server")
 
 _TLS_HANDSHAKE = 0x16  # the first byte of every TLS connection: a handshake record
 _HTTP_TO_HTTPS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"  # Go's

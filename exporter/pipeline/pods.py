@@ -12,7 +12,7 @@ from typing import Mapping
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.samples import Sample
 
-from exporter.snapshot import Snapshot
+from exporter.pipeline.snapshot import Snapshot
 from exporter.sources.kubelet import ContainerRef
 
 Owners = Mapping[str, tuple[ContainerRef, ...]]

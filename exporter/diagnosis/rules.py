@@ -1,7 +1,7 @@
 """Why did the real-time factor jitter: the troubleshooting checklist as pure functions over a window.
 
 Input is a `Window` of aligned samples (built from the full-resolution history ring by
-exporter.diagnosis_history, or from Prometheus by exporter.diagnose_cli); output is a ranked list of
+exporter.diagnosis.live, or from Prometheus by exporter.diagnosis.prometheus); output is a ranked list of
 `Finding`s, each with its evidence and remedy. "Nothing abnormal" is a finding too. Every threshold is
 in `Thresholds`; docs/diagnosis.md describes each rule.
 

@@ -16,7 +16,7 @@ from typing import Callable
 
 import pynvml
 
-from exporter.fake_nvml import MIB, FakeGpuSpec, FakeHandle, FakeNvml
+from exporter.fake.nvml import MIB, FakeGpuSpec, FakeHandle, FakeNvml
 from exporter.sources.pcie import link_bytes_per_second
 from exporter.sources.procfs import HostReading, ProcfsSource
 

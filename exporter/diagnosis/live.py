@@ -3,9 +3,27 @@ from __future__ import annotations
 
 import json
 
-from exporter.diagnosis import DEFAULT_THRESHOLDS, GpuWindow, Thresholds, Window, covered_span, diagnose, report
-from exporter.history import SampleHistory
+from exporter.diagnosis.rules import (
+    DEFAULT_THRESHOLDS,
+    THROTTLE_REASONS,
+    GpuWindow,
+    Thresholds,
+    Window,
+    covered_span,
+    diagnose,
+    report,
+)
+from exporter.pipeline.history import Marks, SampleHistory
 from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS
+
+# The live view marks what the checklist calls starved and held down (history.py's below_40_fraction and
+# clocks strip): one definition, the diagnosis'.
+LIVE_MARKS = Marks(DEFAULT_THRESHOLDS.starved_utilization, frozenset(THROTTLE_REASONS))
+
+
+def new_history(window_s: float, interval_s: float, **kwargs) -> SampleHistory:
+    """The full-resolution history the live view and /api/v1/diagnosis read, marked by the checklist."""
+    return SampleHistory(window_s, interval_s, LIVE_MARKS, **kwargs)
 
 
 def _reason_shares(bits: list[float | None]) -> dict[str, float]:

@@ -1,0 +1,1 @@
+"""The simulator users run: simulated GPUs (--fake-gpus), scenarios, replayed nvidia-smi dumps."""

@@ -1,0 +1,1 @@
+"""The web server: HTTP (h11), admission, TLS, basic auth, the web config, rate limit, headers, the live view."""
