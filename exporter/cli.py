@@ -199,7 +199,7 @@ def _check_fake_mig(s: _Setting, v: Values) -> tuple[str, ...]:
     if not profiles:
         return ()
     if not v["--fake-gpus"]:
-        raise ValueError(f"{s}: --fake-mig needs --fake-gpus")
+        raise ValueError(f"{s}: needs --fake-gpus")
     if len(profiles) > 7:
         raise ValueError(f"{s}: at most 7 instances")
     from exporter.fake.nvml import check_mig_layout  # the fakes load only when asked for
@@ -214,7 +214,7 @@ def _check_fake_mig(s: _Setting, v: Values) -> tuple[str, ...]:
 def _check_fake_churn(s: _Setting, v: Values) -> float:
     churn = _duration(s)
     if churn and not v["--fake-gpus"]:
-        raise ValueError(f"{s}: --fake-churn needs --fake-gpus")
+        raise ValueError(f"{s}: needs --fake-gpus")
     return churn
 
 
@@ -228,7 +228,7 @@ def _check_fake_scenario(s: _Setting, v: Values) -> str:
         raise ValueError(f"{s}: unknown scenario" + (f" (did you mean {match}?)" if match else "")
                          + "; valid: " + ", ".join(SCENARIOS))
     if not v["--fake-gpus"]:
-        raise ValueError(f"{s}: --fake-scenario needs --fake-gpus")
+        raise ValueError(f"{s}: needs --fake-gpus")
     return s.value
 
 

@@ -34,7 +34,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["--fake-gpus", "1", "--fake-mig", "4g.40gb,4g.40gb"], "8 compute slices and 80 GB do not fit"),
     (["--fake-gpus", "1", "--fake-mig", "3g.40gb,3g.40gb,1g.10gb"], "7 compute slices and 90 GB do not fit"),
     (["--fake-gpus", "1", "--fake-mig", "5g.50gb"], "not an H100 80GB profile"),
-    (["--fake-mig", "1g.10gb"], "--fake-mig needs --fake-gpus"),
+    (["--fake-mig", "1g.10gb"], "--fake-mig '1g.10gb': needs --fake-gpus"),
     (["--web.telemetry-path", "/"], "taken by the exporter"),
     (["--web.telemetry-path", "/healthz"], "taken by the exporter"),
     (["--web.telemetry-path", "/api/v1/samples"], "taken by the exporter"),
@@ -60,11 +60,11 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     (["--fake-gpus", "1", "--fake-scenario", "stravd"],
      "--fake-scenario 'stravd': unknown scenario (did you mean starved?); valid: healthy, starved"),
     (["--fake-scenario", "stravd"], "unknown scenario"),  # the name is wrong whatever else is missing
-    (["--fake-scenario", "starved"], "--fake-scenario 'starved': --fake-scenario needs --fake-gpus"),
+    (["--fake-scenario", "starved"], "--fake-scenario 'starved': needs --fake-gpus"),
     (["--collector.disable-defaults=yes"], "ignored explicit argument"),
     (["--web.max-connections", "0"], "--web.max-connections '0': must be at least 1"),
     (["--web.config.file", "/nonexistent/web.yml"], "cannot read /nonexistent/web.yml"),
-    (["--fake-churn", "1s"], "--fake-churn needs --fake-gpus"),
+    (["--fake-churn", "1s"], "--fake-churn '1s': needs --fake-gpus"),
     (["--kubernetes.pod-resources-socket", "", "--kubernetes.pod-labels"], "--kubernetes.pod-labels needs"),
 ])
 def test_bad_flags_exit_2_with_one_line(args, needle):
@@ -92,6 +92,9 @@ def test_an_error_names_the_flag_once():
     for args in (["--web.listen-address", "nonsense"], ["--web.listen-address", ":99999"]):
         r = run_cli(*args)
         assert r.returncode == 2 and r.stderr.count("--web.listen-address") == 1, r.stderr
+    for args in (["--fake-mig", "1g.10gb"], ["--fake-churn", "1s"], ["--fake-scenario", "starved"]):
+        r = run_cli(*args)
+        assert r.returncode == 2 and r.stderr.count(args[0]) == 1, r.stderr
     r = run_cli(env={"GPU_EXPORTER_WEB_LISTEN_ADDRESS": "[::1"})
     assert r.stderr.count("listen-address") == 1 and "GPU_EXPORTER_WEB_LISTEN_ADDRESS='[::1'" in r.stderr
 
