@@ -108,19 +108,22 @@ def _frame(frame: str) -> str:
     return f"{m.group(1)} ({Path(m.group(2)).name})" if m else frame
 
 
-def profile(stub: NvmlStub, gpus: int, seconds: float, rate: int, flame: str | None) -> dict:
-    """py-spy on a running exporter: on-CPU samples of every thread; top functions by self and total."""
+def profile(stub: NvmlStub, gpus: int, seconds: float, rate: int, flame: str | None, all_threads: bool) -> dict:
+    """py-spy on a running exporter: top functions by self and total. By default only samples holding the
+    GIL (--gil): the Python the tick costs. Without it py-spy also counts threads waiting for the GIL or
+    sleeping in C (the XID watcher's nvmlEventSetWait) as busy, which swamps a process at 1 % of a core."""
+    gil = [] if all_threads else ["--gil"]
     proc, _ = start_exporter(stub, gpus)
     try:
         time.sleep(3)  # past start-up
         with tempfile.NamedTemporaryFile(suffix=".txt") as raw:
             subprocess.run([py_spy(), "record", "--pid", str(proc.pid), "-r", str(rate), "-d", str(int(seconds)),
-                            "-f", "raw", "-o", raw.name, "--nonblocking"], check=True,
+                            "-f", "raw", "-o", raw.name, "--nonblocking", *gil], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             lines = Path(raw.name).read_text().splitlines()
         if flame:
             subprocess.run([py_spy(), "record", "--pid", str(proc.pid), "-r", str(rate), "-d", str(int(seconds)),
-                            "-o", f"{flame}-{gpus}gpu.svg", "--nonblocking"], check=True,
+                            "-o", f"{flame}-{gpus}gpu.svg", "--nonblocking", *gil], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     finally:
         stop_process(proc)
@@ -140,7 +143,7 @@ def profile(stub: NvmlStub, gpus: int, seconds: float, rate: int, flame: str | N
         for f in set(frames):
             total[f] += n
         files[frames[-1].rsplit("(", 1)[-1].rstrip(")")] += n
-    return {"gpus": gpus, "seconds": seconds, "rate": rate, "samples": samples,
+    return {"gpus": gpus, "seconds": seconds, "rate": rate, "samples": samples, "gil": not all_threads,
             "own": own.most_common(20), "total": total.most_common(20), "files": files.most_common(12)}
 
 
@@ -194,7 +197,7 @@ def report(res: dict) -> str:
         out.append("")
     for p in res.get("profiles", []):
         out.append(f"## py-spy, {p['gpus']} GPUs at 200 ms, {p['seconds']:g} s at {p['rate']} Hz: "
-                   f"{p['samples']} on-CPU samples\n")
+                   f"{p['samples']} samples{' holding the GIL' if p['gil'] else ', every thread not idle'}\n")
         out.append("| own time | function | | incl. callees | function |\n|---:|---|---|---:|---|")
         for (fo, no), (ft, nt) in zip(p["own"], p["total"]):
             out.append(f"| {100 * no / p['samples']:.1f} % | {fo} | | {100 * nt / p['samples']:.1f} % | {ft} |")
@@ -222,6 +225,7 @@ def main() -> int:
     ap.add_argument("--rate", type=int, default=1000, help="py-spy samples per second")
     ap.add_argument("--only", choices=("calls", "imports", "profile"), help="one part only")
     ap.add_argument("--flame", metavar="PREFIX", help="also write PREFIX-<N>gpu.svg flame graphs")
+    ap.add_argument("--all-threads", action="store_true", help="profile without py-spy's --gil filter")
     ap.add_argument("--rss-scrapes", type=int, default=0, help="also RSS after this many scrapes, 8 GPUs")
     ap.add_argument("--out", help="write the tables (markdown) here as well")
     args = ap.parse_args()
@@ -233,7 +237,7 @@ def main() -> int:
         if args.only in (None, "imports"):
             res["imports"] = import_costs()
         if args.only in (None, "profile"):
-            res["profiles"] = [profile(stub, n, args.seconds, args.rate, args.flame) for n in args.gpus]
+            res["profiles"] = [profile(stub, n, args.seconds, args.rate, args.flame, args.all_threads) for n in args.gpus]
         if args.rss_scrapes:
             res["rss"] = rss_after_scrapes(stub, 8, args.rss_scrapes)
     text = report(res)

@@ -11,7 +11,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 
@@ -20,7 +20,6 @@ from exporter import collectors as registry
 from exporter.collector import SnapshotCollector
 from exporter.durations import parse_duration
 from exporter.environment import ENV_PREFIX, env_name
-from exporter.fake_scenarios import SCENARIOS, ScenarioNvml, scenario_help
 from exporter.history import SampleHistory
 from exporter.sampler import Sampler
 from exporter.httpd import Limits
@@ -34,7 +33,9 @@ from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.kernfile import read_once
 from exporter.sources.procfs import ProcfsSource
-from exporter.webconfig import WebConfigError, WebConfigWatcher
+
+if TYPE_CHECKING:  # loaded only with --web.config.file: TLS, auth, YAML and bcrypt cost a default run nothing
+    from exporter.webconfig import WebConfigWatcher
 
 log = logging.getLogger("exporter")
 
@@ -74,9 +75,20 @@ class Config:
     fake_gpus_from: str = ""  # an nvidia-smi -q -x dump to serve as simulated GPUs
 
 
+_SCENARIO_HELP = "<scenarios>"  # filled in when help is shown: the fakes load only when asked for
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def format_help(self) -> str:
+        from exporter.fake_scenarios import scenario_help
+
+        for action in self._actions:
+            if action.help and _SCENARIO_HELP in action.help:
+                action.help = action.help.replace(_SCENARIO_HELP, scenario_help().replace("%", "%%"))
+        return super().format_help()
 
 
 @dataclass(frozen=True)
@@ -122,7 +134,7 @@ def _build_parser() -> _Parser:
     flag("--fake-churn", "0", "with --fake-gpus: a new batch process (new PID) every other DURATION on each "
                               "GPU, for label-churn soak tests; 0: the default 10 s schedule with fixed PIDs")
     flag("--fake-scenario", "", "with --fake-gpus: drive every simulated GPU into one condition for the "
-                                "diagnosis (" + scenario_help().replace("%", "%%") + ")")
+                                f"diagnosis ({_SCENARIO_HELP})")
     flag("--fake-gpus-from", "", "serve the GPUs of this `nvidia-smi -q -x` dump as simulated GPUs (values as "
                                  "recorded, N/A as NotSupported): preview a node's series before deploying")
     flag("--log.level", "info", "log level: debug, info, warn, error")
@@ -223,6 +235,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
         if fake_churn and not fake:
             raise ValueError(f"{s['--fake-churn']}: --fake-churn needs --fake-gpus")
         fake_scenario = s["--fake-scenario"]
+        if fake_scenario.value:
+            from exporter.fake_scenarios import SCENARIOS
         if fake_scenario.value and (not fake or fake_scenario.value not in SCENARIOS):
             raise ValueError(f"{fake_scenario}: needs --fake-gpus and one of " + ", ".join(SCENARIOS))
         fake_from = s["--fake-gpus-from"]
@@ -267,6 +281,8 @@ def parse_config(argv: Sequence[str] | None = None) -> Config:
 
 def _web_config(path: str, subject: str) -> WebConfigWatcher:
     """The watcher for a web config file; ValueError naming `subject` (the flag or variable) if it is bad."""
+    from exporter.webconfig import WebConfigError, WebConfigWatcher
+
     try:
         return WebConfigWatcher(path)
     except WebConfigError as exc:
@@ -334,6 +350,8 @@ def _nvml_module(cfg: Config) -> tuple[Any, str]:
 
         return SmiNvml(_smi_dump(cfg.fake_gpus_from, cfg.fake_gpus_from)), "fake"
     if cfg.fake_scenario:
+        from exporter.fake_scenarios import ScenarioNvml
+
         return ScenarioNvml(cfg.fake_scenario, cfg.fake_gpus), "fake"
     if cfg.fake_gpus:
         from exporter.fake_nvml import FakeGpuSpec, FakeNvml

@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -30,7 +30,9 @@ from exporter.history import SampleHistory
 from exporter.httpd import HttpServer, Limits, Request, Response
 from exporter.listen import parse_listen_address
 from exporter.liveview import live_page
-from exporter.webconfig import WebConfigWatcher
+
+if TYPE_CHECKING:  # a type only: the web config (YAML, bcrypt) loads with --web.config.file alone
+    from exporter.webconfig import WebConfigWatcher
 
 log = logging.getLogger("exporter.server")
 

@@ -686,7 +686,9 @@ nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t d, unsigned long long types, 
 nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned timeout_ms) {
     ENTER(NULL);
     if (!set || !data) return INVALID_ARGUMENT;
-    for (double waited = 0;; waited += 0.01) {
+    /* Polls every 50 ms: the driver blocks in the kernel, so a stand-in that woke every 10 ms would bill
+     * the exporter ~100 wake-ups a second that it does not have on a GPU node. */
+    for (double waited = 0;; waited += 0.05) {
         pthread_mutex_lock(&mu);
         reload();
         for (int i = 0; i < n_xids; i++) {
@@ -699,7 +701,7 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
         }
         pthread_mutex_unlock(&mu);
         if (waited * 1000 >= timeout_ms) return TIMEOUT;
-        sleep_s(0.01);
+        sleep_s(0.05);
     }
 }
 
