@@ -286,3 +286,19 @@ def test_sources_never_import_the_snapshot_or_the_sampler():
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not imported & {"exporter.snapshot", "exporter.sampler", "exporter.collector"}, path
+
+
+def test_field_values_decode_the_same_from_the_buffer_and_attribute_by_attribute():
+    from exporter.sources.nvml.reader import _decode_fields
+
+    entries = (pynvml.c_nvmlFieldValue_t * 7)()
+    for i, (member, value) in enumerate((("dVal", 2.5), ("uiVal", 2**32 - 1), ("ulVal", 2**64 - 1),
+                                         ("ullVal", 2**63 + 5), ("sllVal", -7), ("siVal", -2**31), ("usVal", 65535))):
+        entries[i].fieldId, entries[i].valueType, entries[i].timestamp = 180 + i, i, 1000 + i
+        entries[i].nvmlReturn = i % 2 * pynvml.NVML_ERROR_NOT_SUPPORTED
+        setattr(entries[i].value, member, value)
+    fast = _decode_fields(entries)
+    slow = _decode_fields(list(entries))  # not a buffer: read attribute by attribute
+    assert fast == slow
+    assert [v for _, _, v, _, _ in fast] == [2.5, 2**32 - 1, 2**64 - 1, 2**63 + 5, -7, -2**31, 65535]
+    assert [(r, t, f) for r, _, _, t, f in fast] == [(i % 2 * 3, 1000 + i, 180 + i) for i in range(7)]

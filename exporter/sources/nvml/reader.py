@@ -8,6 +8,7 @@ that call is not made again.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from typing import Any, Callable
 
@@ -57,10 +58,34 @@ class _GpuLost(Exception):
     pass
 
 
+_VALUE_MEMBER = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+
+
 def _field_value(fv: Any) -> int | float:
     """The number in an nvmlFieldValue_t, by its value type (nvmlValueType_t)."""
-    return {0: fv.value.dVal, 1: fv.value.uiVal, 2: fv.value.ulVal, 3: fv.value.ullVal,
-            4: fv.value.sllVal, 5: fv.value.siVal}.get(fv.valueType, fv.value.ullVal)
+    return getattr(fv.value, _VALUE_MEMBER.get(fv.valueType, "ullVal"))
+
+
+# nvmlFieldValue_t as pynvml lays it out (LP64): fieldId, scopeId, timestamp, latencyUsec, valueType,
+# nvmlReturn, the 8-byte value union. Unpacked in one go: pynvml's structs run Python code on every
+# attribute read (_PrintableStructure.__getattribute__), a few dozen per GPU per tick otherwise.
+_FIELD_VALUE = struct.Struct("=IIqqII8s")
+_VALUE_FORMAT = {t: struct.Struct(f) for t, f in
+                 {0: "=d", 1: "=I", 2: "=Q", 3: "=Q", 4: "=q", 5: "=i", 6: "=H"}.items()}
+_ULL = _VALUE_FORMAT[3]
+Field = tuple[int, int, int | float, int, int]  # (nvmlReturn, valueType, value, timestamp us, fieldId)
+
+
+def _decode_fields(got: Any) -> list[Field]:
+    """Each entry of an nvmlDeviceGetFieldValues answer as (nvmlReturn, valueType, value, timestamp, fieldId)."""
+    try:
+        data = bytes(got)
+    except TypeError:  # not a ctypes array (a test double): attribute by attribute
+        data = b""
+    if data and len(data) == len(got) * _FIELD_VALUE.size:
+        return [(ret, vt, _VALUE_FORMAT.get(vt, _ULL).unpack_from(raw)[0], ts, fid)
+                for fid, _, ts, _, vt, ret, raw in _FIELD_VALUE.iter_unpack(data)]
+    return [(fv.nvmlReturn, fv.valueType, _field_value(fv), fv.timestamp, fv.fieldId) for fv in got]
 
 
 _Labelled = dict[GpuScalar, tuple[tuple[tuple[tuple[str, str], ...], float], ...]]
@@ -109,7 +134,7 @@ class GpuReader:
         self._pcie_prev: dict[str, CounterReading] = {}
         # Calls answered by their field in the read's batch: None until the first read after an open decides.
         self._batched: dict[NvmlCall, int] | None = None
-        self._pcie_fields: tuple[Any, Any] | None = None  # this read's PCIe counter entries from the batch
+        self._pcie_fields: tuple[Field | None, Field | None] | None = None  # this read's, from the batch
         self._reopen_at = 0.0
         self._errors: list[str] = []
         self.driver_gone = False  # a call said NVML lost its driver: the source must initialise again
@@ -337,17 +362,17 @@ class GpuReader:
             if _FIELDS_KEY in self._unsupported:
                 self._decided({})
             return {}
-        by_id = {fv.fieldId: fv for fv in got}
+        by_id = {fv[4]: fv for fv in _decode_fields(got)}
         if pcie:
             self._pcie_fields = (by_id.get(FI_PCIE_TX_BYTES), by_id.get(FI_PCIE_RX_BYTES))
         answers: dict[NvmlCall, Any] = {}
         kept: dict[NvmlCall, int] = {}
         for call, field_id in batched.items():
             fv = by_id.get(field_id)
-            if fv is not None and fv.nvmlReturn == _NVML_SUCCESS:
-                answers[call] = _field_value(fv)
+            if fv is not None and fv[0] == _NVML_SUCCESS:
+                answers[call] = fv[2]
                 kept[call] = field_id
-            elif not deciding and fv is not None and fv.nvmlReturn != _NVML_ERROR_NOT_SUPPORTED:
+            elif not deciding and fv is not None and fv[0] != _NVML_ERROR_NOT_SUPPORTED:
                 answers[call] = None  # failed this once: omitted, as a failed call would be
                 kept[call] = field_id
                 self._errors.append(_FIELDS_KEY)
@@ -361,11 +386,11 @@ class GpuReader:
         unsupported = []
         for spec in self._fields:
             fv = by_id.get(spec.source.field_id) if isinstance(spec.source, FieldValue) else None
-            if fv is not None and fv.nvmlReturn == _NVML_SUCCESS:  # each entry has its own status
-                value = spec.convert(_field_value(fv))
+            if fv is not None and fv[0] == _NVML_SUCCESS:  # each entry has its own status
+                value = spec.convert(fv[2])
                 if value is not None:
                     out[spec] = value
-            elif fv is not None and fv.nvmlReturn == _NVML_ERROR_NOT_SUPPORTED:
+            elif fv is not None and fv[0] == _NVML_ERROR_NOT_SUPPORTED:
                 unsupported.append(spec)
         if unsupported:  # probed once, like any other call
             log.info("GPU %d: fields not supported: %s; omitted from now on", self.index,
@@ -521,12 +546,12 @@ class GpuReader:
                 max_rate = link * 1.5 if link else None
                 supported = 0
                 for direction, fv in zip(("tx", "rx"), fields):
-                    if fv is None or fv.nvmlReturn != _NVML_SUCCESS:  # each entry has its own status
+                    if fv is None or fv[0] != _NVML_SUCCESS:  # each entry has its own status
                         continue
                     supported += 1
-                    modulus = _VALUE_MODULUS.get(fv.valueType, 2**64)
-                    raw = fv.value.uiVal if fv.valueType == 1 else fv.value.ullVal
-                    cur = CounterReading(int(raw), int(fv.timestamp))
+                    _, value_type, raw, stamp, _ = fv
+                    modulus = _VALUE_MODULUS.get(value_type, 2**64)
+                    cur = CounterReading(int(raw), int(stamp))
                     rate = counter_rate(self._pcie_prev.get(direction), cur, modulus, max_rate)
                     self._pcie_prev[direction] = cur
                     v[f"pcie_{direction}_bytes_per_second"] = rate
