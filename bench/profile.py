@@ -221,6 +221,7 @@ def report(res: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gpus", type=int, nargs="+", default=[8, 64])
+    ap.add_argument("--reads", type=int, default=100, help="reads per GPU counted for the calls per tick")
     ap.add_argument("--seconds", type=float, default=30.0, help="py-spy window per GPU count")
     ap.add_argument("--rate", type=int, default=1000, help="py-spy samples per second")
     ap.add_argument("--only", choices=("calls", "imports", "profile"), help="one part only")
@@ -233,7 +234,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         stub = NvmlStub(build(Path(tmp)), Path(tmp) / "nvml-stub.conf")
         if args.only in (None, "calls"):
-            res["calls"] = {n: calls_per_tick(stub, n) for n in args.gpus}
+            res["calls"] = {n: calls_per_tick(stub, n, args.reads) for n in args.gpus}
         if args.only in (None, "imports"):
             res["imports"] = import_costs()
         if args.only in (None, "profile"):
