@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Exporter cost and scrape latency, side by side with node_exporter, on this machine.
 
-    .venv/bin/python bench/run.py            # full run (~8 min), figures printed only
-    .venv/bin/python bench/run.py --write    # the same, and bench/results.json (--out) rewritten with them
-    .venv/bin/python bench/run.py --quick    # shorter windows, for a smoke run (never written)
-    .venv/bin/python bench/run.py --stand-in-only [--write]   # only the real-binding sampler CPU below (~1 min)
+    .venv/bin/python bench/run.py            # full run (~10 min); prints, writes nothing
+    .venv/bin/python bench/run.py --write    # the same, and refreshes the committed bench/results.json
+    .venv/bin/python bench/run.py --quick    # shorter windows, for a smoke run
+    .venv/bin/python bench/run.py --stand-in-only   # only the real-binding sampler CPU below (~1 min)
+    .venv/bin/python bench/run.py --peers-only      # only the side-by-side below (~3 min)
 
 A run prints its figures and writes nothing unless told to: the committed bench/results.json is the
-record docs/performance.md quotes, so only `--write` replaces it, and `--stand-in-only --write` replaces
-only its `stand_in_sampler_cpu` section (the rest of the file is kept as committed).
+record docs/performance.md quotes, so only `--write` replaces it; `--stand-in-only --write` and
+`--peers-only --write` replace only their own sections (the rest of the file is kept as committed).
+`--out PATH` writes this run's figures to PATH instead; `--quick` figures are never written to the record.
 
 Everything runs on 127.0.0.1. The exporter runs with simulated GPUs (--fake-gpus N): each fake NVML
 call costs what the fake's Python costs (~1 us, measured by bench/micro.py), in the range of a ctypes
@@ -16,6 +18,13 @@ call into libnvidia-ml for the cheap queries; no real GPU figures are recorded y
 The sampler's CPU is also measured through the real pynvml (ctypes) against the C stand-in for
 libnvidia-ml.so.1 (testkit/nvml_stub), 8 GPUs with GPM and 18 NVLink links against the same GPUs without
 either, so the GPM + NVLink share of the whole exporter shows.
+
+Peers: on the same stand-in and the same 8 GPUs, in the same run, this exporter (200 ms and 1 s),
+nvitop-exporter 1.7.2 (1 s, its default; it refuses under 250 ms) and node_exporter, one after another:
+idle CPU, RSS, scrape p50/p99 back to back and paced, and every ratio. nvitop-exporter is installed into
+its own venv (--bench-venv, default .bench-venv, gitignored) on first use; without it (no network) that
+row is skipped. The stand-in lacks some calls nvitop makes (fan, power limit, encoder...): they answer
+FunctionNotFound there and nvitop exports NaN, so its figures are if anything on the cheap side.
 """
 from __future__ import annotations
 
@@ -239,18 +248,99 @@ def stand_in_cpu(results: dict, window: float, gpus: int = 8) -> None:
             print(f"{gpus} GPU @ 200ms, {label:22}: {share * 100:5.2f} % of one core")
 
 
+NVITOP = "nvitop-exporter==1.7.2"
+
+
+def bench_venv_exporter(venv: Path) -> Path | None:
+    """nvitop-exporter in its own venv (created on first use); None if it cannot be installed."""
+    exe = venv / "bin" / "nvitop-exporter"
+    if exe.exists():
+        return exe
+    print(f"# installing {NVITOP} into {venv} (once)")
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", NVITOP, "nvitop==1.7.2"], check=True,
+                       timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except (subprocess.SubprocessError, OSError) as exc:
+        print(f"# {NVITOP} could not be installed ({exc}): its row is skipped")
+        return None
+    return exe if exe.exists() else None
+
+
+def peers(results: dict, window: float, scrapes: int, paced: int, venv: Path, gpus: int = 8) -> None:
+    """This exporter, nvitop-exporter and node_exporter on the same stand-in GPUs, one after another."""
+    print(f"# peers on the C stand-in, {gpus} GPUs (GPM + 18 NVLink links): idle CPU over {window:g} s, RSS, "
+          f"{scrapes} back-to-back and {paced} paced (250 ms) plain scrapes")
+    nvitop = bench_venv_exporter(venv)
+    rows = results["peers"] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        stub = NvmlStub(build(Path(tmp)), Path(tmp) / "nvml-stub.conf")
+        stub.configure({"gpus": gpus, **STAND_IN})
+
+        def nvitop_target() -> Target | None:
+            if nvitop is None:
+                return None
+            port = free_port()
+            return Target("nvitop-exporter 1.7.2 @ 1s", [str(nvitop), "--bind-address", "127.0.0.1", "--port",
+                                                         str(port), "--interval", "1"], port, env=stub.env())
+
+        def ours(interval: str) -> Target:
+            t = exporter(gpus, interval, stub)
+            t.name = f"exporter @ {interval}"
+            return t
+
+        for make in (lambda: ours("200ms"), lambda: ours("1s"), nvitop_target, node_exporter):
+            t = make()
+            if t is None:
+                continue
+            try:
+                time.sleep(3)  # past start-up and the first samples
+                c0, w0 = t.cpu_seconds(), time.monotonic()
+                time.sleep(window)
+                share = (t.cpu_seconds() - c0) / (time.monotonic() - w0)
+                b2b = scrape_series(t.port, scrapes, False)
+                slow = scrape_series(t.port, paced, False, 0.25)
+                row = {"target": t.name, "core_share": share, "rss_bytes": t.rss_bytes(), "samples": b2b["samples"],
+                       "p50_ms": b2b["median_ms"], "p99_ms": b2b["p99_ms"], "paced_p50_ms": slow["median_ms"],
+                       "paced_p99_ms": slow["p99_ms"]}
+            finally:
+                t.stop()
+            rows.append(row)
+            print(f"{row['target']:28} CPU {share * 100:5.2f} %  RSS {row['rss_bytes'] / 1e6:5.1f} MB  "
+                  f"{row['samples']:5} samples  p50 {row['p50_ms']:6.2f} ms  p99 {row['p99_ms']:6.2f} ms  "
+                  f"paced p99 {row['paced_p99_ms']:6.2f} ms")
+    by = {r["target"]: r for r in rows}
+    ratios = results["peer_ratios"] = {}
+    for a in by:
+        for b in by:
+            if a != b and a.startswith("exporter"):
+                ra, rb = by[a], by[b]
+                key = f"{a} / {b}"
+                ratios[key] = {"cpu": ra["core_share"] / rb["core_share"] if rb["core_share"] else None,
+                               "rss": ra["rss_bytes"] / rb["rss_bytes"], "p99": ra["p99_ms"] / rb["p99_ms"],
+                               "paced_p99": ra["paced_p99_ms"] / rb["paced_p99_ms"]}
+                r = ratios[key]
+                cpu = f"{r['cpu']:.2f}" if r["cpu"] is not None else "n/a"
+                print(f"  {key:58} CPU {cpu:>6}  RSS {r['rss']:.2f}  p99 {r['p99']:.2f}  paced p99 "
+                      f"{r['paced_p99']:.2f}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short windows and fewer scrapes (smoke run)")
     ap.add_argument("--stand-in-only", action="store_true",
                     help="only the sampler CPU through the real pynvml on the C stand-in (GPM + NVLink on and off)")
-    ap.add_argument("--write", action="store_true",
-                    help="rewrite --out with this run's figures (with --stand-in-only: only its section)")
-    ap.add_argument("--out", default=str(HERE / "results.json"))
+    ap.add_argument("--peers-only", action="store_true",
+                    help="only this exporter beside nvitop-exporter and node_exporter on the stand-in")
+    ap.add_argument("--bench-venv", default=str(REPO / ".bench-venv"), help="where nvitop-exporter is installed")
+    ap.add_argument("--write", action="store_true", help="refresh the committed bench/results.json")
+    ap.add_argument("--out", help="write the results here (bench/results.json only with --write)")
     args = ap.parse_args()
     if args.write and args.quick:
         print("run.py: error: --quick figures are a smoke run; they are never written (drop --write)", file=sys.stderr)
         return 2
+    if args.write and not args.out:
+        args.out = str(HERE / "results.json")
     scrapes = 100 if args.quick else 500
     paced = 20 if args.quick else 120  # 250 ms apart: each one sees a new 200 ms snapshot
     window = 3.0 if args.quick else 10.0
@@ -260,19 +350,12 @@ def main() -> int:
                                  "python": platform.python_version()},
                      "quick": args.quick, "scrape": [], "sampler_cpu": [], "lateness": [], "memory": {},
                      "stand_in_sampler_cpu": []}
+    if args.peers_only:
+        peers(results, window, scrapes, paced, Path(args.bench_venv))
+        return write(results, args.out, ("peers", "peer_ratios"))
     stand_in_cpu(results, window)
     if args.stand_in_only:
-        if args.write:
-            out = Path(args.out)
-            try:
-                kept = json.loads(out.read_text()) if out.exists() else {}
-            except ValueError as exc:
-                print(f"run.py: error: {out}: not JSON ({exc}); nothing written", file=sys.stderr)
-                return 2
-            kept["stand_in_sampler_cpu"] = results["stand_in_sampler_cpu"]
-            out.write_text(json.dumps(kept, indent=2) + "\n")
-            print(f"wrote the stand_in_sampler_cpu section of {args.out}")
-        return 0
+        return write(results, args.out, ("stand_in_sampler_cpu",))
 
     print(f"# scrape latency: {scrapes} back-to-back scrapes, then {paced} paced 250 ms apart (each a fresh "
           "snapshot, as Prometheus sees it), keep-alive, Prometheus's Accept header")
@@ -342,11 +425,26 @@ def main() -> int:
         if ne and ex8:
             results[key] = ex8[0]["p99_ms"] / ne[0]["p99_ms"]
             print(f"# exporter (8 GPU) p99 / node_exporter p99, {'paced' if pace else 'back to back'} = {results[key]:.2f}")
-    if args.write:
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.out}")
-    else:
-        print(f"not written (--write rewrites {args.out})")
+    peers(results, window, scrapes, paced, Path(args.bench_venv))
+    return write(results, args.out)
+
+
+def write(results: dict, out: str | None, sections: tuple[str, ...] = ()) -> int:
+    """Write `results` to `out`; with `sections`, replace only those in the file there and keep the rest."""
+    if out is None:
+        print("not written: --write refreshes bench/results.json, --out PATH writes elsewhere")
+        return 0
+    path = Path(out)
+    if sections and path.exists():
+        try:
+            kept = json.loads(path.read_text())
+        except ValueError as exc:
+            print(f"run.py: error: {out}: not JSON ({exc}); nothing written", file=sys.stderr)
+            return 2
+        kept.update({k: results[k] for k in sections if k in results})
+        results = kept
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}" + (f" ({', '.join(sections)} only)" if sections else ""))
     return 0
 
 

@@ -16,7 +16,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import Metric
@@ -39,7 +39,9 @@ from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
 from exporter.sources.processes import ProcessAttributor
 from exporter.sources.kernfile import read_once
 from exporter.sources.procfs import ProcfsSource
-from exporter.web.config import WebConfigError, WebConfigWatcher
+
+if TYPE_CHECKING:  # loaded only with --web.config.file: TLS, auth, YAML and bcrypt cost a default run nothing
+    from exporter.web.config import WebConfigWatcher
 
 log = logging.getLogger("exporter")
 
@@ -432,6 +434,8 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
 
 
 def _web_config(path: str, subject: str) -> WebConfigWatcher:
+    from exporter.web.config import WebConfigError, WebConfigWatcher
+
     """The watcher for a web config file; ValueError naming `subject` (the flag or variable) if it is bad."""
     try:
         return WebConfigWatcher(path)

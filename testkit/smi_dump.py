@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,20 @@ _SAME = ("util", "mem_util", "mem_total", "mem_used", "temp", "power_mw", "limit
 # pynvml names whose C symbol (the stand-in's fail.<symbol> key) carries a version suffix.
 _C_SYMBOL = {"nvmlDeviceGetComputeRunningProcesses": "nvmlDeviceGetComputeRunningProcesses_v3",
              "nvmlDeviceGetGraphicsRunningProcesses": "nvmlDeviceGetGraphicsRunningProcesses_v3"}
+# Scalar field ids the exporter batches in place of calls (specs.py), and the driver branch from which a board
+# answers each. Not checked against every branch's headers: an older guess only moves a board to the
+# fallback path (the calls), whose values are the same; what matters is that the old dumps exercise it.
+_FIELD_SINCE = {83: 450, 94: 450, 185: 535}  # TOTAL_ENERGY_CONSUMPTION, PCIE_REPLAY_COUNTER, POWER_AVERAGE
 _NOT_AVAILABLE = 2**64 - 1  # NVML_VALUE_NOT_AVAILABLE: a process's memory nvidia-smi shows as N/A
 
 
 def stub_config(dump: SmiDump) -> dict[str, str]:
     """The stand-in's configuration replaying every GPU of the dump (keys suffixed .<gpu>)."""
     out: dict[str, str] = {"gpus": str(len(dump.gpus)), "driver": dump.driver or "unknown"}
+    major = re.match(r"[0-9]+", dump.driver or "")
+    refused = [str(f) for f, since in _FIELD_SINCE.items() if major is None or int(major.group()) < since]
+    if refused:
+        out["field_na"] = ",".join(refused)
     for i, g in enumerate(dump.gpus):
         put = lambda key, value: out.__setitem__(f"{key}.{i}", str(value))  # noqa: E731
         put("name", g.name or "unknown")

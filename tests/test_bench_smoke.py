@@ -48,3 +48,17 @@ def test_whole_exporter_cpu_on_the_stand_in_prints_figures(tmp_path):
     for case in ("GPM \\+ 18 NVLink links", "no GPM, no NVLink"):  # both ran and report a share of a core
         assert re.search(rf"8 GPU @ 200ms, {case}\s*:\s+\d+\.\d+ % of one core", r.stdout), r.stdout
     assert out.exists()
+
+
+def test_profile_bench_counts_nvml_calls_per_gpu_per_tick():
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "profile.py"), "--only", "calls", "--gpus", "2",
+                        "--reads", "10"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    print(r.stdout)
+    total = re.search(r"NVML calls per GPU per tick, 2 GPUs, default collectors: (\d+\.\d+)", r.stdout)
+    assert total and 5 < float(total.group(1)) < 30, r.stdout
+    rows = dict(re.findall(r"^\| (nvml\w+) \| (\d+\.\d+) \|$", r.stdout, re.M))
+    # One batch per GPU per tick (a GPM pair that fails on a stalled machine reads NVLink fields that tick).
+    assert 1.0 <= float(rows["nvmlDeviceGetFieldValues"]) < 1.5
+    assert "nvmlDeviceGetPowerUsage" not in rows  # answered by its field on the stand-in
+    assert "nvmlEventSetWait_v2" not in rows  # the XID watcher's wait is not the tick's

@@ -203,12 +203,12 @@ def test_a_hung_call_stalls_only_its_gpu(backend, procfs):
     s = make_sampler(backend.nvml, procfs.root, interval=0.1, mode="real")
     try:
         s.tick()
-        backend.hang("nvmlDeviceGetPowerUsage", 1, 1.5)
+        backend.hang("nvmlDeviceGetTemperature", 1, 1.5)
         started = time.monotonic()
         snap = s.tick()
         assert time.monotonic() - started < 1.2  # the tick gave up on GPU 1 at its deadline
         g0, g1 = snap.gpus
-        assert g0.up and not g1.up and g1.stuck_call == "nvmlDeviceGetPowerUsage"
+        assert g0.up and not g1.up and g1.stuck_call == "nvmlDeviceGetTemperature"
     finally:
         s.nvml.close()
 
@@ -422,3 +422,51 @@ def test_a_read_thread_stuck_in_gpm_never_shares_or_frees_its_buffers_early(proc
         assert dict(snap.stats.errors) == {("nvml", "nvmlGpmSampleGet"): 1}  # the hang, once; no failed GPM call
     finally:
         s.stop()
+
+
+SCALAR_FIELD_CALLS = ("nvmlDeviceGetPowerUsage", "nvmlDeviceGetTotalEnergyConsumption", "nvmlDeviceGetPcieReplayCounter")
+
+
+@pytest.mark.parametrize("refused", [False, True], ids=["fields", "fallback"])
+def test_scalar_fields_replace_their_calls_where_answered_else_the_calls_stay(nvml_stub, refused):
+    config = {"gpus": 1, "power_mw": 312500, "energy_mj": 987654321, "replay": 7, "gpm_supported": 0}
+    nvml_stub.configure({**config, **({"field_na": "83,94,185"} if refused else {})})
+    nv = nvml_stub.bind()
+    src = NvmlSource(nv, "real", **nvml_options(ALL_COLLECTORS - {"gpm", "nvlink", "nvlink-per-link"}, specs.GPU_SCALARS))
+    try:
+        src.poll(0.0)
+        reader = src.gpus[0]
+        reader.read()  # decides, per GPU, which fields stand in for calls
+        nvml_stub.reset_calls()
+        readings = [reader.read() for _ in range(3)]
+        calls = nvml_stub.calls()
+    finally:
+        src.close()
+        nvml_stub.unbind()
+    for reading in readings:  # the same values either way
+        assert reading.ok, reading.errors
+        assert reading[specs.POWER] == 312.5 and reading[specs.ENERGY] == 987654.321
+        assert reading[specs.PCIE_REPLAY_ERRORS] == 7 and reading.pcie_tx_bytes_per_second is not None
+    assert calls["nvmlDeviceGetFieldValues"] == 3  # one batch per read: these fields and the PCIe counters
+    for call in SCALAR_FIELD_CALLS:
+        assert calls.get(call, 0) == (3 if refused else 0), (call, calls)
+
+
+def test_a_field_that_stops_being_answered_goes_back_to_its_call(nvml_stub):
+    nvml_stub.configure({"gpus": 1, "power_mw": 200000, "gpm_supported": 0})
+    nv = nvml_stub.bind()
+    src = NvmlSource(nv, "real", **nvml_options(ALL_COLLECTORS - {"gpm", "nvlink", "nvlink-per-link"}, specs.GPU_SCALARS))
+    try:
+        src.poll(0.0)
+        reader = src.gpus[0]
+        assert reader.read()[specs.POWER] == 200.0
+        nvml_stub.configure({"gpus": 1, "power_mw": 150000, "gpm_supported": 0, "field_na": "185"})
+        nvml_stub.reset_calls()
+        readings = [reader.read() for _ in range(3)]
+        calls = nvml_stub.calls()
+    finally:
+        src.close()
+        nvml_stub.unbind()
+    # The read that finds the field refused asks the call at once: no gap in the series.
+    assert [r[specs.POWER] for r in readings] == [150.0] * 3 and all(r.ok for r in readings)
+    assert calls["nvmlDeviceGetPowerUsage"] == 3 and "nvmlDeviceGetTotalEnergyConsumption" not in calls

@@ -228,9 +228,9 @@ def test_field_value_specs_are_read_in_one_batch(clock):
     assert first.ok and second.ok
     assert second[tx] > first[tx] >= 0 and second[rx] > first[rx] >= 0
     assert second[nope] is None
-    # One batch for the specs (the unsupported field dropped after the first), one for the PCIe rates.
-    assert [ids for ids in seen if 9999 in ids] == [[197, 9999, 198]]
-    assert [197, 198] in seen
+    # One batch per read for the field specs and the PCIe rates (one id asked once); the unsupported field
+    # dropped after the first.
+    assert seen == [[197, 9999, 198], [197, 198]]
 
 
 def test_a_type_error_from_our_own_call_is_a_bug_logged_once_and_counted(procfs, caplog):
@@ -385,3 +385,19 @@ def test_gpm_no_permission_keeps_the_gpu_up_and_is_not_asked_every_tick(procfs, 
     assert fake.calls["nvmlGpmSampleGet"] == 1 + 5  # GPU 0 once, GPU 1 every tick
     assert dict(s.snapshot.stats.errors)[("nvml", "nvmlGpmSampleGet")] == 1
     assert sum("no permission" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_field_values_decode_the_same_from_the_buffer_and_attribute_by_attribute():
+    from exporter.sources.nvml.reader import _decode_fields
+
+    entries = (pynvml.c_nvmlFieldValue_t * 7)()
+    for i, (member, value) in enumerate((("dVal", 2.5), ("uiVal", 2**32 - 1), ("ulVal", 2**64 - 1),
+                                         ("ullVal", 2**63 + 5), ("sllVal", -7), ("siVal", -2**31), ("usVal", 65535))):
+        entries[i].fieldId, entries[i].valueType, entries[i].timestamp = 180 + i, i, 1000 + i
+        entries[i].nvmlReturn = i % 2 * pynvml.NVML_ERROR_NOT_SUPPORTED
+        setattr(entries[i].value, member, value)
+    fast = _decode_fields(entries)
+    slow = _decode_fields(list(entries))  # not a buffer: read attribute by attribute
+    assert fast == slow
+    assert [v for _, _, v, _, _ in fast] == [2.5, 2**32 - 1, 2**64 - 1, 2**63 + 5, -7, -2**31, 65535]
+    assert [(r, t, f) for r, _, _, t, f in fast] == [(i % 2 * 3, 1000 + i, 180 + i) for i in range(7)]

@@ -237,3 +237,13 @@ def test_stand_in_answers_the_keys_a_dump_needs(nvml_stub):
             nv.nvmlDeviceGetFanSpeed_v2(h, 0)
     finally:
         nv.nvmlShutdown()
+
+
+def test_old_drivers_refuse_the_batched_fields_so_their_boards_take_the_calls():
+    configs = {p.name: stub_config(read_dump(p)) for p in DUMPS}
+    by_driver = {name: read_dump(p).driver for name, p in zip(configs, DUMPS)}
+    for name, config in configs.items():
+        major = int(by_driver[name].split(".")[0] or 0)  # no driver version in the dump: the oldest shape
+        refused = set(config.get("field_na", "").split(",")) - {""}
+        assert refused == ({"83", "94", "185"} if major < 450 else {"185"} if major < 535 else set()), name
+    assert any("field_na" in c for c in configs.values()) and any("field_na" not in c for c in configs.values())

@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -30,7 +30,9 @@ from exporter.pipeline.history import SampleHistory
 from exporter.web.httpd import HttpServer, Limits, Request, Response
 from exporter.web.listen import parse_listen_address
 from exporter.web.liveview import live_page
-from exporter.web.config import WebConfigWatcher
+
+if TYPE_CHECKING:  # a type only: the web config (YAML, bcrypt) loads with --web.config.file alone
+    from exporter.web.config import WebConfigWatcher
 
 log = logging.getLogger("exporter.web.server")
 

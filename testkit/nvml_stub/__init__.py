@@ -79,6 +79,22 @@ class NvmlStub:
         pynvml._nvmlGetFunctionPointer_cache.clear()
         return pynvml
 
+    def calls(self) -> dict[str, int]:
+        """Driver calls per C function since load (or the last reset_calls), counted by the stand-in in this
+        process: what pynvml really asked, two-call buffers included."""
+        lib = ctypes.CDLL(str(self.lib))
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = lib.nvmlStubCalls(buf, ctypes.c_uint(len(buf)))
+        out = {}
+        for line in buf.raw[:n].decode().splitlines():
+            name, count = line.rsplit(" ", 1)
+            if int(count):
+                out[name] = int(count)
+        return out
+
+    def reset_calls(self) -> None:
+        ctypes.CDLL(str(self.lib)).nvmlStubResetCalls()
+
     def unbind(self) -> None:
         import pynvml
 

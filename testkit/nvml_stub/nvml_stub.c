@@ -21,6 +21,9 @@
  *   gpm_supported=1                nvmlGpmQueryDeviceSupport's isSupportedDevice
  *   gpm.<id>=42.5  gpm.<id>.gi<N>=..   GPM metric values (per GPU instance); unset -> per-metric NotSupported
  *   nvlink_links=18  nvlink_tx_kib_s=1000  nvlink_rx_kib_s=2000   per-link counters (fields 91, 138, 139)
+ *   fields 83 (energy_mj), 94 (replay), 185 (power_mw) answer what their calls answer, and refuse as they do
+ *   field_na=83,185                these field ids answer NotSupported (a driver older than the field);
+ *                                  their calls keep answering
  *   mig=1,2                        MIG mode on with these GPU instance ids
  *   xid=0:79,1:31                  XID events, queued afresh each time the file is (re)loaded
  *   lost_gpu=1  lost_after_s=0.5   that GPU answers GpuIsLost from that long after this file was loaded
@@ -40,8 +43,9 @@ typedef int nvmlReturn_t;
 enum { OK = 0, UNINITIALIZED = 1, INVALID_ARGUMENT = 2, NOT_SUPPORTED = 3, NOT_FOUND = 6,
        INSUFFICIENT_SIZE = 7, TIMEOUT = 10, GPU_IS_LOST = 15, ARGUMENT_VERSION_MISMATCH = 25 };
 enum { VT_UINT = 1, VT_ULL = 3 };
-enum { FI_NVLINK_LINK_COUNT = 91, FI_NVLINK_TX = 138, FI_NVLINK_RX = 139, FI_PCIE_TX = 197, FI_PCIE_RX = 198 };
-#define MAX_GPUS 16
+enum { FI_NVLINK_LINK_COUNT = 91, FI_NVLINK_TX = 138, FI_NVLINK_RX = 139, FI_PCIE_TX = 197, FI_PCIE_RX = 198,
+       FI_ENERGY = 83, FI_REPLAY = 94, FI_POWER_AVERAGE = 185 };
+#define MAX_GPUS 64
 #define MAX_MIG 7
 #define MAX_ENTRIES 256
 #define XID_EVENT 0x8ULL
@@ -203,8 +207,43 @@ static int valid(nvmlDevice_t d) {
     return d >= &mig_devices[0][0] && d < &mig_devices[0][0] + MAX_GPUS * MAX_MIG;
 }
 
+/* Calls per function since load (benches: NVML calls per GPU per tick). __func__ is one static string per
+ * function, so the pointer names it. nvmlStubCalls() writes "name count" lines; nvmlStubResetCalls zeroes. */
+#define MAX_COUNTED 128
+static const char *counted_fn[MAX_COUNTED];
+static unsigned long long counted_n[MAX_COUNTED];
+static pthread_mutex_t count_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void count_call(const char *fn) {
+    pthread_mutex_lock(&count_mu);
+    for (int i = 0; i < MAX_COUNTED; i++) {
+        if (!counted_fn[i]) counted_fn[i] = fn;
+        if (counted_fn[i] == fn) { counted_n[i]++; break; }
+    }
+    pthread_mutex_unlock(&count_mu);
+}
+
+int nvmlStubCalls(char *buf, unsigned len) {
+    unsigned off = 0;
+    pthread_mutex_lock(&count_mu);
+    for (int i = 0; i < MAX_COUNTED && counted_fn[i] && off < len; i++) {
+        int w = snprintf(buf + off, len - off, "%s %llu\n", counted_fn[i], counted_n[i]);
+        if (w < 0 || (unsigned)w >= len - off) break;
+        off += (unsigned)w;
+    }
+    pthread_mutex_unlock(&count_mu);
+    return (int)off;
+}
+
+void nvmlStubResetCalls(void) {
+    pthread_mutex_lock(&count_mu);
+    memset(counted_n, 0, sizeof counted_n);
+    pthread_mutex_unlock(&count_mu);
+}
+
 /* Every call starts here: initialised?, a hung call, an injected error, a lost GPU. */
 static nvmlReturn_t enter(const char *fn, nvmlDevice_t d) {
+    count_call(fn);
     if (!init_count) return UNINITIALIZED;
     refresh();
     if (d && !valid(d)) return INVALID_ARGUMENT;
@@ -572,7 +611,27 @@ nvmlReturn_t nvmlDeviceGetComputeInstanceId(nvmlDevice_t d, unsigned *id) {
     return OK;
 }
 
-/* ---- field values: PCIe byte counters and per-link NVLink counters --------------------------------- */
+/* ---- field values: PCIe byte counters, per-link NVLink counters, scalars that have a call too -------- */
+/* A scalar field's answer: what its call would answer (fail.<call>, KEY=na), unless field_na lists it. */
+static nvmlReturn_t scalar_field(nvmlFieldValue_t *v, int gpu, const char *call, const char *key, double dflt) {
+    const char *na = get("field_na", gpu);
+    char id[16];
+    snprintf(id, sizeof id, "%u", v->fieldId);
+    for (const char *p = na; p && *p; p += strcspn(p, ",") + (p[strcspn(p, ",")] == ',')) {
+        size_t n = strcspn(p, ",");
+        if (n == strlen(id) && !strncmp(p, id, n)) return NOT_SUPPORTED;
+    }
+    char k[128];
+    snprintf(k, sizeof k, "fail.%s", call);
+    int fail = (int)num(k, gpu, 0);
+    if (fail) return fail;
+    if (is_na(key, gpu)) return NOT_SUPPORTED;
+    v->valueType = v->fieldId == FI_ENERGY ? VT_ULL : VT_UINT;
+    if (v->fieldId == FI_ENERGY) v->value.ull = (unsigned long long)num(key, gpu, dflt);
+    else v->value.ui = (unsigned)num(key, gpu, dflt);
+    return OK;
+}
+
 nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t d, int n, nvmlFieldValue_t *values) {
     ENTER(d);
     if (n < 0 || (n && !values)) return INVALID_ARGUMENT;
@@ -590,6 +649,12 @@ nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t d, int n, nvmlFieldValue_t *v
         else if (v->fieldId == FI_PCIE_TX || v->fieldId == FI_PCIE_RX)  /* bytes since start at a constant rate */
             v->value.ull = (unsigned long long)(num(v->fieldId == FI_PCIE_TX ? "pcie_tx_bps" : "pcie_rx_bps",
                                                     d->gpu, 1e9) * since);
+        else if (v->fieldId == FI_ENERGY)  /* the defaults are the calls' */
+            v->nvmlReturn = scalar_field(v, d->gpu, "nvmlDeviceGetTotalEnergyConsumption", "energy_mj", 123456789);
+        else if (v->fieldId == FI_REPLAY)
+            v->nvmlReturn = scalar_field(v, d->gpu, "nvmlDeviceGetPcieReplayCounter", "replay", 0);
+        else if (v->fieldId == FI_POWER_AVERAGE)
+            v->nvmlReturn = scalar_field(v, d->gpu, "nvmlDeviceGetPowerUsage", "power_mw", 250000);
         else if (v->fieldId == FI_NVLINK_LINK_COUNT && links > 0) {
             v->valueType = VT_UINT;
             v->value.ui = (unsigned)links;
@@ -621,7 +686,9 @@ nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t d, unsigned long long types, 
 nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned timeout_ms) {
     ENTER(NULL);
     if (!set || !data) return INVALID_ARGUMENT;
-    for (double waited = 0;; waited += 0.01) {
+    /* Polls every 50 ms: the driver blocks in the kernel, so a stand-in that woke every 10 ms would bill
+     * the exporter ~100 wake-ups a second that it does not have on a GPU node. */
+    for (double waited = 0;; waited += 0.05) {
         pthread_mutex_lock(&mu);
         reload();
         for (int i = 0; i < n_xids; i++) {
@@ -634,7 +701,7 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
         }
         pthread_mutex_unlock(&mu);
         if (waited * 1000 >= timeout_ms) return TIMEOUT;
-        sleep_s(0.01);
+        sleep_s(0.05);
     }
 }
 

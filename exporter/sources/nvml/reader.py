@@ -8,6 +8,7 @@ or a driver gone aborts the read.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from typing import Any, Callable
 
@@ -44,16 +45,41 @@ _CLOCK_EVENT_REASONS = NvmlCall("nvmlDeviceGetCurrentClocksEventReasons",
 _NVML_SUCCESS = 0
 _NVML_ERROR_NOT_SUPPORTED = 3
 _UNRESOLVED = object()  # a call's pynvml constant is missing from this binding
+_FIELDS_KEY = "nvmlDeviceGetFieldValues"  # the one batch per read: scalar fields and the PCIe counters
 
 
 class _GpuLost(Exception):
     pass
 
 
+_VALUE_MEMBER = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal", 6: "usVal"}
+
+
 def _field_value(fv: Any) -> int | float:
     """The number in an nvmlFieldValue_t, by its value type (nvmlValueType_t)."""
-    return {0: fv.value.dVal, 1: fv.value.uiVal, 2: fv.value.ulVal, 3: fv.value.ullVal,
-            4: fv.value.sllVal, 5: fv.value.siVal}.get(fv.valueType, fv.value.ullVal)
+    return getattr(fv.value, _VALUE_MEMBER.get(fv.valueType, "ullVal"))
+
+
+# nvmlFieldValue_t as pynvml lays it out (LP64): fieldId, scopeId, timestamp, latencyUsec, valueType,
+# nvmlReturn, the 8-byte value union. Unpacked in one go: pynvml's structs run Python code on every
+# attribute read (_PrintableStructure.__getattribute__), a few dozen per GPU per tick otherwise.
+_FIELD_VALUE = struct.Struct("=IIqqII8s")
+_VALUE_FORMAT = {t: struct.Struct(f) for t, f in
+                 {0: "=d", 1: "=I", 2: "=Q", 3: "=Q", 4: "=q", 5: "=i", 6: "=H"}.items()}
+_ULL = _VALUE_FORMAT[3]
+Field = tuple[int, int, int | float, int, int]  # (nvmlReturn, valueType, value, timestamp us, fieldId)
+
+
+def _decode_fields(got: Any) -> list[Field]:
+    """Each entry of an nvmlDeviceGetFieldValues answer as (nvmlReturn, valueType, value, timestamp, fieldId)."""
+    try:
+        data = bytes(got)
+    except TypeError:  # not a ctypes array (a test double): attribute by attribute
+        data = b""
+    if data and len(data) == len(got) * _FIELD_VALUE.size:
+        return [(ret, vt, _VALUE_FORMAT.get(vt, _ULL).unpack_from(raw)[0], ts, fid)
+                for fid, _, ts, _, vt, ret, raw in _FIELD_VALUE.iter_unpack(data)]
+    return [(fv.nvmlReturn, fv.valueType, _field_value(fv), fv.timestamp, fv.fieldId) for fv in got]
 
 
 # The optional NVML call groups, each made only when asked for (`reads`): collectors.py maps collectors onto them.
@@ -104,6 +130,9 @@ class GpuReader:
         self._current_call: str | None = None
         self._pcie_fallback = pcie_fallback
         self._pcie_prev: dict[str, CounterReading] = {}
+        # Calls answered by their field in the read's batch: None until the first read after an open decides.
+        self._batched: dict[NvmlCall, int] | None = None
+        self._pcie_fields: tuple[Field | None, Field | None] | None = None  # this read's, from the batch
         self._reopen_at = 0.0
         self._errors: list[str] = []  # calls that failed this read: counted, the GPU is not ok
         self._recorded: list[str] = []  # calls recorded once this read (denied, bugs): the GPU stays up
@@ -201,6 +230,7 @@ class GpuReader:
         link = link_bytes_per_second(gen, width) if gen and width else None
         self.identity = GpuIdentity(self.index, str(uuid), str(name), bus_id, link)
         self._pcie_prev.clear()
+        self._batched = None  # a reset board may answer other fields
 
     # ---- one read ----------------------------------------------------------------------------------
     @property
@@ -279,8 +309,9 @@ class GpuReader:
                                     per_link=any(s.per_link for _, s in self._nvlink))
 
     def _read_scalars(self, out: dict[GpuScalar, float]) -> None:
-        """Every scalar spec: one NVML call per distinct call (specs may share one), fields in one batch."""
-        answers: dict[NvmlCall, Any] = {}
+        """Every scalar spec: one NVML call per distinct call (specs may share one), except the calls whose
+        field this GPU answers; those, the field specs and the PCIe counters come in one batch."""
+        answers = self._read_batch(out)
         for spec, call in self._called:
             if call not in answers:
                 answers[call] = self._query(call)
@@ -288,28 +319,83 @@ class GpuReader:
             value = spec.convert(raw) if raw is not None else None
             if value is not None:
                 out[spec] = value
-        if self._fields:
-            self._read_fields(out)
         for spec, derived in self._derived:
             value = derived.compute(out)
             if value is not None:
                 out[spec] = value
 
-    def _read_fields(self, out: dict[GpuScalar, float]) -> None:
-        ids = [s.source.field_id for s in self._fields if isinstance(s.source, FieldValue)]
-        got = self._call("nvmlDeviceGetFieldValues", ids, key="fields")
+    def _field_candidates(self) -> dict[NvmlCall, int]:
+        """The calls that declare a field this binding names (the first read after an open tries them all)."""
+        out: dict[NvmlCall, int] = {}
+        for _, call in self._called:
+            if call.field_name is not None and call not in out and call.key not in self._unsupported:
+                field_id = getattr(self.nvml, call.field_name, None)
+                if isinstance(field_id, int):
+                    out[call] = field_id
+        return out
+
+    def _read_batch(self, out: dict[GpuScalar, float]) -> dict[NvmlCall, Any]:
+        """The read's one nvmlDeviceGetFieldValues: fields standing in for calls (their answers, returned),
+        FieldValue specs (into `out`) and the PCIe byte counters (kept for _read_pcie). A field the GPU does
+        not answer goes back to its call, decided on the first read after an open and logged at DEBUG."""
+        self._pcie_fields = None
+        deciding = self._batched is None
+        batched = self._field_candidates() if self._batched is None else self._batched
+        pcie = "pcie_counters" not in self._unsupported
+        ids = list(dict.fromkeys([*batched.values(),
+                                  *(s.source.field_id for s in self._fields if isinstance(s.source, FieldValue)),
+                                  *((FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES) if pcie else ())]))
+        if not ids or _FIELDS_KEY in self._unsupported:
+            if deciding:
+                self._decided({})
+            return {}
+        got = self._call("nvmlDeviceGetFieldValues", ids, key=_FIELDS_KEY)
+        if got is None:  # not supported at all (every call is made), or failed this once (so is every call)
+            if _FIELDS_KEY in self._unsupported:
+                self._decided({})
+            return {}
+        by_id = {fv[4]: fv for fv in _decode_fields(got)}
+        if pcie:
+            self._pcie_fields = (by_id.get(FI_PCIE_TX_BYTES), by_id.get(FI_PCIE_RX_BYTES))
+        answers: dict[NvmlCall, Any] = {}
+        kept: dict[NvmlCall, int] = {}
+        for call, field_id in batched.items():
+            fv = by_id.get(field_id)
+            if fv is not None and fv[0] == _NVML_SUCCESS:
+                answers[call] = fv[2]
+                kept[call] = field_id
+            elif not deciding and fv is not None and fv[0] != _NVML_ERROR_NOT_SUPPORTED:
+                answers[call] = None  # failed this once: omitted, as a failed call would be
+                kept[call] = field_id
+                self._errors.append(_FIELDS_KEY)
+            elif not deciding:  # the field stopped being answered: its call from now on (asked this read)
+                log.info("GPU %d: field %s no longer supported; calling %s instead", self.index, call.field_name,
+                         call.key)
+        if deciding:
+            self._decided(kept)
+        else:
+            self._batched = kept
         unsupported = []
-        for spec, fv in zip(self._fields, got or ()):
-            if fv.nvmlReturn == _NVML_SUCCESS:  # each entry has its own status
-                value = spec.convert(_field_value(fv))
+        for spec in self._fields:
+            fv = by_id.get(spec.source.field_id) if isinstance(spec.source, FieldValue) else None
+            if fv is not None and fv[0] == _NVML_SUCCESS:  # each entry has its own status
+                value = spec.convert(fv[2])
                 if value is not None:
                     out[spec] = value
-            elif fv.nvmlReturn == _NVML_ERROR_NOT_SUPPORTED:
+            elif fv is not None and fv[0] == _NVML_ERROR_NOT_SUPPORTED:
                 unsupported.append(spec)
         if unsupported:  # probed once, like any other call
             log.info("GPU %d: fields not supported: %s; omitted from now on", self.index,
                      ", ".join(s.name for s in unsupported))
             self._fields = tuple(s for s in self._fields if s not in unsupported)
+        return answers
+
+    def _decided(self, batched: dict[NvmlCall, int]) -> None:
+        self._batched = batched
+        if log.isEnabledFor(logging.DEBUG):
+            called = sorted({c.key for c in self._field_candidates() if c not in batched})
+            log.debug("GPU %d: read as field values: %s; as calls: %s", self.index,
+                      ", ".join(f"{c.key} <- {c.field_name}" for c in batched) or "none", ", ".join(called) or "none")
 
     def _read_values(self, v: dict[str, Any], scalars: dict[GpuScalar, float]) -> None:
         samples = self._read_utilization_samples()
@@ -446,18 +532,18 @@ class GpuReader:
 
     def _read_pcie(self, v: dict[str, Any]) -> None:
         if "pcie_counters" not in self._unsupported:
-            fields = self._call("nvmlDeviceGetFieldValues", [FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES])
+            fields = self._pcie_fields  # from this read's batch (_read_batch)
             if fields is not None:
                 link = self.identity.pcie_link_max_bytes_per_second
                 max_rate = link * 1.5 if link else None
                 supported = 0
                 for direction, fv in zip(("tx", "rx"), fields):
-                    if fv.nvmlReturn != _NVML_SUCCESS:  # each entry has its own status
+                    if fv is None or fv[0] != _NVML_SUCCESS:  # each entry has its own status
                         continue
                     supported += 1
-                    modulus = _VALUE_MODULUS.get(fv.valueType, 2**64)
-                    raw = fv.value.uiVal if fv.valueType == 1 else fv.value.ullVal
-                    cur = CounterReading(int(raw), int(fv.timestamp))
+                    _, value_type, raw, stamp, _ = fv
+                    modulus = _VALUE_MODULUS.get(value_type, 2**64)
+                    cur = CounterReading(int(raw), int(stamp))
                     rate = counter_rate(self._pcie_prev.get(direction), cur, modulus, max_rate)
                     self._pcie_prev[direction] = cur
                     v[f"pcie_{direction}_bytes_per_second"] = rate
@@ -467,7 +553,7 @@ class GpuReader:
                 log.info("GPU %d: PCIe byte counters not supported; using the blocking "
                          "nvmlDeviceGetPcieThroughput on a 1 s cadence in its own thread", self.index)
                 self._pcie_fallback.register(self.index, self._handle)
-            elif "nvmlDeviceGetFieldValues" in self._unsupported:
+            elif _FIELDS_KEY in self._unsupported:
                 self._unsupported.add("pcie_counters")
                 self._pcie_fallback.register(self.index, self._handle)
         slot = self._pcie_fallback.latest(self.index)

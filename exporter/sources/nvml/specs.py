@@ -20,12 +20,17 @@ from typing import Any, Callable, Literal, Mapping
 class NvmlCall:
     """nvml.<function>(handle, *args, **kwargs). A str argument names a pynvml constant (resolved on the
     module once per GPU, so the fake and the real binding both work); `fallback` is asked instead once
-    this call is not supported (an older driver or binding)."""
+    this call is not supported (an older driver or binding).
+
+    `field_name` names an NVML_FI_DEV_* field id whose value is this call's answer in the same unit: where the
+    GPU answers it (decided on the first read after each open), it comes in the one nvmlDeviceGetFieldValues
+    batch of the read instead of a call of its own; where it does not, the call is made as before."""
 
     function: str
     args: tuple[int | str, ...] = ()
     kwargs: tuple[tuple[str, int | str], ...] = ()
     fallback: NvmlCall | None = None
+    field_name: str | None = None
     key: str = field(init=False)  # names the call in the not-supported set and in logs
 
     def __post_init__(self) -> None:
@@ -124,9 +129,15 @@ SAMPLE_BUFFER_SECONDS = GpuScalar(
     "gpu_sample_buffer_seconds", "gauge",
     "How far back the driver's utilisation sample buffer reached at start-up: the longest --sample.interval "
     "that loses no sample (nvmlDeviceGetSamples).", STATEFUL, collector="sample-buffer")
+# Field ids batched in place of a call (reader.py): the same quantity in the same unit as the call's answer.
+# Energy: mJ since driver load, either way. Power: NVML_FI_DEV_POWER_AVERAGE (mW, the 1 s average), which is
+# what nvmlDeviceGetPowerUsage answers on Ampere and newer (nvidia-smi's power.draw); _INSTANT would be the
+# raw sensor. Replays: the same counter. No field carries the GPU temperature, the current clocks, the
+# utilisation rates or the memory info, so those stay calls; NVML_FI_DEV_POWER_CURRENT_LIMIT is not
+# documented as the enforced limit (which is the minimum of several), so that stays a call too.
 ENERGY = GpuScalar(
     "gpu_energy_joules", "counter", "Energy consumed since driver load (nvmlDeviceGetTotalEnergyConsumption).",
-    NvmlCall("nvmlDeviceGetTotalEnergyConsumption"), _milli)
+    NvmlCall("nvmlDeviceGetTotalEnergyConsumption", field_name="NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION"), _milli)
 POWER_FROM_ENERGY = GpuScalar(
     "gpu_power_from_energy_watts", "gauge",
     "Average power over the last sampling interval: energy counter delta / time delta.", STATEFUL,
@@ -134,13 +145,13 @@ POWER_FROM_ENERGY = GpuScalar(
 
 PCIE_REPLAY_ERRORS = GpuScalar(
     "gpu_pcie_replay_errors", "counter", "PCIe replays since driver load (nvmlDeviceGetPcieReplayCounter).",
-    NvmlCall("nvmlDeviceGetPcieReplayCounter"))
+    NvmlCall("nvmlDeviceGetPcieReplayCounter", field_name="NVML_FI_DEV_PCIE_REPLAY_COUNTER"))
 TEMPERATURE = GpuScalar(
     "gpu_temperature_celsius", "gauge", "GPU die temperature (nvmlDeviceGetTemperature).",
     NvmlCall("nvmlDeviceGetTemperature", ("NVML_TEMPERATURE_GPU",)))
 POWER = GpuScalar(
     "gpu_power_watts", "gauge", "Board power draw (nvmlDeviceGetPowerUsage).",
-    NvmlCall("nvmlDeviceGetPowerUsage"), _milli)
+    NvmlCall("nvmlDeviceGetPowerUsage", field_name="NVML_FI_DEV_POWER_AVERAGE"), _milli)
 POWER_LIMIT = GpuScalar(
     "gpu_power_limit_watts", "gauge", "Enforced power limit (nvmlDeviceGetEnforcedPowerLimit).",
     NvmlCall("nvmlDeviceGetEnforcedPowerLimit"), _milli)
