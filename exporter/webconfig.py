@@ -370,10 +370,13 @@ class WebConfigWatcher:
             self._buckets = KeyedBuckets(new.rate_limit, _BUCKETS) if new.rate_limit else None
         for note in set(new.notes) - set(self.config.notes):
             log.warning("%s", note)
+        files = self._files()
         self.ssl_context = context
         self.config = new
         self._ca = ca
-        self._signature = self._stat()
+        # The signature from before the read, so a rewrite landing while it was read is read again; a
+        # new file the new config names (another certificate) is stat'ed now.
+        self._signature = signature if self._files() == files else (signature[0], *self._stat()[1:])
         self._last_ok, self._last_ok_time = True, time.time()
         if changes:
             log.warning("web config %s reloaded; who may read changed: %s", self.path, "; ".join(changes))

@@ -598,3 +598,29 @@ def test_an_unknown_user_is_refused_without_bcrypt_after_about_a_check(mocker):
     bcrypt.checkpw(b"wrong", auth.users["b"])
     one_check = time.monotonic() - began
     assert 0.2 * one_check < auth.refusal_delay(request_with(basic("nobody", ""))) < 5 * one_check
+
+
+def test_a_config_replaced_while_a_reload_reads_it_is_read_again(tmp_path, monkeypatch):
+    """The watcher stat'ed the files again after loading: a rewrite landing while it loaded (YAML, TLS,
+    the dummy bcrypt hash) was taken as already read, so removing a leaked user's password never took
+    effect until the next change or SIGHUP."""
+    import exporter.webconfig as webconfig
+
+    path = tmp_path / "web.yml"
+    a, b = htpasswd_hash("a"), htpasswd_hash("b")
+    path.write_text(f"basic_auth_users: {{prometheus: '{a}', leaked: '{a}'}}\n")
+    watcher = WebConfigWatcher(path)
+    real_load = webconfig.load_web_config
+
+    def load_then_rewrite(p):
+        config = real_load(p)
+        path.write_text(f"basic_auth_users: {{prometheus: '{b}'}}\n")  # the admin's second write, mid-reload
+        os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+        return config
+
+    path.write_text(f"basic_auth_users: {{prometheus: '{b}', leaked: '{a}'}}\n")
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    monkeypatch.setattr(webconfig, "load_web_config", load_then_rewrite)
+    assert watcher.poll() is True and "leaked" in watcher.auth.users
+    monkeypatch.setattr(webconfig, "load_web_config", real_load)
+    assert watcher.poll() is True and set(watcher.auth.users) == {"prometheus"}
