@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -260,7 +261,11 @@ class BasicAuth:
         began = time.monotonic()
         try:
             ok = self._bcrypt.checkpw(password, hashed or self._dummy) and hashed is not None
-        except ValueError:  # a password bcrypt refuses (e.g. over 72 bytes in bcrypt >= 5)
+        except ValueError:  # a password bcrypt refuses (over 72 bytes in bcrypt >= 5), at once: a check it
+            # accepts, its answer ignored, so this costs what a wrong password costs (else a fast 401 tells
+            # the name exists, and the instant checks pull refusal_delay toward 0)
+            with contextlib.suppress(ValueError):
+                self._bcrypt.checkpw(password[:72], hashed or self._dummy)
             ok = False
         if hashed is not None and hashed[4:6] == self._dummy[4:6]:  # a check at the dummy's cost
             self._check_s = 0.8 * self._check_s + 0.2 * (time.monotonic() - began)
