@@ -359,3 +359,20 @@ def test_any_hostile_answer_is_a_report_or_one_line_never_a_traceback(fake_prom,
     if code == 0:
         text = json.dumps(json.loads(out)["findings"])
         assert not NON_FINITE.search(text), text
+
+
+def test_a_million_labels_on_one_series_are_refused_before_parsing(fake_prom):
+    """Series and samples were counted in the bytes, object members not: one series with 1 400 000
+    labels (28 MB, under the byte cap) took 312 MB RSS in `diagnose`, more than the pod it may run in."""
+    import tracemalloc
+
+    labels = {f"l{i}": "v" for i in range(1_200_000)}
+    fake_prom.override = {"gpu_memory_used_ratio": lambda result: [{"metric": labels, "values": [[AT, "1"]]}]}
+    tracemalloc.start()
+    try:
+        code, _, err = diagnose_main(fake_prom.url)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 2 and "labels for last_over_time(gpu_memory_used_ratio" in err and err.count("\n") == 1, err
+    assert peak < 100 * 1024 * 1024, peak
