@@ -515,7 +515,10 @@ class _Connection(asyncio.Protocol):
             self.close(reason, linger=True)  # h11 says this connection ends here (Connection: close, HTTP/1.0)
             return
         self.h11.start_next_cycle()
-        self.tx.resume_reading()
+        if len(self.h11.trailing_data[0]) <= self.server.limits.max_head_bytes:
+            # else requests already read wait: reading on after each answer let a client that pipelines
+            # and never reads grow this buffer by a read (256 KiB) per request answered
+            self.tx.resume_reading()
         self._to_idle()
 
 
