@@ -316,10 +316,11 @@ def parse_dump(data: bytes) -> SmiDump:
 
 
 def read_dump(path: str | Path) -> SmiDump:
-    """parse_dump of a file, reading at most MAX_DUMP_BYTES + 1 bytes; OSError and NotADump as one line."""
-    with open(path, "rb") as f:
-        data = f.read(MAX_DUMP_BYTES + 1)
-    return parse_dump(data)
+    """parse_dump of a file, reading at most MAX_DUMP_BYTES + 1 bytes; OSError and NotADump as one line.
+    Opened as the web config is: a FIFO or a device must not hold start-up."""
+    from exporter.sources.kernfile import read_regular
+
+    return parse_dump(read_regular(path, MAX_DUMP_BYTES))
 
 
 # ---- the Python fake serving a dump ---------------------------------------------------------------------

@@ -272,3 +272,12 @@ def test_odd_numbers_are_absent_values_never_a_traceback_or_a_quadratic_match():
                                b"<fan_speed>1" + b" " * 50_000 + b"!</fan_speed>", driver=b"1" * 5000))
     assert "temp" not in dump.gpus[0].values and "fan" not in dump.gpus[0].values
     assert dump.driver.startswith("111")
+
+
+def test_a_fifo_given_as_a_dump_is_one_line_not_a_hang(tmp_path):
+    """read_dump used open(): a FIFO (or a device that blocks) held start-up forever."""
+    fifo = tmp_path / "dump.xml"
+    os.mkfifo(fifo)
+    r = subprocess.run([sys.executable, "-m", "exporter", "--fake-gpus-from", str(fifo)], capture_output=True,
+                       text=True, timeout=30, cwd=REPO)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a regular file" in r.stderr, r.stderr
