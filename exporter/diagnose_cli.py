@@ -9,6 +9,7 @@ keep the sub-scrape resolution the exporter's counters carry.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import re
@@ -157,6 +158,9 @@ class Prometheus:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise DiagnoseError(f"cannot reach Prometheus at {self.url}: {_shown(str(reason))}") from None
+        except http.client.HTTPException as exc:  # not an OSError: a bad status line, 101 headers, ...
+            raise DiagnoseError(f"{self.url} did not answer HTTP as a Prometheus server does: "
+                                f"{_shown(f'{type(exc).__name__}: {exc}')}") from None
         if len(body) > MAX_RESPONSE_BYTES:
             raise DiagnoseError(f"Prometheus at {self.url}: answer over {MAX_RESPONSE_BYTES} bytes to {query}; "
                                 "narrow the window")

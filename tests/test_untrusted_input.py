@@ -376,3 +376,35 @@ def test_a_million_labels_on_one_series_are_refused_before_parsing(fake_prom):
         tracemalloc.stop()
     assert code == 2 and "labels for last_over_time(gpu_memory_used_ratio" in err and err.count("\n") == 1, err
     assert peak < 100 * 1024 * 1024, peak
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"Content-Length: 2\r\n\r\n{}",
+    b"HELLO THERE\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+])
+def test_a_server_that_breaks_http_is_named_not_an_internal_error(answer):
+    """http.client's HTTPException (101 headers, a bad status line, a 70 KB header line, a broken chunk)
+    is not an OSError: `diagnose` called its server's fault its own ("internal error ...; please report
+    it")."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(10)
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+    def serve() -> None:
+        for _ in range(4):  # bounded: diagnose stops at the first failed query
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        code, _, err = diagnose_main(url)
+    finally:
+        srv.close()
+    assert code == 2 and err.count("\n") == 1 and "internal error" not in err and url in err, err
