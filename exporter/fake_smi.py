@@ -6,8 +6,9 @@ shows as "N/A", or does not show at all, is absent: the call behind it answers N
 `SmiNvml` serves a dump through the Python fake (--fake-gpus-from); testkit/smi_dump.py writes the same
 parse as the C stand-in's configuration, so both replay one board from one parser.
 
-The dump is untrusted: bounded in bytes and GPUs, parsed by expat with no DTD or entity of its own allowed
-(the dumps' `<!DOCTYPE nvidia_smi_log SYSTEM "...dtd">` names an external DTD, which expat never loads).
+The dump is untrusted: bounded in bytes, GPUs, elements and depth, parsed by expat with no DTD or entity of
+its own allowed in any encoding (the dumps' `<!DOCTYPE nvidia_smi_log SYSTEM "...dtd">` names an external
+DTD, which expat never loads).
 """
 from __future__ import annotations
 
