@@ -844,3 +844,42 @@ def test_a_burst_of_silent_connects_does_not_evict_a_tls_client_in_the_middle_of
     assert status_of(answer) == 200
     for s in [scraper, *fillers, *burst]:
         s.close()
+
+
+def test_a_pipelining_client_that_never_reads_is_held_to_one_read_of_buffer(serve):
+    """Reading was resumed after every answer, so each answered request let one more read (up to 256 KiB)
+    into h11's buffer: 20 TLS clients pipelining /healthz without reading took the exporter past its
+    128 MiB cgroup (OOM-killed). Past max_head_bytes of unanswered requests, reading now stays paused."""
+    server = serve(App())
+    s = connect(server)
+    s.setblocking(False)
+    flood = b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n" * 2000
+    sent, deadline = 0, time.monotonic() + 3
+    while sent < 8_000_000 and time.monotonic() < deadline:
+        try:
+            sent += s.send(flood)
+        except BlockingIOError:
+            time.sleep(0.01)
+    time.sleep(0.5)
+    held = max(len(c.h11.trailing_data[0]) for c in list(server._connections))
+    s.close()
+    assert held <= 2 * Limits().max_head_bytes, (held, sent)  # the limit plus one read
+
+
+def test_pipelining_clients_that_never_read_cost_little_each(serve):
+    """Even paused, each connection held the last read asyncio made for it, up to 256 KiB: 200 TLS
+    clients pipelining /healthz took the exporter from 24 to 118 MiB of its 128 MiB. Reads are 16 KiB."""
+    server = serve(App())
+    socks = [connect(server) for _ in range(16)]
+    flood = b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n" * 20_000
+    for s in socks:
+        s.setblocking(False)
+        try:
+            s.send(flood)
+        except BlockingIOError:
+            pass
+    time.sleep(1.0)
+    held = [len(c.h11.trailing_data[0]) for c in list(server._connections)]
+    for s in socks:
+        s.close()
+    assert len(held) == 16 and max(held) <= 2 * Limits().max_head_bytes, held

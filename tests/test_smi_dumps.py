@@ -247,3 +247,47 @@ def test_old_drivers_refuse_the_batched_fields_so_their_boards_take_the_calls():
         refused = set(config.get("field_na", "").split(",")) - {""}
         assert refused == ({"83", "94", "185"} if major < 450 else {"185"} if major < 535 else set()), name
     assert any("field_na" in c for c in configs.values()) and any("field_na" not in c for c in configs.values())
+
+
+def _one_gpu(inner: bytes, driver: bytes = b"535.1") -> bytes:
+    return (b"<nvidia_smi_log><driver_version>" + driver + b'</driver_version><gpu id="00000000:01:00.0">'
+            + inner + b"</gpu></nvidia_smi_log>")
+
+
+def test_entities_in_another_encoding_are_refused_before_any_expansion():
+    """The byte check for `<!ENTITY` missed a UTF-16 dump (expat reads it): a 3.6 MB one expanded to
+    240 MB of text, 527 MiB RSS where the DaemonSet has 128 MiB."""
+    doc = ('<?xml version="1.0" encoding="UTF-16"?>\n<!DOCTYPE nvidia_smi_log [<!ENTITY a "' + "x" * 400
+           + '">]><nvidia_smi_log><gpu id="x"><product_name>' + "&a;" * 20_000 + "</product_name></gpu>"
+           "</nvidia_smi_log>")
+    with pytest.raises(NotADump, match="entity") as info:
+        parse_dump(doc.encode("utf-16"))
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize("inner, why", [
+    (b"<a>" * 100_000 + b"</a>" * 100_000, "deep"),  # 580 000 levels fit in 4 MB: 186 MiB RSS
+    (b"<a/>" * 1_000_000, "elements"),  # 1 000 000 empty ones fit: 115 MiB RSS and 2.7 s of find()
+])
+def test_a_dump_deeper_or_more_numerous_than_any_real_one_is_refused(inner, why):
+    with pytest.raises(NotADump, match=why) as info:
+        parse_dump(_one_gpu(inner))
+    assert "\n" not in str(info.value)
+
+
+def test_odd_numbers_are_absent_values_never_a_traceback_or_a_quadratic_match():
+    """A 400-digit value overflowed float -> round() (OverflowError); a 5000-digit driver version
+    int() (ValueError); "1" + 32 000 spaces + "!" took 10.9 s in the number regex (quadratic)."""
+    dump = parse_dump(_one_gpu(b"<temperature><gpu_temp>" + b"9" * 400 + b" C</gpu_temp></temperature>"
+                               b"<fan_speed>1" + b" " * 50_000 + b"!</fan_speed>", driver=b"1" * 5000))
+    assert "temp" not in dump.gpus[0].values and "fan" not in dump.gpus[0].values
+    assert dump.driver.startswith("111")
+
+
+def test_a_fifo_given_as_a_dump_is_one_line_not_a_hang(tmp_path):
+    """read_dump used open(): a FIFO (or a device that blocks) held start-up forever."""
+    fifo = tmp_path / "dump.xml"
+    os.mkfifo(fifo)
+    r = subprocess.run([sys.executable, "-m", "exporter", "--fake-gpus-from", str(fifo)], capture_output=True,
+                       text=True, timeout=30, cwd=REPO)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not a regular file" in r.stderr, r.stderr

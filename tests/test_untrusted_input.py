@@ -360,6 +360,8 @@ def test_any_hostile_answer_is_a_report_or_one_line_never_a_traceback(fake_prom,
     if code == 0:
         text = json.dumps(json.loads(out)["findings"])
         assert not NON_FINITE.search(text), text
+
+
 @pytest.mark.e2e
 def test_the_container_health_check_leaves_no_traceback_in_the_log(exporter_proc, monkeypatch):
     """urllib's Connection: close request, answered and closed at once: the lingering half-close met a
@@ -372,3 +374,52 @@ def test_the_container_health_check_leaves_no_traceback_in_the_log(exporter_proc
     assert [healthcheck.main() for _ in range(40)] == [0] * 40
     time.sleep(0.2)  # the last connection's close is logged after the client has its answer
     assert "Traceback" not in e.log(), e.log()[-3000:]
+
+
+def test_a_million_labels_on_one_series_are_refused_before_parsing(fake_prom):
+    """Series and samples were counted in the bytes, object members not: one series with 1 400 000
+    labels (28 MB, under the byte cap) took 312 MB RSS in `diagnose`, more than the pod it may run in."""
+    import tracemalloc
+
+    labels = {f"l{i}": "v" for i in range(1_200_000)}
+    fake_prom.override = {"gpu_memory_used_ratio": lambda result: [{"metric": labels, "values": [[AT, "1"]]}]}
+    tracemalloc.start()
+    try:
+        code, _, err = diagnose_main(fake_prom.url)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert code == 2 and "labels for last_over_time(gpu_memory_used_ratio" in err and err.count("\n") == 1, err
+    assert peak < 100 * 1024 * 1024, peak
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"Content-Length: 2\r\n\r\n{}",
+    b"HELLO THERE\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70_000 + b"\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+])
+def test_a_server_that_breaks_http_is_named_not_an_internal_error(answer):
+    """http.client's HTTPException (101 headers, a bad status line, a 70 KB header line, a broken chunk)
+    is not an OSError: `diagnose` called its server's fault its own ("internal error ...; please report
+    it")."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(10)
+    url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+
+    def serve() -> None:
+        for _ in range(4):  # bounded: diagnose stops at the first failed query
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        code, _, err = diagnose_main(url)
+    finally:
+        srv.close()
+    assert code == 2 and err.count("\n") == 1 and "internal error" not in err and url in err, err

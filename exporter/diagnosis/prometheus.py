@@ -9,6 +9,7 @@ keep the sub-scrape resolution the exporter's counters carry.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import re
@@ -37,6 +38,9 @@ MAX_POINTS = 1000  # per series: the step grows with the window beyond this
 # (x MIG instances); 1 000 points each.
 MAX_SERIES = 512
 MAX_SAMPLES = 200_000
+# Object members (a ":" each, also counting the few in label values): a dict entry per label costs what
+# a sample does; ~20 labels a series is usual.
+MAX_MEMBERS = MAX_SERIES * 128
 DEFAULT_TIMEOUT_S = 60.0  # --timeout: the whole run, every query together
 QUERY_TIMEOUT_S = 15.0  # one query, within what is left of --timeout
 COINCIDE_MIN_S = 30.0  # the window judged around an RTF crossing: this long (or 2 scrapes) either side
@@ -155,6 +159,9 @@ class Prometheus:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise DiagnoseError(f"cannot reach Prometheus at {self.url}: {_shown(str(reason))}") from None
+        except http.client.HTTPException as exc:  # not an OSError: a bad status line, 101 headers, ...
+            raise DiagnoseError(f"{self.url} did not answer HTTP as a Prometheus server does: "
+                                f"{_shown(f'{type(exc).__name__}: {exc}')}") from None
         if len(body) > MAX_RESPONSE_BYTES:
             raise DiagnoseError(f"Prometheus at {self.url}: answer over {MAX_RESPONSE_BYTES} bytes to {query}; "
                                 "narrow the window")
@@ -162,6 +169,9 @@ class Prometheus:
         # "metric", every sample (and every series' list of them) a "[".
         if body.count(b'"metric"') > MAX_SERIES:
             raise DiagnoseError(f"Prometheus at {self.url}: more than {MAX_SERIES} series for {query}; "
+                                "narrow --instance")
+        if body.count(b":") > MAX_MEMBERS:
+            raise DiagnoseError(f"Prometheus at {self.url}: more than {MAX_MEMBERS} labels for {query}; "
                                 "narrow --instance")
         if body.count(b"[") > MAX_SAMPLES:
             raise DiagnoseError(f"Prometheus at {self.url}: more than {MAX_SAMPLES} samples for {query}; "

@@ -6,14 +6,16 @@ shows as "N/A", or does not show at all, is absent: the call behind it answers N
 `SmiNvml` serves a dump through the Python fake (--fake-gpus-from); testkit/smi_dump.py writes the same
 parse as the C stand-in's configuration, so both replay one board from one parser.
 
-The dump is untrusted: bounded in bytes and GPUs, parsed by expat with no DTD or entity of its own allowed
-(the dumps' `<!DOCTYPE nvidia_smi_log SYSTEM "...dtd">` names an external DTD, which expat never loads).
+The dump is untrusted: bounded in bytes, GPUs, elements and depth, parsed by expat with no DTD or entity of
+its own allowed in any encoding (the dumps' `<!DOCTYPE nvidia_smi_log SYSTEM "...dtd">` names an external
+DTD, which expat never loads).
 """
 from __future__ import annotations
 
 import re
 import time
 import xml.etree.ElementTree as ET
+from xml.parsers import expat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -26,8 +28,12 @@ MAX_DUMP_BYTES = 4 * 1024 * 1024  # a 16-GPU dump with every supported clock lis
 MAX_GPUS = 16
 MAX_PROCESSES = 256
 MAX_MIG = 7
+MAX_ELEMENTS = 100_000  # a real dump has ~300-1 100 per GPU; a tree costs ~100 bytes an element
+MAX_DEPTH = 32  # real dumps nest 6 deep
 MIB = 1024 * 1024
-_NUMBER = re.compile(r"\s*(-?[0-9]+(?:\.[0-9]+)?)\s*([A-Za-z/%]*)\s*\Z")
+# Bounded digits (a longer number is no reading, and would overflow float -> int); _text strips the
+# value, so no second run of \s* may follow the unit (two adjacent ones backtrack quadratically).
+_NUMBER = re.compile(r"(-?[0-9]{1,20}(?:\.[0-9]{1,20})?)\s*([A-Za-z/%]*)\Z")
 _DOCTYPE = re.compile(rb"<!DOCTYPE\s+nvidia_smi_log(\s+SYSTEM\s+\"[A-Za-z0-9_.]+\")?\s*>")
 
 # nvidia-smi's clock event (formerly "throttle") reason -> NVML's nvmlClocksEventReason* bit.
@@ -247,6 +253,38 @@ def _gpu(el: ET.Element, driver_major: int) -> SmiGpu:
                   architecture=_text(el, "product_architecture") or "", values=v, mig=mig, processes=processes)
 
 
+def _prescan(data: bytes) -> None:
+    """Refuse, in a streaming pass before a tree is built, what the byte check above cannot see: a
+    declaration in an encoding other than UTF-8 (expat reads UTF-16 too), and more elements or depth
+    than any dump has (4 MB of <a/> is a 100 MiB tree)."""
+    parser = expat.ParserCreate()
+    depth, count = 0, 0
+
+    def doctype(name: str, sysid: str | None, pubid: str | None, internal: int) -> None:
+        if internal:
+            raise NotADump("has a DTD or entity declaration that nvidia-smi never writes: not an nvidia-smi dump")
+
+    def entity(*_: object) -> None:
+        raise NotADump("has an entity declaration that nvidia-smi never writes: not an nvidia-smi dump")
+
+    def start(name: str, attrs: object) -> None:
+        nonlocal depth, count
+        depth, count = depth + 1, count + 1
+        if depth > MAX_DEPTH:
+            raise NotADump(f"elements nested over {MAX_DEPTH} deep: not an nvidia-smi dump")
+        if count > MAX_ELEMENTS:
+            raise NotADump(f"over {MAX_ELEMENTS} elements: not an nvidia-smi dump")
+
+    def end(name: str) -> None:
+        nonlocal depth
+        depth -= 1
+
+    parser.StartDoctypeDeclHandler = doctype
+    parser.EntityDeclHandler = entity
+    parser.StartElementHandler, parser.EndElementHandler = start, end
+    parser.Parse(data, True)
+
+
 def parse_dump(data: bytes) -> SmiDump:
     """The GPUs of an `nvidia-smi -q -x` dump; NotADump (one line) for anything else."""
     if len(data) > MAX_DUMP_BYTES:
@@ -261,9 +299,10 @@ def parse_dump(data: bytes) -> SmiDump:
         m = re.search(rb"_(v[0-9]+)\.dtd", doctype.group(1))
         schema = m.group(1).decode() if m else ""
     try:
+        _prescan(data)
         root = ET.fromstring(data)
-    except ET.ParseError as exc:
-        raise NotADump(f"not XML ({exc}): not an nvidia-smi dump") from None
+    except (ET.ParseError, expat.ExpatError) as exc:
+        raise NotADump(f"not XML ({str(exc)[:200]}): not an nvidia-smi dump") from None
     if root.tag != "nvidia_smi_log":
         raise NotADump(f"root element <{root.tag[:40]}>, not <nvidia_smi_log>: not an nvidia-smi dump")
     gpus_el = root.findall("gpu")
@@ -272,16 +311,17 @@ def parse_dump(data: bytes) -> SmiDump:
     if len(gpus_el) > MAX_GPUS:
         raise NotADump(f"{len(gpus_el)} GPUs; at most {MAX_GPUS}")
     driver = _text(root, "driver_version") or ""
-    version = re.match(r"([0-9]+)", driver)
+    version = re.match(r"([0-9]{1,9})(?![0-9])", driver)
     major = int(version.group(1)) if version else 0
     return SmiDump(driver=driver, schema=schema, gpus=tuple(_gpu(g, major) for g in gpus_el))
 
 
 def read_dump(path: str | Path) -> SmiDump:
-    """parse_dump of a file, reading at most MAX_DUMP_BYTES + 1 bytes; OSError and NotADump as one line."""
-    with open(path, "rb") as f:
-        data = f.read(MAX_DUMP_BYTES + 1)
-    return parse_dump(data)
+    """parse_dump of a file, reading at most MAX_DUMP_BYTES + 1 bytes; OSError and NotADump as one line.
+    Opened as the web config is: a FIFO or a device must not hold start-up."""
+    from exporter.sources.kernfile import read_regular
+
+    return parse_dump(read_regular(path, MAX_DUMP_BYTES))
 
 
 # ---- the Python fake serving a dump ---------------------------------------------------------------------

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -260,7 +261,11 @@ class BasicAuth:
         began = time.monotonic()
         try:
             ok = self._bcrypt.checkpw(password, hashed or self._dummy) and hashed is not None
-        except ValueError:  # a password bcrypt refuses (e.g. over 72 bytes in bcrypt >= 5)
+        except ValueError:  # a password bcrypt refuses (over 72 bytes in bcrypt >= 5), at once: a check it
+            # accepts, its answer ignored, so this costs what a wrong password costs (else a fast 401 tells
+            # the name exists, and the instant checks pull refusal_delay toward 0)
+            with contextlib.suppress(ValueError):
+                self._bcrypt.checkpw(password[:72], hashed or self._dummy)
             ok = False
         if hashed is not None and hashed[4:6] == self._dummy[4:6]:  # a check at the dummy's cost
             self._check_s = 0.8 * self._check_s + 0.2 * (time.monotonic() - began)
@@ -370,10 +375,13 @@ class WebConfigWatcher:
             self._buckets = KeyedBuckets(new.rate_limit, _BUCKETS) if new.rate_limit else None
         for note in set(new.notes) - set(self.config.notes):
             log.warning("%s", note)
+        files = self._files()
         self.ssl_context = context
         self.config = new
         self._ca = ca
-        self._signature = self._stat()
+        # The signature from before the read, so a rewrite landing while it was read is read again; a
+        # new file the new config names (another certificate) is stat'ed now.
+        self._signature = signature if self._files() == files else (signature[0], *self._stat()[1:])
         self._last_ok, self._last_ok_time = True, time.time()
         if changes:
             log.warning("web config %s reloaded; who may read changed: %s", self.path, "; ".join(changes))
