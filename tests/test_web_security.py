@@ -604,7 +604,7 @@ def test_a_config_replaced_while_a_reload_reads_it_is_read_again(tmp_path, monke
     """The watcher stat'ed the files again after loading: a rewrite landing while it loaded (YAML, TLS,
     the dummy bcrypt hash) was taken as already read, so removing a leaked user's password never took
     effect until the next change or SIGHUP."""
-    import exporter.webconfig as webconfig
+    import exporter.web.config as webconfig
 
     path = tmp_path / "web.yml"
     a, b = htpasswd_hash("a"), htpasswd_hash("b")
