@@ -19,7 +19,7 @@ module falls short, what we do instead:
 - `RequestClientCert` / `RequireAnyClientCert`: Python's ssl cannot ask for a certificate without
   verifying it, so these are refused with that reason.
 
-Section parsers raise ValueError with a one-line message; webconfig.py turns it into WebConfigError.
+Section parsers raise ValueError with a one-line message; config.py turns it into WebConfigError.
 """
 from __future__ import annotations
 
