@@ -102,10 +102,10 @@ def _check_keys(doc: dict, allowed: set[str], where: str) -> None:
 def parse_web_config(text: str, base_dir: Path) -> WebConfig:
     import yaml  # only needed with --web.config.file
 
-    from exporter.web import yamltext as webyaml
+    from exporter.web import yamltext
 
     try:
-        doc = _mapping(webyaml.load(text), "web config")
+        doc = _mapping(yamltext.load(text), "web config")
     except yaml.YAMLError as exc:
         raise WebConfigError(f"not valid YAML: {str(exc).splitlines()[0]}") from None
     try:
