@@ -2,7 +2,7 @@
 
 The flags are one table (FLAGS): name, default, help, and the validator that turns the text into the
 value main() uses (it may read the values of the rows above it). Adding a flag is one row and its
-Config field. The fakes (fake_nvml, fake_scenarios) are imported only when a --fake-* flag asks for them.
+Config field. The fakes (exporter.fake.*) are imported only when a --fake-* flag asks for them.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ class Config:
     log_level: str
     max_requests: int
     node_name: str
-    collectors: frozenset[str]  # the switchable collectors that are on (collectors.py)
+    collectors: frozenset[str]  # the switchable collectors that are on (pipeline/collectors.py)
     cgroupfs: str
     cgroup_path: str
     shm_path: str
@@ -553,7 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("%s", warning)
     history = new_history(cfg.history_window, cfg.sample_interval) if cfg.history_window else None
     on = cfg.collectors
-    need = registry.needs(on)  # which sources to build: what the enabled collectors need (collectors.py)
+    need = registry.needs(on)  # which sources to build: what the enabled collectors need (pipeline/collectors.py)
     pods = (PodResourcesPoller(cfg.pod_resources_socket)
             if cfg.pod_resources_socket and "kubelet" in need else None)
     specs = GPU_SCALARS + NVLINK_PER_LINK_SCALARS  # each row read and rendered only if its collector is on

@@ -619,7 +619,7 @@ def test_fair_queue_serves_keys_in_turn():
 @given(st.lists(st.tuples(st.sampled_from(["push", "pop"]), st.integers(0, 5), st.integers(0, 2)), max_size=200),
        st.integers(1, 8), st.integers(1, 3))
 def test_fair_queue_by_rank_bounds_each_key_and_a_better_rank_always_gets_in(ops, capacity, per_key):
-    """Issue #22.3: ranks (webconfig.BasicAuth.rank) and a per-address bound on top of the fairness."""
+    """Issue #22.3: ranks (exporter.web.config.BasicAuth.rank) and a per-address bound on top of the fairness."""
     from exporter.web.fairqueue import FairQueue
 
     q: FairQueue[tuple[int, int, int]] = FairQueue(capacity, per_key)

@@ -278,7 +278,7 @@ def test_driver_reload_initialises_nvml_again_and_re_enumerates(procfs):
 
 
 def test_sources_never_import_the_snapshot_or_the_sampler():
-    """Imports run one way: sources read into their own types; snapshot.py composes them."""
+    """Imports run one way: sources read into their own types; pipeline/snapshot.py composes them."""
     import ast
 
     from tests.conftest import REPO

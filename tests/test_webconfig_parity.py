@@ -19,7 +19,7 @@ import pytest
 import yaml
 from hypothesis import given, settings, strategies as st
 
-from exporter.web import yamltext as webyaml
+from exporter.web import yamltext
 from exporter.web import tlsconfig
 from exporter.web.httpd import Request
 from exporter.web.ratelimit import RateLimit, TokenBucket, parse_rate_limit
@@ -140,7 +140,7 @@ def test_header_values_are_taken_as_written(pki):
                                  "Strict-Transport-Security": "max-age=31536000; includeSubDomains",
                                  "X-Content-Type-Options": "nosniff",
                                  "Content-Security-Policy": "default-src 'self' *.example.net"}
-    assert parse_headers(webyaml.load("X-XSS-Protection: 0x10\nX-Frame-Options: sameorigin")) == \
+    assert parse_headers(yamltext.load("X-XSS-Protection: 0x10\nX-Frame-Options: sameorigin")) == \
         (("X-XSS-Protection", "0x10"), ("X-Frame-Options", "sameorigin"))  # not 16
 
 

@@ -16,7 +16,7 @@ from exporter.diagnosis.rules import (
 from exporter.pipeline.history import Marks, SampleHistory
 from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS
 
-# The live view marks what the checklist calls starved and held down (history.py's below_40_fraction and
+# The live view marks what the checklist calls starved and held down (pipeline/history.py's below_40_fraction and
 # clocks strip): one definition, the diagnosis'.
 LIVE_MARKS = Marks(DEFAULT_THRESHOLDS.starved_utilization, frozenset(THROTTLE_REASONS))
 

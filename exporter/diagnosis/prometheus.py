@@ -297,7 +297,7 @@ class PromWindow:
     most 1.5 scrape intervals (last_over_time), so a hole (failed scrapes, a stopped exporter) is no value,
     not its last value repeated, and counters are read per step with irate() (resets handled), never
     divided by the window's length. The covered span comes from the successful scrapes (up == 1) by the
-    same rule as the live history (diagnosis.covered_span)."""
+    same rule as the live history (rules.covered_span)."""
 
     def __init__(self, prom: Prometheus, instance: str) -> None:
         self.prom = prom

@@ -116,7 +116,7 @@ class SnapshotCollector(Collector):
         self._specs = registry.rows_enabled(collectors, specs)
         self._pod_labels = pod_labels
         self._collectors = collectors
-        # Each enabled group (collectors.py order): its spec rows (specs.py names the collector of each
+        # Each enabled group (collectors.py order): its spec rows (sources/nvml/specs.py names the collector of each
         # row), then its @renders methods. A collector of spec rows only (gpm, nvlink) needs no method.
         self._groups = tuple(
             (name, tuple(r for r in self._specs if r.collector == name),

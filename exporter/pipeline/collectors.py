@@ -1,10 +1,10 @@
 """The collectors, node_exporter style: each declared once, here, and everything else derived from the row.
 
 A row names the collector, its default, its help, the families it emits and the reads it needs:
-- cli.py makes `--[no-]collector.<name>` (and GPU_EXPORTER_COLLECTOR_*) from it, and builds a source only
+- exporter/cli.py makes `--[no-]collector.<name>` (and GPU_EXPORTER_COLLECTOR_*) from it, and builds a source only
   when an enabled collector needs it (`needs`: "host.cgroup", "host.shm", "host.processes", "kubelet");
 - the NVML reader makes an optional call group only when an enabled collector needs it ("nvml.<group>",
-  the reader's READS), and reads a spec row (specs.py) only when the collector the row names is on;
+  the reader's READS), and reads a spec row (sources/nvml/specs.py) only when the collector the row names is on;
 - the snapshot collector (collector.py) renders each enabled collector's families with the method
   registered under its name (`@renders("<name>")`); collect[] and exporter_collector_* use the same names.
 
@@ -12,7 +12,7 @@ The defaults keep one 8-GPU scrape within the series budget (docs/metrics.md) wh
 dashboard's default rows and the alert rules read stays on. The always-on groups (ALWAYS_ON) are the
 exporter itself, the core GPU gauges, and host CPU and memory: no flag turns them off.
 
-Plain data: no source imports this module (sources get plain sets and spec rows from cli.py).
+Plain data: no source imports this module (sources get plain sets and spec rows from exporter/cli.py).
 """
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def needs(collectors: frozenset[str]) -> frozenset[str]:
 
 
 def nvml_reads(collectors: frozenset[str]) -> frozenset[str]:
-    """The NVML reader's optional call groups (reader.READS) the enabled collectors need."""
+    """The NVML reader's optional call groups (sources/nvml/reader.py's READS) the enabled collectors need."""
     return frozenset(n.removeprefix("nvml.") for n in needs(collectors) if n.startswith("nvml."))
 
 

@@ -16,7 +16,7 @@ users already keep for node_exporter; the same file works here (docs/operations.
     basic_auth_users:
       prometheus: $2y$10$...         # bcrypt, e.g. `htpasswd -nBC 10 prometheus`
 
-Each section's rules live beside it: tlsconfig.py, webheaders.py, ratelimit.py. Unknown keys are errors,
+Each section's rules live beside it: tlsconfig.py, headers.py, ratelimit.py. Unknown keys are errors,
 and so are settings Python's TLS stack cannot honour (RequestClientCert, RequireAnyClientCert) and a
 min_version this system's OpenSSL refuses to speak; what is honoured only in part (several curves) is a
 line in the log at start-up (`notes`). The file and the files it names are re-read when they change
@@ -103,10 +103,10 @@ def _check_keys(doc: dict, allowed: set[str], where: str) -> None:
 def parse_web_config(text: str, base_dir: Path) -> WebConfig:
     import yaml  # only needed with --web.config.file
 
-    from exporter.web import yamltext as webyaml
+    from exporter.web import yamltext
 
     try:
-        doc = _mapping(webyaml.load(text), "web config")
+        doc = _mapping(yamltext.load(text), "web config")
     except yaml.YAMLError as exc:
         raise WebConfigError(f"not valid YAML: {str(exc).splitlines()[0]}") from None
     try:

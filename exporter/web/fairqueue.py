@@ -1,6 +1,6 @@
 """A bounded queue served by tier, then round-robin across keys, for work that clients can flood (bcrypt).
 
-The server keys it by client address and ranks each item into a tier (webconfig.BasicAuth.rank: an
+The server keys it by client address and ranks each item into a tier (config.BasicAuth.rank: an
 address that has logged in before, then any other). `pop` serves the best non-empty tier, taking from
 each of its keys in turn, so a client that queues a hundred guesses delays a newcomer of its tier by at
 most one check per other key, not by a hundred, and never one of a better tier by more than the check

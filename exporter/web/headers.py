@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from exporter.web import yamltext as webyaml
+from exporter.web import yamltext
 
 WHERE = "http_server_config.headers"
 
@@ -21,14 +21,14 @@ _VALUE = re.compile(r"[\t\x20-\x7e]*")  # visible ASCII: what every HTTP client 
 
 
 def parse_headers(doc: dict) -> tuple[tuple[str, str], ...]:
-    """The headers mapping (from webyaml.load: values as written) -> (name, value) pairs. Raises
+    """The headers mapping (from yamltext.load: values as written) -> (name, value) pairs. Raises
     ValueError with a one-line message."""
     headers = []
     for name in doc:
         if name not in ALLOWED:
             raise ValueError(f"{WHERE}: HTTP header {name!r} can not be configured "
                              f"(want one of {', '.join(ALLOWED)})")
-        value = webyaml.text(doc, name)
+        value = yamltext.text(doc, name)
         if value is None:
             raise ValueError(f"{WHERE}.{name}: want a string value")
         if len(value) > _MAX_VALUE or not _VALUE.fullmatch(value):

@@ -6,7 +6,7 @@
 
 Same semantics as Go's golang.org/x/time/rate.Limiter(rate.Every(interval), burst) that exporter-toolkit
 uses: a bucket starts full and refills continuously. Where we differ, on purpose:
-- /healthz is not counted or refused (webconfig.py's exempt paths): a kubelet probe must not fail because
+- /healthz is not counted or refused (config.py's exempt paths): a kubelet probe must not fail because
   scrapes used up the budget;
 - exporter-toolkit keeps one bucket for every request, charged before authentication, so anyone who can
   reach the port spends the scraper's budget (an unauthenticated flood: the valid scraper got 429 6/6).

@@ -116,10 +116,10 @@ _SAMPLES_RENDERS = 2
 _DIAGNOSIS_RENDERS = 1
 _MAX_QUERY = 256  # bytes of query string the history endpoints read; their one parameter needs a few
 _MAX_METRICS_QUERY = 1024  # collect[] names every collector in about 450 bytes
-_MAX_METRICS_FIELDS = 32  # parameters a /metrics query may carry; collectors.select bounds collect[] itself
+_MAX_METRICS_FIELDS = 32  # parameters a /metrics query may carry; pipeline.collectors.select bounds collect[] itself
 
 # collect[] values -> the families to render (ValueError: a 400 with its message). main() builds it from
-# collectors.select, so the server needs nothing of the collectors.
+# pipeline.collectors.select, so the server needs nothing of the collectors.
 Select = Callable[[Sequence[str]], Callable[[], Iterable[Metric]]]
 
 

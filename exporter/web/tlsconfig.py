@@ -19,7 +19,7 @@ module falls short, what we do instead:
 - `RequestClientCert` / `RequireAnyClientCert`: Python's ssl cannot ask for a certificate without
   verifying it, so these are refused with that reason.
 
-Section parsers raise ValueError with a one-line message; webconfig.py turns it into WebConfigError.
+Section parsers raise ValueError with a one-line message; config.py turns it into WebConfigError.
 """
 from __future__ import annotations
 
@@ -127,12 +127,12 @@ class TlsSettings:
 
 def _text(doc: dict, key: str) -> str:
     """A string setting; YAML scalars of other types are taken as written, as Go's yaml does (`0x10`, `yes`)."""
-    from exporter.web import yamltext as webyaml  # here: the container health check imports this module without PyYAML's cost
+    from exporter.web import yamltext  # here: the container health check imports this module without PyYAML's cost
 
     value = doc.get(key)
     if isinstance(value, (dict, list)):
         raise ValueError(f"{SECTION}.{key}: want a string, got a {type(value).__name__}")
-    return webyaml.text(doc, key) or ""
+    return yamltext.text(doc, key) or ""
 
 
 def _names(doc: dict, key: str) -> list[str] | None:

@@ -82,7 +82,8 @@ def _decode_fields(got: Any) -> list[Field]:
     return [(fv.nvmlReturn, fv.valueType, _field_value(fv), fv.timestamp, fv.fieldId) for fv in got]
 
 
-# The optional NVML call groups, each made only when asked for (`reads`): collectors.py maps collectors onto them.
+# The optional NVML call groups, each made only when asked for (`reads`): pipeline/collectors.py maps
+# collectors onto them.
 READS = frozenset({"processes", "mig", "clock-events", "ecc", "remapped-rows"})
 
 _Labelled = dict[GpuScalar, tuple[tuple[tuple[tuple[str, str], ...], float], ...]]
@@ -98,7 +99,8 @@ class GpuReader:
         self.nvml = nvml
         self.index = index
         self.identity = GpuIdentity(index, "", "", "", None)
-        # Only the rows and optional call groups asked for are read (cli.py derives both from collectors.py).
+        # Only the rows and optional call groups asked for are read (exporter/cli.py derives both from
+        # pipeline/collectors.py).
         self.collect_processes = "processes" in reads
         self._collect_mig = "mig" in reads
         self._collect_clock_events = "clock-events" in reads

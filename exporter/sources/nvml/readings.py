@@ -1,4 +1,4 @@
-"""What the NVML source reads: plain, immutable values in base units (snapshot.py composes them)."""
+"""What the NVML source reads: plain, immutable values in base units (pipeline/snapshot.py composes them)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

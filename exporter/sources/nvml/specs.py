@@ -1,7 +1,7 @@
 """One declarative row per scalar GPU metric: what to ask NVML, how to convert it, how to expose it.
 
 The reader (reader.py) reads every spec it is given and the collector renders every spec, so a new
-scalar metric is one row here, its answer in fake_nvml.py and its line in docs/metrics.md (a test checks
+scalar metric is one row here, its answer in fake/nvml.py and its line in docs/metrics.md (a test checks
 the docs against this table). A row may also carry labelled series beside (or instead of) the GPU's own
 value: GPM activity per MIG GPU instance, NVLink per link (GpuReading.labelled). Families of another shape
 (PCIe per direction, histograms, processes, MIG memory, ECC, clock events) keep their own code in the
