@@ -1,5 +1,5 @@
 """bench/capture_gpu.py run against the C stand-in (real pynvml), and every capture replayed through the
-fake (exporter.fake.nvml.FixtureNvml): the exporter's families carry the recorded values, and the calls
+fake (testkit/fixture_nvml.py): the exporter's families carry the recorded values, and the calls
 recorded as NotSupported leave their families absent.
 
 Captures from real GPUs live in tests/fixtures/ (one JSON per GPU model); a capture from the stand-in,
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.fake.nvml import FixtureNvml
+from testkit.fixture_nvml import FixtureNvml
 from tests.conftest import REPO, families, make_sampler
 
 STAND_IN = {"gpus": 2, "util.0": 37, "util.1": 64, "power_mw.0": 312500, "temp.1": 55, "mem_used.1": 5e9,

@@ -155,7 +155,7 @@ def test_the_checks_tell_stale_from_current():
     assert py_file_exists("admission.py")  # bench/ has one too: the package's is meant
     assert not py_file_exists("sources/webconfig.py") and not py_file_exists("fake_nvml.py")
     assert dotted_module_exists("exporter.diagnosis.rules") and dotted_module_exists("exporter.diagnosis")
-    assert dotted_module_exists("exporter.fake.nvml.FixtureNvml")
+    assert dotted_module_exists("exporter.fake.nvml.FakeNvml")
     assert not dotted_module_exists("exporter.diagnose_cli") and not dotted_module_exists("exporter.fake_nvml")
     assert not dotted_module_exists("exporter.diagnosis.rules.NoSuchRule")
     assert python_name_exists("Sampler.tick()") and python_name_exists("Sampler.snapshot")
