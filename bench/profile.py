@@ -45,7 +45,7 @@ BACKGROUND_CALLS = ("nvmlEventSetWait_v2",)  # the XID watcher's blocking wait: 
 def calls_per_tick(stub: NvmlStub, gpus: int, reads: int = 100) -> dict[str, float]:
     """NVML calls per GPU per read, by C function, over `reads` reads on a 200 ms schedule (real time:
     GPM needs >= 100 ms between its samples, and the 1 s and 5 s cadences weigh in as they do live)."""
-    from exporter import collectors as registry
+    from exporter.pipeline import collectors as registry
     from exporter.sources.nvml import NvmlSource
     from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
 
