@@ -51,7 +51,7 @@ def calls_per_tick(stub: NvmlStub, gpus: int, reads: int = 100) -> dict[str, flo
 
     stub.configure({"gpus": gpus, **STAND_IN})
     nv = stub.bind()
-    src = NvmlSource(nv, "real", collectors=registry.DEFAULT, specs=GPU_SCALARS + NVLINK_PER_LINK_SCALARS)
+    src = NvmlSource(nv, "real", **registry.nvml_options(registry.DEFAULT, GPU_SCALARS + NVLINK_PER_LINK_SCALARS))
 
     def ticks(n: int) -> None:
         start = time.monotonic()
