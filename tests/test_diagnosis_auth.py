@@ -112,7 +112,8 @@ def test_basic_auth_password_from_the_environment(monkeypatch):
     assert code == 0, err
 
 
-def test_bearer_token_file(secrets):
+def test_bearer_token_file(secrets, monkeypatch):
+    monkeypatch.setenv(PASSWORD_ENV, "stray")  # read only with --prometheus.basic-auth-user
     prom = ProtectedPrometheus(f"Bearer {TOKEN}")
     try:
         code, out, err = run(prom.url, "--prometheus.bearer-token-file", str(secrets / "token"))

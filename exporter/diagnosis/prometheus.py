@@ -184,7 +184,7 @@ class Access:
         if password_file:
             password = _secret(_read_bounded(password_file, MAX_SECRET_BYTES, "--prometheus.basic-auth-password-file"),
                                f"--prometheus.basic-auth-password-file {_shown(password_file)}")
-        elif env.get(PASSWORD_ENV):
+        elif user and env.get(PASSWORD_ENV):  # read only for basic auth: a stray variable changes nothing else
             password = _secret(env[PASSWORD_ENV].encode(errors="replace"), PASSWORD_ENV)
         if password is not None and not user:
             raise DiagnoseError("a basic-auth password needs --prometheus.basic-auth-user")
