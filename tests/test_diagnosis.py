@@ -420,3 +420,46 @@ def test_a_counter_reset_in_the_live_history_is_read_as_prometheus_reads_it():
     assert _increase([]) == _increase([3.0]) == 0
     assert _increase([1.0, 1.0, 3.0]) == 2
     assert _increase([5.0, 6.0, 0.0, 2.0]) == 3  # the source restarted its count: 1 + 2, not -3
+
+
+# ---- the live share counts every driver sample, as the histogram does -----------------------------
+def test_live_starved_share_is_the_histograms_not_one_value_per_tick(tmp_path, procfs):
+    """The simulator's 2 s duty cycle is a whole number of 200 ms ticks: one polled value per tick sees
+    only 10 phases of it (0.8 or 0.9 of them starved, by the GPU's phase), while the driver's 1/6 s
+    samples see the real 5/6. The live share must be the histogram's over the same ticks."""
+    from exporter.diagnosis.rules import starved_samples
+    from tests.conftest import fraction_at_or_below
+
+    clock, wall, interval = ManualClock(), ManualClock(1_700_000_000.0), 0.2
+    history = new_history(30.0, interval, wall_clock=wall)
+    s = make_sampler(ScenarioNvml("starved", 2, clock=clock), procfs.root, interval=interval, clock=clock,
+                     history=history)
+    hists = []
+    for _ in range(250):
+        procfs.advance(busy=[19, 19], idle=[1, 1])
+        hists.append((wall(), s.tick().gpus))
+        clock.advance(interval)
+        wall.advance(interval)
+    w = window_from_history(history, 30.0)
+    cols = history.columns(30.0)
+    before = next(i for i, (t, _) in enumerate(hists) if t == cols.t[0]) - 1  # the tick before the window
+    polled_off, shares = 0.0, {}
+    for n, g in enumerate(w.gpus):
+        old, new = hists[before][1][n].utilization_hist, hists[-1][1][n].utilization_hist
+        below = new.cumulative[new.bounds.index(0.4)] - old.cumulative[old.bounds.index(0.4)]
+        hist_share = shares[g.gpu] = below / (new.count - old.count)
+        weights, total = starved_samples(g)
+        live = sum(v for _, v in weights) / total
+        assert abs(live - hist_share) <= 0.01, (g.gpu, live, hist_share)
+        assert abs(fraction_at_or_below(new, 0.4) - hist_share) < 0.02  # the window is typical of the run
+        polled = [v for v in g.utilization if v is not None]
+        polled_off = max(polled_off, abs(sum(v <= 0.4 for v in polled) / len(polled) - hist_share))
+        served = json.loads(history.query_json(30.0))["gpus"][n]["below_40_fraction"]
+        assert abs(served - hist_share) <= 0.01  # the live page's figure too
+    assert polled_off > 0.03  # the aliasing this guards against is really there
+    # The evidence states the histogram's share, and the host-busy share over those same samples.
+    found = [f for f in diagnose(w) if f.rule == "cpu_starvation"]
+    assert len(found) == 2
+    for f in found:
+        assert (f"GPU {f.gpu} at or below 40 % for {shares[f.gpu or ''] * 100:.0f} % of the last 30 s; host CPU "
+                "≥ 90 % during 100 % of those samples") in f.evidence

@@ -50,8 +50,12 @@ def test_api_shape_and_values_match_what_the_fake_produced(procfs):
     assert doc["host_cpu_utilization"] == [s.host.cpu_utilization for s in last5]
     tensor = [s.gpus[1].reading[TENSOR_ACTIVE] for s in last5]  # GPM activity, for diagnosis
     assert doc["gpus"][1]["tensor_active"] == tensor and None not in tensor
-    util = doc["gpus"][0]["utilization"]
-    assert doc["gpus"][0]["below_40_fraction"] == sum(u <= 0.4 for u in util) / len(util)
+    # below_40_fraction: of every driver sample those ticks took (the histogram's delta), not of the 5
+    # polled values
+    old, new = snaps[-6].gpus[0].utilization_hist, snaps[-1].gpus[0].utilization_hist
+    below = new.cumulative[new.bounds.index(0.4)] - old.cumulative[old.bounds.index(0.4)]
+    assert new.count > old.count
+    assert doc["gpus"][0]["below_40_fraction"] == below / (new.count - old.count)
 
 
 def test_api_says_what_is_simulated_and_when_clocks_were_held_down(procfs):

@@ -39,6 +39,18 @@ def _measured(series: list[float | None]) -> list[float | None] | None:
     return series if any(v is not None for v in series) else None
 
 
+def _driver_samples(samples: list[float | None], starved: list[float | None]
+                    ) -> tuple[list[float | None] | None, list[float | None] | None]:
+    """Per tick, (the share of the driver's utilisation samples at or below the starved line, how many
+    there were): every driver sample counts, as in gpu_sampled_utilization_ratio, not the one value polled
+    per tick (which aliases with a load periodic near the tick). (None, None) where no tick has them (no
+    sample buffer: MIG, old boards): the rule then reads the polled values."""
+    if not any(n for n in samples):
+        return None, None
+    share = [b / n if n and b is not None else None for n, b in zip(samples, starved)]
+    return share, [n if s is not None else None for n, s in zip(samples, share)]
+
+
 def _increase(counts: list[float]) -> int:
     """A counter's increase over the rows, a drop read as a reset (counted from 0), as Prometheus'
     increase() reads it: the same gaps rule live and from Prometheus."""
@@ -70,6 +82,7 @@ def window_from_history(history: SampleHistory, window_s: float, th: Thresholds 
     gpus = []
     for gpu, s in cols.gpus.items():
         xids = [v for v in s["xid_errors"] if v is not None]
+        starved, counts = _driver_samples(s["utilization_samples"], s["utilization_starved"])
         gpus.append(GpuWindow(
             gpu=gpu, name=cols.names.get(gpu, ("", ""))[1], mig=gpu in cols.mig,
             utilization=s["utilization"], memory_used_ratio=s["memory_used_ratio"],
@@ -77,7 +90,7 @@ def window_from_history(history: SampleHistory, window_s: float, th: Thresholds 
             clock_events=_reason_shares(s["clock_event_reasons"]), health=s["health"],
             xid_events=_increase(xids), xid_codes=tuple(sorted(xids_now.get(gpu, ()))),
             sm_active=_measured(s["sm_active"]), tensor_active=_measured(s["tensor_active"]),
-            dram_active=_measured(s["dram_active"]),
+            dram_active=_measured(s["dram_active"]), starved_share=starved, utilization_samples=counts,
         ))
     shm = snap.shm if snap else None
     return Window(

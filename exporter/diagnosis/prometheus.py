@@ -13,6 +13,7 @@ import http.client
 import json
 import math
 import re
+import ssl
 import statistics
 import sys
 import threading
@@ -20,6 +21,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Sequence
 
@@ -126,6 +128,119 @@ def _origin(url: str) -> str:
         return "?"
 
 
+MAX_SECRET_BYTES = 4096  # a password or bearer token file; more is not a credential
+MAX_CA_BYTES = 1024 * 1024  # a PEM bundle of CA certificates (the system's whole bundle is ~200 KiB)
+PASSWORD_ENV = "DIAGNOSE_PROMETHEUS_PASSWORD"  # the basic-auth password, where no file is given
+
+
+def _read_bounded(path: str, limit: int, flag: str) -> bytes:
+    """At most `limit` bytes of a regular file named by `flag`: else one line (exit 2), naming the file,
+    never its content. A FIFO or a device would block or never end: refused before it is opened."""
+    import os
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise DiagnoseError(f"{flag} {_shown(path)}: not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise DiagnoseError(f"{flag} {_shown(path)}: cannot read it ({_shown(exc.strerror or str(exc))})") from None
+    if len(data) > limit:
+        raise DiagnoseError(f"{flag} {_shown(path)}: larger than {limit} bytes")
+    return data
+
+
+def _secret(data: bytes, what: str) -> str:
+    """A password or token as Prometheus reads its *_file settings: surrounding whitespace trimmed; it
+    must be printable text on one line (it goes into an HTTP header)."""
+    try:
+        text = data.decode().strip()
+    except UnicodeDecodeError:
+        raise DiagnoseError(f"{what}: not UTF-8 text") from None
+    if not text:
+        raise DiagnoseError(f"{what}: empty")
+    if not all(c.isprintable() for c in text):
+        raise DiagnoseError(f"{what}: control characters or several lines in it")
+    return text
+
+
+@dataclass(frozen=True)
+class Access:
+    """How to reach a protected Prometheus, as its own client settings (basic_auth with password_file,
+    bearer_token_file, tls_config.ca_file): `authorization` is the header's value, sent only to the
+    --prometheus origin; `ca_pem` the CA certificates to verify its TLS certificate with, in place of
+    the system's (there is no skip-verify: TLS fails closed)."""
+
+    authorization: str | None = None
+    ca_pem: str | None = None
+
+    def __repr__(self) -> str:  # a report, a log or a traceback never shows the credential
+        return f"Access(authorization={'<hidden>' if self.authorization else None}, ca_pem={self.ca_pem is not None})"
+
+    @classmethod
+    def from_flags(cls, user: str, password_file: str, token_file: str, ca_file: str, environ=None) -> "Access":
+        import base64
+        import os
+
+        env = os.environ if environ is None else environ
+        password = None
+        if password_file:
+            password = _secret(_read_bounded(password_file, MAX_SECRET_BYTES, "--prometheus.basic-auth-password-file"),
+                               f"--prometheus.basic-auth-password-file {_shown(password_file)}")
+        elif user and env.get(PASSWORD_ENV):  # read only for basic auth: a stray variable changes nothing else
+            password = _secret(env[PASSWORD_ENV].encode(errors="replace"), PASSWORD_ENV)
+        if password is not None and not user:
+            raise DiagnoseError("a basic-auth password needs --prometheus.basic-auth-user")
+        if ":" in user or not all(c.isprintable() for c in user):
+            raise DiagnoseError("--prometheus.basic-auth-user: no colon or control characters in a user name")
+        if user and password is None:
+            raise DiagnoseError(f"--prometheus.basic-auth-user needs a password: --prometheus.basic-auth-password-file "
+                                f"FILE or the environment variable {PASSWORD_ENV} (never on the command line)")
+        if user and token_file:
+            raise DiagnoseError("give either basic auth or --prometheus.bearer-token-file, not both")
+        authorization = None
+        if user:
+            authorization = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        elif token_file:
+            token = _secret(_read_bounded(token_file, MAX_SECRET_BYTES, "--prometheus.bearer-token-file"),
+                            f"--prometheus.bearer-token-file {_shown(token_file)}")
+            authorization = f"Bearer {token}"
+        ca_pem = None
+        if ca_file:
+            try:
+                ca_pem = _read_bounded(ca_file, MAX_CA_BYTES, "--prometheus.ca-file").decode("ascii")
+            except UnicodeDecodeError:
+                raise DiagnoseError(f"--prometheus.ca-file {_shown(ca_file)}: not a PEM file") from None
+            if "-----BEGIN CERTIFICATE-----" not in ca_pem:
+                raise DiagnoseError(f"--prometheus.ca-file {_shown(ca_file)}: no PEM certificate in it")
+        return cls(authorization, ca_pem)
+
+    def tls_context(self) -> ssl.SSLContext:
+        """Verifies the server's certificate and name: with the CA file's certificates only, else the system's."""
+        return ssl.create_default_context(cadata=self.ca_pem)
+
+
+class _Authorize(urllib.request.BaseHandler):
+    """Adds the Authorization header to every request for the --prometheus origin, redirects within it
+    included, and to no other (a redirect elsewhere is refused anyway: this holds if that ever changed)."""
+
+    handler_order = 900  # after urllib's own processors
+
+    def __init__(self, base: str, authorization: str) -> None:
+        self.origin = _origin(base)
+        self._authorization = authorization
+
+    def http_request(self, req):
+        if _origin(req.full_url) == self.origin:
+            req.add_unredirected_header("Authorization", self._authorization)
+        else:
+            req.remove_header("Authorization")
+        return req
+
+    https_request = http_request
+
+
 class Prometheus:
     """The few calls of Prometheus's HTTP API this needs (GET /api/v1/query and /api/v1/query_range).
 
@@ -135,14 +250,25 @@ class Prometheus:
     deadline (`timeout_s` for the whole run), each at most `query_timeout_s`."""
 
     def __init__(self, url: str, timeout_s: float = DEFAULT_TIMEOUT_S, query_timeout_s: float = QUERY_TIMEOUT_S,
-                 clock=time.monotonic) -> None:
+                 clock=time.monotonic, access: Access = Access()) -> None:
         self.url = check_url(url)
+        tls = urllib.parse.urlsplit(self.url).scheme == "https"
+        if access.ca_pem is not None and not tls:
+            raise DiagnoseError("--prometheus.ca-file is for an https:// --prometheus URL")
         self.timeout_s = timeout_s
         self.query_timeout_s = query_timeout_s
         self._clock = clock
         self._deadline = clock() + timeout_s
         self.queries = 0
-        self._opener = urllib.request.build_opener(_SameOrigin(self.url))
+        handlers: list[urllib.request.BaseHandler] = [_SameOrigin(self.url)]
+        if tls:
+            try:
+                handlers.append(urllib.request.HTTPSHandler(context=access.tls_context()))
+            except (ssl.SSLError, ValueError) as exc:
+                raise DiagnoseError(f"--prometheus.ca-file: not usable CA certificates ({_shown(str(exc))})") from None
+        if access.authorization is not None:
+            handlers.append(_Authorize(self.url, access.authorization))
+        self._opener = urllib.request.build_opener(*handlers)
 
     def _get(self, path: str, params: dict, samples: str = "value") -> list[dict]:
         url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
@@ -154,8 +280,10 @@ class Prometheus:
                 reason = json.loads(getattr(exc, "body", b"")).get("error", "")
             except (ValueError, AttributeError, RecursionError):
                 reason = ""
+            hint = ("; give its credentials: --prometheus.basic-auth-user with a password file, or "
+                    "--prometheus.bearer-token-file") if exc.code in (401, 403) else ""
             raise DiagnoseError(f"Prometheus at {self.url} answered {exc.code}: "
-                                f"{_shown(str(reason or exc.reason))}") from None
+                                f"{_shown(str(reason or exc.reason))}{hint}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise DiagnoseError(f"cannot reach Prometheus at {self.url}: {_shown(str(reason))}") from None
@@ -497,6 +625,15 @@ def _parser():
                 description="Diagnose a past window (why the TTS real-time factor jittered) from a Prometheus "
                             "that scraped the exporter.")
     p.add_argument("--prometheus", required=True, help="Prometheus base URL, e.g. http://prometheus:9090")
+    p.add_argument("--prometheus.basic-auth-user", dest="auth_user", default="",
+                   help="basic auth user for Prometheus; the password from --prometheus.basic-auth-password-file "
+                        f"or the environment variable {PASSWORD_ENV}, never the command line")
+    p.add_argument("--prometheus.basic-auth-password-file", dest="password_file", default="",
+                   help="file holding the basic auth password (surrounding whitespace trimmed)")
+    p.add_argument("--prometheus.bearer-token-file", dest="token_file", default="",
+                   help="file holding a bearer token for Prometheus (e.g. a service account token)")
+    p.add_argument("--prometheus.ca-file", dest="ca_file", default="",
+                   help="PEM CA certificate(s) to verify an https:// Prometheus with, instead of the system's")
     p.add_argument("--instance", default="", help="the exporter's instance label (needed when several)")
     p.add_argument("--at", default="", help="end of the window (default now): now, now-10m, unix seconds, RFC 3339")
     p.add_argument("--window", default="5m", help="with --at: how far back (default 5m)")
@@ -546,7 +683,8 @@ def run(argv: Sequence[str], now: float | None = None) -> str:
         raise DiagnoseError(f"--timeout: {exc}") from None
     if not 0 < timeout <= 86400:
         raise DiagnoseError("--timeout: want more than 0 and at most 1 day")
-    prom = Prometheus(a.prometheus, timeout_s=timeout)
+    access = Access.from_flags(a.auth_user, a.password_file, a.token_file, a.ca_file)
+    prom = Prometheus(a.prometheus, timeout_s=timeout, access=access)
     instance = a.instance or find_instance(prom, end, _secs(end - start))
     source = PromWindow(prom, instance)
     w = source.build(start, end)
@@ -608,4 +746,4 @@ def main(argv: Sequence[str]) -> int:
     return 0
 
 
-__all__ = ["DiagnoseError", "Prometheus", "PromWindow", "main", "parse_time", "run"]
+__all__ = ["Access", "DiagnoseError", "Prometheus", "PromWindow", "main", "parse_time", "run"]

@@ -29,7 +29,7 @@ SEVERITY_WEIGHT = {"critical": 4.0, "warning": 3.0, "ok": 2.0, "info": 1.0}
 class Thresholds:
     starved_utilization: float = 0.40  # GPU utilisation at or below this is "starved" (the checklist's 40 %)
     starved_share: float = 0.20  # look for a cause when this share of the GPU's samples is starved
-    host_cpu_busy: float = 0.90  # host CPU at or above this is busy
+    host_cpu_busy: float = 0.90  # host CPU above this is busy (the histogram's le="0.9" bucket is not)
     cfs_throttled: float = 0.20  # a sample with this share of CFS periods throttled is throttled
     cause_share: float = 0.50  # a cause must be present in this share of the starved samples
     underused_share: float = 0.50  # starved this often with no CPU-side cause: an informational note
@@ -70,6 +70,10 @@ class GpuWindow:
     # per direction the share of PCIe samples above the saturated one, where a histogram gives them (the
     # Prometheus path); None: derived from utilization / pcie_* (each sample then counts 0 or 1).
     starved_share: Series | None = None
+    # Per sample or step: how many utilisation samples its starved share stands for (the live history: the
+    # driver samples taken in that tick), so the window's share is theirs, as the histogram counts it;
+    # None: every sample or step weighs the same.
+    utilization_samples: Series | None = None
     pcie_saturated_share: dict[str, Series] | None = None
     # GPM activity ratios (another source may fill them); None: not measured, and the rules stay silent
     sm_active: Series | None = None
@@ -166,19 +170,35 @@ def _flags(series: Series, limit: float) -> list[float | None]:
     return [None if v is None else float(v >= limit) for v in series]
 
 
+def starved_samples(g: GpuWindow, th: Thresholds = DEFAULT_THRESHOLDS) -> tuple[list[tuple[int, float]], float]:
+    """([(i, starved samples at sample or step i)], all utilisation samples of the window).
+
+    Each sample (or step) i holds n_i utilisation samples (1 unless `utilization_samples` says: the
+    driver samples of a live tick) of which a share s_i was starved (0 or 1 for a polled value; a share
+    from a histogram), so the window's starved share sum(n s) / sum(n) is the histogram's own ratio."""
+    starved = g.starved_share if g.starved_share is not None else \
+        [None if v is None else float(v <= th.starved_utilization) for v in g.utilization]
+    counts = g.utilization_samples
+
+    def count(i: int) -> float:
+        n = counts[i] if counts is not None and i < len(counts) else 1.0
+        return n if n is not None and math.isfinite(n) and 0 <= n <= 1e9 else 0.0
+
+    samples = [(i, count(i), min(v, 1.0)) for i, v in enumerate(starved) if v is not None and _ok(v)]
+    return [(i, n * v) for i, n, v in samples], sum(n for _, n, _ in samples)
+
+
 def starvation(w: Window, g: GpuWindow, th: Thresholds) -> list[Finding]:
     """GPU at or below 40 % while the CPU side is busy or throttled.
 
-    Each sample (or step) weighs by its starved share s (0 or 1 per sample; a share per step from a
-    histogram); a cause's share is sum(s * cause) / sum(s), cause likewise 0/1 or a share."""
+    The starved share is over the utilisation samples (starved_samples); a cause's share is
+    sum(n s cause) / sum(n s), cause 0/1 per tick or a share per step."""
     if g.mig:
         return []
-    starved = g.starved_share if g.starved_share is not None else \
-        [None if v is None else float(v <= th.starved_utilization) for v in g.utilization]
-    weights = [(i, min(v, 1.0)) for i, v in enumerate(starved) if v is not None and _ok(v)]
-    if not weights:
+    weights, total = starved_samples(g, th)
+    if not total:
         return []
-    share = sum(v for _, v in weights) / len(weights)
+    share = sum(v for _, v in weights) / total
     if share < th.starved_share:
         return []
     head = f"GPU {g.gpu} at or below {_pct(th.starved_utilization)} for {_pct(share)} of the last {_duration(w.seconds)}"
@@ -189,11 +209,14 @@ def starvation(w: Window, g: GpuWindow, th: Thresholds) -> list[Finding]:
             c = cause[i] if i < len(cause) else None
             if v > 0 and c is not None and _ok(c):
                 seen.append((v, min(c, 1.0)))
-        total = sum(v for v, _ in seen)
-        return sum(v * c for v, c in seen) / total if total else None
+        starved = sum(v for v, _ in seen)
+        return sum(v * c for v, c in seen) / starved if starved else None
 
     out = []
-    busy = during(w.host_busy_share if w.host_busy_share is not None else _flags(w.host_cpu, th.host_cpu_busy))
+    # Busy: above the line, as the host CPU histogram counts it (a sample of exactly 90 % is in its
+    # le="0.9" bucket), so the live history and Prometheus count the same ticks.
+    busy = during(w.host_busy_share if w.host_busy_share is not None else
+                  [None if v is None else float(v > th.host_cpu_busy) for v in w.host_cpu])
     if busy is not None and busy >= th.cause_share:
         out.append(_finding(
             "cpu_starvation", "warning", share * busy, f"GPU {g.gpu} starved by the CPU side (host CPU busy)",

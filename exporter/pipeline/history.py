@@ -4,7 +4,10 @@ diagnosis (/api/v1/diagnosis).
 Prometheus sees one point per scrape; this ring keeps every tick: one row per tick (wall time, host
 CPU, the container's CFS-throttled share, and per GPU the charted ratios of GPU_FIELDS — utilisation,
 memory used, PCIe tx/rx, and GPM's SM, tensor and DRAM activity where the GPU has GPM — plus what the
-diagnosis reads: clock event bits, health, XID count).
+diagnosis reads: clock event bits, health, XID count, and how many utilisation samples the driver took
+since the previous tick and how many of them were at or below the starved line: the utilisation
+histogram's delta, so the diagnosis counts every driver sample as /metrics' histogram does, not one
+polled value per tick, which aliases with a periodic load).
 The sampler appends, HTTP threads read; a lock guards the deque. Memory is bounded by window / interval
 rows, each a flat array of doubles (8 bytes a value; NaN for "no value"), about 1.5 MB for 5 minutes of
 8 GPUs at 200 ms.
@@ -19,6 +22,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from exporter.pipeline.histogram import HistogramSnapshot
 from exporter.pipeline.snapshot import GpuState, Snapshot
 from exporter.sources.cgroup import CgroupReading
 from exporter.sources.nvml.readings import CLOCK_EVENT_REASONS
@@ -43,8 +47,10 @@ class Marks:
 # the gpm collector off, the first tick).
 GPM_FIELDS = ("sm_active", "tensor_active", "dram_active")
 GPU_FIELDS = ("utilization", "memory_used_ratio", "pcie_tx_utilization", "pcie_rx_utilization", *GPM_FIELDS)
-# Kept for the diagnosis only. health: 0 up, 1 down (failing or stuck call), 2 lost.
-DIAGNOSIS_FIELDS = ("clock_event_reasons", "health", "xid_errors")
+# Kept for the diagnosis only. health: 0 up, 1 down (failing or stuck call), 2 lost. utilization_samples /
+# utilization_starved: the tick's delta of gpu_sampled_utilization_ratio's _count and of its bucket at the
+# starved line (Marks.starved_at); no value where that line is not a bucket bound or the count went back.
+DIAGNOSIS_FIELDS = ("clock_event_reasons", "health", "xid_errors", "utilization_samples", "utilization_starved")
 ALL_GPU_FIELDS = GPU_FIELDS + DIAGNOSIS_FIELDS
 HOST_FIELDS = ("host_cpu_utilization", "cgroup_cpu_throttled_ratio")
 
@@ -53,14 +59,19 @@ _NAN = float("nan")
 _CLOCK_EVENTS = ALL_GPU_FIELDS.index("clock_event_reasons")
 
 
-def _gpu_values(g: GpuState, xids: int) -> tuple[float | None, ...]:
+def _gpu_values(g: GpuState, xids: int, samples: tuple[float | None, float | None]) -> tuple[float | None, ...]:
     r = g.reading
     health = 2.0 if r is not None and r.lost else 0.0 if g.up else 1.0
     if r is None or not g.up:
-        return (None,) * len(GPU_FIELDS) + (None, health, xids)
+        return (None,) * len(GPU_FIELDS) + (None, health, xids, *samples)
     link = g.identity.pcie_link_max_bytes_per_second
     return (r[UTILIZATION], r[MEMORY_USED_RATIO], r.pcie_utilization("tx", link), r.pcie_utilization("rx", link),
-            r[SM_ACTIVE], r[TENSOR_ACTIVE], r[DRAM_ACTIVE], r.clock_event_reasons, health, xids)
+            r[SM_ACTIVE], r[TENSOR_ACTIVE], r[DRAM_ACTIVE], r.clock_event_reasons, health, xids, *samples)
+
+
+def _at_or_below(h: HistogramSnapshot, bound: float) -> int | None:
+    """Observations of h at or below `bound` (one of its bucket bounds), as PromQL's bucket{le=bound}."""
+    return h.cumulative[h.bounds.index(bound)] if bound in h.bounds else None
 
 
 def _throttled_ratio(prev: CgroupReading | None, cur: CgroupReading | None) -> float | None:
@@ -104,6 +115,7 @@ class SampleHistory:
         self._mig: set[str] = set()
         self._latest: Snapshot | None = None
         self._prev_cgroup: CgroupReading | None = None
+        self._prev_util: dict[int, tuple[int, int | None]] = {}  # gpu -> (count, at or below) at the last tick
         self._lock = threading.Lock()
         self._wall = wall_clock
 
@@ -117,7 +129,7 @@ class SampleHistory:
         for (index, _), n in snap.xid_errors:
             xids[index] += n
         for g in snap.gpus:
-            values.extend(_gpu_values(g, xids[g.identity.index]))
+            values.extend(_gpu_values(g, xids[g.identity.index], self._util_delta(g)))
         row = (self._wall(), self._ids, array("d", [_NAN if v is None else v for v in values]))
         with self._lock:
             self._rows.append(row)
@@ -127,6 +139,20 @@ class SampleHistory:
                 self._names[gpu] = (g.identity.uuid, g.identity.name)
                 if g.reading is not None and g.up:
                     (self._mig.add if g.reading.mig is not None else self._mig.discard)(gpu)
+
+    def _util_delta(self, g: GpuState) -> tuple[float | None, float | None]:
+        """(driver utilisation samples since the last tick, those at or below the starved line), from the
+        cumulative histogram the sampler feeds; its first tick counts from zero (the sampler's start)."""
+        h = g.utilization_hist
+        now = (h.count, _at_or_below(h, self._starved_at))
+        count0, starved0 = self._prev_util.get(g.identity.index, (0, 0))
+        self._prev_util[g.identity.index] = now
+        samples = now[0] - count0
+        if samples < 0:  # a new histogram (not the sampler's way today): this tick says nothing
+            return None, None
+        if now[1] is None or starved0 is None or not 0 <= now[1] - starved0 <= samples:
+            return float(samples), None
+        return float(samples), float(now[1] - starved0)
 
     def _window(self, window_s: float) -> tuple[list, dict, list[str], frozenset[str], Snapshot | None]:
         """(rows newer than the last one minus window_s, gpu -> (uuid, name), the GPU ids among them,
@@ -153,8 +179,16 @@ class SampleHistory:
                 at = first + ids.index(gpu) * width if gpu in ids else None
             yield None if at is None else _nullable(values[at + k])
 
-    def _below_40(self, utilization: Iterable[float | None]) -> float | None:
-        util = [v for v in utilization if v is not None]
+    def _below_40(self, rows: list, gpu: str) -> float | None:
+        """Share of the driver's utilisation samples at or below the starved line over the rows (the
+        histogram's delta, as the diagnosis counts them); where no tick has that, of the polled values."""
+        k = ALL_GPU_FIELDS.index("utilization_samples")
+        pairs = [(n, b) for n, b in zip(self._column(rows, gpu, k), self._column(rows, gpu, k + 1))
+                 if n is not None and b is not None]
+        total = sum(n for n, _ in pairs)
+        if total > 0:
+            return sum(b for _, b in pairs) / total
+        util = [v for v in self._column(rows, gpu, 0) if v is not None]
         return (sum(1 for v in util if v <= self._starved_at) / len(util)) if util else None
 
     def columns(self, window_s: float) -> Columns:
@@ -199,7 +233,7 @@ class SampleHistory:
             held = self._held_down(rows, gpu)
             gpus.append({
                 "gpu": gpu, "uuid": names.get(gpu, ("", ""))[0], "name": names.get(gpu, ("", ""))[1],
-                "mig": gpu in mig, **series, "below_40_fraction": self._below_40(series["utilization"]),
+                "mig": gpu in mig, **series, "below_40_fraction": self._below_40(rows, gpu),
                 "clocks_held_down": held, "clocks_held_down_fraction": self._share(held),
                 "mig_instances": self._mig_instances(latest, gpu),
             })
@@ -232,7 +266,7 @@ class SampleHistory:
             for k, f in enumerate(GPU_FIELDS):
                 parts += (f',"{f}":'.encode(), _json_list(self._column(rows, gpu, k)))
             held = self._held_down(rows, gpu)
-            parts += (f',"below_40_fraction":{dump(self._below_40(self._column(rows, gpu, 0)))},"clocks_held_down":'
+            parts += (f',"below_40_fraction":{dump(self._below_40(rows, gpu))},"clocks_held_down":'
                       .encode(), _json_list(held),
                       f',"clocks_held_down_fraction":{dump(self._share(held))},'
                       f'"mig_instances":{dump(self._mig_instances(latest, gpu))}}}'.encode())
