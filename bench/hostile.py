@@ -441,12 +441,15 @@ def hostile_diagnose() -> dict:
 
 
 def daemonset_scenario(d: Path, seconds: float = 60.0) -> dict:
-    """`daemonset without=flood,guessers,bad,kubelet` leaves those actors out (to tell whose cost is whose)."""
+    """`daemonset without=flood,guessers,bad,kubelet` leaves those actors out (to tell whose cost is whose);
+    `every=1` scrapes every second instead of 200 ms; `rate=1s` sets rate_limit's interval (default 100ms)."""
     import contextlib
 
     from testkit.crowds import KeepAliveCrowd, get_request, guess
 
     without = {w for a in sys.argv[1:] if a.startswith("without=") for w in a[8:].split(",")}
+    options = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+    every, rate = float(options.get("every", "0.2")), options.get("rate", "100ms")
 
     try:
         cg = LimitCgroup(f"gte-bench-{os.getpid()}-daemonset", 128 << 20, 250)
@@ -456,7 +459,7 @@ def daemonset_scenario(d: Path, seconds: float = 60.0) -> dict:
     load_before = os.getloadavg()
     users = {"prometheus": "scrape-pw", "bench": "bench-pw"}  # bench: the bench's own reads of the metrics
     lines = [f"  {u}: {bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=10)).decode()}" for u, p in users.items()]
-    (d / "daemonset.yml").write_text("rate_limit: {interval: 100ms, burst: 10}\nbasic_auth_users:\n"
+    (d / "daemonset.yml").write_text(f"rate_limit: {{interval: {rate}, burst: 10}}\nbasic_auth_users:\n"
                                      + "\n".join(lines) + "\n")
     sock = d / "daemonset.sock"
     many_pods = d / "daemonset-100000.json"
@@ -496,7 +499,7 @@ def daemonset_scenario(d: Path, seconds: float = 60.0) -> dict:
                 s, t = timed_get(e.url + "/metrics", headers=scraper_auth, timeout=10)
                 statuses.append(s)
                 times.append(t)
-                time.sleep(max(0.0, 0.2 - t))
+                time.sleep(max(0.0, every - t))
             crowds = {"guesses": dict(guessing.statuses), "flood": dict(flood.statuses), "bad_requests": bad.sent}
         alive = e.proc.poll() is None
         cpu = cg.cpu_stats()
@@ -508,7 +511,7 @@ def daemonset_scenario(d: Path, seconds: float = 60.0) -> dict:
         p99 = lateness_p99(before, after)
         out = {"load_average_before": [round(x, 2) for x in load_before],
                "load_average_after": [round(x, 2) for x in os.getloadavg()],
-               "without": sorted(without), "alive": alive, "oom_kills": cg.oom_kills(), "cpu": cpu,
+               "without": sorted(without), "scrape_every_s": every, "rate_limit_interval": rate, "alive": alive, "oom_kills": cg.oom_kills(), "cpu": cpu,
                "rss_peak_mb": round(rss_bytes(e.proc.pid, "VmHWM") / MB, 1) if alive else None,
                "cgroup_peak_mb": round(cg.peak_bytes() / MB, 1),
                "ticks": (after.get(("exporter_sample_lateness_seconds_count", ()), 0)
@@ -555,8 +558,9 @@ def main() -> int:
             named = [a for a in sys.argv[1:] if not a.startswith("--") and "=" not in a]
             if named and name not in named:
                 continue
-            results[name] = run()
-            print(name, json.dumps(results[name], default=str), flush=True)
+            key = " ".join([name] + [a for a in sys.argv[1:] if "=" in a]) if name == "daemonset" else name
+            results[key] = run()
+            print(key, json.dumps(results[key], default=str), flush=True)
     out = HERE / "hostile-results.json"
     if len(sys.argv) == 1 or "--write" in sys.argv[1:]:  # refresh the sections run, keep the others
         committed = json.loads(out.read_text()) if out.exists() else {}
