@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """What hostile clients cost the exporter (issue #13): memory, /healthz and scrape latency, auth timing.
 
-    .venv/bin/python bench/hostile.py            # ~3 minutes, writes bench/hostile-results.json
+    .venv/bin/python bench/hostile.py            # ~10 minutes, refreshes its sections of bench/hostile-results.json
     .venv/bin/python bench/hostile.py kubelet    # one scenario (or several) by name: prints, writes nothing
     .venv/bin/python bench/hostile.py kubelet announces_4gb behaving   # some of its actors only
 
-Five scenarios, each against a fresh exporter on 127.0.0.1 (simulated GPUs):
+Six scenarios, each against a fresh exporter on 127.0.0.1 (simulated GPUs):
 - tls: HTTPS, 8 GPUs, default --web.max-connections (512): 300 TLS connections that finish the
   handshake and go idle, then 1 500 TCP connections that send nothing. Peak and settled RSS, /healthz and
   /metrics latency while they are open, RSS 15 s after they close.
