@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """What hostile clients cost the exporter (issue #13): memory, /healthz and scrape latency, auth timing.
 
-    .venv/bin/python bench/hostile.py            # ~3 minutes, writes bench/hostile-results.json
+    .venv/bin/python bench/hostile.py            # ~10 minutes, refreshes its sections of bench/hostile-results.json
     .venv/bin/python bench/hostile.py kubelet    # one scenario (or several) by name: prints, writes nothing
     .venv/bin/python bench/hostile.py kubelet announces_4gb behaving   # some of its actors only
 
-Five scenarios, each against a fresh exporter on 127.0.0.1 (simulated GPUs):
+Six scenarios, each against a fresh exporter on 127.0.0.1 (simulated GPUs):
 - tls: HTTPS, 8 GPUs, default --web.max-connections (512): 300 TLS connections that finish the
   handshake and go idle, then 1 500 TCP connections that send nothing. Peak and settled RSS, /healthz and
   /metrics latency while they are open, RSS 15 s after they close.
@@ -22,6 +22,18 @@ Five scenarios, each against a fresh exporter on 127.0.0.1 (simulated GPUs):
   250m; run as root, cgroup v1 or v2; skipped with the reason printed where none can be made), beside
   each hostile kubelet actor in turn (KUBELET_ACTORS: one function each) for 20 s while a valid scraper
   scrapes every 200 ms: peak RSS, OOM kills, tick lateness p99, the scraper's p99 and status codes.
+- daemonset (issue #22, `bench/hostile.py daemonset`, ~90 s): everything at once, as the issue's done-when
+  asks. The exporter (8 GPUs, 200 ms ticks, basic auth at bcrypt cost 10 and a rate_limit, the pod-resources
+  socket at a hostile kubelet) in the DaemonSet's 128 MiB / 250m cgroup, while a kubelet announces 4 GB on
+  every List and then (half-way) answers a well-formed 100 000-pod List; 32 guessers inventing user names on
+  keep-alive connections from 127.0.0.2..9; an unauthenticated flood from 127.0.0.10..17; malformed
+  requests whose clients vanish; and a valid scraper (a first login, then a scrape every 200 ms) from
+  127.0.0.1. Then `gpu-telemetry-exporter diagnose` once against each hostile fake Prometheus answer.
+  Prints RSS peak, OOM kills, tick lateness p99, the scraper's first-login latency, p99 and statuses, the
+  machine's load average.
+
+Results: a run with no arguments, or with `--write`, updates the sections it ran in hostile-results.json and
+keeps the others as committed; a run naming scenarios without `--write` prints and writes nothing.
 """
 from __future__ import annotations
 
@@ -206,6 +218,14 @@ class LimitCgroup:
                 return int(line.split()[1])
         return 0
 
+    def cpu_stats(self) -> dict:
+        """CFS throttling over the cgroup's life: periods, throttled periods, time throttled, CPU used."""
+        cpu = self.dirs[-1]
+        stat = dict(line.split() for line in (cpu / "cpu.stat").read_text().splitlines())
+        throttled_ms = int(stat["throttled_usec"]) / 1000 if "throttled_usec" in stat else int(stat["throttled_time"]) / 1e6
+        return {"periods": int(stat["nr_periods"]), "throttled_periods": int(stat["nr_throttled"]),
+                "throttled_ms": round(throttled_ms)}
+
     def remove(self) -> None:
         for d in self.dirs:
             try:
@@ -340,6 +360,193 @@ def kubelet_scenario(d: Path, seconds: float = 20.0) -> dict:
     return out
 
 
+# ---- daemonset: all of issue #22's hostile neighbours at once, under the DaemonSet's limits ----------------
+def authed_values(url: str, headers: dict) -> dict:
+    """The exporter's samples read with credentials, or {} where it does not answer."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from testkit.processes import http_get
+    try:
+        status, _, body = http_get(url + "/metrics", timeout=10, headers=headers)
+    except Exception:  # noqa: BLE001 (a dead exporter is a result here)
+        return {}
+    if status != 200:
+        return {}
+    return {(m.name, tuple(sorted(m.labels.items()))): m.value
+            for f in text_string_to_metric_families(body.decode()) for m in f.samples}
+
+
+def lateness_share(before: dict, after: dict, le: str) -> float | None:
+    key = ("exporter_sample_lateness_seconds_bucket", (("le", le),))
+    inf = ("exporter_sample_lateness_seconds_bucket", (("le", "+Inf"),))
+    total = after.get(inf, 0) - before.get(inf, 0)
+    return round((after.get(key, 0) - before.get(key, 0)) / total, 4) if total else None
+
+
+class BadRequests:
+    """A thread sending malformed requests and vanishing (half with a reset), back to back."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        from testkit.crowds import BAD_REQUESTS, send_and_vanish
+        self.sent = 0
+        self._stop = threading.Event()
+
+        def run() -> None:
+            while not self._stop.is_set():
+                send_and_vanish(port, BAD_REQUESTS[self.sent % len(BAD_REQUESTS)], reset=self.sent % 2 == 0)
+                self.sent += 1
+                time.sleep(0.01)
+        self._thread = threading.Thread(target=run, daemon=True)
+
+    def __enter__(self) -> BadRequests:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def hostile_diagnose() -> dict:
+    """`gpu-telemetry-exporter diagnose` once against each hostile answer of tests' FakePrometheus: exit
+    status and whether stderr held a traceback."""
+    from tests.test_untrusted_input import AT, FakePrometheus, set_value
+
+    many = [{"metric": {"gpu": str(i)}, "values": [[AT, "1"]]} for i in range(80_000)]
+    cases = {"inf_memory_ratio": {"gpu_memory_used_ratio": set_value("+Inf")},
+             "nan_clock_events": {"gpu_clock_event_seconds_total": set_value("NaN")},
+             "escape_in_gpu_label": {"gpu_info": set_value("1", {"gpu": "\x1b[31m0"})},
+             "nan_le_label": {"exporter_sample_lateness_seconds_bucket": set_value("+Inf", {"le": "NaN"})},
+             "80000_series": {"gpu_memory_used_ratio": lambda result: many}}
+    fake = FakePrometheus()
+    out = {}
+    try:
+        for name, override in cases.items():
+            fake.override = override
+            r = subprocess.run([sys.executable, "-m", "exporter", "diagnose", "--prometheus", fake.url,
+                                "--instance", "x:1", "--at", str(AT), "--json"], cwd=REPO, capture_output=True,
+                               text=True, timeout=120)
+            out[name] = {"exit": r.returncode, "traceback": "Traceback" in r.stderr + r.stdout,
+                         "stderr_lines": r.stderr.count("\n")}
+        fake.override = {"": lambda result: {"not": "a list"}}  # a malformed answer to every query
+        r = subprocess.run([sys.executable, "-m", "exporter", "diagnose", "--prometheus", fake.url, "--instance",
+                            "x:1", "--at", str(AT), "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+        out["malformed_result"] = {"exit": r.returncode, "traceback": "Traceback" in r.stderr + r.stdout,
+                                   "stderr_lines": r.stderr.count("\n")}
+    finally:
+        fake.close()
+    return out
+
+
+def daemonset_scenario(d: Path, seconds: float = 60.0) -> dict:
+    """`daemonset without=flood,guessers,bad,kubelet` leaves those actors out (to tell whose cost is whose);
+    `every=1` scrapes every second instead of 200 ms; `rate=1s` sets rate_limit's interval (default 100ms)."""
+    import contextlib
+
+    from testkit.crowds import KeepAliveCrowd, get_request, guess
+
+    without = {w for a in sys.argv[1:] if a.startswith("without=") for w in a[8:].split(",")}
+    options = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+    every, rate = float(options.get("every", "0.2")), options.get("rate", "100ms")
+
+    try:
+        cg = LimitCgroup(f"gte-bench-{os.getpid()}-daemonset", 128 << 20, 250)
+    except OSError as exc:
+        print(f"daemonset: skipped, no cgroup with the DaemonSet's limits can be made here: {exc}", flush=True)
+        return {"skipped": str(exc)}
+    load_before = os.getloadavg()
+    users = {"prometheus": "scrape-pw", "bench": "bench-pw"}  # bench: the bench's own reads of the metrics
+    lines = [f"  {u}: {bcrypt.hashpw(p.encode(), bcrypt.gensalt(rounds=10)).decode()}" for u, p in users.items()]
+    (d / "daemonset.yml").write_text(f"rate_limit: {{interval: {rate}, burst: 10}}\nbasic_auth_users:\n"
+                                     + "\n".join(lines) + "\n")
+    sock = d / "daemonset.sock"
+    many_pods = d / "daemonset-100000.json"
+    many_pods.write_text(json.dumps({f"tts/synth-{i:06d}/model": {"nvidia.com/gpu": [fake_uuid(0)]}
+                                     for i in range(100_000)}))
+    kubelet = announces_4gb(sock) if "kubelet" not in without else behaving(sock)
+    e = None
+    bench_auth, scraper_auth = basic_auth("bench", "bench-pw"), basic_auth("prometheus", "scrape-pw")
+    try:
+        e = ExporterProcess("--fake-gpus", "8", "--sample.interval", "200ms", "--web.config.file",
+                            str(d / "daemonset.yml"), "--kubernetes.pod-resources-socket", str(sock), prefix=cg.prefix)
+        deadline = time.monotonic() + 30
+        while True:
+            before = authed_values(e.url, bench_auth)
+            if any(k[0] == "gpu_up" for k in before):
+                break
+            assert time.monotonic() < deadline and e.proc.poll() is None, e.log()[-2000:]
+            time.sleep(0.2)
+        statuses: list[object] = []
+        times: list[float] = []
+        guessing = KeepAliveCrowd(e.port, guess, tuple(f"127.0.0.{i}" for i in range(2, 10)), 4)
+        flood = KeepAliveCrowd(e.port, get_request, tuple(f"127.0.0.{i}" for i in range(10, 18)), 4)
+        bad = BadRequests(e.port)
+        with contextlib.ExitStack() as actors:
+            for name, actor in (("guessers", guessing), ("flood", flood), ("bad", bad)):
+                if name not in without:
+                    actors.enter_context(actor)
+            time.sleep(2)  # the crowds at full pace before the scraper's first login
+            first_login = timed_get(e.url + "/metrics", headers=scraper_auth, timeout=15)
+            start = time.monotonic()
+            switched = False
+            while (now := time.monotonic()) < start + seconds:
+                if not switched and now >= start + seconds / 2 and "kubelet" not in without:  # the kubelet now answers 100 000 pods
+                    stop_process(kubelet)
+                    kubelet = start_kubelet("--socket", str(sock), "--state", str(many_pods))
+                    switched = True
+                s, t = timed_get(e.url + "/metrics", headers=scraper_auth, timeout=10)
+                statuses.append(s)
+                times.append(t)
+                time.sleep(max(0.0, every - t))
+            crowds = {"guesses": dict(guessing.statuses), "flood": dict(flood.statuses), "bad_requests": bad.sent}
+        alive = e.proc.poll() is None
+        cpu = cg.cpu_stats()
+        if alive:  # user + system time of the exporter
+            fields = Path(f"/proc/{e.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu["cpu_s"] = round((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 2)
+        after = authed_values(e.url, bench_auth) if alive else {}
+        log = e.log()
+        p99 = lateness_p99(before, after)
+        out = {"load_average_before": [round(x, 2) for x in load_before],
+               "load_average_after": [round(x, 2) for x in os.getloadavg()],
+               "without": sorted(without), "scrape_every_s": every, "rate_limit_interval": rate, "alive": alive, "oom_kills": cg.oom_kills(), "cpu": cpu,
+               "rss_peak_mb": round(rss_bytes(e.proc.pid, "VmHWM") / MB, 1) if alive else None,
+               "cgroup_peak_mb": round(cg.peak_bytes() / MB, 1),
+               "ticks": (after.get(("exporter_sample_lateness_seconds_count", ()), 0)
+                         - before.get(("exporter_sample_lateness_seconds_count", ()), 0)),
+               "tick_lateness_p99_ms": None if p99 is None else p99 * 1000,
+               "ticks_within_10ms": lateness_share(before, after, "0.01"),
+               "ticks_within_20ms": lateness_share(before, after, "0.02"),
+               "ticks_within_50ms": lateness_share(before, after, "0.05"),
+               "first_login_status": first_login[0], "first_login_ms": round(first_login[1] * 1000, 1),
+               "scrapes": len(times), "scrape_p50_ms": round(percentile(times, 0.5) * 1000, 1),
+               "scrape_p99_ms": round(percentile(times, 0.99) * 1000, 1),
+               "scrape_max_ms": round(max(times) * 1000, 1),
+               "statuses": {str(k): statuses.count(k) for k in set(statuses)},
+               "pod_resources_up": after.get(("exporter_pod_resources_up", ())),
+               "gpu_up": sum(1 for k in after if k[0] == "gpu_up"),
+               "log_list_refused": log.count("List refused"),
+               "log_errors": log.count(" ERROR "), "log_tracebacks": log.count("Traceback"),
+               **crowds}
+    finally:
+        if e is not None:
+            e.stop()
+        stop_process(kubelet)
+        cg.remove()
+    if without:
+        return out
+    out["diagnose"] = hostile_diagnose()
+    out["diagnose_tracebacks"] = sum(c["traceback"] for c in out["diagnose"].values())
+    out["done_when"] = {  # issue #22's criteria
+        "rss_peak_under_128mb": out["alive"] and out["oom_kills"] == 0 and out["rss_peak_mb"] < 128,
+        "tick_lateness_p99_within_20ms": out["tick_lateness_p99_ms"] is not None and out["tick_lateness_p99_ms"] <= 20,
+        "first_login_and_every_scrape_200": out["first_login_status"] == 200 and set(out["statuses"]) == {"200"},
+        "diagnose_no_traceback": out["diagnose_tracebacks"] == 0 and out["log_tracebacks"] == 0}
+    return out
+
+
 def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -347,14 +554,17 @@ def main() -> int:
         make_cert(d)
         for name, run in (("tls", lambda: tls_scenario(d)), ("auth", lambda: auth_scenario(d)),
                           ("samples", samples_scenario), ("guessers", lambda: guessers_scenario(d)),
-                          ("kubelet", lambda: kubelet_scenario(d))):
-            if len(sys.argv) > 1 and name not in sys.argv[1:]:
+                          ("kubelet", lambda: kubelet_scenario(d)), ("daemonset", lambda: daemonset_scenario(d))):
+            named = [a for a in sys.argv[1:] if not a.startswith("--") and "=" not in a]
+            if named and name not in named:
                 continue
-            results[name] = run()
-            print(name, json.dumps(results[name], default=str), flush=True)
+            key = " ".join([name] + [a for a in sys.argv[1:] if "=" in a]) if name == "daemonset" else name
+            results[key] = run()
+            print(key, json.dumps(results[key], default=str), flush=True)
     out = HERE / "hostile-results.json"
-    if len(sys.argv) == 1:
-        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if len(sys.argv) == 1 or "--write" in sys.argv[1:]:  # refresh the sections run, keep the others
+        committed = json.loads(out.read_text()) if out.exists() else {}
+        out.write_text(json.dumps(committed | results, indent=2, default=str) + "\n")
     return 0
 
 

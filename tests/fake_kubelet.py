@@ -223,6 +223,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     done.wait()
     kubelet.stop()
+    if isinstance(kubelet, HostileKubelet):
+        print("sent", kubelet.sent, flush=True)  # for tests that run it in its own process
 
 
 if __name__ == "__main__":

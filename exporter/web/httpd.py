@@ -57,6 +57,9 @@ log = logging.getLogger("exporter.web.server")
 
 _TLS_HANDSHAKE = 0x16  # the first byte of every TLS connection: a handshake record
 _HTTP_TO_HTTPS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"  # Go's
+# A 429 is sent after this wait, at no CPU cost: a keep-alive client over its rate limit that asks again at
+# once (a flood) gets one answer a second, not thousands that spend the pod's CPU quota the sampler needs.
+RATE_LIMITED_DELAY_S = 1.0
 _WRITE_CHUNK = 64 * 1024  # the transport's high-water mark: a slow reader holds at most about this much
 # One read from a client (asyncio's own is 256 KiB): what a connection adds past the pause on pipelined
 # requests, so 512 clients that pipeline and never read hold ~16 MB, not ~130 MB
@@ -661,6 +664,7 @@ class HttpServer:
         # A verified user is charged apart from anonymous clients: a flood without valid credentials
         # cannot spend a scraper's budget (exporter-toolkit charges everyone to one bucket).
         if not self.allow_request(request, auth.user(request) if auth is not None and ok else None):
+            await asyncio.sleep(RATE_LIMITED_DELAY_S)
             return Response(429, b"Too Many Requests\n"), False
         if request.method == "OPTIONS":
             return Response(200, headers=(("Allow", "GET, HEAD, OPTIONS"),), close=conn.must_close), False
