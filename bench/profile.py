@@ -45,7 +45,7 @@ BACKGROUND_CALLS = ("nvmlEventSetWait_v2",)  # the XID watcher's blocking wait: 
 def calls_per_tick(stub: NvmlStub, gpus: int, reads: int = 100) -> dict[str, float]:
     """NVML calls per GPU per read, by C function, over `reads` reads on a 200 ms schedule (real time:
     GPM needs >= 100 ms between its samples, and the 1 s and 5 s cadences weigh in as they do live)."""
-    from exporter import collectors as registry
+    from exporter.pipeline import collectors as registry
     from exporter.sources.nvml import NvmlSource
     from exporter.sources.nvml.specs import GPU_SCALARS, NVLINK_PER_LINK_SCALARS
 
@@ -158,9 +158,10 @@ def import_costs() -> dict:
     top = [r for r in rows if r[3] == 0]
     code = ("import sys, tracemalloc, resource; tracemalloc.start(); import exporter.cli; "
             "print(tracemalloc.get_traced_memory()[0], len(sys.modules), "
-            "' '.join(m for m in ('yaml', 'bcrypt', 'grpclib', 'google.protobuf', 'exporter.webconfig', "
-            "'exporter.fake_nvml', 'exporter.fake_scenarios', 'exporter.fake_smi', 'exporter.diagnosis', "
-            "'exporter.liveview', 'asyncio', 'ssl') if m in sys.modules))")
+            "' '.join(m for m in ('yaml', 'bcrypt', 'grpclib', 'google.protobuf', 'exporter.web.config', "
+            "'exporter.fake.nvml', 'exporter.fake.scenarios', 'exporter.fake.smi', 'exporter.diagnosis', "
+            "'exporter.web.liveview', 'prometheus_client.exposition', 'http.server', 'urllib.request', "
+            "'email', 'asyncio', 'ssl') if m in sys.modules))")
     t = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     traced, modules, *loaded = t.stdout.split()
     return {"total_ms": sum(r[2] for r in top) / 1e3, "largest_self": sorted(rows, key=lambda r: -r[1])[:12],
