@@ -158,9 +158,10 @@ def import_costs() -> dict:
     top = [r for r in rows if r[3] == 0]
     code = ("import sys, tracemalloc, resource; tracemalloc.start(); import exporter.cli; "
             "print(tracemalloc.get_traced_memory()[0], len(sys.modules), "
-            "' '.join(m for m in ('yaml', 'bcrypt', 'grpclib', 'google.protobuf', 'exporter.webconfig', "
-            "'exporter.fake_nvml', 'exporter.fake_scenarios', 'exporter.fake_smi', 'exporter.diagnosis', "
-            "'exporter.liveview', 'asyncio', 'ssl') if m in sys.modules))")
+            "' '.join(m for m in ('yaml', 'bcrypt', 'grpclib', 'google.protobuf', 'exporter.web.config', "
+            "'exporter.fake.nvml', 'exporter.fake.scenarios', 'exporter.fake.smi', 'exporter.diagnosis', "
+            "'exporter.web.liveview', 'prometheus_client.exposition', 'http.server', 'urllib.request', "
+            "'email', 'asyncio', 'ssl') if m in sys.modules))")
     t = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     traced, modules, *loaded = t.stdout.split()
     return {"total_ms": sum(r[2] for r in top) / 1e3, "largest_self": sorted(rows, key=lambda r: -r[1])[:12],

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.core import Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import CollectorRegistry
+from prometheus_client.metrics_core import Metric
 
 from exporter import __version__
 from exporter.pipeline import collectors as registry
@@ -521,6 +522,25 @@ def _raise_open_file_limit() -> None:
             pass
 
 
+M_ARENA_MAX = -8  # glibc's mallopt() parameter (malloc.h)
+MALLOC_ARENAS = 2
+
+
+def _fewer_malloc_arenas() -> None:
+    """At most MALLOC_ARENAS glibc malloc arenas, unless MALLOC_ARENA_MAX says otherwise. glibc gives a
+    thread that finds the arenas busy one of its own (up to 8 per core), and each keeps its freed pages;
+    our threads allocate under the GIL, so more arenas buy no speed here. 8 GPUs on the stand-in: 0.3 to
+    0.7 MB less RSS after 20 000 scrapes (three pairs). Before any thread starts; nothing off glibc."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    import ctypes  # (pynvml loads it anyway)
+
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): its allocator, as it is
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["diagnose"]:
@@ -531,6 +551,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A thread waiting for the GIL gets it after the switch interval (5 ms by default): while a scrape
     # renders, the sampler would start its tick up to 5 ms late. 1 ms keeps ticks on time.
     sys.setswitchinterval(0.001)
+    _fewer_malloc_arenas()
     _raise_open_file_limit()
     logging.basicConfig(
         level={"warn": "WARNING"}.get(cfg.log_level, cfg.log_level.upper()),

@@ -103,10 +103,11 @@ def test_the_fakes_and_pynvml_load_only_when_asked_for(procfs):
 
 
 # The packages, top to bottom (docs/architecture.md): a module imports only its own package and those
-# below it. The leaves (durations, environment, transitions, flagparser) import nothing of the exporter.
+# below it. The leaves (durations, environment, transitions, flagparser, promlazy) import nothing of the exporter.
 LAYERS = ("exporter.cli", "exporter.web", "exporter.diagnosis", "exporter.fake", "exporter.pipeline",
           "exporter.sources")
-LEAVES = ("exporter.durations", "exporter.environment", "exporter.transitions", "exporter.flagparser")
+LEAVES = ("exporter.durations", "exporter.environment", "exporter.transitions", "exporter.flagparser",
+          "exporter.promlazy")
 ENTRY_POINTS = ("exporter.cli", "exporter.__main__", "exporter.healthcheck")
 
 

@@ -434,6 +434,58 @@ def test_a_stuck_job_holds_one_thread_is_not_dispatched_again_and_the_rest_move_
     reads.stop()
 
 
+def test_a_job_that_hangs_mid_list_costs_only_its_own_outcome():
+    """One hand-off per list, yet the outcomes done before a hung job are kept: the tick reads them at its
+    deadline. The jobs after it miss this list only and run on the fresh worker from the next dispatch."""
+    from exporter.pipeline.deadline import DeadlineReads
+    from tests.conftest import ManualClock
+
+    clock = ManualClock()
+    jobs = _Jobs(hold="a")
+    reads = DeadlineReads("test-reader", clock=clock)
+    reads.dispatch(jobs.list("b", "a", "c"))
+    assert jobs.entered.wait(10)  # "b" is done: the worker is in "a"
+    got = reads.collect(clock())
+    assert not got.done and got.stuck is not None and got.stuck.key == "a"
+    assert set(got.outcomes) == {"b"} and got.outcomes["b"].value == ("b", None)
+    keys, _ = reads.dispatch(jobs.list("b", "a", "c"))
+    assert keys == ["b", "c"]
+    got = reads.collect(clock() + 10)
+    assert got.done and set(got.outcomes) == {"b", "c"}
+    jobs.release.set()
+    reads.stop()
+
+
+def test_a_gpu_hung_mid_tick_keeps_the_readings_taken_before_it(procfs):
+    """Through the sampler: GPU 0's reading from the tick in which GPU 1 hangs is published, GPU 2 (not
+    reached) keeps its last state and is read on the fresh thread from the next tick."""
+    fake = FakeNvml(3)
+    s = make_sampler(fake, procfs.root, interval=1.0)  # the tick waits 0.6 s for the hung GPU, no longer
+    before = s.tick()
+    entered, release = threading.Event(), threading.Event()
+    power = fake.nvmlDeviceGetPowerUsage
+
+    def blocking_power(handle):
+        if handle.index == 1 and not release.is_set():
+            entered.set()
+            assert release.wait(30)
+        return power(handle)
+
+    fake.nvmlDeviceGetPowerUsage = blocking_power
+    try:
+        snap = s.tick()
+        assert entered.is_set()
+        by_index = {g.identity.index: g for g in snap.gpus}
+        assert by_index[0].up and by_index[0].reading is not before.gpus[0].reading  # read this tick, kept
+        assert by_index[1].stuck_call == "nvmlDeviceGetPowerUsage" and not by_index[1].up
+        assert by_index[2].reading is before.gpus[2].reading  # behind the hung GPU: its last state
+        after = s.tick()
+        assert after.gpus[2].reading is not before.gpus[2].reading and after.gpus[1].stuck_call
+    finally:
+        release.set()
+    s.stop()
+
+
 def test_a_list_nobody_waited_for_is_abandoned_at_the_next_dispatch():
     """A tick that raised before waiting: the next dispatch must not hand a busy worker a new list."""
     from exporter.pipeline.deadline import DeadlineReads

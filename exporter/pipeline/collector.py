@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Callable, Iterator, Sequence
 
-from prometheus_client.core import (
+from prometheus_client.metrics_core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.samples import Sample
 
 from exporter.pipeline.snapshot import Snapshot

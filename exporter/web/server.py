@@ -18,9 +18,10 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.openmetrics import exposition as openmetrics
+from prometheus_client.registry import CollectorRegistry
+from prometheus_client.utils import parse_version
 
 from exporter import __version__
 from exporter.diagnosis.live import diagnosis_json
@@ -230,12 +231,39 @@ def collect_params(query: str) -> list[str]:
     return [value for key, value in pairs if key == "collect[]"]
 
 
+# prometheus_client.exposition's, which its choose_encoder() returns last (not imported: see promlazy.py).
+CONTENT_TYPE_PLAIN_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
+_ESCAPINGS = (openmetrics.ALLOWUTF8, openmetrics.UNDERSCORES, openmetrics.DOTS, openmetrics.VALUES)
+
+
+def _choose_content_type(accept: str) -> str:
+    """The Content-Type prometheus_client's exposition.choose_encoder(accept) picks, line for line (a test
+    compares the two), without importing that module: it brings HTTP servers, urllib and email (~4 MB)."""
+    for accepted in accept.split(","):
+        toks = accepted.split(";")
+        media = toks[0].strip()
+        if media not in ("application/openmetrics-text", "text/plain"):
+            continue
+        version = next((v for k, v in (t.strip().split("=", 1) for t in toks if "=" in t) if k == "version"), "")
+        escaping = next((v if v in _ESCAPINGS else openmetrics.UNDERSCORES
+                         for k, v in (t.strip().split("=", 1) for t in toks if "=" in t) if k == "escaping"),
+                        openmetrics.UNDERSCORES)
+        if media == "application/openmetrics-text":
+            if not version:
+                return openmetrics.CONTENT_TYPE_LATEST
+            if parse_version(version) >= (1, 0, 0):
+                return f"application/openmetrics-text; version={version}; charset=utf-8; escaping={escaping}"
+        elif version and parse_version(version) >= (1, 0, 0):
+            return f"text/plain; version=1.0.0; charset=utf-8; escaping={escaping}"
+    return CONTENT_TYPE_PLAIN_0_0_4
+
+
 def _negotiate(accept: str) -> str:
     """The Content-Type of a /metrics answer: prometheus_client's choice, except where its parser raises on
     a client's version (`version=abc`: a 500) or it echoes a version that cannot go in our header
     (`version=1.0.0.\xb2`: not ASCII, the connection dropped): then the text format, which every scraper reads."""
     try:
-        content_type = choose_encoder(accept)[1]
+        content_type = _choose_content_type(accept)
     except Exception:
         return CONTENT_TYPE_PLAIN_0_0_4
     return content_type if content_type.isascii() and content_type.isprintable() else CONTENT_TYPE_PLAIN_0_0_4
