@@ -48,6 +48,7 @@ log = logging.getLogger("exporter")
 
 MIN_INTERVAL_S = 0.010
 MAX_FAKE_GPUS = 64
+FIRST_TICK_WAIT_S = 5.0  # serve once the first snapshot is out, or after this at the latest
 # --history.window / --sample.interval: rows the live view keeps (docs/live-view.md: 0.55 KB each at 8 GPUs,
 # 2.2 KB at 64): 18 000 is 1 h at 200 ms, 10 MB / 40 MB; a week at 10 ms would take the node's memory.
 MAX_HISTORY_ROWS = 18_000
@@ -609,6 +610,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sampler.start()
     if pods:
         pods.start()
+    # The socket is bound: connections wait in its backlog while the first tick runs (bounded, in case
+    # NVML's initialisation hangs; /healthz then says no tick yet).
+    sampler.wait_first_tick(FIRST_TICK_WAIT_S)
     serving = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     serving.start()
     host, port = server.server_address[:2]

@@ -78,8 +78,11 @@ ROWS: list[tuple[str, list[dict]]] = [
         panel("stat", "Exporter health", "percentunit",
               [(f"rate(exporter_samples_total{{{HOST}}}[$__rate_interval]) * exporter_sample_interval_seconds"
                 f"{{{HOST}}}", "{{instance}} on schedule"),
-               (f"exporter_nvml_up{{{HOST}}}", "{{instance}} NVML up")],
-              w=24, h=4, description="Share of scheduled samples taken (1 = on schedule) and whether NVML is up.",
+               (f"exporter_nvml_up{{{HOST}}}", "{{instance}} NVML up"),
+               (f"min by (instance) (exporter_collector_success{{{HOST}}})", "{{instance}} collectors rendered")],
+              w=24, h=4, description="Share of scheduled samples taken (1 = on schedule), whether NVML is up, "
+                                     "and whether every collector rendered in the last scrape (0: see "
+                                     "exporter_collector_success for which).",
               thresholds=_thresholds((None, "red"), (0.9, "green"))),
     ]),
     ("Jitter: is the GPU falling into a hole?", [

@@ -281,3 +281,16 @@ def test_without_pynvml_the_backend_is_absent(monkeypatch, procfs):
 
     monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` raises ImportError
     assert _nvml_module(parse_config(["--path.procfs", str(procfs.root)])) == (None, "absent")
+
+
+@pytest.mark.e2e
+def test_the_first_scrape_already_has_a_tick(exporter_proc):
+    # The port opens before the first tick; main serves only once it is published, so even the first
+    # scrape has the host and GPU series (a container's first scrape used to race it and miss them).
+    for _ in range(3):
+        p = exporter_proc("--fake-gpus", "1")
+        status, _, body = http_get(p.url + "/metrics")
+        assert status == 200
+        assert b"\nexporter_samples_total " in body and b"\nhost_memory_total_bytes " in body
+        assert b"\ngpu_up{" in body
+        p.stop()

@@ -208,6 +208,11 @@ def test_select_checks_names_count_and_state():
     assert registry.select(["gpu", "host"], on) == {"gpu", "host", "exporter"}
     with pytest.raises(registry.SelectError, match=r"unknown collector 'gpmm'; valid: gpu, host, gpm"):
         registry.select(["gpmm"], on)
+    with pytest.raises(registry.SelectError) as unknown:  # the valid ones are the enabled ones
+        registry.select(["gpmm"], on)
+    assert "ecc" not in str(unknown.value) and "nvlink-per-link" not in str(unknown.value)
+    with pytest.raises(registry.SelectError, match=r"valid: gpu, host, gpm$"):
+        registry.select(["gpmm"], frozenset({"gpm"}))
     with pytest.raises(registry.SelectError, match=r"'ecc' is disabled \(--collector.ecc enables it\)"):
         registry.select(["ecc"], on)
     with pytest.raises(registry.SelectError, match="at most"):

@@ -136,6 +136,25 @@ def test_loop_keeps_schedule_and_counts_overruns(procfs, clock):
     assert healthy
 
 
+def test_wait_first_tick_returns_once_a_snapshot_is_published(procfs):
+    s = make_sampler(FakeNvml(1), procfs.root, interval=0.05)
+    gate = threading.Event()
+    real_tick = s.tick
+
+    def tick(now=None):
+        gate.wait(5)
+        return real_tick(now)
+
+    s.tick = tick
+    s.start()
+    try:
+        assert not s.wait_first_tick(0.1) and s.snapshot.sequence == 0  # bounded while the tick is held
+        gate.set()
+        assert s.wait_first_tick(5) and s.snapshot.sequence >= 1
+    finally:
+        s.stop()
+
+
 def test_health_turns_503_when_ticks_stop(procfs, clock):
     s = make_sampler(FakeNvml(1), procfs.root, interval=0.2, clock=clock)
     ok, reason = s.health()

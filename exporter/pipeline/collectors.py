@@ -130,7 +130,9 @@ def select(names: Sequence[str], collectors: frozenset[str]) -> frozenset[str]:
     for name in names:
         if name not in GROUPS:
             shown = name if len(name) <= 40 and name.isprintable() else name[:40].encode("unicode_escape").decode()
-            raise SelectError(f"collect[]: unknown collector {shown!r}; valid: {', '.join(GROUPS[1:])}")
+            # only the names this exporter would serve: a disabled one listed here would be refused next
+            valid = ", ".join(g for g in GROUPS[1:] if enabled(collectors, g))
+            raise SelectError(f"collect[]: unknown collector {shown!r}; valid: {valid}")
         if not enabled(collectors, name):
             raise SelectError(f"collect[]: collector {name!r} is disabled (--collector.{name} enables it)")
     return frozenset(names) | {"exporter"}

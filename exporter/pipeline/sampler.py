@@ -110,6 +110,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.snapshot = Snapshot(0, clock(), nvml.status, (), None, None, None, interval)
+        self._first_published = threading.Event()
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
@@ -233,9 +234,15 @@ class Sampler:
             stuck_sources=tuple(self._host_reads.stuck),
         )
         self.snapshot = snap  # a single reference assignment: scrapes see the old or the new, whole
+        self._first_published.set()
         if self.history is not None:
             self.history.append(snap)
         return snap
+
+    def wait_first_tick(self, timeout: float) -> bool:
+        """Whether a tick's snapshot was published within `timeout` s: main serves after it, so no scrape
+        gets the empty placeholder (no host or GPU series) a scrape racing the first tick used to get."""
+        return self._first_published.wait(timeout)
 
     def _isolated(self, source: str, read: Callable[[], R]) -> R | None:
         """One source's read, inline and isolated from the tick (see _accounted)."""
