@@ -214,6 +214,28 @@ def test_a_large_reply_is_read_in_slices_with_the_same_result():
     assert len(out[0][0]) == source.MAX_DEVICES and out[0][1].devices > 3000 - source.MAX_DEVICES
 
 
+@pytest.mark.parametrize("shape", ["containers", "device groups"])
+def test_a_reply_of_empty_entries_is_read_in_slices_too(shape):
+    """One pod of 200 000 empty containers, or one container of 200 000 empty device groups (2 bytes each on
+    the wire: ~0.4 MiB, under the cap): each entry costs CPU, so each counts toward a slice. Before, only pods
+    and nvidia.com/ device IDs counted, and such a reply was read in one slice of 0.2-0.6 s of CPU."""
+    n = 200_000
+    resp = pb.ListPodResourcesResponse()
+    pod = resp.pod_resources.add(name="p", namespace="ns")
+    if shape == "containers":
+        for _ in range(n):
+            pod.containers.add()
+    else:
+        container = pod.containers.add(name="c")
+        for _ in range(n):
+            container.devices.add()
+    assert resp.ByteSize() < source.MAX_RESPONSE_BYTES
+    out: list = []
+    slices = sum(1 for _ in source._reading(resp, out))
+    assert slices >= n // source.SLICE_ENTRIES - 1, slices
+    assert out[0] == ((), Cuts())
+
+
 def test_device_index_is_built_once_per_poll():
     reading = PodResources(up=True, holders=((GPU_A, (SYNTH_0,)), (GPU_B, (SYNTH_1,))))
     assert reading.by_device() is reading.by_device() and reading.by_device() == {GPU_A: (SYNTH_0,), GPU_B: (SYNTH_1,)}

@@ -157,7 +157,8 @@ async def read_reply_paced(response: Any, pause: float = SLICE_PAUSE) -> tuple[H
 
 
 def _reading(response: Any, out: list[tuple[Holders, Cuts]]) -> Iterator[None]:
-    """read_reply's work, yielding after every SLICE_ENTRIES pods and device IDs; appends the result to out."""
+    """read_reply's work, yielding after every SLICE_ENTRIES entries read (pods, containers, device groups,
+    device IDs); appends the result to out."""
     steps = SLICE_ENTRIES
     devices = _Lowest(MAX_DEVICES)
     found: dict[str, _Lowest] = {}
@@ -167,9 +168,17 @@ def _reading(response: Any, out: list[tuple[Holders, Cuts]]) -> Iterator[None]:
         if steps <= 0:
             yield
             steps = SLICE_ENTRIES
-        for container in pod.containers:
+        for container in pod.containers:  # empty containers and device groups cost CPU too: they count
+            steps -= 1
+            if steps <= 0:
+                yield
+                steps = SLICE_ENTRIES
             key: tuple[str, str, str] | None = None
             for group in container.devices:
+                steps -= 1
+                if steps <= 0:
+                    yield
+                    steps = SLICE_ENTRIES
                 if not group.resource_name.startswith(GPU_RESOURCE_PREFIX):
                     continue
                 for device_id in group.device_ids:  # the hot loop: up to ~200 000 IDs in a reply at the cap
