@@ -335,6 +335,30 @@ def test_garbage_on_the_socket_is_a_failed_list(sock_dir):
         garbage.stop()
 
 
+@pytest.mark.parametrize("frame", [
+    b"\x00\x00\x01\xfa\x00\x00\x00\x00\x00x",  # a frame type HTTP/2 says to ignore (RFC 9113 4.1)
+    b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" * 3,  # a PING cut short: not HTTP/2
+])
+def test_a_peer_breaking_the_connection_costs_one_line_not_a_traceback(sock_dir, caplog, frame):
+    """grpclib raises on an HTTP/2 event it has no handler for (an unknown frame type): asyncio logged
+    "Fatal error: protocol.data_received() call failed" with a traceback at ERROR on every poll. The List
+    fails (its transition is the one line); the loop's own report is a debug line."""
+    caplog.set_level(logging.DEBUG)
+    settings_frame = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    garbage = GarbageServer(sock_dir / "kubelet.sock", reply=settings_frame + frame)
+    poller = poller_for(sock_dir / "kubelet.sock")
+    try:
+        for _ in range(3):
+            reading = poller.poll_now()
+            assert reading is not None and not reading.up and reading.problem.startswith("List "), reading
+    finally:
+        poller.stop()
+        garbage.stop()
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info and r.levelno > logging.DEBUG]
+    assert not loud, [r.getMessage() for r in loud]
+    assert sum(r.name == "exporter.kubelet" and r.levelno >= logging.WARNING for r in caplog.records) == 1
+
+
 REFUSED = PodResources(up=False, problem=f"List refused: reply over the {source.MAX_RESPONSE_BYTES}-byte limit")
 
 

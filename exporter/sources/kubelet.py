@@ -321,6 +321,15 @@ def _forget(exc: BaseException) -> None:
         e = e.__cause__ or e.__context__
 
 
+def _quiet_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """What the poller's loop reports by itself: grpclib raising inside the connection on what a peer sent
+    (an HTTP/2 frame type it has no handler for) is a failed List, logged once as its transition; asyncio
+    would log a traceback at ERROR on every poll. A debug line, without the traceback or the bytes."""
+    exc = context.get("exception")
+    log.debug("pod-resources connection: %s%s", context.get("message", ""),
+              f" ({type(exc).__name__})" if exc is not None else "")
+
+
 class PodResourcesPoller:
     """Polls List every `period` seconds on its own thread and keeps the latest reading.
 
@@ -338,6 +347,7 @@ class PodResourcesPoller:
         self._seen = False  # the socket existed at some poll
         self._transitions = TransitionLog(log)
         self._loop = asyncio.new_event_loop()  # one loop for the poller's life: the connection is bound to it
+        self._loop.set_exception_handler(_quiet_loop_error)
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
