@@ -25,7 +25,7 @@ from exporter.sources import podresources_v1_pb2 as pb
 from exporter.sources import kubelet as source
 from exporter.sources.kubelet import ContainerRef, Cuts, PodResources, PodResourcesPoller, holders_from, read_reply
 from tests.conftest import REPO, ExporterProcess, http_get, start_fake_kubelet, stop_process
-from tests.fake_kubelet import FakeKubelet, GarbageServer, HostileKubelet, response
+from tests.fake_kubelet import FakeKubelet, FloodServer, GarbageServer, HostileKubelet, response
 
 GPU_A = "GPU-aaaaaaaa-0000-4000-8000-000000000000"
 GPU_B = "GPU-bbbbbbbb-0000-4000-8000-000000000000"
@@ -357,6 +357,27 @@ def test_a_peer_breaking_the_connection_costs_one_line_not_a_traceback(sock_dir,
     loud = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info and r.levelno > logging.DEBUG]
     assert not loud, [r.getMessage() for r in loud]
     assert sum(r.name == "exporter.kubelet" and r.levelno >= logging.WARNING for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("frame", [FloodServer.PING, b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"],
+                         ids=["PING", "SETTINGS"])
+def test_a_flood_of_control_frames_costs_a_bounded_cpu_per_poll(sock_dir, frame):
+    """Valid HTTP/2 frames, sent without end: before, h2 parsed and grpclib answered them until the timeout,
+    2.3-2.9 s of CPU a poll (over the DaemonSet's 250m with a 5 s period). Now the List is cut after
+    MAX_FRAMES frames: 0.1-0.3 s here."""
+    flood = FloodServer(sock_dir / "kubelet.sock", frame)
+    poller = poller_for(sock_dir / "kubelet.sock", timeout=2.0)
+    try:
+        poller.poll_now()  # imports grpclib: not what is measured
+        for _ in range(2):
+            cpu = time.thread_time()
+            reading = poller.poll_now()
+            cpu = time.thread_time() - cpu
+            assert reading is not None and not reading.up and "timed out" not in reading.problem, reading
+            assert cpu < 1.5, cpu  # the timeout is 2 s: a flood no longer runs into it
+    finally:
+        poller.stop()
+        flood.stop()
 
 
 REFUSED = PodResources(up=False, problem=f"List refused: reply over the {source.MAX_RESPONSE_BYTES}-byte limit")
