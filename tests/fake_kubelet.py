@@ -110,6 +110,56 @@ class GarbageServer:
         os.unlink(self.path)
 
 
+class FloodServer:
+    """Answers with the HTTP/2 server preface, then the same frame (a PING, by default) for as long as the
+    client reads: each is valid HTTP/2 that costs the client CPU to parse and answer."""
+
+    PING = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+
+    def __init__(self, path: str | Path, frame: bytes = PING) -> None:
+        self.path = str(path)
+        self._blob = frame * (65536 // len(frame))
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(self.path)
+        self._sock.listen(8)
+        self._sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                continue
+            threading.Thread(target=self._flood, args=(conn,), daemon=True).start()
+
+    def _flood(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._drain, args=(conn,), daemon=True).start()
+        with conn:
+            try:
+                conn.sendall(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # SETTINGS, empty
+                while not self._stop.is_set():
+                    conn.sendall(self._blob)
+            except OSError:
+                pass
+
+    @staticmethod
+    def _drain(conn: socket.socket) -> None:
+        try:
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._sock.close()
+        os.unlink(self.path)
+
+
 class HostileKubelet:
     """A gRPC server (HTTP/2 from the h2 library, as grpclib's) that answers each List with a message whose
     5-byte prefix announces `announce` bytes, then streams zeros as fast as flow control lets it, for as long

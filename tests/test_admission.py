@@ -103,6 +103,17 @@ def test_a_busy_connection_whose_client_reads_is_never_evicted():
     assert p.admit(newcomer(spoken=True)) == Verdict(Place.OUT)
 
 
+def test_a_connection_waiting_out_a_refusal_goes_like_an_idle_one():
+    """A client over its rate limit (or with bad credentials) waits before its 429 (401): it has no claim
+    to its place, or a pipelining flood would hold every one."""
+    p, _ = policy(max_connections=2, reserve_connections=0)
+    busy = start(p, "busy", S.BUSY, fresh=False)
+    refused = start(p, "refused", S.REFUSING, fresh=False)
+    new = newcomer(spoken=True)
+    assert p.admit(new) == Verdict(Place.IN, refused)
+    assert list(p.placed) == [busy, new]
+
+
 # -- silent grace (250 ms): a burst of silent connects cannot cut a client whose request is on its way
 
 def test_a_silent_newcomer_cannot_evict_a_silent_connection_within_its_grace():

@@ -883,3 +883,30 @@ def test_pipelining_clients_that_never_read_cost_little_each(serve):
     for s in socks:
         s.close()
     assert len(held) == 16 and max(held) <= 2 * Limits().max_head_bytes, held
+
+
+def test_clients_held_in_the_429_wait_cannot_lock_a_scraper_out(serve):
+    """A refusal waits RATE_LIMITED_DELAY_S before it goes out. Clients over their rate limit that pipeline
+    requests stayed BUSY in that wait, which the admission policy never evicts: with every place so held,
+    a scraper got the reserve's 503 "too many open connections" for as long as the flood lasted. A client
+    waiting for its refusal has no claim to its place: it goes for a newcomer that speaks."""
+    server = HttpServer(bind("127.0.0.1:0"), App(), Limits(max_connections=4, reserve_connections=1,
+                                                           silent_grace_s=30, probation_s=0.2),
+                        allow_request=lambda request, user: request.path != "/flood")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    flooders = []
+    try:
+        for _ in range(4):
+            s = connect(server)
+            s.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n" * 20)  # 20 s of 429s, pipelined
+            flooders.append(s)
+        wait_open(server, 4)
+        time.sleep(0.3)  # every flooder in its first wait
+        assert status_of(ask(server, GOOD)) == 200
+        assert status_of(ask(server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")) == 200
+        assert server.stats.closed["evicted"] >= 1
+    finally:
+        for s in flooders:
+            s.close()
+        server.shutdown()
+        server.server_close()

@@ -25,7 +25,7 @@ from exporter.sources import podresources_v1_pb2 as pb
 from exporter.sources import kubelet as source
 from exporter.sources.kubelet import ContainerRef, Cuts, PodResources, PodResourcesPoller, holders_from, read_reply
 from tests.conftest import REPO, ExporterProcess, http_get, start_fake_kubelet, stop_process
-from tests.fake_kubelet import FakeKubelet, GarbageServer, HostileKubelet, response
+from tests.fake_kubelet import FakeKubelet, FloodServer, GarbageServer, HostileKubelet, response
 
 GPU_A = "GPU-aaaaaaaa-0000-4000-8000-000000000000"
 GPU_B = "GPU-bbbbbbbb-0000-4000-8000-000000000000"
@@ -214,6 +214,28 @@ def test_a_large_reply_is_read_in_slices_with_the_same_result():
     assert len(out[0][0]) == source.MAX_DEVICES and out[0][1].devices > 3000 - source.MAX_DEVICES
 
 
+@pytest.mark.parametrize("shape", ["containers", "device groups"])
+def test_a_reply_of_empty_entries_is_read_in_slices_too(shape):
+    """One pod of 200 000 empty containers, or one container of 200 000 empty device groups (2 bytes each on
+    the wire: ~0.4 MiB, under the cap): each entry costs CPU, so each counts toward a slice. Before, only pods
+    and nvidia.com/ device IDs counted, and such a reply was read in one slice of 0.2-0.6 s of CPU."""
+    n = 200_000
+    resp = pb.ListPodResourcesResponse()
+    pod = resp.pod_resources.add(name="p", namespace="ns")
+    if shape == "containers":
+        for _ in range(n):
+            pod.containers.add()
+    else:
+        container = pod.containers.add(name="c")
+        for _ in range(n):
+            container.devices.add()
+    assert resp.ByteSize() < source.MAX_RESPONSE_BYTES
+    out: list = []
+    slices = sum(1 for _ in source._reading(resp, out))
+    assert slices >= n // source.SLICE_ENTRIES - 1, slices
+    assert out[0] == ((), Cuts())
+
+
 def test_device_index_is_built_once_per_poll():
     reading = PodResources(up=True, holders=((GPU_A, (SYNTH_0,)), (GPU_B, (SYNTH_1,))))
     assert reading.by_device() is reading.by_device() and reading.by_device() == {GPU_A: (SYNTH_0,), GPU_B: (SYNTH_1,)}
@@ -311,6 +333,51 @@ def test_garbage_on_the_socket_is_a_failed_list(sock_dir):
     finally:
         poller.stop()
         garbage.stop()
+
+
+@pytest.mark.parametrize("frame", [
+    b"\x00\x00\x01\xfa\x00\x00\x00\x00\x00x",  # a frame type HTTP/2 says to ignore (RFC 9113 4.1)
+    b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" * 3,  # a PING cut short: not HTTP/2
+])
+def test_a_peer_breaking_the_connection_costs_one_line_not_a_traceback(sock_dir, caplog, frame):
+    """grpclib raises on an HTTP/2 event it has no handler for (an unknown frame type): asyncio logged
+    "Fatal error: protocol.data_received() call failed" with a traceback at ERROR on every poll. The List
+    fails (its transition is the one line); the loop's own report is a debug line."""
+    caplog.set_level(logging.DEBUG)
+    settings_frame = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    garbage = GarbageServer(sock_dir / "kubelet.sock", reply=settings_frame + frame)
+    poller = poller_for(sock_dir / "kubelet.sock")
+    try:
+        for _ in range(3):
+            reading = poller.poll_now()
+            assert reading is not None and not reading.up and reading.problem.startswith("List "), reading
+    finally:
+        poller.stop()
+        garbage.stop()
+    loud = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info and r.levelno > logging.DEBUG]
+    assert not loud, [r.getMessage() for r in loud]
+    assert sum(r.name == "exporter.kubelet" and r.levelno >= logging.WARNING for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("frame", [FloodServer.PING, b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"],
+                         ids=["PING", "SETTINGS"])
+def test_a_flood_of_control_frames_costs_a_bounded_cpu_per_poll(sock_dir, frame):
+    """Valid HTTP/2 frames, sent without end: before, h2 parsed and grpclib answered them until the timeout,
+    2.3-2.9 s of CPU a poll (over the DaemonSet's 250m with a 5 s period). Now the List is cut after
+    MAX_FRAMES frames: 0.1-0.3 s here."""
+    flood = FloodServer(sock_dir / "kubelet.sock", frame)
+    poller = poller_for(sock_dir / "kubelet.sock", timeout=2.0)
+    try:
+        poller.poll_now()  # imports grpclib: not what is measured
+        for _ in range(2):
+            cpu = time.thread_time()
+            reading = poller.poll_now()
+            cpu = time.thread_time() - cpu
+            assert reading is not None and not reading.up and "timed out" not in reading.problem, reading
+            assert cpu < 1.5, cpu  # the timeout is 2 s: a flood no longer runs into it
+    finally:
+        poller.stop()
+        flood.stop()
 
 
 REFUSED = PodResources(up=False, problem=f"List refused: reply over the {source.MAX_RESPONSE_BYTES}-byte limit")

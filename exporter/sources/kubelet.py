@@ -39,6 +39,10 @@ MAX_SERIES = 1024  # gpu_pod_info series of the node, all devices together
 # (0.5-4 ms each) with SLICE_PAUSE between, so it stays under the DaemonSet's 250m and does not take the
 # CPU quota a scrape needs (all at once it would throttle the whole cgroup for ~0.3 s).
 SLICE_ENTRIES = 1024
+# HTTP/2 frames (h2 events) one List may cost: a reply at the cap is 128 DATA frames of 16 KiB (the
+# kubelet's size) and a few others. A peer flooding PINGs or SETTINGS (or sending its reply a byte a frame) kept the poll
+# thread at 100% CPU for the whole timeout, 2.3-2.9 s a poll: over the DaemonSet's 250m on its own.
+MAX_FRAMES = 4096
 SLICE_PAUSE = 0.015
 GPU_RESOURCE_PREFIX = "nvidia.com/"  # nvidia.com/gpu, nvidia.com/gpu.shared, nvidia.com/mig-<profile>
 NVML_UUID_PREFIXES = ("GPU-", "MIG-")  # what NVML's UUIDs start with: other IDs can never match a device
@@ -157,7 +161,8 @@ async def read_reply_paced(response: Any, pause: float = SLICE_PAUSE) -> tuple[H
 
 
 def _reading(response: Any, out: list[tuple[Holders, Cuts]]) -> Iterator[None]:
-    """read_reply's work, yielding after every SLICE_ENTRIES pods and device IDs; appends the result to out."""
+    """read_reply's work, yielding after every SLICE_ENTRIES entries read (pods, containers, device groups,
+    device IDs); appends the result to out."""
     steps = SLICE_ENTRIES
     devices = _Lowest(MAX_DEVICES)
     found: dict[str, _Lowest] = {}
@@ -167,9 +172,17 @@ def _reading(response: Any, out: list[tuple[Holders, Cuts]]) -> Iterator[None]:
         if steps <= 0:
             yield
             steps = SLICE_ENTRIES
-        for container in pod.containers:
+        for container in pod.containers:  # empty containers and device groups cost CPU too: they count
+            steps -= 1
+            if steps <= 0:
+                yield
+                steps = SLICE_ENTRIES
             key: tuple[str, str, str] | None = None
             for group in container.devices:
+                steps -= 1
+                if steps <= 0:
+                    yield
+                    steps = SLICE_ENTRIES
                 if not group.resource_name.startswith(GPU_RESOURCE_PREFIX):
                     continue
                 for device_id in group.device_ids:  # the hot loop: up to ~200 000 IDs in a reply at the cap
@@ -262,6 +275,31 @@ class PodResourcesClient:
         self._pb = pb
         config = Configuration(http2_connection_window_size=WINDOW_BYTES, http2_stream_window_size=WINDOW_BYTES)
         self._channel = Channel(path=socket_path, config=config)
+        self.frames_left = MAX_FRAMES
+        factory = self._channel._protocol_factory  # grpclib's (0.4): the connection's H2Protocol
+
+        def counted() -> Any:
+            protocol = factory()
+            made = protocol.connection_made
+
+            def connection_made(transport: Any) -> None:
+                made(transport)
+                feed = protocol.connection.feed
+
+                def counted_feed(data: bytes) -> Any:
+                    events = feed(data)  # h2 parses what one read brought (at most 256 KiB)
+                    self.frames_left -= len(events)
+                    if self.frames_left < 0:  # the List fails as the connection goes
+                        transport.close()
+                        return []
+                    return events
+
+                protocol.connection.feed = counted_feed  # type: ignore[method-assign]
+
+            protocol.connection_made = connection_made  # type: ignore[method-assign]
+            return protocol
+
+        self._channel._protocol_factory = counted  # type: ignore[method-assign]
         self._list = UnaryUnaryMethod(self._channel, LIST_METHOD, pb.ListPodResourcesRequest,
                                       pb.ListPodResourcesResponse)
 
@@ -276,6 +314,7 @@ class PodResourcesClient:
         """grpclib's unary call (UnaryUnaryMethod.__call__) with read_message in place of its recv_message.
         `_stream` and `_wrapper` are grpclib's (0.4): the HTTP/2 stream, and what turns a lost connection or
         the deadline into grpclib's errors; tests/test_pod_resources.py fails if they change."""
+        self.frames_left = MAX_FRAMES
         async with self._list.open(timeout=timeout) as stream:
             await stream.send_message(self._pb.ListPodResourcesRequest(), end=True)
             await stream.recv_initial_metadata()
@@ -312,6 +351,15 @@ def _forget(exc: BaseException) -> None:
         e = e.__cause__ or e.__context__
 
 
+def _quiet_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """What the poller's loop reports by itself: grpclib raising inside the connection on what a peer sent
+    (an HTTP/2 frame type it has no handler for) is a failed List, logged once as its transition; asyncio
+    would log a traceback at ERROR on every poll. A debug line, without the traceback or the bytes."""
+    exc = context.get("exception")
+    log.debug("pod-resources connection: %s%s", context.get("message", ""),
+              f" ({type(exc).__name__})" if exc is not None else "")
+
+
 class PodResourcesPoller:
     """Polls List every `period` seconds on its own thread and keeps the latest reading.
 
@@ -329,6 +377,7 @@ class PodResourcesPoller:
         self._seen = False  # the socket existed at some poll
         self._transitions = TransitionLog(log)
         self._loop = asyncio.new_event_loop()  # one loop for the poller's life: the connection is bound to it
+        self._loop.set_exception_handler(_quiet_loop_error)
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None

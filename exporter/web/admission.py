@@ -9,7 +9,8 @@ victims and starts, parks or refuses the newcomer. What the policy knows of a co
 The rules, each the fix for a way a burst of hostile connects cut a real scraper (git log of httpd.py):
 - below `max_connections` everyone gets a place;
 - at the cap a newcomer replaces, oldest first within each rank: one closing politely; one idle between
-  requests or silent (nothing received) past `silent_grace_s`; one trickling its head, or handshaking TLS
+  requests, or waiting out the delay of a refusal (429, 401: else a flood over its rate limit, pipelining,
+  held every place), or silent (nothing received) past `silent_grace_s`; one trickling its head, or handshaking TLS
   past the same grace (a client one round trip from its request is as good as silent); one whose client
   does not read its answer; and, only for a newcomer that has spoken (its bytes wait unread), one silent
   within its grace: a request outranks silence, and between two silent ones the first keeps its place;
@@ -37,11 +38,13 @@ class ConnState(enum.Enum):
     IDLE = "idle"  # waiting for a request
     HEAD = "head"  # receiving a request head
     BUSY = "busy"  # being answered
+    REFUSING = "refusing"  # waiting out the delay before a refusal (429, 401): evictable, like idle
     LINGER = "linger"  # closing politely
 
 
 _SINCE = operator.attrgetter("since")
 _LINGER, _IDLE, _HEAD, _HANDSHAKE = ConnState.LINGER, ConnState.IDLE, ConnState.HEAD, ConnState.HANDSHAKE
+_REFUSING = ConnState.REFUSING
 # a connection that has sent nothing is idle (plain) or handshaking (TLS); tested with `is`: an enum's
 # hash is a Python call, and the ranking runs over every place per newcomer at the cap
 
@@ -229,7 +232,7 @@ class Admission(Generic[C]):
                         ranks[4].append(c)
                 elif state is linger:
                     ranks[0].append(c)
-            elif state is idle:
+            elif state is idle or state is _REFUSING:  # a client being refused has no claim to its place
                 ranks[1].append(c)
             elif state is head or state is handshake and (spoken or c.since <= young):
                 # a handshake begun within the grace may be a client one round trip from its request (a

@@ -346,6 +346,15 @@ class _Connection(asyncio.BufferedProtocol):
         if timeout is not None and reason:
             self.timer = asyncio.get_running_loop().call_later(timeout, self.close, reason)
 
+    async def refusal_wait(self, delay: float) -> None:
+        """The wait before a refusal, at no CPU cost; meanwhile its place may go to a newcomer (admission)."""
+        self._set_state(ConnState.REFUSING, None, "")
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            if not self.closed and self.state is ConnState.REFUSING:
+                self._set_state(ConnState.BUSY, None, "")
+
     def _cancel_timer(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
@@ -664,7 +673,7 @@ class HttpServer:
         # A verified user is charged apart from anonymous clients: a flood without valid credentials
         # cannot spend a scraper's budget (exporter-toolkit charges everyone to one bucket).
         if not self.allow_request(request, auth.user(request) if auth is not None and ok else None):
-            await asyncio.sleep(RATE_LIMITED_DELAY_S)
+            await conn.refusal_wait(RATE_LIMITED_DELAY_S)
             return Response(429, b"Too Many Requests\n"), False
         if request.method == "OPTIONS":
             return Response(200, headers=(("Allow", "GET, HEAD, OPTIONS"),), close=conn.must_close), False
@@ -674,7 +683,7 @@ class HttpServer:
             return Response(413, b"request bodies are not accepted\n", close=True), False
         if auth is not None:
             if ok is None and (delay := auth.refusal_delay(request)) is not None:
-                await asyncio.sleep(delay)  # as slow as a check, at no CPU cost and outside the queue
+                await conn.refusal_wait(delay)  # as slow as a check, at no CPU cost and outside the queue
                 ok = False
             elif ok is None:
                 ok = await self._check_password(request)
