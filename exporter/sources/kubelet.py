@@ -28,7 +28,7 @@ LIST_METHOD = "/v1.PodResourcesLister/List"
 # Bounds on what the kubelet (or whatever listens at the socket) can cost; docs/operations.md says why
 # each number and how to raise it. A reply over MAX_RESPONSE_BYTES is refused from its 5-byte gRPC length
 # prefix, before any of it is buffered; at most WINDOW_BYTES of it arrive before that (HTTP/2 flow control).
-MAX_RESPONSE_BYTES = 2 << 20  # a node of 250 pods, each with GPUs, CPUs and NICs, answers in < 250 KiB
+MAX_RESPONSE_BYTES = 1 << 20  # a node of 250 pods, each with GPUs, CPUs and NICs, answers in < 250 KiB
 WINDOW_BYTES = 1 << 20  # HTTP/2 receive window, connection and stream (grpclib's default is 4 MiB)
 MAX_DEVICE_ID_CHARS = 256
 MAX_NAME_CHARS = 253  # a Kubernetes object name (DNS subdomain); namespace and container names are <= 63
